@@ -1,0 +1,130 @@
+"""Build script for dit_fast.
+
+The Python package installs everywhere. The CUDA extension ``dit_fast._C`` is built from
+``csrc/`` only where nvcc is found and ``DIT_FAST_BUILD_CUDA`` allows it:
+
+  DIT_FAST_BUILD_CUDA=0      never build it (Triton and PyTorch backends still work)
+  DIT_FAST_BUILD_CUDA=1      build it, and fail the install if that is impossible
+  (unset)                    build it when nvcc is found, otherwise skip with a message
+  DIT_FAST_CUDA_ARCHS="90a;80"   architectures to compile for (default: sm_90a for H100/H200, sm_80)
+
+The extension is torch-free: kernels take raw pointers, sizes and a cudaStream_t, and a
+pybind11 layer exposes them. Building therefore needs no torch headers (the CPU wheel's are
+incomplete for CUDA code) and never breaks with a torch ABI change. Sources compile in
+parallel, one nvcc process per file.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def cuda_archs():
+    archs = os.environ.get("DIT_FAST_CUDA_ARCHS", "90a;80")
+    return [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+
+
+def gencode_flags(archs):
+    flags = []
+    for arch in archs:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return flags
+
+
+def find_nvcc():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+class BuildCudaExtension(build_ext):
+    """Compiles csrc/*.cu and csrc/*.cpp with nvcc and links them into dit_fast/_C."""
+
+    def run(self):
+        # Decide once whether to build; when skipping, drop the extension so that setuptools
+        # (editable installs included) does not look for a library that was never made.
+        self.nvcc = self._nvcc_if_building()
+        if self.nvcc is None:
+            self.extensions = []
+        super().run()
+
+    @staticmethod
+    def _nvcc_if_building():
+        mode = os.environ.get("DIT_FAST_BUILD_CUDA", "auto").strip().lower()
+        if mode in ("0", "false", "no", "off"):
+            print("dit_fast: DIT_FAST_BUILD_CUDA=0, skipping the CUDA extension")
+            return None
+        nvcc = find_nvcc()
+        if nvcc is None:
+            if mode in ("1", "true", "yes", "on"):
+                raise RuntimeError("DIT_FAST_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+            print("dit_fast: CUDA toolkit is not available. Skipping compilation of CUDA extensions")
+            return None
+        if not list(CSRC.glob("*.cu")):
+            print("dit_fast: no CUDA sources in csrc/, nothing to build")
+            return None
+        return nvcc
+
+    def build_extension(self, ext):
+        nvcc = self.nvcc
+        import pybind11
+
+        out_path = Path(self.get_ext_fullpath(ext.name))
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        obj_dir = Path(self.build_temp) / "csrc"
+        obj_dir.mkdir(parents=True, exist_ok=True)
+        includes = [
+            f"-I{CSRC}",
+            f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}",
+        ]
+        common = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr"]
+        gencode = gencode_flags(cuda_archs())
+
+        def compile_one(src):
+            obj = obj_dir / (src.name + ".o")
+            flags = gencode + ["-lineinfo"] if src.suffix == ".cu" else ["-x", "c++", "-Xcompiler", "-fvisibility=hidden"]
+            cmd = [nvcc, "-c", str(src), "-o", str(obj)] + common + includes + flags
+            print(" ".join(cmd))
+            subprocess.run(cmd, check=True)
+            return str(obj)
+
+        sources = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp"))
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            objects = list(pool.map(compile_one, sources))
+        link = [nvcc, "-shared", "-o", str(out_path), *objects, "-cudart", "static"] + gencode
+        print(" ".join(link))
+        subprocess.run(link, check=True)
+
+
+PACKAGES = [
+    "dit_fast",
+    "dit_fast.ops",
+    "dit_fast.nn",
+    "dit_fast.optim",
+    "dit_fast.models",
+    "dit_fast.diffusion",
+    "dit_fast.cuda",
+    "dit_fast.triton_kernels",
+]
+
+setup(
+    packages=PACKAGES,
+    # triton_kernels/ ships inside our namespace: a top-level `triton_kernels` module would clash
+    # with the package of that name that Triton's project publishes (and vLLM users have).
+    package_dir={"dit_fast.triton_kernels": "triton_kernels"},
+    package_data={"dit_fast": ["assets/*"]},
+    ext_modules=[Extension("dit_fast._C", sources=[])],
+    cmdclass={"build_ext": BuildCudaExtension},
+)

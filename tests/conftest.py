@@ -1,0 +1,39 @@
+"""Test setup shared by every test file.
+
+On a machine without a GPU the Triton kernels run in Triton's CPU interpreter. TRITON_INTERPRET must
+be set before any kernel is defined, so it is set here, before dit_fast is imported. The interpreter's
+bf16 ``tl.dot`` is patched in tests/triton_interpreter.py (the harness, never the kernels).
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests import triton_interpreter  # noqa: E402
+
+triton_interpreter.patch_bf16_dot()
+
+import dit_fast  # noqa: E402,F401
+
+
+def pytest_report_header(config):
+    from dit_fast import _extension
+
+    device = torch.cuda.get_device_name() if HAS_GPU else "cpu (Triton interpreter)"
+    ext = "loaded" if _extension.cuda_ext is not None else f"not loaded"
+    return f"dit_fast device: {device}; torch {torch.__version__}; CUDA extension {ext}"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def kernel_devices():
+    """The device each kernel backend's tests run on here."""
+    return "cuda" if HAS_GPU else "cpu"

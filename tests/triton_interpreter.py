@@ -1,0 +1,37 @@
+"""Harness fix for Triton's CPU interpreter.
+
+Triton 3.9's interpreter stores bf16 tensors as raw uint16 and its ``create_dot`` hands those bit
+patterns straight to ``np.matmul``: a bf16 ``tl.dot`` multiplies integers, not numbers. We upcast bf16
+operands to fp32 before the product. Only the test harness is patched; kernels stay as on GPU.
+"""
+
+import os
+
+
+def patch_bf16_dot():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_dit_fast_bf16_fix", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            def as_fp32(t):
+                if t.dtype.scalar != tl.bfloat16:
+                    return t.data.astype(np.float32)
+                return interpreter._convert_float(t.data, tl.bfloat16, tl.float32, None).view(np.float32).reshape(t.data.shape)
+
+            product = np.matmul(as_fp32(a), as_fp32(b)).astype(d.data.dtype)
+            return interpreter.TensorHandle(product + d.data, d.dtype.scalar)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    create_dot._dit_fast_bf16_fix = True
+    builder.create_dot = create_dot
