@@ -1,8 +1,10 @@
-"""Harness fix for Triton's CPU interpreter.
+"""Harness fixes for Triton's CPU interpreter.
 
 Triton 3.9's interpreter stores bf16 tensors as raw uint16 and its ``create_dot`` hands those bit
 patterns straight to ``np.matmul``: a bf16 ``tl.dot`` multiplies integers, not numbers. We upcast bf16
-operands to fp32 before the product. Only the test harness is patched; kernels stay as on GPU.
+operands to fp32 before the product. Its fp32 -> bf16 cast (``x.to(tl.bfloat16)``, or a store of fp32
+into a bf16 tensor) truncates, where the GPU rounds to nearest even: we round to nearest even too.
+Only the test harness is patched; kernels stay as on GPU.
 """
 
 import os
@@ -35,3 +37,25 @@ def patch_bf16_dot():
 
     create_dot._dit_fast_bf16_fix = True
     builder.create_dot = create_dot
+
+    original_cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(_fp32_to_bf16_bits(src.data), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    builder.cast_impl = cast_impl
+
+
+def _fp32_to_bf16_bits(x):
+    """fp32 array -> bf16 bit patterns (uint16), rounded to nearest, ties to even, NaN kept NaN."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(x)
+    if np.any(nan):
+        out = np.where(nan, ((bits >> 16) | 0x40).astype(np.uint16), out)
+    return out.reshape(np.shape(x))
