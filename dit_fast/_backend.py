@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -62,13 +61,12 @@ def requested_backend(backend: str = "auto") -> str:
     return "auto"
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"Triton is not installed ({exc}); `pip install triton`"
-    return None
+try:
+    import triton  # noqa: F401
+
+    _TRITON_IMPORT_ERROR: Optional[str] = None
+except ImportError as _exc:  # Triton is optional: the reference and CUDA backends work without it
+    _TRITON_IMPORT_ERROR = f"Triton is not installed ({_exc}); `pip install triton`"
 
 
 def triton_interpreting() -> bool:
@@ -80,9 +78,8 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "torch":
         return None
     if backend == "triton":
-        missing = _triton_import_error()
-        if missing:
-            return missing
+        if _TRITON_IMPORT_ERROR:
+            return _TRITON_IMPORT_ERROR
         if device.type == "cuda" or triton_interpreting():
             return None
         return (f"Triton kernels need a CUDA device, got tensors on {device}; move them to a GPU, "

@@ -40,19 +40,22 @@ def expand_modulation(mod: Tensor, num_tokens: int) -> Tensor:
     return mod.unsqueeze(2).expand(B, G, num_tokens // G, C).reshape(B, num_tokens, C)
 
 
+def _upcast(t: Optional[Tensor]) -> Optional[Tensor]:
+    """fp16/bf16 -> fp32 (fp64 stays fp64, so the tests can evaluate the reference in float64)."""
+    return None if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def layernorm_modulate_reference(x, shift, scale, weight=None, bias=None, eps=1e-6):
     """LN(x) * (1 + scale) + shift with statistics and modulation in fp32, result in x.dtype."""
     N = x.shape[1]
-    w = weight.float() if weight is not None else None
-    b = bias.float() if bias is not None else None
-    normed = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
-    out = normed * (1 + expand_modulation(scale, N).float()) + expand_modulation(shift, N).float()
+    normed = F.layer_norm(_upcast(x), (x.shape[-1],), _upcast(weight), _upcast(bias), eps)
+    out = normed * (1 + _upcast(expand_modulation(scale, N))) + _upcast(expand_modulation(shift, N))
     return out.to(x.dtype)
 
 
 def gated_residual_reference(x, gate, y):
     """x + gate * y, computed in fp32, result in x.dtype."""
-    return (x.float() + expand_modulation(gate, x.shape[1]).float() * y.float()).to(x.dtype)
+    return (_upcast(x) + _upcast(expand_modulation(gate, x.shape[1])) * _upcast(y)).to(x.dtype)
 
 
 def residual_layernorm_modulate_reference(x, gate, y, shift, scale, eps=1e-6):
