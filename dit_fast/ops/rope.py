@@ -6,13 +6,22 @@ Convention (shared by the reference, the standalone kernels and the rotation fus
     d_h = d_w = 2 * (D // 6), d_t = D - d_h - d_w (D = 128 -> (44, 42, 42); D = 72 -> (24, 24, 24));
   * within the part of axis a, pair i = (x[2i], x[2i+1]) (interleaved, as Wan and CogVideoX) is rotated
     by the angle pos_a * theta ** (-2i / d_a).
+
+Standalone op: ``apply_rope_3d(x, grid)`` rotates x (B, S, heads, D) with S = T * H * W. Its backward
+is the rotation by the negative angle (a rotation's inverse is its transpose). Call flow as in
+dit_fast/ops/adaln.py: "torch" runs ``apply_rope_3d_reference``; kernels run under the custom op
+``torch.ops.dit_fast.rope_3d`` -> dit_fast/triton_kernels/rope.py or dit_fast/cuda/rope.py (csrc/rope.cu).
+Both kernels compute the angles on the fly from the token index and a (D / 2,) table of the
+per-pair frequencies (``rope_inv_freq``): no (S, D) cos/sin table is read from memory.
 """
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from dit_fast import _backend
 
 
 @dataclass(frozen=True)
@@ -55,23 +64,157 @@ def grid_positions(grid: Sequence[int], device=None) -> Tensor:
 
 
 def rope_3d_angles(grid: Sequence[int], head_dim: int, theta: float = 10000.0,
-                   split: Optional[Sequence[int]] = None, device=None) -> Tensor:
-    """(S, D / 2) fp32 rotation angle of each (token, pair)."""
+                   split: Optional[Sequence[int]] = None, device=None, dtype=torch.float32) -> Tensor:
+    """(S, D / 2) rotation angle of each (token, pair), computed in fp64, returned in ``dtype`` (fp32)."""
     positions = grid_positions(grid, device).to(torch.float64)  # (S, 3)
     angles = []
     for axis, d_axis in enumerate(rope_split(head_dim, split)):
         inv_freq = theta ** (-torch.arange(0, d_axis, 2, device=device, dtype=torch.float64) / d_axis)  # (d_a / 2,)
         angles.append(positions[:, axis, None] * inv_freq[None, :])  # (S, d_a / 2)
-    return torch.cat(angles, dim=1).to(torch.float32)
+    return torch.cat(angles, dim=1).to(dtype)
 
 
 def apply_rope_3d_reference(x: Tensor, grid: Sequence[int], theta: float = 10000.0,
                             split: Optional[Sequence[int]] = None) -> Tensor:
-    """Rotates x: (B, S, heads, D) with S = T * H * W; math in fp32, result in x.dtype."""
+    """Rotates x: (B, S, heads, D) with S = T * H * W; math in fp32 (fp64 for fp64 x), result in x.dtype."""
     B, S, heads, D = x.shape
-    angles = rope_3d_angles(grid, D, theta, split, x.device)  # (S, D / 2)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp64: the tests' oracle
+    angles = rope_3d_angles(grid, D, theta, split, x.device, dtype=compute)  # (S, D / 2)
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, S, 1, D / 2)
-    pairs = x.float().reshape(B, S, heads, D // 2, 2)
+    pairs = x.to(compute).reshape(B, S, heads, D // 2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
     return rotated.reshape(B, S, heads, D).to(x.dtype)
+
+
+def rope_inv_freq_reference(head_dim: int, theta: float = 10000.0,
+                            split: Optional[Sequence[int]] = None, device=None) -> Tensor:
+    """(D / 2,) fp32 frequency of each pair, the axes' parts concatenated (t, h, w): the kernels' table.
+
+    Pair p belongs to axis t for p < d_t / 2, to h for p < (d_t + d_h) / 2, else to w; its angle is
+    pos_axis * inv_freq[p]. Computed in fp64 as in ``rope_3d_angles``, then rounded once to fp32.
+    """
+    parts = [theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float64) / d) for d in rope_split(head_dim, split)]
+    return torch.cat(parts).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: clear ValueError / TypeError naming the argument and the shapes.
+# ---------------------------------------------------------------------------------------------
+
+OP = "rope_3d"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 1024  # one token's head dim is one tile of the Triton kernel and one CUDA block's table
+
+
+def check_grid(grid, name: str = "grid") -> Tuple[int, int, int]:
+    """A (T, H, W) of three positive ints, or ValueError."""
+    try:
+        values = tuple(grid)
+    except TypeError:
+        raise ValueError(f"{name} must be a (T, H, W) tuple of positive ints, got {grid!r}") from None
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"{name} must be a (T, H, W) tuple of positive ints, got {grid!r}")
+    return values
+
+
+def _check_rope_inputs(x, grid, theta, split):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, S, heads, D), got shape {tuple(x.shape)}")
+    grid = check_grid(grid)
+    T, H, W = grid
+    B, S, heads, D = x.shape
+    if T * H * W != S:
+        raise ValueError(f"grid {grid} has T * H * W = {T * H * W} tokens but x {tuple(x.shape)} has S = {S}")
+    if D % 2:
+        raise ValueError(f"x has an odd head dim D = {D} (shape {tuple(x.shape)}); RoPE rotates pairs")
+    split = rope_split(D, split)
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
+        raise ValueError(f"theta must be a positive number, got {theta!r}")
+    return grid, split
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel dispatch and torch.library registration.
+# ---------------------------------------------------------------------------------------------
+
+_inv_freq_cache: Dict[tuple, Tensor] = {}
+
+
+def rope_inv_freq(head_dim: int, theta: float, split: Sequence[int], device) -> Tensor:
+    """``rope_inv_freq_reference`` cached per device: built with device ops, so no host sync."""
+    key = (head_dim, float(theta), tuple(split), torch.device(device))
+    table = _inv_freq_cache.get(key)
+    if table is None:
+        table = _inv_freq_cache[key] = rope_inv_freq_reference(head_dim, theta, split, device)
+    return table
+
+
+def _launchers(backend: str):
+    if backend == "triton":
+        from dit_fast.triton_kernels import rope
+    elif backend == "cuda":
+        from dit_fast.cuda import rope
+    else:
+        raise ValueError(f"no RoPE kernels for backend {backend!r}")
+    return rope
+
+
+@torch.library.custom_op("dit_fast::rope_3d", mutates_args=())
+def _rope_3d(x: Tensor, grid: List[int], theta: float, split: List[int], inverse: bool, backend: str) -> Tensor:
+    """x rotated by +angle (or -angle with ``inverse``); a new contiguous (B, S, heads, D) tensor."""
+    inv_freq = rope_inv_freq(x.shape[-1], theta, split, x.device)
+
+    def run(name):
+        return _launchers(name).rope_3d(x, tuple(grid), inv_freq, tuple(split), inverse)
+
+    if backend == "auto":
+        names = _backend.runnable_kernel_backends(x.device)
+        key = (x.dtype, _backend.shape_class(x.numel()), x.shape[-1], x.is_contiguous())
+        backend = _backend.pick_fastest(OP, key, {n: (lambda n=n: run(n)) for n in names})
+    return run(backend)
+
+
+@_rope_3d.register_fake
+def _rope_3d_fake(x, grid, theta, split, inverse, backend):
+    return x.new_empty(x.shape)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    _, ctx.grid, ctx.theta, ctx.split, ctx.inverse, ctx.backend = inputs
+
+
+def _rope_backward(ctx, grad):
+    # out = R(angle) x  =>  dx = R(angle)^T dout = R(-angle) dout
+    dx = torch.ops.dit_fast.rope_3d(grad, ctx.grid, ctx.theta, ctx.split, not ctx.inverse, ctx.backend)
+    return dx, None, None, None, None, None
+
+
+_rope_3d.register_autograd(_rope_backward, setup_context=_rope_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function (re-exported by dit_fast.ops).
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_rope_3d(x: Tensor, grid: Sequence[int], *, theta: float = 10000.0,
+                  split: Optional[Sequence[int]] = None, backend: str = "auto") -> Tensor:
+    """Rotates x: (B, S, heads, D) by 3D RoPE over the token grid (T, H, W), S = T * H * W.
+
+    ``split`` is the head-dim split (d_t, d_h, d_w), Wan's by default (see the module docstring).
+    Any strides in B, S and heads are read in place when D is contiguous; the result is a new
+    contiguous tensor in x.dtype, with the rotation computed in fp32. Differentiable in x.
+    """
+    grid, split = _check_rope_inputs(x, grid, theta, split)
+    name = _backend.resolve_backend(backend, x.device, OP, implemented=("triton", "cuda"))
+    if name == "torch":
+        return apply_rope_3d_reference(x, grid, theta, split)
+    if x.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"x has head dim D = {x.shape[-1]}; the {name} kernels support D <= {MAX_HEAD_DIM} "
+                         "(use backend='torch')")
+    return torch.ops.dit_fast.rope_3d(x, list(grid), float(theta), list(split), False, name)
