@@ -272,9 +272,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             m, v = ref.rotate_moments(*self._moments_fp32(state), side, rot)
             self._store_moments(state, m, v)
         if side in ("left", "full"):
-            state["basis_left"] = new[0].contiguous()
+            state["basis_left"] = new[0]  # strides as the SVD left them: same BLAS path as galore-torch
         if side in ("right", "full"):
-            state["basis_right"] = new[-1].contiguous()
+            state["basis_right"] = new[-1]
         state["refreshes"] += 1
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
@@ -329,11 +329,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 update = update * scale  # galore-torch scales after projecting back
         else:
             update = n
+        lr_wd = group["lr"] * group["weight_decay"]
         if p.dtype == torch.float32:
-            ref.apply_update_reference(p, update, step_size, pre, post)
+            ref.apply_update_reference(p, update, step_size, lr_wd, group["weight_decay_mode"])
         else:  # one rounding to the parameter's dtype
             w = p.float()
-            ref.apply_update_reference(w, update, step_size, pre, post)
+            ref.apply_update_reference(w, update, step_size, lr_wd, group["weight_decay_mode"])
             p.copy_(w)
 
     def _step_kernels(self, backend, p, grad, group, state, projected, step_size, scale, pre, post) -> None:

@@ -243,12 +243,12 @@ def adam_moments_8bit_reference(low_rank_grad: torch.Tensor, m_codes: torch.Tens
     return n
 
 
-def apply_update_reference(param: torch.Tensor, update: torch.Tensor, alpha: float, pre_decay: float,
-                           post_decay: float) -> None:
-    """W = (W * pre_decay - alpha * update) * post_decay, in galore-torch's op order for fp32 weights."""
-    if pre_decay != 1.0:
-        param.mul_(pre_decay)
+def apply_update_reference(param: torch.Tensor, update: torch.Tensor, alpha: float, lr_wd: float,
+                           decay_mode: str) -> None:
+    """W = (W * pre_decay - alpha * update) * post_decay, in the op order of torch.optim.AdamW ("adamw":
+    ``p.mul_(1 - lr * wd)`` first) or of galore-torch ("galore": ``p.add_(p, alpha=-lr * wd)`` last)."""
+    if decay_mode == "adamw" and lr_wd != 0.0:
+        param.mul_(1.0 - lr_wd)
     param.add_(update.to(param.dtype), alpha=-alpha)
-    if post_decay != 1.0:
-        # galore-torch: p.add_(p, alpha=-lr * wd)
-        param.add_(param, alpha=post_decay - 1.0)
+    if decay_mode == "galore" and lr_wd != 0.0:
+        param.add_(param, alpha=-lr_wd)
