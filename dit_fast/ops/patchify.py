@@ -28,6 +28,7 @@ from dit_fast import _backend
 OP = "patchify_3d"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ORDERS = ("cthw", "thwc")
+CUDA_MAX_TOKEN_BYTES = 32768  # csrc/patchify.h: one token (+16 bytes) must fit the CUDA kernel's slab
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,10 +143,13 @@ def _launchers(backend: str):
     return patchify
 
 
-def _pick(backend: str, like: Tensor, direction: str, run) -> str:
+def _pick(backend: str, like: Tensor, direction: str, patch_volume: int, run) -> str:
     if backend != "auto":
         return backend
     names = _backend.runnable_kernel_backends(like.device)
+    K = like.shape[1] * patch_volume if direction == "patchify" else like.shape[2]
+    if "cuda" in names and len(names) > 1 and K * like.element_size() + 16 > CUDA_MAX_TOKEN_BYTES:
+        names = tuple(n for n in names if n != "cuda")  # one token must fit the CUDA kernel's slab
     key = (direction, like.element_size(), _backend.shape_class(like.numel()))
     return _backend.pick_fastest(OP, key, {n: (lambda n=n: run(n)) for n in names})
 
@@ -155,7 +159,7 @@ def _patchify_3d(video: Tensor, patch: List[int], order: str, backend: str) -> T
     def run(name):
         return _launchers(name).patchify_3d(video, tuple(patch), order == "thwc")
 
-    return run(_pick(backend, video, "patchify", run))
+    return run(_pick(backend, video, "patchify", patch[0] * patch[1] * patch[2], run))
 
 
 @_patchify_3d.register_fake
@@ -170,7 +174,7 @@ def _unpatchify_3d(tokens: Tensor, patch: List[int], grid: List[int], order: str
     def run(name):
         return _launchers(name).unpatchify_3d(tokens, tuple(patch), tuple(grid), order == "thwc")
 
-    return run(_pick(backend, tokens, "unpatchify", run))
+    return run(_pick(backend, tokens, "unpatchify", patch[0] * patch[1] * patch[2], run))
 
 
 @_unpatchify_3d.register_fake
