@@ -1,0 +1,308 @@
+"""Attention over video tokens: reference, input checks, torch.library registration, public functions.
+
+    attention(q, k, v, key_padding_mask=...)            dense self / cross attention (Sq != Sk)
+    spacetime_attention(q, k, v, grid, mode=..., window=..., rope=...)
+        mode="full"      every token attends to every token of the video
+        mode="spatial"   each token attends within its own frame
+        mode="temporal"  each token attends to the tokens at its (h, w) in every frame
+        window=(wt, wh, ww)  3D local attention (mode="full"): along each axis a token at p sees the w
+                         positions starting at clamp(p - (w - 1) // 2, 0, n - w), a centred window shifted
+                         inside the grid at the borders (so w = n means the whole axis)
+        rope="3d" | RoPE3D(theta, split)  3D rotary embedding of q and k (dit_fast/ops/rope.py's
+                         convention), fused into the kernels
+
+q, k, v are (B, S, heads, D) as in flash-attn; video tokens in (t, h, w) raster order, S = T * H * W.
+The kernels read spatial and temporal groups in place through strides (no permute, no copy).
+
+Call flow: public function (validation, backend choice) -> "torch": the reference below, differentiated
+by PyTorch; "triton": torch.ops.dit_fast.attention_fwd / attention_bwd (custom ops with fake kernels and
+registered autograd, opaque to torch.compile) -> the launchers in dit_fast/triton_kernels/attention.py.
+"""
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dit_fast import _backend
+from dit_fast.ops.rope import RoPE3D, apply_rope_3d_reference, as_rope, grid_positions, rope_split
+
+OP = "attention"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MODES = ("full", "spatial", "temporal")
+MAX_HEAD_DIM = 256  # BLOCK_D of the kernels; D is padded to a power of two inside them
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (pure PyTorch). The CPU path, the oracle of the tests, and backend="torch".
+# ---------------------------------------------------------------------------------------------
+
+
+def window_span(pos: Tensor, size: int, length: int) -> Tensor:
+    """First position of the length-``size`` window around ``pos`` on an axis of ``length``."""
+    return (pos - (size - 1) // 2).clamp(0, length - size)
+
+
+def spacetime_mask(grid: Sequence[int], mode: str = "full", window: Optional[Sequence[int]] = None,
+                   device=None) -> Tensor:
+    """(S, S) bool: True where query token i may attend to key token j."""
+    pos = grid_positions(grid, device)  # (S, 3) = (t, h, w) per token
+    q, k = pos[:, None, :], pos[None, :, :]  # (S, 1, 3), (1, S, 3)
+    if mode == "spatial":
+        mask = q[..., 0] == k[..., 0]  # same frame
+    elif mode == "temporal":
+        mask = (q[..., 1] == k[..., 1]) & (q[..., 2] == k[..., 2])  # same (h, w)
+    else:
+        mask = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool, device=device)
+    if window is not None:
+        for axis, (size, length) in enumerate(zip(window, grid)):
+            start = window_span(q[..., axis], size, length)  # (S, 1)
+            mask = mask & (k[..., axis] >= start) & (k[..., axis] < start + size)
+    return mask
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+                        mask: Optional[Tensor] = None, return_lse: bool = False):
+    """softmax(scale * q k^T, masked) v with SDPA. q: (B, Sq, heads, D), k and v: (B, Sk, heads, D).
+
+    mask: bool, broadcastable to (B, heads, Sq, Sk), True = attend. A query with no visible key gets
+    zeros (and lse = -inf). Returns out (B, Sq, heads, D), or (out, lse (B, heads, Sq) fp32).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, D)
+    if mask is None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+        has_key = None
+    else:
+        has_key = mask.any(dim=-1, keepdim=True)  # (..., Sq, 1)
+        # rows with no key attend to everything, then are zeroed: no NaN forward or backward
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask | ~has_key, scale=scale)
+        out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    out = out.transpose(1, 2)
+    if not return_lse:
+        return out
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = (qh.to(compute) @ kh.to(compute).transpose(-1, -2)) * scale  # (B, heads, Sq, Sk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return out, torch.logsumexp(scores, dim=-1).float().detach()
+
+
+def spacetime_attention_reference(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *, mode: str = "full",
+                                  window: Optional[Sequence[int]] = None, rope=None,
+                                  scale: Optional[float] = None, return_lse: bool = False):
+    """spacetime_attention spelled out: RoPE on q and k, then SDPA with the explicit (S, S) mask."""
+    rope = as_rope(rope)
+    if rope is not None:
+        q = apply_rope_3d_reference(q, grid, rope.theta, rope.split)
+        k = apply_rope_3d_reference(k, grid, rope.theta, rope.split)
+    mask = None if mode == "full" and window is None else spacetime_mask(grid, mode, window, q.device)
+    return attention_reference(q, k, v, scale=scale, mask=mask, return_lse=return_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: clear ValueError / TypeError naming the argument and the shapes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, S, heads, D), got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    B, Sq, heads, D = q.shape
+    if k.shape[0] != B or k.shape[2] != heads or k.shape[3] != D:
+        raise ValueError(f"k must be (B, Sk, heads, D) = ({B}, Sk, {heads}, {D}) to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)} (mismatched batch, heads or head dim)")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if D % 8 != 0 or not 16 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D = {D} (q {tuple(q.shape)}) is not supported: D must be a multiple of 8 "
+                         f"in [16, {MAX_HEAD_DIM}] (e.g. 64, 72, 96, 128)")
+    if Sq == 0 or k.shape[1] == 0:
+        raise ValueError(f"q and k need at least one token, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+
+
+def _check_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_key_padding_mask(mask, q, k):
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = attend), got {mask.dtype}")
+    if mask.shape != (k.shape[0], k.shape[1]):
+        raise ValueError(f"key_padding_mask must be (B, Sk) = ({k.shape[0]}, {k.shape[1]}) for k {tuple(k.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    if mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but q is on {q.device}")
+    return mask
+
+
+def _check_grid(grid, q, k):
+    if not isinstance(grid, (tuple, list)) or len(grid) != 3 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
+        raise ValueError(f"grid must be three positive ints (T, H, W), got {grid!r}")
+    S = q.shape[1]
+    if grid[0] * grid[1] * grid[2] != S:
+        raise ValueError(f"grid {tuple(grid)} has {grid[0] * grid[1] * grid[2]} tokens but q {tuple(q.shape)} has "
+                         f"S = {S}")
+    if k.shape[1] != S:
+        raise ValueError(f"spacetime_attention is self-attention over the grid: k {tuple(k.shape)} must have the "
+                         f"S = {S} tokens of q {tuple(q.shape)} (use attention() for cross-attention)")
+    return [int(n) for n in grid]
+
+
+def _check_mode_window(mode, window, grid):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 3 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in window):
+        raise ValueError(f"window must be three positive ints (wt, wh, ww), got {window!r}")
+    if mode != "full":
+        raise ValueError(f"window needs mode='full' (got mode={mode!r}); a spatial window is window=(1, wh, ww), "
+                         f"a temporal one window=(wt, 1, 1)")
+    if any(w > n for w, n in zip(window, grid)):
+        raise ValueError(f"window {tuple(window)} is larger than the grid {tuple(grid)} along some axis")
+    return [int(w) for w in window]
+
+
+def _resolve(backend, q):
+    name = _backend.resolve_backend(backend, q.device, OP, implemented=("triton",))
+    return "triton" if name == "auto" else name
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel dispatch and torch.library registration. grid, window and rope_split are int lists,
+# empty when absent; rope is on when rope_split has three entries.
+# ---------------------------------------------------------------------------------------------
+
+
+def _launchers(backend: str):
+    if backend == "triton":
+        from dit_fast.triton_kernels import attention
+        return attention
+    raise ValueError(f"no attention kernels for backend {backend!r}")
+
+
+@torch.library.custom_op("dit_fast::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], grid: List[int],
+                   mode: str, window: List[int], rope_theta: float, rope_split: List[int], scale: float,
+                   backend: str) -> Tuple[Tensor, Tensor]:
+    """Returns (out (B, Sq, heads, D), lse (B, heads, Sq) fp32)."""
+    return _launchers(backend).attention_forward(q, k, v, key_padding_mask, grid, mode, window, rope_theta,
+                                                 rope_split, scale)
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, key_padding_mask, grid, mode, window, rope_theta, rope_split, scale, backend):
+    B, Sq, heads, D = q.shape
+    return q.new_empty(B, Sq, heads, D), q.new_empty(B, heads, Sq, dtype=torch.float32)
+
+
+@torch.library.custom_op("dit_fast::attention_bwd", mutates_args=())
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   key_padding_mask: Optional[Tensor], grid: List[int], mode: str, window: List[int],
+                   rope_theta: float, rope_split: List[int], scale: float,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv), contiguous."""
+    return _launchers(backend).attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window,
+                                                  rope_theta, rope_split, scale)
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window, rope_theta, rope_split,
+                        scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, grid, mode, window, rope_theta, rope_split, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.args = (grid, mode, window, rope_theta, rope_split, scale, backend)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.dit_fast.attention_bwd(dout, q, k, v, out, lse, key_padding_mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions (re-exported by dit_fast.ops).
+# ---------------------------------------------------------------------------------------------
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+              key_padding_mask: Optional[Tensor] = None, return_lse: bool = False,
+              backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Dense attention ``softmax(scale * q k^T) v``, self or cross (Sq != Sk), in flash-attn's layout.
+
+    q: (B, Sq, heads, D); k, v: (B, Sk, heads, D); D a multiple of 8 up to 256; scale defaults to
+    1 / sqrt(D). key_padding_mask: optional bool (B, Sk), True = attend; a query whose keys are all
+    masked returns zeros. With return_lse, also returns the (non-differentiable) log-sum-exp of the
+    scaled, masked scores, (B, heads, Sq) fp32 (-inf for a fully masked row).
+    """
+    _check_qkv(q, k, v)
+    scale = _check_scale(scale, q.shape[-1])
+    mask = _check_key_padding_mask(key_padding_mask, q, k)
+    name = _resolve(backend, q)
+    if name == "torch":
+        full_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Sk)
+        return attention_reference(q, k, v, scale=scale, mask=full_mask, return_lse=return_lse)
+    out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, mask, [], "full", [], 0.0, [], scale, name)
+    return (out, lse) if return_lse else out
+
+
+def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *, mode: str = "full",
+                        window: Optional[Sequence[int]] = None, rope: Union[None, str, RoPE3D] = None,
+                        scale: Optional[float] = None, return_lse: bool = False,
+                        backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Self-attention over the tokens of a video grid (T, H, W) in (t, h, w) raster order.
+
+    q, k, v: (B, S, heads, D) with S = T * H * W. mode: "full", "spatial" (within each frame) or
+    "temporal" (within each (h, w) column). window=(wt, wh, ww): 3D local attention, wt <= T,
+    wh <= H, ww <= W (see the module docstring for the exact window). rope: None, "3d" or
+    RoPE3D(theta, split): rotary embedding of q and k applied inside the attention. Returns
+    (B, S, heads, D), and with return_lse also the log-sum-exp (B, heads, S) fp32.
+    """
+    _check_qkv(q, k, v)
+    grid = _check_grid(grid, q, k)
+    window = _check_mode_window(mode, window, grid)
+    rope = as_rope(rope)
+    split = list(rope_split(q.shape[-1], rope.split)) if rope is not None else []
+    scale = _check_scale(scale, q.shape[-1])
+    name = _resolve(backend, q)
+    if name == "torch":
+        rope_ref = RoPE3D(rope.theta, tuple(split)) if rope is not None else None
+        return spacetime_attention_reference(q, k, v, grid, mode=mode, window=window, rope=rope_ref, scale=scale,
+                                             return_lse=return_lse)
+    out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, None, grid, mode, window or [],
+                                                float(rope.theta) if rope is not None else 0.0, split, scale, name)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,639 @@
+"""Triton flash attention over 3D-patchified video tokens: one kernel family, forward and backward.
+
+Layout: q, k, v are (B, S, heads, D) as in flash-attn, read through their strides (last dim contiguous).
+Video tokens are in (t, h, w) raster order over a grid (T, H, W): token s sits at t = s // (H * W),
+h = (s // W) % H, w = s % W.
+
+Masking modes, all served by the same three kernels:
+  full      every query sees every key (self or cross attention, Sq != Sk)
+  spatial   attention within each frame; temporal: within each (h, w) column across frames.
+            Both are *groups* of tokens read in place: group g, position i is token
+            g * GROUP_STRIDE + i * TOKEN_STRIDE, so a frame is (GROUP_STRIDE = H * W, TOKEN_STRIDE = 1) and a
+            column is (GROUP_STRIDE = 1, TOKEN_STRIDE = H * W). Groups fold into the program id like a
+            batch dimension: no permute, no copy.
+  WINDOW    3D local attention (full mode): along each axis a query at p sees the WIN keys starting at
+            clamp(p - (WIN - 1) // 2, 0, N - WIN) (a centred window shifted inside the grid at the
+            borders, as NATTEN does). Tiles are skipped wholesale: a query tile only visits, frame by
+            frame, the contiguous run of key rows that its window union can reach (and the backward's
+            key tiles only the query rows that can reach them), so the work scales with the kept
+            tiles, not with S^2. Inside visited tiles the exact token mask is applied.
+  HAS_MASK  boolean key padding mask (B, Sk); a query with no visible key returns zeros (lse = -inf).
+  HAS_ROPE  3D rotary embedding of q and k inside the kernels (dit_fast/ops/rope.py's convention:
+            interleaved pairs, pair j of axis a rotated by pos_a * theta^(-2i / d_a)). Tiles are rotated
+            after loading; the backward rotates dq and dk back with the inverse rotation.
+
+Head dims up to 256 (72 and 96 run with the dot padded to a power of two, BLOCK_D, and masked loads).
+The readable PyTorch reference is attention_reference in dit_fast/ops/attention.py.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from dit_fast import _backend
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the kernels: token -> (t, h, w), RoPE rotation, masks, window ranges.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grid_position(tok, GRID_H, GRID_W):
+    """(t, h, w) of raster-order token indices."""
+    return tok // (GRID_H * GRID_W), (tok // GRID_W) % GRID_H, tok % GRID_W
+
+
+@triton.jit
+def _rotate(x, tok, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D: tl.constexpr,
+            INVERSE: tl.constexpr):
+    """Rotates the interleaved pairs (x[2j], x[2j+1]) of each row of x (R, BLOCK_D) by the 3D RoPE angle
+    of its token; fp32 result. Pairs j < ROPE_DT2 use t, j < ROPE_DTH2 use h, the rest w; FREQ_ptr holds
+    theta^(-2i / d_a) per pair (zero in the padding, which is the identity)."""
+    t, h, w = _grid_position(tok, GRID_H, GRID_W)
+    pair = tl.arange(0, BLOCK_D // 2)
+    inv_freq = tl.load(FREQ_ptr + pair)
+    pos = tl.where(pair[None, :] < ROPE_DT2, t.to(tl.float32)[:, None],
+                   tl.where(pair[None, :] < ROPE_DTH2, h.to(tl.float32)[:, None], w.to(tl.float32)[:, None]))
+    angle = pos * inv_freq[None, :]  # (R, BLOCK_D / 2)
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    if INVERSE:  # R(angle)^T = R(-angle): the backward maps gradients of rotated q/k back to q/k
+        sin = -sin
+    even, odd = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], BLOCK_D // 2, 2)))
+    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (x.shape[0], BLOCK_D))
+
+
+@triton.jit
+def _window_start(p, WIN, N):
+    """First position of the length-WIN window around p on an axis of N positions."""
+    return tl.minimum(tl.maximum(p - (WIN - 1) // 2, 0), N - WIN)
+
+
+@triton.jit
+def _window_allowed(tok_q, tok_k, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
+    """Token-exact window mask; tok_q and tok_k broadcast against each other."""
+    qt, qh, qw = _grid_position(tok_q, GRID_H, GRID_W)
+    kt, kh, kw = _grid_position(tok_k, GRID_H, GRID_W)
+    st = _window_start(qt, WIN_T, GRID_T)
+    sh = _window_start(qh, WIN_H, GRID_H)
+    sw = _window_start(qw, WIN_W, GRID_W)
+    return ((kt >= st) & (kt < st + WIN_T) & (kh >= sh) & (kh < sh + WIN_H) & (kw >= sw) & (kw < sw + WIN_W))
+
+
+@triton.jit
+def _key_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
+    """Frames [f_lo, f_hi] and rows [r_lo, r_hi] of the keys that queries first..last can see."""
+    t0, h0, _ = _grid_position(first, GRID_H, GRID_W)
+    t1, h1, _ = _grid_position(last, GRID_H, GRID_W)
+    one_frame = t0 == t1
+    h0 = tl.where(one_frame, h0, 0)
+    h1 = tl.where(one_frame, h1, GRID_H - 1)
+    # window starts grow with the position, so the union of windows is [start(first), start(last) + WIN)
+    f_lo = _window_start(t0, WIN_T, GRID_T)
+    f_hi = _window_start(t1, WIN_T, GRID_T) + WIN_T - 1
+    r_lo = _window_start(h0, WIN_H, GRID_H)
+    r_hi = _window_start(h1, WIN_H, GRID_H) + WIN_H - 1
+    return f_lo, f_hi, r_lo, r_hi
+
+
+@triton.jit
+def _first_query(k, WIN, N):
+    """Smallest query position whose window contains key position k."""
+    return tl.where(k - WIN + 1 <= 0, 0, k - WIN + 1 + (WIN - 1) // 2)
+
+
+@triton.jit
+def _last_query(k, WIN, N):
+    """Largest query position whose window contains key position k."""
+    return tl.where(k >= N - WIN, N - 1, k + (WIN - 1) // 2)
+
+
+@triton.jit
+def _query_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
+    """Frames [f_lo, f_hi] and rows [r_lo, r_hi] of the queries that can see keys first..last."""
+    t0, h0, _ = _grid_position(first, GRID_H, GRID_W)
+    t1, h1, _ = _grid_position(last, GRID_H, GRID_W)
+    one_frame = t0 == t1
+    h0 = tl.where(one_frame, h0, 0)
+    h1 = tl.where(one_frame, h1, GRID_H - 1)
+    return (_first_query(t0, WIN_T, GRID_T), _last_query(t1, WIN_T, GRID_T),
+            _first_query(h0, WIN_H, GRID_H), _last_query(h1, WIN_H, GRID_H))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward. Online softmax (flash attention 2): per query tile, running max m, running sum l and
+# unnormalised output acc over key tiles; scores in log2 units (scale * log2(e) folded in).
+# https://arxiv.org/abs/2205.14135, https://arxiv.org/abs/2307.08691
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, k_base, v_base, kpm_base, FREQ_ptr,
+              stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
+              HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_n = offs_n < end_n
+    tok_k = g_off + offs_n.to(tl.int64) * TOKEN_STRIDE
+    kv_mask = valid_n[:, None] & (offs_d[None, :] < D)
+    k = tl.load(k_base + tok_k[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + tok_k[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HAS_ROPE:
+        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(v.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    allowed = valid_n[None, :]
+    if HAS_MASK:
+        allowed = allowed & (tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0)[None, :]
+    if WINDOW:
+        allowed = allowed & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
+                                            WIN_T, WIN_H, WIN_W)
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with no visible key so far keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q_ptr,  # queries, (B, Sq, heads, D), last dim contiguous
+    K_ptr,  # keys, (B, Sk, heads, D)
+    V_ptr,  # values, (B, Sk, heads, D)
+    O_ptr,  # out: (B, Sq, heads, D)
+    LSE_ptr,  # out: natural-log logsumexp of the scaled scores, (B, heads, Sq) fp32
+    KPM_ptr,  # key padding mask, (B, Sk) uint8, nonzero = attend  [HAS_MASK]
+    FREQ_ptr,  # RoPE inverse frequency per pair, (BLOCK_D / 2,) fp32  [HAS_ROPE]
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_mb,  # key padding mask batch stride
+    HEADS, GROUPS,  # groups: frames (spatial), columns (temporal), 1 otherwise
+    SQ,  # total query tokens (LSE row length)
+    LQ, LK,  # query / key tokens per group
+    GROUP_STRIDE, TOKEN_STRIDE,  # token of (group g, position i) = g * GROUP_STRIDE + i * TOKEN_STRIDE
+    GRID_T, GRID_H, GRID_W,
+    WIN_T, WIN_H, WIN_W,
+    ROPE_DT2, ROPE_DTH2,  # RoPE pair boundaries: d_t / 2 and (d_t + d_h) / 2
+    D,
+    sm_scale,
+    LQ_BUCKET, LK_BUCKET,  # autotune keys: next power of two of LQ / LK
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(LQ, BLOCK_M)
+    m_blk = pid % num_m
+    rest = (pid // num_m).to(tl.int64)  # int64: batch and head offsets pass 2^31 elements at video sizes
+    g = rest % GROUPS
+    h = (rest // GROUPS) % HEADS
+    b = rest // GROUPS // HEADS
+    g_off = g * GROUP_STRIDE
+
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_m = offs_m < LQ
+    tok_q = g_off + offs_m.to(tl.int64) * TOKEN_STRIDE
+    q_mask = valid_m[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + tok_q[:, None] * stride_qs + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    if HAS_ROPE:
+        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(
+            Q_ptr.dtype.element_ty)
+    k_base = K_ptr + b * stride_kb + h * stride_kh
+    v_base = V_ptr + b * stride_vb + h * stride_vh
+    kpm_base = KPM_ptr + b * stride_mb
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 is the native instruction
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if WINDOW:
+        first = tl.minimum(m_blk * BLOCK_M, LQ - 1)
+        last = tl.minimum(m_blk * BLOCK_M + BLOCK_M, LQ) - 1
+        f_lo, f_hi, r_lo, r_hi = _key_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W)
+        for f in range(f_lo, f_hi + 1):
+            # rows r_lo..r_hi of frame f are one contiguous run of tokens
+            lo = (f * GRID_H + r_lo) * GRID_W
+            hi = (f * GRID_H + r_hi + 1) * GRID_W
+            for start_n in range(lo, hi, BLOCK_N):
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, k_base, v_base, kpm_base,
+                                          FREQ_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                          GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+    else:
+        for start_n in range(0, LK, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, LK, k_base, v_base, kpm_base,
+                                      FREQ_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                      GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+
+    # a fully masked row has l = 0 and acc = 0: it returns zeros, and lse = -inf
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(O_ptr + b * stride_ob + h * stride_oh + tok_q[:, None] * stride_os + offs_d[None, :],
+             out.to(O_ptr.dtype.element_ty), mask=q_mask)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE_ptr + (b * HEADS + h) * SQ + tok_q, lse, mask=valid_m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (flash attention 2). With s = scale * q.k, p = exp(s - lse), o = p v and dO given:
+#   dv = p^T dO                    dp = dO v^T
+#   ds = p * (dp - delta),  delta = rowsum(dO * o)  (precomputed once per query)
+#   dq = scale * ds k              dk = scale * ds^T q
+# Two kernels, no atomics: one per key tile accumulating dk, dv over the query tiles that can see
+# it (scores computed transposed, (keys, queries)), one per query tile accumulating dq over its key
+# tiles. With RoPE, q and k are the rotated ones and dq, dk are rotated back at the end:
+# q_rot = R q  =>  dq = R^T dq_rot.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, end_m, q_base, do_base, lse_base, delta_base,
+               FREQ_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
+               HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_m = offs_m < end_m
+    tok_q = g_off + offs_m.to(tl.int64) * TOKEN_STRIDE
+    q_mask = valid_m[:, None] & (offs_d[None, :] < D)
+    q = tl.load(q_base + tok_q[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + tok_q[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+    if HAS_ROPE:
+        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(do.dtype)
+    lse = tl.load(lse_base + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
+    # rows without any visible key (lse = -inf) get p = 0, not exp2(-inf + inf) = NaN
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(delta_base + tok_q, mask=valid_m, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+    allowed = valid_k[:, None] & valid_m[None, :]
+    if HAS_MASK:
+        allowed = allowed & kpm_k[:, None]
+    if WINDOW:
+        allowed = allowed & _window_allowed(tok_q[None, :], tok_k[:, None], GRID_T, GRID_H, GRID_W,
+                                            WIN_T, WIN_H, WIN_W)
+    p_t = tl.where(allowed, tl.math.exp2(s_t - lse[None, :]), 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q_ptr, K_ptr, V_ptr,  # (B, S, heads, D) inputs of the forward
+    DO_ptr,  # grad of the output, (B, Sq, heads, D)
+    LSE_ptr,  # (B, heads, Sq) fp32, from the forward
+    DELTA_ptr,  # rowsum(dO * O), (B, heads, Sq) fp32
+    DK_ptr, DV_ptr,  # out: (B, Sk, heads, D), contiguous
+    KPM_ptr, FREQ_ptr,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_mb,
+    HEADS, GROUPS, SQ, LQ, LK, GROUP_STRIDE, TOKEN_STRIDE,
+    GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+    D, sm_scale, LQ_BUCKET, LK_BUCKET,
+    BLOCK_M: tl.constexpr,  # query tile (inner loop)
+    BLOCK_N: tl.constexpr,  # key tile (owned by the program)
+    BLOCK_D: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(LK, BLOCK_N)
+    n_blk = pid % num_n
+    rest = (pid // num_n).to(tl.int64)
+    g = rest % GROUPS
+    h = (rest // GROUPS) % HEADS
+    b = rest // GROUPS // HEADS
+    g_off = g * GROUP_STRIDE
+
+    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_k = offs_n < LK
+    tok_k = g_off + offs_n.to(tl.int64) * TOKEN_STRIDE
+    kv_mask = valid_k[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K_ptr + b * stride_kb + h * stride_kh + tok_k[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V_ptr + b * stride_vb + h * stride_vh + tok_k[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    if HAS_ROPE:
+        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(v.dtype)
+    kpm_k = valid_k
+    if HAS_MASK:
+        kpm_k = tl.load(KPM_ptr + b * stride_mb + tok_k, mask=valid_k, other=0) != 0
+    q_base = Q_ptr + b * stride_qb + h * stride_qh
+    do_base = DO_ptr + b * stride_dob + h * stride_doh
+    lse_base = LSE_ptr + (b * HEADS + h) * SQ
+    delta_base = DELTA_ptr + (b * HEADS + h) * SQ
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if WINDOW:
+        first = tl.minimum(n_blk * BLOCK_N, LK - 1)
+        last = tl.minimum(n_blk * BLOCK_N + BLOCK_N, LK) - 1
+        f_lo, f_hi, r_lo, r_hi = _query_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W)
+        for f in range(f_lo, f_hi + 1):
+            lo = (f * GRID_H + r_lo) * GRID_W
+            hi = (f * GRID_H + r_hi + 1) * GRID_W
+            for start_m in range(lo, hi, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, hi, q_base, do_base, lse_base,
+                                    delta_base, FREQ_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                    GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                                    BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+    else:
+        for start_m in range(0, LQ, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, LQ, q_base, do_base, lse_base,
+                                delta_base, FREQ_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                                BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    if HAS_ROPE:
+        dk = _rotate(dk, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, True)
+    out_offs = b * stride_dkb + h * stride_dkh + tok_k[:, None] * stride_dks + offs_d[None, :]
+    tl.store(DK_ptr + out_offs, dk.to(DK_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(DV_ptr + out_offs, dv.to(DV_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, end_n, k_base, v_base, kpm_base, FREQ_ptr,
+             stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+             GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
+             HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_n = offs_n < end_n
+    tok_k = g_off + offs_n.to(tl.int64) * TOKEN_STRIDE
+    kv_mask = valid_n[:, None] & (offs_d[None, :] < D)
+    k = tl.load(k_base + tok_k[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + tok_k[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HAS_ROPE:
+        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(v.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    allowed = valid_m[:, None] & valid_n[None, :]
+    if HAS_MASK:
+        allowed = allowed & (tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0)[None, :]
+    if WINDOW:
+        allowed = allowed & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
+                                            WIN_T, WIN_H, WIN_W)
+    p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q_ptr, K_ptr, V_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+    DQ_ptr,  # out: (B, Sq, heads, D), contiguous
+    KPM_ptr, FREQ_ptr,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_mb,
+    HEADS, GROUPS, SQ, LQ, LK, GROUP_STRIDE, TOKEN_STRIDE,
+    GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+    D, sm_scale, LQ_BUCKET, LK_BUCKET,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(LQ, BLOCK_M)
+    m_blk = pid % num_m
+    rest = (pid // num_m).to(tl.int64)
+    g = rest % GROUPS
+    h = (rest // GROUPS) % HEADS
+    b = rest // GROUPS // HEADS
+    g_off = g * GROUP_STRIDE
+
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_m = offs_m < LQ
+    tok_q = g_off + offs_m.to(tl.int64) * TOKEN_STRIDE
+    q_mask = valid_m[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + tok_q[:, None] * stride_qs + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO_ptr + b * stride_dob + h * stride_doh + tok_q[:, None] * stride_dos + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    if HAS_ROPE:
+        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(do.dtype)
+    lse = tl.load(LSE_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0)
+    k_base = K_ptr + b * stride_kb + h * stride_kh
+    v_base = V_ptr + b * stride_vb + h * stride_vh
+    kpm_base = KPM_ptr + b * stride_mb
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if WINDOW:
+        first = tl.minimum(m_blk * BLOCK_M, LQ - 1)
+        last = tl.minimum(m_blk * BLOCK_M + BLOCK_M, LQ) - 1
+        f_lo, f_hi, r_lo, r_hi = _key_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W)
+        for f in range(f_lo, f_hi + 1):
+            lo = (f * GRID_H + r_lo) * GRID_W
+            hi = (f * GRID_H + r_hi + 1) * GRID_W
+            for start_n in range(lo, hi, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, hi, k_base, v_base, kpm_base,
+                              FREQ_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                              BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+    else:
+        for start_n in range(0, LK, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, LK, k_base, v_base, kpm_base,
+                          FREQ_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                          GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    if HAS_ROPE:
+        dq = _rotate(dq, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, True)
+    tl.store(DQ_ptr + b * stride_dqb + h * stride_dqh + tok_q[:, None] * stride_dqs + offs_d[None, :],
+             dq.to(DQ_ptr.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning. The spaces are visible lists filtered by keep(); the tuning key is the head-dim block,
+# the sequence-length buckets and the masking flags (the dtypes are added by Triton). The
+# interpreter (CPU tests) runs one tiny configuration.
+# ---------------------------------------------------------------------------------------------
+
+TUNING_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_ROPE", "HAS_MASK", "WINDOW", "DOT_PRECISION"]
+
+
+def keep(config: triton.Config) -> bool:
+    """Configurations worth timing at all: tiles fit the warps; no 128x128 tile with 4 stages."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    if bm * bn >= 128 * 128 and config.num_stages > 3:
+        return False
+    if bm * bn <= 32 * 32 and config.num_warps > 4:
+        return False
+    return True
+
+
+def _configs():
+    if _backend.triton_interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    space = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+             for bm in (16, 32, 64, 128) for bn in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+    return [c for c in space if keep(c)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Short groups (temporal attention over T frames) use short tiles; long sequences large ones."""
+    lq, lk = named_args["LQ_BUCKET"], named_args["LK_BUCKET"]
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+
+    def fits(block, length):
+        return block <= max(16, length) and (length < 64 or block >= 32)
+
+    kept = [c for c in configs if fits(c.kwargs["BLOCK_M"], lq) and fits(c.kwargs["BLOCK_N"], lk)
+            and not (block_d > 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    return kept or configs[:1]
+
+
+_PRUNE = {"early_config_prune": _prune}
+_attn_fwd = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRUNE)(_attn_fwd_kernel)
+_attn_bwd_dkdv = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dq_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. Arguments are validated by dit_fast.ops.attention; grid, window and rope_split are
+# lists ([] when absent), as the custom ops pass them. They return plain tensors; autograd lives in
+# dit_fast/ops/attention.py.
+# ---------------------------------------------------------------------------------------------
+
+
+def group_layout(mode: str, grid, seq_len: int):
+    """(groups, tokens per group, group stride, token stride) for a masking mode."""
+    if mode == "spatial":
+        T, H, W = grid
+        return T, H * W, H * W, 1
+    if mode == "temporal":
+        T, H, W = grid
+        return H * W, T, 1, H * W
+    return 1, seq_len, 0, 1
+
+
+def rope_inv_freq(head_dim: int, split, theta: float, block_d: int, device) -> torch.Tensor:
+    """(block_d / 2,) fp32 theta^(-2i / d_a) for each pair of the head dim, zero in the padding."""
+    parts = []
+    for d_axis in split:
+        parts.append(theta ** (-torch.arange(0, d_axis, 2, dtype=torch.float64) / d_axis))
+    freq = torch.zeros(block_d // 2, dtype=torch.float64)
+    freq[: head_dim // 2] = torch.cat(parts)
+    return freq.to(device=device, dtype=torch.float32)
+
+
+def _lastdim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split):
+    B, Sq, heads, D = q.shape
+    Sk = k.shape[1]
+    groups, lq, group_stride, token_stride = group_layout(mode, grid, Sq)
+    lk = Sk if mode == "full" else lq
+    block_d = max(16, triton.next_power_of_2(D))
+    has_rope = len(rope_split) == 3
+    T, H, W = grid if len(grid) == 3 else (1, 1, 1)
+    wt, wh, ww = window if len(window) == 3 else (1, 1, 1)
+    if has_rope:
+        freq = rope_inv_freq(D, rope_split, rope_theta, block_d, q.device)
+        dt2, dth2 = rope_split[0] // 2, (rope_split[0] + rope_split[1]) // 2
+    else:
+        freq, dt2, dth2 = q.new_empty(0, dtype=torch.float32), 0, 0
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+        kpm = _lastdim_contiguous(kpm)
+        stride_mb = kpm.stride(0)
+    else:
+        kpm, stride_mb = q.new_empty(0, dtype=torch.uint8), 0
+    scalars = (heads, groups, Sq, lq, lk, group_stride, token_stride, T, H, W, wt, wh, ww, dt2, dth2, D)
+    flags = dict(BLOCK_D=block_d, HAS_ROPE=has_rope, HAS_MASK=key_padding_mask is not None,
+                 WINDOW=len(window) == 3,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return kpm, freq, stride_mb, scalars, (B * heads * groups, lq, lk), flags
+
+
+def attention_forward(q, k, v, key_padding_mask, grid, mode, window, rope_theta, rope_split, scale):
+    """Returns (out (B, Sq, heads, D) contiguous, lse (B, heads, Sq) fp32, natural log)."""
+    q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
+    B, Sq, heads, D = q.shape
+    out = torch.empty((B, Sq, heads, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, heads, Sq), device=q.device, dtype=torch.float32)
+    kpm, freq, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
+        q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split)
+    _attn_fwd[lambda meta: (programs * triton.cdiv(lq, meta["BLOCK_M"]),)](
+        q, k, v, out, lse, kpm, freq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk), **flags)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window, rope_theta, rope_split,
+                       scale):
+    """Returns (dq, dk, dv), contiguous (B, S, heads, D) in the input dtype."""
+    q, k, v, dout = (_lastdim_contiguous(t) for t in (q, k, v, dout))
+    # preprocess: delta = rowsum(dO * O) per query, (B, heads, Sq) fp32
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    kpm, freq, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
+        q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    tail = (stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk))
+    _attn_bwd_dkdv[lambda meta: (programs * triton.cdiv(lk, meta["BLOCK_N"]),)](
+        q, k, v, dout, lse, delta, dk, dv, kpm, freq, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), *tail, **flags)
+    _attn_bwd_dq[lambda meta: (programs * triton.cdiv(lq, meta["BLOCK_M"]),)](
+        q, k, v, dout, lse, delta, dq, kpm, freq, *strides,
+        dq.stride(0), dq.stride(1), dq.stride(2), *tail, **flags)
+    return dq, dk, dv
