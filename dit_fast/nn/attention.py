@@ -1,0 +1,84 @@
+"""Attention modules of a video DiT: self-attention over the spacetime grid, and cross-attention to text.
+
+Parameter names follow DiT / timm's ``Attention`` (``qkv``, ``q_norm``, ``k_norm``, ``proj``) and
+PixArt / Open-Sora's ``MultiHeadCrossAttention`` (``q_linear``, ``kv_linear``, ``proj``), so their
+checkpoints load with ``load_state_dict``.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from dit_fast.ops.attention import attention, spacetime_attention
+
+
+class SpacetimeAttention(nn.Module):
+    """Multi-head self-attention over video tokens: qkv projection, optional qk-norm, attention, projection.
+
+    forward(x, grid): x (B, S, C) with S = T * H * W tokens in (t, h, w) raster order. ``mode``,
+    ``window`` and ``rope`` are those of ``dit_fast.ops.spacetime_attention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False, mode: str = "full",
+                 window: Optional[Sequence[int]] = None, rope=None, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim = {dim} must be divisible by num_heads = {num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.mode, self.window, self.rope, self.backend = mode, window, rope, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        B, S, C = x.shape
+        qkv = self.qkv(x).reshape(B, S, 3, self.num_heads, self.head_dim)  # (B, S, 3, heads, D), timm's order
+        q, k, v = qkv.unbind(2)  # each (B, S, heads, D): strided views, read in place by the kernels
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = spacetime_attention(q, k, v, grid, mode=self.mode, window=self.window, rope=self.rope,
+                                backend=self.backend)  # (B, S, heads, D)
+        return self.proj(x.reshape(B, S, C))
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, num_heads={self.num_heads}, mode={self.mode!r}, window={self.window}, "
+                f"rope={self.rope!r}")
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention from video tokens x (B, S, dim) to a context (B, L, context_dim).
+
+    forward(x, context, context_mask=None): context_mask is an optional bool (B, L), True = attend
+    (ragged text); a query with no visible context token gets zeros before the output projection.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim = {dim} must be divisible by num_heads = {num_heads}")
+        self.dim, self.context_dim, self.num_heads, self.head_dim = dim, context_dim, num_heads, dim // num_heads
+        self.backend = backend
+        self.q_linear = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv_linear = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, S, C = x.shape
+        L = context.shape[1]
+        q = self.q_linear(x).reshape(B, S, self.num_heads, self.head_dim)  # (B, S, heads, D)
+        kv = self.kv_linear(context).reshape(B, L, 2, self.num_heads, self.head_dim)  # (B, L, 2, heads, D)
+        k, v = kv.unbind(2)  # each (B, L, heads, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = attention(q, k, v, key_padding_mask=context_mask, backend=self.backend)  # (B, S, heads, D)
+        return self.proj(x.reshape(B, S, C))
+
+    def extra_repr(self):
+        return f"dim={self.dim}, context_dim={self.context_dim}, num_heads={self.num_heads}"
+
+
+__all__ = ["SpacetimeAttention", "CrossAttention"]
