@@ -1,0 +1,434 @@
+"""DiTVideo: a Diffusion Transformer over spacetime patches, built on dit_fast's fused ops.
+
+Follows facebookresearch/DiT's models.py (same module and state-dict names where the structure is the
+same) and extends it to video: 3D patches, full or alternating spatial/temporal attention (Latte,
+Open-Sora), 3D sin-cos and/or 3D RoPE positions, class and/or text conditioning (cross-attention with
+classifier-free-guidance dropout), per-frame timesteps, PixArt's adaLN-single and learned sigma.
+
+Every hot path goes through dit_fast.ops with the model's ``backend``: ``backend="torch"`` is a pure
+PyTorch model, the reference the fused model is tested against. Each branch's gated residual is fused
+with the next branch's adaLN (``residual_layernorm_modulate``), across block boundaries too.
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from dit_fast import ops
+from dit_fast.models.embeddings import (CaptionEmbedder, LabelEmbedder, PatchEmbed3D, TimestepEmbedder,
+                                        get_3d_sincos_pos_embed)
+from dit_fast.nn.attention import CrossAttention, SpacetimeAttention
+from dit_fast.ops.patchify import unpatchify_3d
+from dit_fast.ops.rope import RoPE3D
+
+ATTENTION_LAYOUTS = ("full", "spatial_temporal")
+POSITIONS = ("sincos", "rope", "both")
+
+
+def _triple(value, name) -> Tuple[int, int, int]:
+    """An int p means (1, p, p): one frame, or a 2D patch, as in image DiT."""
+    if isinstance(value, int):
+        return (1, value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 3 or any(v <= 0 for v in value):
+        raise ValueError(f"{name} must be an int or three positive ints (T, H, W), got {value}")
+    return value
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class Mlp(nn.Module):
+    """DiT's (timm's) MLP: fc1, GELU with the tanh approximation, fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def adaln_parameters(module: nn.Module, hidden_size: int, n: int, adaln_single: bool):
+    """Gives ``module`` DiT's ``adaLN_modulation`` (SiLU + Linear(D, n * D)) or PixArt's ``scale_shift_table``."""
+    if adaln_single:
+        module.scale_shift_table = nn.Parameter(torch.randn(n, hidden_size) / hidden_size ** 0.5)
+    else:
+        module.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, n * hidden_size, bias=True))
+
+
+def adaln_modulations(module: nn.Module, c: Tensor, n: int) -> Tuple[Tensor, ...]:
+    """c: (B, D) or per frame (B, G, D) -> n modulations of that shape.
+
+    With adaLN-single, c is the shared projection of the timestep (B, [G,] n * D), to which the
+    module's own table (n, D) is added (PixArt-alpha); otherwise DiT's per-block SiLU + Linear.
+    """
+    if hasattr(module, "scale_shift_table"):
+        table = c.unflatten(-1, (n, -1)) + module.scale_shift_table.to(c.dtype)  # (B, [G,] n, D)
+        return table.unbind(-2)
+    return module.adaLN_modulation(c).chunk(n, dim=-1)  # n x (B, [G,] D)
+
+
+class DiTVideoBlock(nn.Module):
+    """A DiT block with adaLN-Zero conditioning, spacetime self-attention and optional cross-attention.
+
+    The stream enters with the previous branch's (gate, y) still pending, so that its gated residual
+    and this block's first adaLN run as one fused op; the block leaves its MLP branch pending in turn.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mode: str = "full",
+                 cross_attention: bool = False, rope: Optional[RoPE3D] = None, qk_norm: bool = False,
+                 adaln_single: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.attn = SpacetimeAttention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm, mode=mode,
+                                       rope=rope, backend=backend)
+        self.cross_attn = (CrossAttention(hidden_size, hidden_size, num_heads, qk_norm=qk_norm, backend=backend)
+                           if cross_attention else None)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        # shift/scale/gate for attention and MLP (DiT's order), then for cross-attention
+        self.num_modulations = 9 if cross_attention else 6
+        adaln_parameters(self, hidden_size, self.num_modulations, adaln_single)
+
+    def forward(self, x, gate, y, c, grid, context=None, context_mask=None):
+        """x: (B, N, D) stream; (gate, y): pending branch or (None, None); c: (B, [G,] D) -> (x, gate, y)."""
+        mods = adaln_modulations(self, c, self.num_modulations)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        if y is None:
+            h = ops.layernorm_modulate(x, shift_msa, scale_msa, backend=self.backend)  # (B, N, D)
+        else:
+            x, h = ops.residual_layernorm_modulate(x, gate, y, shift_msa, scale_msa, backend=self.backend)
+        y = self.attn(h, grid)  # (B, N, D)
+        if self.cross_attn is not None:
+            shift_ca, scale_ca, gate_ca = mods[6:]
+            x, h = ops.residual_layernorm_modulate(x, gate_msa, y, shift_ca, scale_ca, backend=self.backend)
+            y = self.cross_attn(h, context, context_mask)  # (B, N, D)
+            gate_msa = gate_ca
+        x, h = ops.residual_layernorm_modulate(x, gate_msa, y, shift_mlp, scale_mlp, backend=self.backend)
+        return x, gate_mlp, self.mlp(h)  # stream (B, N, D), pending gate (B, [G,] D) and MLP branch (B, N, D)
+
+
+class FinalLayer(nn.Module):
+    """The final layer of DiT: last pending residual + adaLN, then a linear map to patch values."""
+
+    def __init__(self, hidden_size: int, patch_size: Sequence[int], out_channels: int, adaln_single: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        pt, ph, pw = patch_size
+        self.linear = nn.Linear(hidden_size, pt * ph * pw * out_channels, bias=True)
+        self.adaln_single = adaln_single
+        adaln_parameters(self, hidden_size, 2, adaln_single)
+
+    def forward(self, x, gate, y, c):
+        """x, y: (B, N, D); c: (B, [G,] D) -> (B, N, pt * ph * pw * out_channels)."""
+        if self.adaln_single:  # PixArt's final layer: the table plus the timestep embedding itself
+            c = torch.cat([c, c], dim=-1)  # (B, [G,] 2D)
+        shift, scale = adaln_modulations(self, c, 2)  # (B, [G,] D) each
+        if y is None:
+            h = ops.layernorm_modulate(x, shift, scale, backend=self.backend)
+        else:
+            _, h = ops.residual_layernorm_modulate(x, gate, y, shift, scale, backend=self.backend)
+        return self.linear(h)
+
+
+class DiTVideo(nn.Module):
+    """Diffusion model with a Transformer backbone over spacetime patches of (B, C, T, H, W) inputs."""
+
+    def __init__(
+        self,
+        input_size=(1, 32, 32),
+        patch_size=(1, 2, 2),
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        text_dim: Optional[int] = None,
+        attention: str = "full",
+        pos: str = "sincos",
+        per_frame_timesteps: bool = False,
+        adaln_single: bool = False,
+        learn_sigma: bool = True,
+        qk_norm: bool = False,
+        gradient_checkpointing: bool = False,
+        cfg_channels: Optional[int] = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.input_size = _triple(input_size, "input_size")
+        self.patch_size = _triple(patch_size, "patch_size")
+        if any(s % p for s, p in zip(self.input_size, self.patch_size)):
+            raise ValueError(f"input_size {self.input_size} must be divisible by patch_size {self.patch_size}")
+        if attention not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {attention!r}")
+        if pos not in POSITIONS:
+            raise ValueError(f"pos must be one of {POSITIONS}, got {pos!r}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        self.in_channels = in_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.text_dim = text_dim
+        self.class_dropout_prob = class_dropout_prob
+        self.attention = attention
+        self.pos = pos
+        self.per_frame_timesteps = per_frame_timesteps
+        self.adaln_single = adaln_single
+        self.gradient_checkpointing = gradient_checkpointing
+        self.cfg_channels = cfg_channels
+        self.backend = backend
+        self.grid = tuple(s // p for s, p in zip(self.input_size, self.patch_size))
+
+        self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size, backend=backend)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if adaln_single:
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        self.text_embedder = CaptionEmbedder(text_dim, hidden_size) if text_dim else None
+        if pos in ("sincos", "both"):
+            self.register_buffer("pos_embed", get_3d_sincos_pos_embed(hidden_size, self.grid)[None])
+        else:
+            self.pos_embed = None
+        rope = RoPE3D() if pos in ("rope", "both") else None
+        modes = ["full"] * depth if attention == "full" else ["spatial", "temporal"] * (depth // 2) + ["spatial"] * (depth % 2)
+        self.blocks = nn.ModuleList([
+            DiTVideoBlock(hidden_size, num_heads, mlp_ratio, mode=mode, cross_attention=text_dim is not None,
+                          rope=rope, qk_norm=qk_norm, adaln_single=adaln_single, backend=backend)
+            for mode in modes
+        ])
+        self.final_layer = FinalLayer(hidden_size, self.patch_size, self.out_channels, adaln_single, backend)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Initialize transformer layers:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        # Initialize patch_embed like nn.Linear (instead of nn.Conv3d):
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        # Initialize label embedding table and timestep embedding MLP:
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.adaln_single:
+            nn.init.normal_(self.t_block[1].weight, std=0.02)
+
+        # Zero-out adaLN modulation layers (adaLN-Zero) and the cross-attention output:
+        for block in self.blocks:
+            if not self.adaln_single:  # PixArt keeps its random tables; the zeroed outputs below suffice
+                nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+                nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+            if block.cross_attn is not None:
+                nn.init.constant_(block.cross_attn.proj.weight, 0)
+                nn.init.constant_(block.cross_attn.proj.bias, 0)
+
+        # Zero-out output layers:
+        if not self.adaln_single:
+            nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def _check_inputs(self, x, t, y, text, text_mask):
+        if not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, C={self.in_channels}, T, H, W), got {shape}")
+        B, _, T, H, W = x.shape
+        if any(s % p for s, p in zip((T, H, W), self.patch_size)):
+            raise ValueError(f"x frames and size (T, H, W) = {(T, H, W)} must be divisible by patch_size {self.patch_size}")
+        G = T // self.patch_size[0]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"t must be a torch.Tensor of timesteps, got {type(t).__name__}")
+        expected = [(B,), (B, G)] if self.per_frame_timesteps else [(B,)]
+        if tuple(t.shape) not in expected:
+            raise ValueError(f"t must have shape {' or '.join(map(str, expected))} for x {tuple(x.shape)}, got {tuple(t.shape)}")
+        if self.y_embedder is not None and (y is None or tuple(y.shape) != (B,)):
+            raise ValueError(f"y must be (B,) = ({B},) class labels for a class-conditional model, got "
+                             f"{None if y is None else tuple(y.shape)}")
+        if self.text_embedder is not None:
+            if text is None or text.dim() != 3 or text.shape[0] != B or text.shape[2] != self.text_dim:
+                raise ValueError(f"text must be (B, L, text_dim) = ({B}, L, {self.text_dim}), got "
+                                 f"{None if text is None else tuple(text.shape)}")
+            if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
+                raise ValueError(f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+        return (T // self.patch_size[0], H // self.patch_size[1], W // self.patch_size[2])
+
+    def position_embedding(self, grid, device, dtype) -> Tensor:
+        """(1, N, D) sin-cos table: the buffer for the training grid, computed for any other grid."""
+        if tuple(grid) == self.grid:
+            return self.pos_embed.to(dtype)
+        return get_3d_sincos_pos_embed(self.hidden_size, grid)[None].to(device=device, dtype=dtype)
+
+    def unpatchify(self, x: Tensor, grid) -> Tensor:
+        """x: (B, N, pt * ph * pw * C) -> (B, C, T, H, W)."""
+        return unpatchify_3d(x, self.patch_size, grid, order="thwc", backend=self.backend)
+
+    def forward(self, x, t, y=None, text=None, text_mask=None, force_drop_ids=None):
+        """x: (B, C, T, H, W); t: (B,) or per frame (B, T / pt); y: (B,) labels; text: (B, L, text_dim)."""
+        grid = self._check_inputs(x, t, y, text, text_mask)
+        drop_ids = self._drop_ids(x.shape[0], x.device, force_drop_ids)
+        x = self.x_embedder(x)                              # (B, N, D), N = T * H * W / (pt * ph * pw)
+        if self.pos_embed is not None:
+            x = x + self.position_embedding(grid, x.device, x.dtype)  # (B, N, D)
+        c = self.t_embedder(t)                             # (B, D) or per frame (B, G, D)
+        if self.y_embedder is not None:
+            y = self.y_embedder(y, drop_ids)               # (B, D)
+            c = c + (y if c.dim() == 2 else y[:, None])    # (B, [G,] D)
+        block_c = self.t_block(c) if self.adaln_single else c  # (B, [G,] 6D) shared, or (B, [G,] D)
+        context = context_mask = None
+        if self.text_embedder is not None:
+            context, context_mask = self.text_embedder(text, text_mask, drop_ids)  # (B, L, D), (B, L)
+        gate = branch = None
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, gate, branch = torch.utils.checkpoint.checkpoint(
+                    block, x, gate, branch, block_c, grid, context, context_mask, use_reentrant=False)
+            else:
+                x, gate, branch = block(x, gate, branch, block_c, grid, context, context_mask)  # (B, N, D)
+        x = self.final_layer(x, gate, branch, c)           # (B, N, pt * ph * pw * out_channels)
+        return self.unpatchify(x, grid)                    # (B, out_channels, T, H, W)
+
+    def _drop_ids(self, batch, device, force_drop_ids):
+        """(B,) bool: which samples lose their label and caption (CFG dropout), or None."""
+        if force_drop_ids is not None:
+            return force_drop_ids.to(device=device).bool()
+        if self.training and self.class_dropout_prob > 0 and (self.y_embedder is not None or self.text_embedder is not None):
+            return torch.rand(batch, device=device) < self.class_dropout_prob
+        return None
+
+    def forward_with_cfg(self, x, t, y=None, cfg_scale=1.0, text=None, text_mask=None, cfg_channels=None):
+        """DiT's batched classifier-free guidance: the first half of x is run conditioned and unconditioned.
+
+        As in DiT, the second half of the batch is the unconditional one (its labels and captions are
+        dropped) and guidance applies to the first ``cfg_channels`` output channels (DiT checkpoints: 3;
+        default: all predicted channels, i.e. all but the learned sigma).
+        """
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)          # (2B', C, T, H, W)
+        drop = torch.arange(len(combined), device=x.device) >= len(half)
+        model_out = self.forward(combined, t, y, text, text_mask, force_drop_ids=drop)
+        k = cfg_channels or self.cfg_channels or self.in_channels
+        eps, rest = model_out[:, :k], model_out[:, k:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+
+#################################################################################
+#                                   DiT Configs                                  #
+#################################################################################
+
+def DiT_XL_2(**kwargs):
+    return DiTVideo(depth=28, hidden_size=1152, patch_size=(1, 2, 2), num_heads=16, **kwargs)
+
+
+def DiT_XL_4(**kwargs):
+    return DiTVideo(depth=28, hidden_size=1152, patch_size=(1, 4, 4), num_heads=16, **kwargs)
+
+
+def DiT_XL_8(**kwargs):
+    return DiTVideo(depth=28, hidden_size=1152, patch_size=(1, 8, 8), num_heads=16, **kwargs)
+
+
+def DiT_L_2(**kwargs):
+    return DiTVideo(depth=24, hidden_size=1024, patch_size=(1, 2, 2), num_heads=16, **kwargs)
+
+
+def DiT_L_4(**kwargs):
+    return DiTVideo(depth=24, hidden_size=1024, patch_size=(1, 4, 4), num_heads=16, **kwargs)
+
+
+def DiT_L_8(**kwargs):
+    return DiTVideo(depth=24, hidden_size=1024, patch_size=(1, 8, 8), num_heads=16, **kwargs)
+
+
+def DiT_B_2(**kwargs):
+    return DiTVideo(depth=12, hidden_size=768, patch_size=(1, 2, 2), num_heads=12, **kwargs)
+
+
+def DiT_B_4(**kwargs):
+    return DiTVideo(depth=12, hidden_size=768, patch_size=(1, 4, 4), num_heads=12, **kwargs)
+
+
+def DiT_B_8(**kwargs):
+    return DiTVideo(depth=12, hidden_size=768, patch_size=(1, 8, 8), num_heads=12, **kwargs)
+
+
+def DiT_S_2(**kwargs):
+    return DiTVideo(depth=12, hidden_size=384, patch_size=(1, 2, 2), num_heads=6, **kwargs)
+
+
+def DiT_S_4(**kwargs):
+    return DiTVideo(depth=12, hidden_size=384, patch_size=(1, 4, 4), num_heads=6, **kwargs)
+
+
+def DiT_S_8(**kwargs):
+    return DiTVideo(depth=12, hidden_size=384, patch_size=(1, 8, 8), num_heads=6, **kwargs)
+
+
+# Video variants: 16 latent frames of 32x32x4, no classes, velocity prediction (rectified flow).
+VIDEO_DEFAULTS = dict(input_size=(16, 32, 32), in_channels=4, num_classes=0, learn_sigma=False, class_dropout_prob=0.1)
+
+
+def _sized(depth, hidden_size, num_heads):
+    def build(patch_size, **kwargs):
+        return DiTVideo(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
+    return build
+
+
+def DiT_XL_1x2x2_video(**kwargs):
+    return _sized(28, 1152, 16)((1, 2, 2), **{**VIDEO_DEFAULTS, **kwargs})
+
+
+def DiT_XL_1x2x2_video_st(**kwargs):
+    return _sized(28, 1152, 16)((1, 2, 2), **{**VIDEO_DEFAULTS, "attention": "spatial_temporal", **kwargs})
+
+
+def DiT_B_1x2x2_video(**kwargs):
+    return _sized(12, 768, 12)((1, 2, 2), **{**VIDEO_DEFAULTS, **kwargs})
+
+
+def DiT_S_1x2x2_video(**kwargs):
+    return _sized(12, 384, 6)((1, 2, 2), **{**VIDEO_DEFAULTS, **kwargs})
+
+
+def DiT_S_2x2x2_video(**kwargs):
+    return _sized(12, 384, 6)((2, 2, 2), **{**VIDEO_DEFAULTS, **kwargs})
+
+
+def DiT_tiny(**kwargs):
+    """The test config: 2 blocks of width 64, 2 heads; (4, 8, 8) input with 2x2 patches -> 64 tokens."""
+    defaults = dict(input_size=(4, 8, 8), in_channels=4, num_classes=10, learn_sigma=True)
+    return _sized(2, 64, 2)((1, 2, 2), **{**defaults, **kwargs})
+
+
+DiT_models = {
+    'DiT-XL/2': DiT_XL_2, 'DiT-XL/4': DiT_XL_4, 'DiT-XL/8': DiT_XL_8,
+    'DiT-L/2': DiT_L_2, 'DiT-L/4': DiT_L_4, 'DiT-L/8': DiT_L_8,
+    'DiT-B/2': DiT_B_2, 'DiT-B/4': DiT_B_4, 'DiT-B/8': DiT_B_8,
+    'DiT-S/2': DiT_S_2, 'DiT-S/4': DiT_S_4, 'DiT-S/8': DiT_S_8,
+    'DiT-XL/1x2x2-video': DiT_XL_1x2x2_video, 'DiT-XL/1x2x2-video-st': DiT_XL_1x2x2_video_st,
+    'DiT-B/1x2x2-video': DiT_B_1x2x2_video, 'DiT-S/1x2x2-video': DiT_S_1x2x2_video,
+    'DiT-S/2x2x2-video': DiT_S_2x2x2_video,
+    'DiT-tiny': DiT_tiny,
+}

@@ -1,0 +1,104 @@
+"""``dit_fast.patch(model)``: swap a facebookresearch/DiT-style model's hot paths for dit_fast's, in place.
+
+In the spirit of Liger-Kernel's ``apply_liger_kernel_to_*``: the module tree, parameters and state dict
+stay as they are; only ``forward`` of three kinds of module is replaced.
+
+    DiTBlock     norm1 + modulate -> layernorm_modulate; attention residual + norm2 + modulate ->
+                 residual_layernorm_modulate; MLP residual -> gated_residual
+    FinalLayer   norm_final + modulate -> layernorm_modulate
+    Attention    (timm's: qkv, proj, num_heads) -> dit_fast.ops.attention (flash layout, no permutes)
+
+Modules are recognised by their attributes, so DiT forks with the same names are patched too.
+"""
+
+import types
+
+from torch import nn
+
+from dit_fast import ops
+from dit_fast.ops.attention import attention
+
+
+def _is_dit_block(m):
+    return all(hasattr(m, a) for a in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"))
+
+
+def _is_final_layer(m):
+    return all(hasattr(m, a) for a in ("norm_final", "linear", "adaLN_modulation"))
+
+
+def _is_attention(m):
+    return all(hasattr(m, a) for a in ("qkv", "proj", "num_heads")) and isinstance(getattr(m, "qkv"), nn.Linear)
+
+
+def _affine(norm):
+    """(weight, bias, eps) of a LayerNorm, weight/bias None without elementwise affine."""
+    if not isinstance(norm, nn.LayerNorm):
+        raise TypeError(f"dit_fast.patch expects nn.LayerNorm norms, got {type(norm).__name__}")
+    return norm.weight, norm.bias, norm.eps
+
+
+def _block_forward(self, x, c):
+    """DiTBlock.forward on dit_fast's fused adaLN ops; same math, fewer passes over x."""
+    backend = self._dit_fast_backend
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    w1, b1, eps1 = _affine(self.norm1)
+    w2, b2, eps2 = _affine(self.norm2)
+    h = ops.layernorm_modulate(x, shift_msa, scale_msa, weight=w1, bias=b1, eps=eps1, backend=backend)  # (N, T, D)
+    a = self.attn(h)  # (N, T, D)
+    if w2 is None and b2 is None:
+        x, h = ops.residual_layernorm_modulate(x, gate_msa, a, shift_mlp, scale_mlp, eps=eps2, backend=backend)
+    else:
+        x = ops.gated_residual(x, gate_msa, a, backend=backend)
+        h = ops.layernorm_modulate(x, shift_mlp, scale_mlp, weight=w2, bias=b2, eps=eps2, backend=backend)
+    return ops.gated_residual(x, gate_mlp, self.mlp(h), backend=backend)  # (N, T, D)
+
+
+def _final_layer_forward(self, x, c):
+    """FinalLayer.forward with the fused adaLN."""
+    shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    w, b, eps = _affine(self.norm_final)
+    x = ops.layernorm_modulate(x, shift, scale, weight=w, bias=b, eps=eps, backend=self._dit_fast_backend)
+    return self.linear(x)  # (N, T, patch_size ** 2 * out_channels)
+
+
+def _attention_forward(self, x):
+    """timm Attention.forward through dit_fast.ops.attention in the (B, S, heads, D) layout."""
+    B, N, C = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).unbind(2)  # (B, N, heads, D) each
+    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    out = attention(q, k, v, scale=getattr(self, "scale", None), backend=self._dit_fast_backend)  # (B, N, heads, D)
+    return self.proj(out.reshape(B, N, C))  # (B, N, C)
+
+
+def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replaces, in place, the norms, modulation and attention of a DiT-style model with dit_fast's ops.
+
+    Returns ``model``. Parameters, buffers and the state dict are untouched; outputs stay equal up to
+    floating-point rounding. Raises ValueError when no DiT block is found.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    counts = {"blocks": 0, "final_layers": 0, "attention": 0}
+    for module in model.modules():
+        if _is_dit_block(module):
+            module.forward = types.MethodType(_block_forward, module)
+            counts["blocks"] += 1
+        elif _is_final_layer(module):
+            module.forward = types.MethodType(_final_layer_forward, module)
+            counts["final_layers"] += 1
+        elif _is_attention(module):
+            module.forward = types.MethodType(_attention_forward, module)
+            counts["attention"] += 1
+        else:
+            continue
+        module._dit_fast_backend = backend
+    if counts["blocks"] == 0:
+        raise ValueError(f"dit_fast.patch found no DiT block (a module with norm1, attn, norm2, mlp and "
+                         f"adaLN_modulation) in {type(model).__name__}")
+    model._dit_fast_patched = counts
+    return model
