@@ -267,8 +267,9 @@ def measure(case: Case, provider: str, device, checked: Dict[tuple, float], quic
     if key not in checked:
         checked[key] = rel_error(case, provider, device)
     fn, grad_to_none = setup(provider, case, device)
-    rep_ms = 60 if quick else 200
-    timing = common.time_fn(fn, device, rep_ms=rep_ms, grad_to_none=grad_to_none)
+    on_gpu = torch.device(device).type == "cuda"
+    rep_ms = (60 if quick else 200) if on_gpu else (200 if quick else 1000)
+    timing = common.time_fn(fn, device, rep_ms=rep_ms, min_reps=10 if on_gpu else 3, grad_to_none=grad_to_none)
     peak = common.peak_memory(fn, device, grad_to_none=grad_to_none)
     return common.make_row(case.op, case.variant, provider, case.shape, case.dtype, timing,
                            device=device, nbytes=nbytes(case), peak_mem_bytes=peak, family=OP,
