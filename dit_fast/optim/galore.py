@@ -22,6 +22,9 @@ REFRESH_METHODS = ("svd", "randomized")
 DECAY_MODES = ("adamw", "galore")
 KERNEL_VARIANTS = ("hybrid", "fused")
 _STATE_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# state["side"] is stored as an index into SIDES: torch.optim.Optimizer.load_state_dict would turn a
+# string state value into a generator (it recurses into iterables)
+SIDES = ("right", "left", "full")
 
 
 def resolve_side(proj_type: str, shape) -> str:
@@ -245,7 +248,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _basis(state: dict) -> Tuple[torch.Tensor, ...]:
-        side = state["side"]
+        side = SIDES[state["side"]]
         if side == "right":
             return (state["basis_right"],)
         if side == "left":
@@ -253,7 +256,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return (state["basis_left"], state["basis_right"])
 
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
-        side = state["side"]
+        side = SIDES[state["side"]]
         old = self._basis(state) if "basis_right" in state or "basis_left" in state else None
         if group["refresh"] == "svd":
             new = ref.svd_basis(grad, group["rank"], side, p.dtype)
@@ -286,7 +289,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = 0
             if projected:
-                state["side"] = resolve_side(group["proj_type"], p.shape)
+                state["side"] = SIDES.index(resolve_side(group["proj_type"], p.shape))
                 state["refreshes"] = 0
         backend = self._kernel_backend(p.device)
         beta1, beta2 = group["betas"]
@@ -297,7 +300,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "exp_avg" not in state:
             shape = tuple(p.shape)
             if projected:
-                side = state["side"]
+                side = SIDES[state["side"]]
                 rows = basis[0].shape[1] if side in ("left", "full") else shape[0]  # left basis (m, r)
                 cols = basis[-1].shape[0] if side in ("right", "full") else shape[1]  # right basis (r, n)
                 shape = (rows, cols)
@@ -319,11 +322,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return ref.adam_moments_reference(low, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
 
     def _step_torch(self, p, grad, group, state, projected, step_size, scale, pre, post) -> None:
-        low = ref.project(grad, state["side"], self._basis(state)) if projected else grad
+        side = SIDES[state["side"]] if projected else None
+        low = ref.project(grad, side, self._basis(state)) if projected else grad
         n = self._moment_update_torch(low, group, state)
         if projected:
             basis = self._basis(state)
-            update = ref.project_back(n.to(basis[0].dtype) if p.dtype == torch.float32 else n, state["side"],
+            update = ref.project_back(n.to(basis[0].dtype) if p.dtype == torch.float32 else n, side,
                                       basis if p.dtype == torch.float32 else tuple(b.float() for b in basis))
             if scale != 1.0:
                 update = update * scale  # galore-torch scales after projecting back
@@ -350,7 +354,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             kernels.adam_step(grad, *moments, beta1, beta2, group["eps"], param=p, alpha=step_size, pre_decay=pre,
                               post_decay=post)
             return
-        side = state["side"]
+        side = SIDES[state["side"]]
         basis = self._basis(state)
         alpha = step_size * scale
         if backend == "triton" and side != "full" and not quant:
