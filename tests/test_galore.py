@@ -362,3 +362,17 @@ def test_state_dict_is_plain():
     loaded = torch.load(buf, weights_only=True)
     assert loaded["state"].keys() == sd["state"].keys()
     copy.deepcopy(sd)
+
+
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+def test_state_bytes_formula_is_exact(state_dtype, proj_type):
+    from dit_fast.optim import state_bytes_for
+
+    model, opt = _make(state_dtype=state_dtype, proj_type=proj_type, rank=9)
+    _train(model, opt, 1)
+    expected = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            expected += state_bytes_for(p.shape, p.dtype, group.get("rank"), group["proj_type"], state_dtype)
+    assert opt.state_bytes() == expected

@@ -454,3 +454,31 @@ def galore_param_groups(model: torch.nn.Module, rank: int = 128, target=DEFAULT_
     if plain:
         groups.append(dict(params=plain, **extra))
     return groups
+
+
+def state_bytes_for(shape, param_dtype: torch.dtype = torch.float32, rank: Optional[int] = None,
+                    proj_type: str = "std", state_dtype: str = "fp32") -> int:
+    """Bytes of the state tensors GaLoreAdamW allocates for one parameter (moments, absmaxes, bases).
+
+    ``rank=None``: a plain (non-projected) parameter. Mirrors the allocation in ``_step_param``; plain
+    Python values in the state (step, side, refresh count) are not tensors and not counted.
+    """
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    basis = 0
+    low_shape = shape
+    if rank is not None and len(shape) == 2:
+        m, n = shape
+        k = min(rank, m, n)
+        side = resolve_side(proj_type, shape)
+        item = torch.empty((), dtype=param_dtype).element_size()
+        if side == "right":
+            low_shape, basis = (m, k), k * n * item
+        elif side == "left":
+            low_shape, basis = (k, n), m * k * item
+        else:
+            low_shape, basis = (k, k), (m * k + k * n) * item
+    low = math.prod(low_shape)
+    if state_dtype == "int8":
+        return basis + 2 * low + 2 * 4 * (-(-low // ref.QBLOCK))
+    return basis + 2 * low * _STATE_TORCH_DTYPES[state_dtype].itemsize
