@@ -290,6 +290,8 @@ def make_row(op: str, variant: str, provider: str, shape, dtype, timing: Timing,
     }
     row.update(extra)
     row.update(env_info(device))
+    if torch.device(device).type != "cuda" and hasattr(os, "getloadavg"):
+        row["loadavg_1m"] = round(os.getloadavg()[0], 2)  # CPU timings mean little on a busy machine
     row.update({
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "run_id": RUN_ID,

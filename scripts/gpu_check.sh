@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# The one-call GPU check: versions, CUDA extension build, the test suite on the GPU, quick benchmarks.
+#
+# Run from the repository root on the lent GPU machine (the `run` tool, command
+# `bash scripts/gpu_check.sh`). Stages are independent: a failing build or test stage still lets
+# the benchmarks run. Each stage has its own `timeout`, and the whole script keeps inside
+# TOTAL_BUDGET seconds (default 540, under the tool's 600 s per command). Logs go to $OUT, which
+# comes back (at most 8 files): env.log build.log tests.log bench.log summary.txt results.tar.gz.
+# results.tar.gz holds only this run's rows (<device-slug>/<op>.jsonl) and plots; fold them into
+# the repository here with `python -m benchmarks.run --merge <files_at>/results.tar.gz`.
+#
+# Environment knobs:
+#   OUT=dir              where logs go (default ./out)
+#   PYTHON=python3       the interpreter that has torch (python3 on the GPU machine)
+#   DRY_RUN=1            print the build and test commands instead of running them; env, bench
+#                        (on a CPU machine: "GPU numbers need a CUDA GPU" + smoke) and packing run
+#   SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1
+#   BENCH_OPS=adaln,...  ops for benchmarks.run (default: all; adaln first)
+#   BENCH_FULL=1         all cases instead of --quick
+#   PYTEST_ARGS="..."    default "-q -x"
+#   BUILD_TIMEOUT=240 TEST_TIMEOUT=200 TOTAL_BUDGET=540 (seconds)
+#   DIT_FAST_COMMIT=sha  commit recorded in result rows when .git did not travel with the tree
+set -u
+cd "$(dirname "$0")/.."
+
+START=$(date +%s)
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null 2>&1 || PY=python
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SUMMARY="$OUT/summary.txt"
+RESULTS=$(mktemp -d "${TMPDIR:-/tmp}/dit_fast_results.XXXXXX")
+TOTAL_BUDGET=${TOTAL_BUDGET:-540}
+DRY_RUN=${DRY_RUN:-0}
+export PYTHONUNBUFFERED=1 PY DRY_RUN
+unset TRITON_INTERPRET  # real kernels on the GPU, never the interpreter
+: >"$SUMMARY"
+
+elapsed() { echo $(($(date +%s) - START)); }
+left() { echo $((TOTAL_BUDGET - $(elapsed))); }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# stage NAME LIMIT_S DRY_OK CMD...: runs CMD with its output in $OUT/NAME.log under `timeout`,
+# capped by the time left (minus a reserve for the later stages' bookkeeping and packing).
+# DRY_OK=1: the stage also runs under DRY_RUN=1.
+stage() {
+  local name=$1 limit=$2 dry_ok=$3
+  shift 3
+  local log="$OUT/$name.log" reserve=25 t0 rc
+  local avail=$(($(left) - reserve))
+  ((limit > avail)) && limit=$avail
+  {
+    echo "===== $name: $* (limit ${limit}s, $(date -u +%H:%M:%S) UTC)"
+  } >>"$log"
+  if ((limit < 15)); then
+    note "$name: SKIPPED (out of time: $(elapsed)s of ${TOTAL_BUDGET}s used)"
+    return 0
+  fi
+  if [[ $DRY_RUN == 1 && $dry_ok != 1 ]]; then
+    echo "DRY RUN: would run: $*" >>"$log"
+    note "$name: dry run (would run: $*)"
+    return 0
+  fi
+  t0=$(date +%s)
+  if declare -F "$1" >/dev/null; then  # a function of this script: `timeout` needs a process
+    timeout -k 10 "$limit" bash -c "$(declare -f "$1"); $*" >>"$log" 2>&1
+  else
+    timeout -k 10 "$limit" "$@" >>"$log" 2>&1
+  fi
+  rc=$?
+  local took=$(($(date +%s) - t0))
+  if ((rc == 124 || rc == 137)); then
+    note "$name: TIMED OUT after ${took}s (limit ${limit}s)"
+  elif ((rc == 0)); then
+    note "$name: ok (${took}s)"
+  else
+    note "$name: FAILED rc=$rc (${took}s)"
+  fi
+  echo "===== $name exit $rc after ${took}s" >>"$log"
+  return $rc
+}
+
+env_report() {
+  echo "date: $(date -u)"
+  echo "host: $(uname -a)"
+  echo "cpus: $(nproc)"
+  command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found"
+  command -v nvidia-smi >/dev/null && nvidia-smi \
+    --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu \
+    --format=csv
+  command -v nvcc >/dev/null && nvcc --version || echo "nvcc: not found"
+  "$PY" - <<'EOF'
+import sys, platform
+print("python", sys.version.split()[0], sys.executable)
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print("device", p.name, "SMs", p.multi_processor_count, "memory GiB", round(p.total_memory / 2**30, 1),
+              "L2 MB", round(getattr(p, "L2_cache_size", 0) / 2**20, 1), "cc", f"{p.major}.{p.minor}")
+except Exception as exc:
+    print("torch: import failed:", exc)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton: import failed:", exc)
+EOF
+  "$PY" -m pip list --disable-pip-version-check 2>/dev/null |
+    grep -iE '^(torch|triton|pytest|pytest-benchmark|pybind11|setuptools|wheel|ninja|matplotlib|numpy|dit.fast) ' || true
+  echo "git commit: $(git rev-parse HEAD 2>/dev/null || echo "${DIT_FAST_COMMIT:-unknown (no .git here; set DIT_FAST_COMMIT)}")"
+}
+
+build() {
+  # No network on the GPU machine: no build isolation, no dependencies, no index.
+  local t0=$(date +%s)
+  if [[ $DRY_RUN == 1 ]]; then
+    echo "DRY RUN: would run: DIT_FAST_BUILD_CUDA=1 DIT_FAST_CUDA_ARCHS=${DIT_FAST_CUDA_ARCHS:-90a} PIP_NO_INDEX=1" \
+      "$PY -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check -v -e ."
+    return 0
+  fi
+  DIT_FAST_BUILD_CUDA=1 DIT_FAST_CUDA_ARCHS=${DIT_FAST_CUDA_ARCHS:-90a} PIP_NO_INDEX=1 \
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check -v -e .
+  local rc=$?
+  echo "build + install took $(($(date +%s) - t0)) s (rc $rc)"
+  if ((rc != 0)); then
+    # keep the Triton and PyTorch paths testable: install the package without the extension
+    echo "CUDA build failed; installing without the extension so the other stages still run"
+    DIT_FAST_BUILD_CUDA=0 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
+      --disable-pip-version-check -q -e .
+  fi
+  "$PY" -c "from dit_fast import _extension as e; print('dit_fast._C:', 'loaded' if e.cuda_ext else 'NOT loaded: %s' % e.load_error)"
+  return $rc
+}
+
+pack() {
+  if [[ -n "$(ls -A "$RESULTS" 2>/dev/null)" ]]; then
+    tar -czf "$OUT/results.tar.gz" -C "$RESULTS" .
+  fi
+}
+
+note "gpu_check: started $(date -u +%FT%TZ), budget ${TOTAL_BUDGET}s, python $PY, out $OUT, dry run $DRY_RUN"
+
+stage env 60 1 env_report
+[[ ${SKIP_BUILD:-0} == 1 ]] || stage build "${BUILD_TIMEOUT:-240}" 1 build
+# shellcheck disable=SC2086
+[[ ${SKIP_TESTS:-0} == 1 ]] || stage tests "${TEST_TIMEOUT:-200}" 0 "$PY" -m pytest tests ${PYTEST_ARGS:--q -x} -p no:cacheprovider
+if [[ ${SKIP_BENCH:-0} != 1 ]]; then
+  BENCH_LIMIT=$(($(left) - 25))
+  QUICK=--quick
+  [[ ${BENCH_FULL:-0} == 1 ]] && QUICK=
+  # --budget-s stops starting new cases 45 s before the stage's timeout; rows are written as they come
+  # shellcheck disable=SC2086
+  DIT_FAST_RESULTS_DIR="$RESULTS" stage bench "$BENCH_LIMIT" 1 "$PY" -m benchmarks.run $QUICK --plot \
+    --ops "${BENCH_OPS:-adaln,attention,rope,patchify,galore,model}" --budget-s $((BENCH_LIMIT > 90 ? BENCH_LIMIT - 45 : 45)) \
+    --results-dir "$RESULTS"
+fi
+pack
+note "gpu_check: done in $(elapsed)s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
+
+# The tool's reply carries the end of the output: put what matters last.
+echo
+echo "----- tests (tail) -----"
+tail -n 8 "$OUT/tests.log" 2>/dev/null
+echo "----- bench (tail) -----"
+tail -n 60 "$OUT/bench.log" 2>/dev/null
+echo "----- summary -----"
+cat "$SUMMARY"
+exit 0
