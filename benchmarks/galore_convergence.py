@@ -109,7 +109,7 @@ def main():
     for name in args.optimizers.split(","):
         runs.append(run(name, args.steps, args.batch, args.lr, eval_batch, alphas_bar, eval_every=max(1, args.steps // 20)))
         r = runs[-1]
-        print(f"{name:12s} final eval {r['eval_loss'][-1][1]:.4f}  last-50 train {sum(r["train_loss"][-50:]) / len(r["train_loss"][-50:]):.4f}"
+        print(f"{name:12s} final eval {r['eval_loss'][-1][1]:.4f}  last-50 train {sum(r['train_loss'][-50:]) / len(r['train_loss'][-50:]):.4f}"
               f"  ({r['seconds']:.0f} s)", flush=True)
     base = runs[0]["eval_loss"][-1][1]
     summary = {r["optimizer"]: dict(final_eval_loss=r["eval_loss"][-1][1], ratio_to_adamw=r["eval_loss"][-1][1] / base,
