@@ -193,7 +193,8 @@ class DiTVideo(nn.Module):
         self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size, backend=backend)
         self.t_embedder = TimestepEmbedder(hidden_size)
         if adaln_single:
-            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+            num_modulations = 9 if text_dim else 6  # the blocks' shift/scale/gate triples
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, num_modulations * hidden_size, bias=True))
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         self.text_embedder = CaptionEmbedder(text_dim, hidden_size) if text_dim else None
         if pos in ("sincos", "both"):
@@ -293,7 +294,7 @@ class DiTVideo(nn.Module):
         if self.y_embedder is not None:
             y = self.y_embedder(y, drop_ids)               # (B, D)
             c = c + (y if c.dim() == 2 else y[:, None])    # (B, [G,] D)
-        block_c = self.t_block(c) if self.adaln_single else c  # (B, [G,] 6D) shared, or (B, [G,] D)
+        block_c = self.t_block(c) if self.adaln_single else c  # (B, [G,] 6D or 9D) shared, or (B, [G,] D)
         context = context_mask = None
         if self.text_embedder is not None:
             context, context_mask = self.text_embedder(text, text_mask, drop_ids)  # (B, L, D), (B, L)
@@ -391,35 +392,35 @@ VIDEO_DEFAULTS = dict(input_size=(16, 32, 32), in_channels=4, num_classes=0, lea
 
 
 def _sized(depth, hidden_size, num_heads):
-    def build(patch_size, **kwargs):
-        return DiTVideo(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
+    def build(**kwargs):
+        return DiTVideo(**{"depth": depth, "hidden_size": hidden_size, "num_heads": num_heads, **kwargs})
     return build
 
 
 def DiT_XL_1x2x2_video(**kwargs):
-    return _sized(28, 1152, 16)((1, 2, 2), **{**VIDEO_DEFAULTS, **kwargs})
+    return _sized(28, 1152, 16)(**{**VIDEO_DEFAULTS, "patch_size": (1, 2, 2), **kwargs})
 
 
 def DiT_XL_1x2x2_video_st(**kwargs):
-    return _sized(28, 1152, 16)((1, 2, 2), **{**VIDEO_DEFAULTS, "attention": "spatial_temporal", **kwargs})
+    return _sized(28, 1152, 16)(**{**VIDEO_DEFAULTS, "patch_size": (1, 2, 2), "attention": "spatial_temporal", **kwargs})
 
 
 def DiT_B_1x2x2_video(**kwargs):
-    return _sized(12, 768, 12)((1, 2, 2), **{**VIDEO_DEFAULTS, **kwargs})
+    return _sized(12, 768, 12)(**{**VIDEO_DEFAULTS, "patch_size": (1, 2, 2), **kwargs})
 
 
 def DiT_S_1x2x2_video(**kwargs):
-    return _sized(12, 384, 6)((1, 2, 2), **{**VIDEO_DEFAULTS, **kwargs})
+    return _sized(12, 384, 6)(**{**VIDEO_DEFAULTS, "patch_size": (1, 2, 2), **kwargs})
 
 
 def DiT_S_2x2x2_video(**kwargs):
-    return _sized(12, 384, 6)((2, 2, 2), **{**VIDEO_DEFAULTS, **kwargs})
+    return _sized(12, 384, 6)(**{**VIDEO_DEFAULTS, "patch_size": (2, 2, 2), **kwargs})
 
 
 def DiT_tiny(**kwargs):
     """The test config: 2 blocks of width 64, 2 heads; (4, 8, 8) input with 2x2 patches -> 64 tokens."""
-    defaults = dict(input_size=(4, 8, 8), in_channels=4, num_classes=10, learn_sigma=True)
-    return _sized(2, 64, 2)((1, 2, 2), **{**defaults, **kwargs})
+    defaults = dict(input_size=(4, 8, 8), patch_size=(1, 2, 2), in_channels=4, num_classes=10, learn_sigma=True)
+    return _sized(2, 64, 2)(**{**defaults, **kwargs})
 
 
 DiT_models = {

@@ -82,6 +82,9 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels: Tensor, drop_ids: Optional[Tensor] = None) -> Tensor:
         if drop_ids is not None:
+            if self.dropout_prob <= 0:
+                raise ValueError("this model was built with class_dropout_prob=0, so it has no null class for "
+                                 "classifier-free guidance")
             labels = torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)  # (B,)
         return self.embedding_table(labels)  # (B, D)
 
