@@ -31,6 +31,7 @@ from dit_fast.ops.rope import RoPE3D, apply_rope_3d_reference, as_rope, grid_pos
 
 OP = "attention"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64: backend="torch" only (test oracles)
 MODES = ("full", "spatial", "temporal")
 MAX_HEAD_DIM = 256  # BLOCK_D of the kernels; D is padded to a power of two inside them
 
@@ -111,7 +112,7 @@ def _check_qkv(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
+        if t.dtype not in REFERENCE_DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be (B, S, heads, D), got shape {tuple(t.shape)}")
@@ -188,7 +189,11 @@ def _check_mode_window(mode, window, grid):
 
 def _resolve(backend, q):
     name = _backend.resolve_backend(backend, q.device, OP, implemented=("triton",))
-    return "triton" if name == "auto" else name
+    name = "triton" if name == "auto" else name
+    if name != "torch" and q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float32, float16 or bfloat16 for the {name} kernels, got {q.dtype} "
+                        "(float64 runs with backend='torch')")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------

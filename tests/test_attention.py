@@ -1,0 +1,298 @@
+"""Attention kernels against the SDPA reference: every mode, forward and dq/dk/dv, fp32/fp16/bf16.
+
+On CPU the Triton kernels run in the interpreter (tests/conftest.py), so the shapes are tiny and odd:
+a (3, 5, 7) grid, head dims 72 and 64, one 16 x 16 tile configuration. The GPU tests at the end add
+large shapes, every head dim and offsets past 2^31 elements.
+"""
+
+import pytest
+import torch
+
+from dit_fast import nn as dnn
+from dit_fast import ops
+from dit_fast.ops.attention import spacetime_attention_reference, spacetime_mask
+from dit_fast.ops.rope import RoPE3D
+from tests.conftest import HAS_GPU, kernel_devices
+from tests.utils import ATOL_FLOOR, assert_close_to_reference
+
+DEVICE = kernel_devices()
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _qkv(B, Sq, Sk, heads, D, dtype, device=DEVICE):
+    return [torch.randn(B, S, heads, D, device=device, dtype=dtype) for S in (Sq, Sk, Sk)]
+
+
+def _run(fn, inputs, dout, backend):
+    """fn(q, k, v, backend) -> (out, lse); returns out, lse and the grads of q, k, v for dout."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out, lse = fn(*leaves, backend)
+    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+    return [out, lse, *grads]
+
+
+def _check_against_reference(fn, inputs, dtype, factor=2.0):
+    """Kernel in `dtype` vs the reference in fp64, with the reference in `dtype` as PyTorch's own error."""
+    inputs = [t.to(dtype) for t in inputs]
+    dout = torch.randn_like(inputs[0], dtype=torch.float32)
+    ref64 = _run(fn, [t.double() for t in inputs], dout.double(), "torch")
+    ref_dtype = _run(fn, inputs, dout, "torch")
+    got = _run(fn, inputs, dout, "triton")
+    for name, g, r64, rd in zip(("out", "lse", "dq", "dk", "dv"), got, ref64, ref_dtype):
+        if name == "lse":
+            # rows with no visible key: -inf in both; the rest compared as fp32 values
+            empty = r64.isinf()
+            assert torch.equal(g.isinf() & (g < 0), empty), "lse: -inf rows differ from the reference"
+            g, r64, rd = g[~empty], r64[~empty], rd[~empty]
+            assert_close_to_reference(name, g, r64, rd, factor, dtype=torch.float32)
+        else:
+            assert_close_to_reference(name, g, r64, rd, factor, dtype=dtype)
+    return got
+
+
+# ---- spacetime modes --------------------------------------------------------------------------
+
+GRID = (3, 5, 7)  # S = 105: no dimension a multiple of the 16-token tiles
+SPACETIME_CASES = {
+    "full": dict(mode="full"),
+    "spatial": dict(mode="spatial"),
+    "temporal": dict(mode="temporal"),
+    "window": dict(window=(2, 3, 5)),
+    "rope": dict(rope="3d"),
+    "rope_window": dict(window=(3, 3, 3), rope=RoPE3D(theta=100.0)),
+    "rope_temporal": dict(mode="temporal", rope=RoPE3D(theta=500.0, split=(8, 28, 28))),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", list(SPACETIME_CASES))
+def test_spacetime_attention_matches_reference(case, dtype):
+    kwargs = SPACETIME_CASES[case]
+    D = 64 if case in ("spatial", "rope_window", "rope_temporal") else 72
+    S = GRID[0] * GRID[1] * GRID[2]
+    inputs = _qkv(1, S, S, 2, D, torch.float32)
+
+    def fn(q, k, v, backend):
+        return ops.spacetime_attention(q, k, v, GRID, return_lse=True, backend=backend, **kwargs)
+
+    _check_against_reference(fn, inputs, dtype)
+
+
+def test_spatial_and_temporal_read_strided_views_in_place():
+    """q, k, v as views into one fused qkv projection output (no contiguous copy) give the same result."""
+    S, heads, D = 105, 2, 64
+    qkv = torch.randn(2, S, 3, heads, D, device=DEVICE)
+    q, k, v = qkv.unbind(2)  # each (B, S, heads, D) with token stride 3 * heads * D
+    assert not q.is_contiguous()
+    for mode in ("spatial", "temporal"):
+        got = ops.spacetime_attention(q, k, v, GRID, mode=mode, backend="triton")
+        want = ops.spacetime_attention(q.double(), k.double(), v.double(), GRID, mode=mode, backend="torch")
+        assert_close_to_reference(mode, got, want, want.float(), dtype=torch.float32)
+
+
+def test_window_reference_mask_is_the_shifted_3d_window():
+    """The reference mask: along each axis a query sees exactly w positions, centred, shifted inside."""
+    grid, window = (3, 5, 7), (2, 3, 5)
+    mask = spacetime_mask(grid, "full", window)
+    assert (mask.sum(1) == 2 * 3 * 5).all()
+    pos = [(t, h, w) for t in range(3) for h in range(5) for w in range(7)]
+    i = pos.index((0, 2, 6))  # t at the start border, h centred, w at the end border
+    seen = {pos[j] for j in mask[i].nonzero().flatten().tolist()}
+    assert seen == {(t, h, w) for t in (0, 1) for h in (1, 2, 3) for w in (2, 3, 4, 5, 6)}
+    full = spacetime_mask(grid, "full", (3, 5, 7))
+    assert full.all()
+
+
+# ---- cross attention with a key padding mask ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("D", [72, 64])
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
+def test_cross_attention_with_padding_matches_reference(D, dtype):
+    B, Sq, Sk, heads = 2, 29, 37, 2
+    inputs = _qkv(B, Sq, Sk, heads, D, torch.float32)
+    mask = torch.rand(B, Sk, device=DEVICE) > 0.4
+    mask[0, :3] = True
+    mask[1] = False  # sample 1 has no text at all: its queries return zeros, never NaN
+
+    def fn(q, k, v, backend):
+        return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend)
+
+    out, lse, dq, dk, dv = _check_against_reference(fn, inputs, dtype)
+    assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+    assert torch.isneginf(lse[1]).all()
+
+
+def test_cross_attention_without_mask_and_custom_scale():
+    inputs = _qkv(1, 20, 45, 2, 64, torch.float32)
+
+    def fn(q, k, v, backend):
+        return ops.attention(q, k, v, scale=0.3, return_lse=True, backend=backend)
+
+    _check_against_reference(fn, inputs, torch.float32)
+
+
+# ---- modules ------------------------------------------------------------------------------------
+
+
+def test_spacetime_attention_module_matches_reference_backend():
+    torch.manual_seed(1)
+    module = dnn.SpacetimeAttention(128, 2, qk_norm=True, mode="spatial", rope="3d", backend="triton").to(DEVICE)
+    x = torch.randn(1, 105, 128, device=DEVICE, requires_grad=True)
+    y = module(x, GRID)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    module.backend = "torch"
+    x64, m64 = x.detach().double().requires_grad_(True), module.double()
+    y64 = m64(x64, GRID)
+    (gx64,) = torch.autograd.grad(y64.square().sum(), x64)
+    assert_close_to_reference("module out", y, y64, y64.float(), dtype=torch.float32)
+    assert_close_to_reference("module dx", gx, gx64, gx64.float(), dtype=torch.float32)
+
+
+def test_modules_keep_dit_parameter_names():
+    sa = dnn.SpacetimeAttention(64, 4, qk_norm=True)
+    assert set(sa.state_dict()) == {"qkv.weight", "qkv.bias", "q_norm.weight", "q_norm.bias", "k_norm.weight",
+                                    "k_norm.bias", "proj.weight", "proj.bias"}
+    ca = dnn.CrossAttention(64, 32, 4)
+    assert set(ca.state_dict()) == {"q_linear.weight", "q_linear.bias", "kv_linear.weight", "kv_linear.bias",
+                                    "proj.weight", "proj.bias"}
+
+
+def test_cross_attention_module_with_context_mask():
+    module = dnn.CrossAttention(128, 48, 2, backend="triton").to(DEVICE)
+    x, ctx = torch.randn(2, 21, 128, device=DEVICE), torch.randn(2, 13, 48, device=DEVICE)
+    mask = torch.ones(2, 13, dtype=torch.bool, device=DEVICE)
+    mask[1, 5:] = False
+    got = module(x, ctx, mask)
+    module.backend = "torch"
+    want = module(x, ctx, mask)
+    # the padded context rows must not matter: truncating them gives the same output for sample 1
+    trunc = module(x[1:], ctx[1:, :5])
+    assert_close_to_reference("cross module", got, want.double(), want, dtype=torch.float32)
+    assert_close_to_reference("cross module truncated", got[1:], trunc.double(), trunc, dtype=torch.float32)
+
+
+# ---- registration, compile ----------------------------------------------------------------------
+
+
+def test_opcheck_forward_and_backward():
+    grid = [2, 2, 3]
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 12, 12, 1, 16, torch.float32))
+    fwd_args = (q, k, v, None, grid, "full", [2, 1, 3], 10000.0, [4, 6, 6], 0.25, "triton")
+    torch.library.opcheck(torch.ops.dit_fast.attention_fwd.default, fwd_args)
+    out, lse = torch.ops.dit_fast.attention_fwd(*fwd_args)
+    mask = torch.tensor([[True] * 10 + [False] * 2], device=DEVICE)
+    cross_args = (q.detach(), k.detach(), v.detach(), mask, [], "full", [], 0.0, [], 0.25, "triton")
+    torch.library.opcheck(torch.ops.dit_fast.attention_fwd.default, cross_args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, None, grid,
+                "spatial", [], 10000.0, [4, 6, 6], 0.25, "triton")
+    torch.library.opcheck(torch.ops.dit_fast.attention_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph_module():
+    module = dnn.SpacetimeAttention(32, 2, mode="temporal", rope="3d", backend="triton").to(DEVICE)
+    x = torch.randn(1, 12, 32, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    y = compiled(x, (3, 2, 2))
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    y_eager = module(x, (3, 2, 2))
+    (gx_eager,) = torch.autograd.grad(y_eager.sum(), x)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(gx, gx_eager)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def _bad(error, match, fn):
+    with pytest.raises(error, match=match):
+        fn()
+
+
+def test_bad_input_raises_clear_errors():
+    q, k, v = _qkv(1, 105, 105, 2, 64, torch.float32)
+    st = ops.spacetime_attention
+    _bad(ValueError, r"grid \(3, 5, 6\) has 90 tokens .* S = 105", lambda: st(q, k, v, (3, 5, 6)))
+    _bad(ValueError, "grid must be three positive ints", lambda: st(q, k, v, (105,)))
+    _bad(ValueError, r"window \(4, 1, 1\) is larger than the grid \(3, 5, 7\)",
+         lambda: st(q, k, v, GRID, window=(4, 1, 1)))
+    _bad(ValueError, "window needs mode='full'", lambda: st(q, k, v, GRID, mode="spatial", window=(1, 3, 3)))
+    _bad(ValueError, "mode must be one of", lambda: st(q, k, v, GRID, mode="diagonal"))
+    _bad(ValueError, "rope must be None", lambda: st(q, k, v, GRID, rope="2d"))
+    _bad(ValueError, "rope split", lambda: st(q, k, v, GRID, rope=RoPE3D(split=(10, 30, 30))))
+    _bad(ValueError, "self-attention", lambda: st(q, k[:, :50], v[:, :50], GRID))
+    _bad(ValueError, "mismatched batch, heads or head dim",
+         lambda: ops.attention(q, k[:, :, :1], v[:, :, :1]))
+    _bad(ValueError, "v must have the shape of k", lambda: ops.attention(q, k, v[:, :100]))
+    _bad(TypeError, "k has dtype torch.float16 but q has torch.float32", lambda: ops.attention(q, k.half(), v))
+    _bad(TypeError, "must be float32, float16 or bfloat16",
+         lambda: ops.attention(q.double(), k.double(), v.double(), backend="triton"))
+    _bad(TypeError, "must be float32, float16 or bfloat16", lambda: ops.attention(q.int(), k, v))
+    _bad(ValueError, r"must be \(B, S, heads, D\)", lambda: ops.attention(q[0], k, v))
+    _bad(ValueError, "scale must be a positive", lambda: ops.attention(q, k, v, scale=-1.0))
+    for D in (12, 264):
+        qd, kd, vd = _qkv(1, 8, 8, 1, D, torch.float32)
+        _bad(ValueError, f"head dim D = {D} .* is not supported", lambda: ops.attention(qd, kd, vd))
+    mask = torch.ones(1, 105, dtype=torch.bool, device=DEVICE)
+    _bad(ValueError, r"key_padding_mask must be \(B, Sk\) = \(1, 105\)",
+         lambda: ops.attention(q, k, v, key_padding_mask=mask[:, :50]))
+    _bad(TypeError, "key_padding_mask must be a bool tensor",
+         lambda: ops.attention(q, k, v, key_padding_mask=mask.float()))
+    _bad(ValueError, "unknown backend", lambda: ops.attention(q, k, v, backend="cudnn"))
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    q, k, v = _qkv(1, 12, 12, 1, 16, torch.float32, device="cpu")
+    got = ops.spacetime_attention(q, k, v, (1, 3, 4), mode="spatial")
+    want = spacetime_attention_reference(q, k, v, (1, 3, 4), mode="spatial")
+    assert torch.equal(got, want)
+
+
+# ---- GPU: large shapes, every head dim, bf16, 64-bit offsets ------------------------------------
+
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.parametrize("D", [64, 72, 96, 128])
+@pytest.mark.parametrize("case", ["full", "spatial", "temporal", "window", "rope", "rope_window"])
+def test_gpu_large_shapes(case, D):
+    grid = (5, 30, 45)  # S = 6750
+    kwargs = {"full": {}, "spatial": dict(mode="spatial"), "temporal": dict(mode="temporal"),
+              "window": dict(window=(3, 9, 15)), "rope": dict(rope="3d"),
+              "rope_window": dict(rope="3d", window=(3, 15, 15))}[case]
+    S = grid[0] * grid[1] * grid[2]
+    inputs = _qkv(2, S, S, 4, D, torch.float32)
+
+    def fn(q, k, v, backend):
+        return ops.spacetime_attention(q, k, v, grid, return_lse=True, backend=backend, **kwargs)
+
+    _check_against_reference(fn, inputs, torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_cross_attention_text_lengths(dtype):
+    inputs = _qkv(3, 4096, 512, 8, 128, torch.float32)
+    mask = torch.arange(512, device=DEVICE)[None, :] < torch.tensor([512, 77, 0], device=DEVICE)[:, None]
+
+    def fn(q, k, v, backend):
+        return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend)
+
+    _check_against_reference(fn, inputs, dtype)
+
+
+@gpu
+def test_gpu_offsets_past_2_31_elements():
+    """Token offsets * strides pass 2^31 elements: the last frames must still be indexed correctly."""
+    T, H, W, heads, D = 16400, 8, 16, 16, 64  # B * S * heads * D = 2.15e9 > 2^31
+    S = T * H * W
+    q, k, v = (torch.randn(1, S, heads, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = ops.spacetime_attention(q, k, v, (T, H, W), mode="spatial", backend="triton")
+    tail = slice((T - 3) * H * W, S)  # spatial attention: the last three frames are independent
+    want = ops.spacetime_attention(q[:, tail].double(), k[:, tail].double(), v[:, tail].double(), (3, H, W),
+                                   mode="spatial", backend="torch")
+    got = out[:, tail]
+    err = (got.double() - want).abs().max().item()
+    assert err <= ATOL_FLOOR[torch.bfloat16] * max(1.0, want.abs().max().item()), f"max err {err}"
