@@ -1,0 +1,170 @@
+"""Text to video with a trained model: the bundled one by default, or your own checkpoint.
+
+    from dit_fast.generate import load_model, generate, save_video
+    model, cfg = load_model()                                    # dit_fast/assets/shapes_t2v.*
+    video = generate(model, cfg, ["a red circle moving right"], seed=0)   # (1, 3, T, H, W) in [-1, 1]
+    save_video(video[0], "out.gif")
+
+A checkpoint is any of: a training directory (its ``latest``), a ``ckpt_<step>.safetensors`` written
+by ``dit_fast.train`` (EMA weights by default), or an exported model file like the bundled one (a
+safetensors file of weights whose metadata holds the config and the vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dit_fast.train import (TextToVideo, TrainConfig, atomic_save_safetensors, atomic_write_text, build_model,
+                            checkpoint_paths, make_flow)
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+BUNDLED = os.path.join(ASSETS, "shapes_t2v.safetensors")
+BUNDLED_JSON = os.path.join(ASSETS, "shapes_t2v.json")
+
+# What `dit-fast generate` does unless told otherwise (kept in the bundled json too).
+DEFAULT_STEPS = 25
+DEFAULT_CFG = 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and exporting
+# --------------------------------------------------------------------------------------------
+
+
+def _read_metadata(path: str) -> dict:
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
+def load_model(checkpoint: Optional[str] = None, device: Union[str, torch.device] = "cpu", ema: bool = True,
+               backend: Optional[str] = None) -> Tuple[TextToVideo, TrainConfig]:
+    """The model (eval mode, on ``device``) and its training config.
+
+    checkpoint: None for the bundled model; a training directory; ``ckpt_<step>.safetensors``; or an
+    exported model file. ema: use the EMA weights of a training checkpoint (exported files hold one set).
+    backend: override the config's op backend (e.g. "auto" on a GPU).
+    """
+    path = BUNDLED if checkpoint is None else checkpoint
+    if not os.path.exists(path):
+        if checkpoint is None:
+            raise FileNotFoundError(f"the bundled model {BUNDLED} is missing from this installation "
+                                    f"(package data dit_fast/assets/*); pass --checkpoint")
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path) or os.path.basename(path).startswith("ckpt_"):
+        weights, _ = checkpoint_paths(path)
+        prefix = "ema." if ema else "model."
+    else:
+        weights, prefix = path, ""
+    meta = _read_metadata(weights)
+    if "config" not in meta:
+        raise ValueError(f"{weights} has no 'config' in its safetensors metadata: not a dit_fast text-to-video "
+                         f"checkpoint")
+    cfg = TrainConfig.from_dict(json.loads(meta["config"]))
+    if backend is not None:
+        cfg.backend = backend
+    vocabulary = json.loads(meta["vocabulary"]) if "vocabulary" in meta else None
+    model = build_model(cfg, vocabulary)
+    tensors = load_file(weights)
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    buffers = {k for k, _ in model.named_buffers()}
+    missing = [k for k in model.state_dict() if k not in state and k not in buffers]
+    if missing:
+        raise ValueError(f"{weights} lacks {len(missing)} weights, e.g. {missing[:3]}")
+    model.load_state_dict(state, strict=False)
+    return model.to(device).eval(), cfg
+
+
+def export_model(run_dir: str, dest: str, extra: Optional[dict] = None) -> dict:
+    """Write a run's EMA weights as a standalone model file ``dest`` (.safetensors) and ``dest``.json.
+
+    The json holds the config, the vocabulary and anything in ``extra`` (the training command,
+    measured scores). Both files are written atomically. Returns the json dict.
+    """
+    weights, _ = checkpoint_paths(run_dir)
+    meta = _read_metadata(weights)
+    tensors = load_file(weights)
+    ema = {k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")}
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    # buffers (e.g. positional tables) are not EMA'd: take them from the live model
+    for k, v in model_sd.items():
+        ema.setdefault(k, v)
+    info = {"config": json.loads(meta["config"]), "vocabulary": json.loads(meta["vocabulary"]),
+            "step": int(meta["step"]), "default_steps": DEFAULT_STEPS, "default_cfg": DEFAULT_CFG,
+            **(extra or {})}
+    atomic_save_safetensors(ema, dest, metadata={"config": meta["config"], "vocabulary": meta["vocabulary"],
+                                                 "step": meta["step"]})
+    atomic_write_text(json.dumps(info, indent=2) + "\n", os.path.splitext(dest)[0] + ".json")
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(model: TextToVideo, cfg: TrainConfig, prompts: Sequence[str], seed: int = 0, steps: int = DEFAULT_STEPS,
+             cfg_scale: float = DEFAULT_CFG, frames: Optional[int] = None, progress_bar: bool = True,
+             seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Videos (B, 3, T, H, W) in [-1, 1] for ``prompts``.
+
+    Each prompt's starting noise comes from its own generator seeded ``seed + i`` (or ``seeds[i]``),
+    so a video does not depend on the batch it was generated in. An unknown word raises ValueError
+    listing the vocabulary.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    frames = cfg.num_frames if frames is None else int(frames)
+    pt = cfg.patch[0]
+    if frames < 1 or frames % pt:
+        raise ValueError(f"frames must be a positive multiple of the temporal patch {pt}, got {frames}")
+    device = next(model.parameters()).device
+    ids, mask = model.tokenizer(prompts, device=device)  # raises on unknown words, listing the vocabulary
+    shape = (len(prompts), 3, frames, cfg.size, cfg.size)
+    seeds = [seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
+    noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+    flow = make_flow(cfg)
+    x = flow.sample(model, shape, steps=steps, model_kwargs={"ids": ids, "mask": mask}, cfg_scale=cfg_scale,
+                    noise=noise, progress_bar=progress_bar)
+    return x.clamp(-1, 1)
+
+
+def to_uint8_frames(video: torch.Tensor, scale: int = 1) -> List:
+    """(3, T, H, W) in [-1, 1] -> T arrays (H * scale, W * scale, 3) uint8 (nearest-neighbour upscaling)."""
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected a (3, T, H, W) video, got {tuple(video.shape)}")
+    v = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, T, H, W)
+    if scale > 1:
+        v = v.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    return [frame.permute(1, 2, 0).numpy() for frame in v.unbind(1)]
+
+
+def save_video(video: torch.Tensor, path: str, fps: int = 8, scale: int = 4) -> str:
+    """Write a (3, T, H, W) clip as .gif (imageio) or .mp4 (needs imageio-ffmpeg: pip install dit_fast[video])."""
+    import imageio.v2 as imageio
+
+    ext = os.path.splitext(path)[1].lower()
+    frames = to_uint8_frames(video, scale)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if ext == ".gif":
+        imageio.mimsave(path, frames, duration=1.0 / fps, loop=0)
+    elif ext == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("writing .mp4 needs imageio-ffmpeg: pip install 'dit_fast[video]' "
+                               "(or write a .gif)") from e
+        # H.264 wants sizes that are multiples of 16: pad through macro_block_size
+        imageio.mimsave(path, frames, fps=fps, macro_block_size=16)
+    else:
+        raise ValueError(f"output must end in .gif or .mp4, got {path!r}")
+    return path

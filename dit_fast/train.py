@@ -1,0 +1,493 @@
+"""Training loop for text-to-video DiTs on the synthetic shapes dataset (``dit-fast train``).
+
+    from dit_fast.train import TrainConfig, Trainer
+    Trainer(TrainConfig(out_dir="runs/tiny", steps=200)).train()
+
+What it does, per optimizer step: every rank draws its share of the global batch from
+``ShapesVideoDataset`` (sample ``i`` of step ``s`` is dataset index ``s * global_batch + i``), splits
+it into ``grad_accum`` micro-batches, and for each computes the rectified-flow velocity loss under
+optional bf16 autocast; then AdamW or ``dit_fast.optim.GaLoreAdamW`` steps, and the EMA follows.
+
+Exact resume: everything random is a function of (seed, step, sample index): the clip, its noise,
+its timestep and its caption dropout are drawn from per-sample generators, and the global RNG is
+re-seeded from (seed, step, micro-batch, rank) before each forward for anything inside the model.
+The learning rate is a function of the step. So a run stopped after step k and resumed from its
+checkpoint computes bitwise the same losses as one that never stopped (tests/test_train.py), and
+splitting a batch into micro-batches changes the gradient only by float summation order.
+
+Checkpoints (every ``checkpoint_every`` steps and at the end) go to ``out_dir``:
+    ckpt_<step>.safetensors   model and EMA weights ("model.<name>", "ema.<name>"), config in metadata
+    state_<step>.pt           optimizer state, step, losses: loads with torch.load(weights_only=True)
+    latest                    the step of the newest complete pair, written last
+each through a temporary file in the same directory and ``os.replace``, so a crash leaves either
+the old checkpoint or the new one, never half of one.
+
+Multi-GPU: ``torchrun --nproc_per_node N -m dit_fast.cli train ...`` (or ``dit-fast train``):
+WORLD_SIZE > 1 in the environment makes the trainer join a process group (nccl on CUDA, gloo on
+CPU) and wrap the model in DistributedDataParallel; the global batch is split across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved in every checkpoint and in the bundled model's json."""
+
+    out_dir: str = "runs/shapes"
+    # data
+    num_frames: int = 8
+    size: int = 32
+    two_object_prob: float = 0.0
+    data_seed: int = 0
+    # model (dit_fast.models.DiTVideo + dit_fast.models.text.TextEncoder)
+    patch: Tuple[int, int, int] = (1, 4, 4)
+    hidden_size: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 64
+    text_dropout: float = 0.1  # caption dropped (empty prompt) this often, for classifier-free guidance
+    backend: str = "torch"
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 32  # global batch, over all ranks and micro-batches
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the last step
+    warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"  # "adamw" | "galore"
+    galore_rank: int = 32
+    ema_decay: float = 0.999
+    bf16: bool = False
+    seed: int = 0
+    # rectified flow
+    timestep_sampling: str = "logit_normal"  # "uniform" | "logit_normal"
+    shift: float = 2.0  # timestep shift, training and sampling (dit_fast.diffusion.rectified_flow)
+    # bookkeeping
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    device: str = "auto"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}")
+        d = dict(d)
+        if "patch" in d:
+            d["patch"] = tuple(d["patch"])
+        return cls(**d)
+
+    def validate(self, world_size: int = 1) -> None:
+        if self.optimizer not in ("adamw", "galore"):
+            raise ValueError(f"optimizer must be 'adamw' or 'galore', got {self.optimizer!r}")
+        if self.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', got {self.timestep_sampling!r}")
+        if self.batch_size % (world_size * self.grad_accum):
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by world_size * grad_accum "
+                             f"= {world_size} * {self.grad_accum}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        pt, ph, pw = self.patch
+        if self.num_frames % pt or self.size % ph or self.size % pw:
+            raise ValueError(f"patch {self.patch} must divide (frames, size, size) = "
+                             f"({self.num_frames}, {self.size}, {self.size})")
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces: seeds, learning rate, EMA, atomic files, distributed setup
+# --------------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints/strings: independent streams for (seed, step, index...)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine to ``lr * min_lr_ratio`` (step counts from 0)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    progress = min(max(progress, 0.0), 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: Dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * params (fp32 copies, keyed by parameter name)."""
+    for name, p in model.named_parameters():
+        ema[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    """write_fn(tmp_path) then os.replace onto ``path``: readers see the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[dict] = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> DistInfo:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Single process (no WORLD_SIZE or WORLD_SIZE=1): nothing to do. nccl on CUDA, gloo on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local, False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank, world, local, True)
+
+
+def resolve_device(name: str, dist_info: Optional[DistInfo] = None) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------
+# The model: text encoder + DiTVideo, one module so that one state dict, one EMA and one DDP cover both
+# --------------------------------------------------------------------------------------------
+
+
+class TextToVideo(torch.nn.Module):
+    """``dit_fast.models.text.TextEncoder`` over the dataset's vocabulary feeding a ``DiTVideo``.
+
+    forward(x, t, ids, mask, force_drop_ids=None) -> velocity (B, 3, T, H, W); ``forward_with_cfg``
+    has DiTVideo's batched-guidance signature so that the samplers in ``dit_fast.diffusion`` drive it
+    with ``model_kwargs={"ids": ids, "mask": mask}``.
+    """
+
+    def __init__(self, cfg: TrainConfig, vocabulary=None):
+        super().__init__()
+        from dit_fast.data import VOCABULARY
+        from dit_fast.models.dit_video import DiTVideo
+        from dit_fast.models.text import TextEncoder, Tokenizer
+
+        self.vocabulary = list(vocabulary if vocabulary is not None else VOCABULARY)
+        self.tokenizer = Tokenizer(self.vocabulary)
+        self.text_encoder = TextEncoder(len(self.tokenizer), text_dim=cfg.text_dim, num_layers=2, num_heads=4,
+                                        max_length=self.tokenizer.max_length)
+        self.dit = DiTVideo(input_size=(cfg.num_frames, cfg.size, cfg.size), patch_size=tuple(cfg.patch),
+                            in_channels=3, hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
+                            mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.text_dropout, num_classes=0,
+                            text_dim=cfg.text_dim, learn_sigma=False, backend=cfg.backend)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids, mask)  # (B, L, text_dim)
+
+    def forward(self, x, t, ids, mask, force_drop_ids=None):
+        text = self.encode_text(ids, mask)
+        return self.dit(x, t, text=text, text_mask=mask, force_drop_ids=force_drop_ids)
+
+    @property
+    def patch_size(self):
+        return self.dit.patch_size
+
+    def forward_with_cfg(self, x, t, ids, mask, cfg_scale=1.0):
+        text = self.encode_text(ids, mask)
+        return self.dit.forward_with_cfg(x, t, cfg_scale=cfg_scale, text=text, text_mask=mask)
+
+
+def build_model(cfg: TrainConfig, vocabulary=None) -> TextToVideo:
+    return TextToVideo(cfg, vocabulary)
+
+
+def make_flow(cfg: TrainConfig):
+    from dit_fast.diffusion.rectified_flow import RectifiedFlow
+    return RectifiedFlow(shift=cfg.shift, sample_t=cfg.timestep_sampling)
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------
+
+
+def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    if cfg.optimizer == "galore":
+        from dit_fast.optim import GaLoreAdamW  # raises ImportError with its own reason if absent
+        # GaLore projects the gradients of 2-D weight matrices; vectors and embeddings step as AdamW.
+        galore = [p for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n]
+        ids = {id(p) for p in galore}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        groups = [{"params": galore, "rank": cfg.galore_rank, "weight_decay": cfg.weight_decay},
+                  {"params": rest, "weight_decay": 0.0}]
+        return GaLoreAdamW(groups, lr=cfg.lr)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+class Trainer:
+    """Runs ``TrainConfig``: ``Trainer(cfg).train()`` returns the loss of every step it ran.
+
+    resume: "auto" continues from ``out_dir``'s latest checkpoint when there is one; a path to a
+    checkpoint directory or its ``latest`` file, or None to start fresh.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: Optional[str] = "auto", progress_bar: bool = True):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = setup_distributed(self.device)
+        cfg.validate(self.dist.world_size)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        from dit_fast.data import ShapesVideoDataset
+
+        self.dataset = ShapesVideoDataset(num_frames=cfg.num_frames, size=cfg.size, split="train",
+                                          seed=cfg.data_seed, two_object_prob=cfg.two_object_prob)
+        torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical initial weights on every rank
+        self.model = build_model(cfg).to(self.device)
+        self.ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()}
+        self.optimizer = _make_optimizer(cfg, self.model)
+        self.flow = make_flow(cfg)
+        self.step = 0
+        self.losses: List[float] = []
+        self.progress_bar = progress_bar and self.dist.is_main
+        if resume == "auto":
+            resume = cfg.out_dir if os.path.exists(os.path.join(cfg.out_dir, "latest")) else None
+        if resume:
+            self.load_checkpoint(resume)
+        self.ddp = None
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # ---- data and randomness, all functions of (seed, step, sample index) ----
+
+    def _micro_batches(self, step: int):
+        """This rank's share of step ``step``'s global batch, as ``grad_accum`` micro-batches."""
+        cfg, world, rank = self.cfg, self.dist.world_size, self.dist.rank
+        per_rank = cfg.batch_size // world
+        micro = per_rank // cfg.grad_accum
+        for m in range(cfg.grad_accum):
+            # sample i of the global batch is dataset index step * batch_size + i; ranks take contiguous slices
+            first = step * cfg.batch_size + rank * per_rank + m * micro
+            yield m, list(range(first, first + micro))
+
+    def _batch(self, indices: List[int]):
+        cfg = self.cfg
+        items = [self.dataset[i] for i in indices]
+        x0 = torch.stack([it["video"] for it in items]).to(self.device)  # (b, 3, T, H, W)
+        ids, mask = self.model.tokenizer([it["caption"] for it in items], device=self.device)
+        noise, t, drop = [], [], []
+        for i in indices:
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", i))
+            t.append(self.flow.sample_timesteps((1,), generator=g))
+            noise.append(torch.randn(x0.shape[1:], generator=g))
+            drop.append(torch.rand((1,), generator=g) < cfg.text_dropout)
+        from dit_fast.diffusion.rectified_flow import shift_timesteps
+
+        t = shift_timesteps(torch.cat(t), self.flow.shift_for(x0.shape)).to(self.device)
+        noise = torch.stack(noise).to(self.device)
+        drop = torch.cat(drop).to(self.device)
+        return x0, {"ids": ids, "mask": mask, "force_drop_ids": drop}, t, noise
+
+    # ---- one step ----
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        module = self.ddp if self.ddp is not None else self.model
+        module.train()
+        lr = learning_rate(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for m, indices in self._micro_batches(self.step):
+            x0, kwargs, t, noise = self._batch(indices)
+            torch.manual_seed(derive_seed(cfg.seed, "step", self.step, m, self.dist.rank))  # model-internal randomness
+            sync = self.ddp is None or m == cfg.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+            with ctx, autocast:
+                loss = self.flow.training_losses(module, x0, kwargs, t=t, noise=noise)["loss"].mean()
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        ema_update(self.ema, self.model, cfg.ema_decay if self.step > 0 else 0.0)
+        if self.dist.world_size > 1:
+            dist.all_reduce(total)
+            total /= self.dist.world_size
+        self.step += 1
+        value = float(total)
+        self.losses.append(value)
+        return value
+
+    def train(self, steps: Optional[int] = None) -> List[float]:
+        """Run until ``steps`` (default ``cfg.steps``) optimizer steps are done; returns this call's losses."""
+        from tqdm.auto import tqdm
+
+        target = self.cfg.steps if steps is None else steps
+        ran: List[float] = []
+        bar = tqdm(total=target, initial=self.step, desc="train", disable=not self.progress_bar, dynamic_ncols=True,
+                   mininterval=5.0)
+        log_path = os.path.join(self.cfg.out_dir, "log.jsonl")
+        start = time.time()
+        while self.step < target:
+            loss = self.train_step()
+            ran.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if self.dist.is_main and (self.step % self.cfg.log_every == 0 or self.step == target):
+                os.makedirs(self.cfg.out_dir, exist_ok=True)
+                recent = self.losses[-self.cfg.log_every:]
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": self.step, "loss": sum(recent) / len(recent),
+                                        "lr": learning_rate(self.cfg, self.step - 1),
+                                        "elapsed_s": round(time.time() - start, 2)}) + "\n")
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == target:
+                self.save_checkpoint()
+        bar.close()
+        return ran
+
+    # ---- checkpoints ----
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Writes ckpt_<step>.safetensors and state_<step>.pt atomically, then ``latest`` (rank 0 only)."""
+        if self.dist.world_size > 1:
+            dist.barrier()
+        if not self.dist.is_main:
+            return None
+        out = self.cfg.out_dir
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
+        meta = {"step": str(self.step), "config": self.cfg.to_json(),
+                "vocabulary": json.dumps(self.model.vocabulary)}
+        weights = os.path.join(out, f"ckpt_{self.step:07d}.safetensors")
+        atomic_save_safetensors(tensors, weights, metadata=meta)
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "losses": list(self.losses),
+                 "config": dataclasses.asdict(self.cfg), "world_size": self.dist.world_size}
+        atomic_torch_save(state, os.path.join(out, f"state_{self.step:07d}.pt"))
+        atomic_write_text(f"{self.step}\n", os.path.join(out, "latest"))
+        self._prune(out)
+        return weights
+
+    def _prune(self, out: str) -> None:
+        steps = sorted(int(f[5:12]) for f in os.listdir(out) if f.startswith("ckpt_") and f.endswith(".safetensors"))
+        for s in steps[: max(len(steps) - self.cfg.keep_checkpoints, 0)]:
+            for name in (f"ckpt_{s:07d}.safetensors", f"state_{s:07d}.pt"):
+                path = os.path.join(out, name)
+                if os.path.exists(path):
+                    os.remove(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore model, EMA, optimizer, step and loss history from a run directory (its ``latest``)."""
+        weights, state_path = checkpoint_paths(path)
+        tensors = load_file(weights, device=str(self.device))
+        model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_sd, strict=True)
+        for k in self.ema:
+            if f"ema.{k}" not in tensors:
+                raise KeyError(f"{weights} has no EMA entry for {k!r}")
+            self.ema[k] = tensors[f"ema.{k}"].float().clone()
+        state = torch.load(state_path, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+
+
+def checkpoint_paths(path: str) -> Tuple[str, str]:
+    """(weights, state) of a run directory's latest checkpoint, or of ``ckpt_<step>.safetensors`` itself."""
+    if os.path.isdir(path):
+        latest = os.path.join(path, "latest")
+        if not os.path.exists(latest):
+            raise FileNotFoundError(f"{path} has no 'latest' file: not a dit_fast training directory")
+        with open(latest) as f:
+            step = int(f.read().strip())
+        directory = path
+    elif path.endswith(".safetensors") and os.path.basename(path).startswith("ckpt_"):
+        directory, step = os.path.dirname(path), int(os.path.basename(path)[5:12])
+    else:
+        raise ValueError(f"expected a training directory or a ckpt_<step>.safetensors file, got {path!r}")
+    weights = os.path.join(directory, f"ckpt_{step:07d}.safetensors")
+    state = os.path.join(directory, f"state_{step:07d}.pt")
+    for p in (weights, state):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"checkpoint file {p} is missing")
+    return weights, state
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
