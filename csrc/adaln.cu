@@ -341,11 +341,12 @@ void adaln_backward(const AdalnBackwardParams& p, int dtype, cudaStream_t stream
   check_sizes(p.batch * p.tokens, p.tokens, p.groups, p.channels, "adaln_backward");
   if (p.dout == nullptr && p.dh == nullptr)
     throw std::invalid_argument("dit_fast.adaln_backward: needs dout (norm) or dh (residual)");
-  if (p.chunks < 1 || p.chunks > 65535 || p.rows_per_chunk < 1 ||
-      (p.chunks - 1) * p.rows_per_chunk >= p.tokens / p.groups)
+  const int64_t tokens_per_group = p.tokens / p.groups;
+  if (p.chunks < 1 || p.chunks > 65535 || p.rows_per_chunk < 1 || p.chunks * p.rows_per_chunk < tokens_per_group ||
+      (p.chunks - 1) * p.rows_per_chunk >= tokens_per_group)
     throw std::invalid_argument("dit_fast.adaln_backward: chunks = " + std::to_string(p.chunks) +
                                 " x rows_per_chunk = " + std::to_string(p.rows_per_chunk) +
-                                " must cover N / G = " + std::to_string(p.tokens / p.groups) +
+                                " must cover N / G = " + std::to_string(tokens_per_group) +
                                 " tokens with no empty chunk");
   if (p.batch == 0) return;
   const bool aligned = all_aligned({p.dout, p.dh, p.x, p.gate, p.branch, p.scale, p.weight, p.bias, p.dx,
