@@ -100,9 +100,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
       backend: "auto" | "torch" | "triton" | "cuda". CPU -> "torch" (the reference). On a GPU
         "auto" uses Triton (the fused project-back + weight update kernels); "cuda" runs the
         moment updates in the compiled extension and the project-back in cuBLAS (addmm's epilogue).
-      kernel: "hybrid" (library matmul for the down-projection, the Adam step fused into the
-        up-projection kernel's prologue) | "fused" (down-projection kernel with the Adam step in its
-        epilogue, then the up-projection with the weight update); Triton backend only.
+      kernel: "hybrid" (library matmul for the down-projection, the Adam step on the low-rank
+        gradient, then the up-projection kernel with the weight update in its epilogue) | "fused"
+        (down-projection kernel with the Adam step in its epilogue, then the same up-projection);
+        Triton backend, fp32/bf16 states ("int8" and proj_type "full" always take the hybrid path).
+        Neither writes the full-rank update to memory.
       sync_basis: under torch.distributed, broadcast each new basis from rank 0 so every rank uses
         the same one even if its SVD rounds differently.
       seed: seeds the randomized refresh (per parameter and per refresh, so resume is exact).
@@ -357,16 +359,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         side = SIDES[state["side"]]
         basis = self._basis(state)
         alpha = step_size * scale
-        if backend == "triton" and side != "full" and not quant:
-            if group["kernel"] == "fused":
-                n = kernels.down_project_adam(grad, basis[0], side, state["exp_avg"], state["exp_avg_sq"],
-                                              beta1, beta2, group["eps"])
-                kernels.project_back_update(p, n, basis[0], side, alpha, pre, post)
-            else:
-                low = ref.project(grad, side, basis)
-                kernels.project_back_update(p, low, basis[0], side, alpha, pre, post,
-                                            adam=(state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"]))
+        if backend == "triton" and group["kernel"] == "fused" and side != "full" and not quant:
+            n = kernels.down_project_adam(grad, basis[0], side, state["exp_avg"], state["exp_avg_sq"],
+                                          beta1, beta2, group["eps"])
+            kernels.project_back_update(p, n, basis[0], side, alpha, pre, post)
             return
+        # hybrid: library matmul down, Adam on the low-rank gradient, fused up-projection + update
         low = ref.project(grad, side, basis)
         n = kernels.adam_step(low, *moments, beta1, beta2, group["eps"])
         if side == "full":  # A N B = (A N) B: the small product first, then the fused up-projection
