@@ -26,16 +26,13 @@ Head dims up to 256 (72 and 96 run with the dot padded to a power of two, BLOCK_
 The readable PyTorch reference is attention_reference in dit_fast/ops/attention.py.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from dit_fast import _backend
+from dit_fast.ops.rope import rope_inv_freq
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 
 
@@ -51,14 +48,14 @@ def _grid_position(tok, GRID_H, GRID_W):
 
 
 @triton.jit
-def _rotate(x, tok, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D: tl.constexpr,
+def _rotate(x, tok, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D: tl.constexpr,
             INVERSE: tl.constexpr):
     """Rotates the interleaved pairs (x[2j], x[2j+1]) of each row of x (R, BLOCK_D) by the 3D RoPE angle
     of its token; fp32 result. Pairs j < ROPE_DT2 use t, j < ROPE_DTH2 use h, the rest w; FREQ_ptr holds
-    theta^(-2i / d_a) per pair (zero in the padding, which is the identity)."""
+    theta^(-2i / d_a) per pair, (D / 2,); the padding pairs get angle 0, the identity."""
     t, h, w = _grid_position(tok, GRID_H, GRID_W)
     pair = tl.arange(0, BLOCK_D // 2)
-    inv_freq = tl.load(FREQ_ptr + pair)
+    inv_freq = tl.load(FREQ_ptr + pair, mask=pair < D // 2, other=0.0)
     pos = tl.where(pair[None, :] < ROPE_DT2, t.to(tl.float32)[:, None],
                    tl.where(pair[None, :] < ROPE_DTH2, h.to(tl.float32)[:, None], w.to(tl.float32)[:, None]))
     angle = pos * inv_freq[None, :]  # (R, BLOCK_D / 2)
@@ -148,7 +145,7 @@ def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, k_base, v_base, kpm_base,
     k = tl.load(k_base + tok_k[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + tok_k[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     if HAS_ROPE:
-        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(v.dtype)
+        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
     allowed = valid_n[None, :]
     if HAS_MASK:
@@ -175,7 +172,7 @@ def _attn_fwd_kernel(
     O_ptr,  # out: (B, Sq, heads, D)
     LSE_ptr,  # out: natural-log logsumexp of the scaled scores, (B, heads, Sq) fp32
     KPM_ptr,  # key padding mask, (B, Sk) uint8, nonzero = attend  [HAS_MASK]
-    FREQ_ptr,  # RoPE inverse frequency per pair, (BLOCK_D / 2,) fp32  [HAS_ROPE]
+    FREQ_ptr,  # RoPE inverse frequency per pair, (D / 2,) fp32 (dit_fast.ops.rope.rope_inv_freq)  [HAS_ROPE]
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -216,7 +213,7 @@ def _attn_fwd_kernel(
     q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + tok_q[:, None] * stride_qs + offs_d[None, :],
                 mask=q_mask, other=0.0)
     if HAS_ROPE:
-        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(
+        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(
             Q_ptr.dtype.element_ty)
     k_base = K_ptr + b * stride_kb + h * stride_kh
     v_base = V_ptr + b * stride_vb + h * stride_vh
@@ -280,7 +277,7 @@ def _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, end_m, q_base, do_b
     q = tl.load(q_base + tok_q[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(do_base + tok_q[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
     if HAS_ROPE:
-        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(do.dtype)
+        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
     lse = tl.load(lse_base + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
     # rows without any visible key (lse = -inf) get p = 0, not exp2(-inf + inf) = NaN
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -344,7 +341,7 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V_ptr + b * stride_vb + h * stride_vh + tok_k[:, None] * stride_vs + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     if HAS_ROPE:
-        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(v.dtype)
+        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     kpm_k = valid_k
     if HAS_MASK:
         kpm_k = tl.load(KPM_ptr + b * stride_mb + tok_k, mask=valid_k, other=0) != 0
@@ -377,7 +374,7 @@ def _attn_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     if HAS_ROPE:
-        dk = _rotate(dk, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, True)
+        dk = _rotate(dk, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
     out_offs = b * stride_dkb + h * stride_dkh + tok_k[:, None] * stride_dks + offs_d[None, :]
     tl.store(DK_ptr + out_offs, dk.to(DK_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(DV_ptr + out_offs, dv.to(DV_ptr.dtype.element_ty), mask=kv_mask)
@@ -397,7 +394,7 @@ def _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, end_n, k_base, v_ba
     k = tl.load(k_base + tok_k[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + tok_k[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     if HAS_ROPE:
-        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(v.dtype)
+        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     allowed = valid_m[:, None] & valid_n[None, :]
     if HAS_MASK:
@@ -453,7 +450,7 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO_ptr + b * stride_dob + h * stride_doh + tok_q[:, None] * stride_dos + offs_d[None, :],
                  mask=q_mask, other=0.0)
     if HAS_ROPE:
-        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, False).to(do.dtype)
+        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
     lse = tl.load(LSE_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0)
@@ -484,7 +481,7 @@ def _attn_bwd_dq_kernel(
 
     dq = dq * sm_scale
     if HAS_ROPE:
-        dq = _rotate(dq, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, BLOCK_D, True)
+        dq = _rotate(dq, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
     tl.store(DQ_ptr + b * stride_dqb + h * stride_dqh + tok_q[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ_ptr.dtype.element_ty), mask=q_mask)
 
@@ -553,16 +550,6 @@ def group_layout(mode: str, grid, seq_len: int):
     return 1, seq_len, 0, 1
 
 
-def rope_inv_freq(head_dim: int, split, theta: float, block_d: int, device) -> torch.Tensor:
-    """(block_d / 2,) fp32 theta^(-2i / d_a) for each pair of the head dim, zero in the padding."""
-    parts = []
-    for d_axis in split:
-        parts.append(theta ** (-torch.arange(0, d_axis, 2, dtype=torch.float64) / d_axis))
-    freq = torch.zeros(block_d // 2, dtype=torch.float64)
-    freq[: head_dim // 2] = torch.cat(parts)
-    return freq.to(device=device, dtype=torch.float32)
-
-
 def _lastdim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -581,7 +568,7 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_sp
     T, H, W = grid if len(grid) == 3 else (1, 1, 1)
     wt, wh, ww = window if len(window) == 3 else (1, 1, 1)
     if has_rope:
-        freq = rope_inv_freq(D, rope_split, rope_theta, block_d, q.device)
+        freq = rope_inv_freq(D, rope_theta, rope_split, q.device)  # (D / 2,) fp32, cached per device
         dt2, dth2 = rope_split[0] // 2, (rope_split[0] + rope_split[1]) // 2
     else:
         freq, dt2, dth2 = q.new_empty(0, dtype=torch.float32), 0, 0
