@@ -1,0 +1,368 @@
+"""Attention benchmarks: ours (Triton) side by side with PyTorch's attention paths, in one run.
+
+Cases (bf16, non-causal) and their baselines, as in issue 3:
+  dense      ours vs scaled_dot_product_attention with each of its backends (flash, cuDNN,
+             memory-efficient; the fastest one is the target). D = 128 at S = 16k and 32k; D = 64, 72.
+  rope       ours with rope="3d" fused vs a separate RoPE pass (dit_fast.ops.apply_rope_3d, fastest
+             kernel) + SDPA.
+  spatial /  ours reading the groups in place vs permute + contiguous + SDPA + permute back
+  temporal   (the einops "b (t s) h d -> (b t) s h d" pattern of factorized video DiTs).
+  window     ours with window=(wt, wh, ww) at ~25 % of the keys kept vs our own dense kernel and
+             FlexAttention (torch.compile'd flex_attention) with a block mask built from the same
+             token mask.
+Variants: fwd and fwd+bwd. TFLOP/s = 4 * B * heads * Sq * Sk_kept * D forward, x 2.5 for the backward
+(fwd+bwd = 3.5 x fwd), Sk_kept = keys each query sees (S for dense, H * W spatial, T temporal,
+wt * wh * ww for the window). Medians of many repetitions after warm-up (benchmarks/common.py:
+CUDA events, L2 flushed before each). Every ours-provider row carries the relative error of its
+forward against the reference at a small shape of the same case.
+
+    python -m benchmarks.bench_attention [--quick] [--cases dense,rope,spatial,temporal,window]
+    python -m benchmarks.run --ops attention
+
+Without a CUDA GPU it prints that GPU numbers need a GPU and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+
+OP = "attention"
+KINDS = ("dense", "rope", "spatial", "temporal", "window")
+SDPA_BACKENDS = ("flash", "cudnn", "efficient")
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str
+    variant: str  # "fwd" | "fwd+bwd"
+    B: int
+    heads: int
+    D: int
+    grid: Tuple[int, int, int]
+    window: Optional[Tuple[int, int, int]] = None
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def S(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def keys_kept(self) -> int:
+        T, H, W = self.grid
+        if self.kind == "spatial":
+            return H * W
+        if self.kind == "temporal":
+            return T
+        if self.kind == "window":
+            return self.window[0] * self.window[1] * self.window[2]  # exactly w per axis (shifted windows)
+        return self.S
+
+    @property
+    def shape(self) -> dict:
+        shape = {"B": self.B, "heads": self.heads, "S": self.S, "D": self.D, "grid": list(self.grid)}
+        if self.window:
+            shape["window"] = list(self.window)
+        return shape
+
+    def flops(self) -> float:
+        fwd = 4.0 * self.B * self.heads * self.S * self.keys_kept * self.D
+        return fwd * (3.5 if self.variant == "fwd+bwd" else 1.0)
+
+
+def cases(quick: bool) -> List[Case]:
+    variants = ("fwd", "fwd+bwd")
+    out = []
+    # dense, D = 128 at 16k and 32k tokens (grids of 16 and 32 latent frames of 32 x 32);
+    # CogVideoX-like 30 x 64 and Open-Sora / Latte-like 16 x 72 at 17,550 tokens (13 x 30 x 45)
+    dense = [(1, 24, 128, (16, 32, 32)), (1, 24, 128, (32, 32, 32)), (1, 30, 64, (13, 30, 45)),
+             (1, 16, 72, (13, 30, 45))]
+    if quick:
+        dense = dense[:1] + dense[3:]
+    out += [Case("dense", v, *d) for d in dense for v in variants]
+    out += [Case("rope", v, 1, 24, 128, (16, 32, 32)) for v in variants]
+    # factorized attention of Open-Sora STDiT / Latte: 16 heads x 72, 16 frames of 32 x 32 (B = 2)
+    out += [Case(kind, v, 2, 16, 72, (16, 32, 32)) for kind in ("spatial", "temporal") for v in variants]
+    # window: 1/2 of the frames x 1/2 of the columns = 25 % of the keys per query
+    out += [Case("window", v, 1, 24, 128, (16, 32, 64), window=(8, 32, 32)) for v in variants]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations. Each takes (q, k, v) in (B, S, heads, D) and returns (B, S, heads, D).
+# ---------------------------------------------------------------------------------------------
+
+
+def _sdpa(q, k, v, backend: Optional[str] = None):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, D) views
+    if backend is None:
+        return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2)
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    with sdpa_kernel([which]):
+        return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2)
+
+
+def permute_sdpa(case: Case):
+    """Factorized attention as video DiTs write it: regroup tokens with a copy, SDPA, copy back."""
+    T, H, W = case.grid
+
+    def fn(q, k, v):
+        B, S, heads, D = q.shape
+        if case.kind == "spatial":  # (B, T*H*W, heads, D) -> (B*T, H*W, heads, D)
+            regroup = [t.reshape(B, T, H * W, heads, D).reshape(B * T, H * W, heads, D).contiguous()
+                       for t in (q, k, v)]
+            out = _sdpa(*regroup)
+            return out.reshape(B, T * H * W, heads, D).contiguous()
+        # temporal: (B, T, H*W, heads, D) -> (B*H*W, T, heads, D)
+        regroup = [t.reshape(B, T, H * W, heads, D).permute(0, 2, 1, 3, 4).reshape(B * H * W, T, heads, D)
+                   .contiguous() for t in (q, k, v)]
+        out = _sdpa(*regroup)
+        return out.reshape(B, H * W, T, heads, D).permute(0, 2, 1, 3, 4).reshape(B, S, heads, D).contiguous()
+
+    return fn
+
+
+def rope_then_sdpa(case: Case):
+    from dit_fast.ops import apply_rope_3d
+
+    def fn(q, k, v):
+        return _sdpa(apply_rope_3d(q, case.grid), apply_rope_3d(k, case.grid), v)
+
+    return fn
+
+
+_flex_cache: Dict[tuple, Callable] = {}
+
+
+def flex_window(case: Case, device):
+    """FlexAttention with a block mask from the same token-level window mask as ours."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T, H, W = case.grid
+    wt, wh, ww = case.window
+    key = (case.grid, case.window, str(device))
+    if key not in _flex_cache:
+        def start(p, w, n):
+            return torch.clamp(p - (w - 1) // 2, 0, n - w)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            qt, qh, qw = q_idx // (H * W), (q_idx // W) % H, q_idx % W
+            kt, kh, kw = kv_idx // (H * W), (kv_idx // W) % H, kv_idx % W
+            st, sh, sw = start(qt, wt, T), start(qh, wh, H), start(qw, ww, W)
+            return ((kt >= st) & (kt < st + wt) & (kh >= sh) & (kh < sh + wh) & (kw >= sw) & (kw < sw + ww))
+
+        block_mask = create_block_mask(mask_mod, None, None, case.S, case.S, device=device)
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def fn(q, k, v):
+            qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+            return compiled(qh, kh, vh, block_mask=block_mask).transpose(1, 2)
+
+        _flex_cache[key] = fn
+    return _flex_cache[key]
+
+
+def ours(case: Case, dense: bool = False):
+    from dit_fast import ops
+
+    if case.kind == "dense" or dense:
+        return lambda q, k, v: ops.attention(q, k, v, backend="triton")
+    kwargs = {"rope": dict(rope="3d"), "spatial": dict(mode="spatial"), "temporal": dict(mode="temporal"),
+              "window": dict(window=case.window)}[case.kind]
+    return lambda q, k, v: ops.spacetime_attention(q, k, v, case.grid, backend="triton", **kwargs)
+
+
+def providers(case: Case) -> List[str]:
+    base = {"dense": [f"sdpa-{b}" for b in SDPA_BACKENDS],
+            "rope": ["rope+sdpa"],
+            "spatial": ["permute+sdpa"],
+            "temporal": ["permute+sdpa"],
+            "window": ["ours-dense", "flex"]}[case.kind]
+    return ["ours-triton"] + base
+
+
+def implementation(case: Case, provider: str, device):
+    if provider == "ours-triton":
+        return ours(case)
+    if provider == "ours-dense":  # our own dense kernel on the same tokens: the window's speedup
+        return ours(case, dense=True)
+    if provider.startswith("sdpa-"):
+        backend = provider[len("sdpa-"):]
+        return lambda q, k, v: _sdpa(q, k, v, backend)
+    if provider == "permute+sdpa":
+        return permute_sdpa(case)
+    if provider == "rope+sdpa":
+        return rope_then_sdpa(case)
+    if provider == "flex":
+        return flex_window(case, device)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def reference(case: Case):
+    from dit_fast.ops.attention import spacetime_attention_reference
+
+    kwargs = {"dense": {}, "rope": dict(rope="3d"), "spatial": dict(mode="spatial"),
+              "temporal": dict(mode="temporal"), "window": dict(window=case.window)}[case.kind]
+    return lambda q, k, v: spacetime_attention_reference(q, k, v, case.grid, **kwargs)
+
+
+def small_case(case: Case) -> Case:
+    """The same kind at a shape the mask-materialising reference handles: for the error column."""
+    T, H, W = case.grid
+    grid = (min(T, 4), min(H, 12), min(W, 20))
+    window = None if case.window is None else tuple(min(w, n) for w, n in zip(case.window, grid))
+    return Case(case.kind, "fwd", 1, 2, case.D, grid, window, case.dtype)
+
+
+def make_inputs(case: Case, device, requires_grad: bool, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randn(case.B, case.S, case.heads, case.D, generator=g).to(device=device, dtype=case.dtype)
+            .requires_grad_(requires_grad) for _ in range(3)]
+
+
+def rel_error(case: Case, provider: str, device) -> float:
+    """||out - ref|| / ||ref|| of the forward at small_case(case), reference in fp32."""
+    small = small_case(case)
+    q, k, v = make_inputs(small, device, requires_grad=False, seed=2)
+    got = implementation(small, provider, device)(q, k, v).float()
+    ref = reference(small)(q.float(), k.float(), v.float())
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def setup(provider: str, case: Case, device):
+    f = implementation(case, provider, device)
+    q, k, v = make_inputs(case, device, requires_grad=case.variant != "fwd")
+    if case.variant == "fwd":
+        return (lambda: f(q, k, v)), []
+    dout = torch.randn(q.shape, generator=torch.Generator(device="cpu").manual_seed(1)).to(device=device,
+                                                                                           dtype=case.dtype)
+    return (lambda: torch.autograd.backward(f(q, k, v), dout)), [q, k, v]
+
+
+def run(device="cuda", quick: bool = False, kinds=KINDS, write: bool = True) -> List[dict]:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        print(f"[attention] {common.GPU_MESSAGE}: the Triton kernels and SDPA's fused backends are GPU-only; "
+              "nothing timed here.")
+        return []
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    print(f"[attention] device: {common.device_name(device)}")
+    rows: List[dict] = []
+    errors: Dict[tuple, Optional[float]] = {}
+    for case in cases(quick):
+        if case.kind not in kinds:
+            continue
+        for p in providers(case):
+            if common.out_of_time():
+                print("[attention] time budget spent; stopping")
+                return _finish(rows)
+            try:
+                ek = (case.kind, case.D, case.grid, p)
+                if ek not in errors:
+                    errors[ek] = rel_error(case, p, device)
+                fn, grad_to_none = setup(p, case, device)
+                timing = common.time_fn(fn, device, rep_ms=100 if quick else 400, grad_to_none=grad_to_none)
+                peak = common.peak_memory(fn, device, grad_to_none=grad_to_none)
+            except Exception as exc:  # a baseline that cannot run here must not hide the others
+                print(f"[attention] {case.kind} {case.variant} {common.shape_str(case.shape)} {p}: "
+                      f"FAILED {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            finally:
+                torch.cuda.empty_cache()
+            row = common.make_row(f"attention-{case.kind}", case.variant, p, case.shape, case.dtype, timing,
+                                  device=device, flops=case.flops(), peak_mem_bytes=peak, family=OP,
+                                  keys_kept=case.keys_kept, fwd_rel_err_vs_reference=errors[ek])
+            rows.append(row)
+            if write:
+                common.write_rows([row], OP)
+            print(f"[attention] {case.kind:8s} {case.variant:7s} {common.shape_str(case.shape):48s} {p:12s} "
+                  f"{row['median_ms']:9.3f} ms {row['tflops']:7.1f} TFLOP/s  err {errors[ek]:.1e}", flush=True)
+    return _finish(rows)
+
+
+TARGETS = {  # (kind, variant) -> (baseline providers, the fastest of which is the target, goal)
+    ("dense", "fwd"): (tuple(f"sdpa-{b}" for b in SDPA_BACKENDS), 1.0),
+    ("dense", "fwd+bwd"): (tuple(f"sdpa-{b}" for b in SDPA_BACKENDS), 1.0),
+    ("rope", "fwd"): (("rope+sdpa",), 1.2),
+    ("rope", "fwd+bwd"): (("rope+sdpa",), 1.2),
+    ("spatial", "fwd"): (("permute+sdpa",), 1.3),
+    ("spatial", "fwd+bwd"): (("permute+sdpa",), 1.3),
+    ("temporal", "fwd"): (("permute+sdpa",), 1.3),
+    ("temporal", "fwd+bwd"): (("permute+sdpa",), 1.3),
+    ("window", "fwd"): (("ours-dense",), 3.0),
+    ("window", "fwd+bwd"): (("ours-dense",), 3.0),
+}
+
+
+def _finish(rows: List[dict]) -> List[dict]:
+    print()
+    common.print_ratio_table(rows, metric="tflops")
+    lines = []
+    for (op, variant, shape, _dtype), by in common.group_rows(rows).items():
+        kind = op[len("attention-"):]
+        ours_row = by.get("ours-triton")
+        if ours_row is None or (kind, variant) not in TARGETS:
+            continue
+        names, goal = TARGETS[(kind, variant)]
+        targets = [(names, goal)] + ([(("flex",), 1.3)] if kind == "window" else [])
+        for base_names, g in targets:
+            base = [by[n]["median_ms"] for n in base_names if n in by]
+            if not base:
+                continue
+            x = min(base) / ours_row["median_ms"]
+            lines.append([f"{kind} {variant} vs fastest of {','.join(base_names)}",
+                          common.shape_str(json.loads(shape)), f"{x:.2f}x", f">= {g}x",
+                          "PASS" if x >= g else f"MISS by {100 * (1 - x / g):.0f}%"])
+    if lines:
+        print("Targets (issue 3)")
+        common.print_table(["target", "shape", "measured", "goal", "status"], lines)
+    return rows
+
+
+def smoke() -> None:
+    """Tiny CPU check: the baselines compute what the package's reference computes (fp32)."""
+    for kind in ("spatial", "temporal"):
+        case = Case(kind, "fwd", 2, 2, 16, (3, 4, 5), dtype=torch.float32)
+        q, k, v = make_inputs(case, "cpu", requires_grad=False)
+        err = float((permute_sdpa(case)(q, k, v) - reference(case)(q, k, v)).abs().max())
+        assert err < 1e-5, f"{kind}: permute+sdpa baseline differs from the reference by {err:.2e}"
+    case = Case("rope", "fwd", 1, 2, 24, (3, 4, 5), dtype=torch.float32)
+    q, k, v = make_inputs(case, "cpu", requires_grad=False)
+    err = float((rope_then_sdpa(case)(q, k, v) - reference(case)(q, k, v)).abs().max())
+    assert err < 1e-5, f"rope+sdpa baseline differs from the reference by {err:.2e}"
+    print("[attention] smoke: permute+sdpa and rope+sdpa baselines match dit_fast's reference (fp32, tiny shapes)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
+    parser.add_argument("--cases", default=",".join(KINDS), help=f"comma list from {','.join(KINDS)}")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not append result rows")
+    args = parser.parse_args(argv)
+    if torch.device(args.device).type != "cuda" or not torch.cuda.is_available():
+        print(f"{common.GPU_MESSAGE}: attention is timed on a CUDA device only (torch {torch.__version__} "
+              "sees none here). Exiting without numbers.")
+        return 0
+    run(args.device, quick=args.quick, kinds=tuple(args.cases.split(",")), write=not args.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
