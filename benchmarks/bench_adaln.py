@@ -183,10 +183,10 @@ def nbytes(case: Case) -> int:
 
 def make_inputs(case: Case, device, requires_grad: bool, seed: int = 0) -> dict:
     """Fresh random inputs (never zeros). Modulations are (B, C) when G == 1, else (B, G, C)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on the device: 400 MB inputs in ms
 
     def rand(*shape, scale=1.0):
-        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=case.dtype)
+        t = (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * scale).to(case.dtype)
         return t.requires_grad_(requires_grad)
 
     mod_shape = (case.B, case.C) if case.G == 1 else (case.B, case.G, case.C)
@@ -214,9 +214,9 @@ def setup(provider: str, case: Case, device) -> Tuple[Callable[[], object], List
     leaves = [t for t in args if t is not None]
     if case.variant == "fwd":
         return (lambda: f(*args)), []
-    g = torch.Generator(device="cpu").manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(1)
     outs = _as_tuple(f(*args))
-    grads = [torch.randn(o.shape, generator=g).to(device=device, dtype=o.dtype) for o in outs]
+    grads = [torch.randn(o.shape, generator=g, device=device, dtype=o.dtype) for o in outs]
     if case.variant == "bwd":
         return (lambda: torch.autograd.backward(outs, grads, retain_graph=True)), leaves
     return (lambda: torch.autograd.backward(_as_tuple(f(*args)), grads)), leaves

@@ -121,6 +121,9 @@ build() {
       "$PY -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check -v -e ."
     return 0
   fi
+  # pyproject's `license = "MIT"` (PEP 639) needs setuptools >= 77 when building without isolation
+  "$PY" -c "import setuptools as s; from packaging.version import Version as V; print('setuptools', s.__version__);
+assert V(s.__version__) >= V('77'), 'WARNING: setuptools < 77 may reject pyproject license = \"MIT\"'" || true
   DIT_FAST_BUILD_CUDA=1 DIT_FAST_CUDA_ARCHS=${DIT_FAST_CUDA_ARCHS:-90a} PIP_NO_INDEX=1 \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check -v -e .
   local rc=$?
