@@ -55,8 +55,8 @@ def _adam_moments_kernel(
     g = tl.load(G_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if QUANT:
         # dequantize: m = sign(q) (q / 127)^2 absmax, v = (q / 255)^4 absmax
-        tm = tl.load(M_ptr + offs, mask=mask, other=0).to(tl.float32) / M_LEVELS_C
-        tv = tl.load(V_ptr + offs, mask=mask, other=0).to(tl.float32) / V_LEVELS_C
+        tm = tl.math.div_rn(tl.load(M_ptr + offs, mask=mask, other=0).to(tl.float32), M_LEVELS_C)
+        tv = tl.math.div_rn(tl.load(V_ptr + offs, mask=mask, other=0).to(tl.float32), V_LEVELS_C)
         m = tm * tl.abs(tm) * tl.load(MABS_ptr + pid)
         v = (tv * tv) * (tv * tv) * tl.load(VABS_ptr + pid)
     else:
@@ -64,16 +64,16 @@ def _adam_moments_kernel(
         v = tl.load(V_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = m * beta1 + g * (1.0 - beta1)
     v = v * beta2 + g * g * (1.0 - beta2)
-    n = m / (tl.sqrt_rn(v) + eps)
+    n = tl.math.div_rn(m, tl.sqrt_rn(v) + eps)  # IEEE division and sqrt, as torch and csrc/galore.cu
     if QUANT:
         # requantize with the new absmax of the block; companding keeps resolution for small values
         m_abs = tl.max(tl.where(mask, tl.abs(m), 0.0), axis=0)
         v_abs = tl.max(tl.where(mask, v, 0.0), axis=0)
         m_safe = tl.where(m_abs > 0, m_abs, 1.0)
         v_safe = tl.where(v_abs > 0, v_abs, 1.0)
-        qm = tl.floor(M_LEVELS_C * tl.sqrt_rn(tl.abs(m) / m_safe) + 0.5)
+        qm = tl.floor(M_LEVELS_C * tl.sqrt_rn(tl.math.div_rn(tl.abs(m), m_safe)) + 0.5)
         qm = tl.where(m < 0, -qm, qm)
-        qv = tl.floor(V_LEVELS_C * tl.sqrt_rn(tl.sqrt_rn(v / v_safe)) + 0.5)
+        qv = tl.floor(V_LEVELS_C * tl.sqrt_rn(tl.sqrt_rn(tl.math.div_rn(v, v_safe))) + 0.5)
         tl.store(M_ptr + offs, qm.to(tl.int8), mask=mask)
         tl.store(V_ptr + offs, qv.to(tl.uint8), mask=mask)
         tl.store(MABS_ptr + pid, m_abs)
