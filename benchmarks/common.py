@@ -62,7 +62,18 @@ QUANTILES = (0.2, 0.5, 0.8)
 
 # Set by benchmarks/run.py: one id for every row of one invocation, the command line, a deadline.
 RUN_ID = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-COMMAND = " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv and sys.argv[0] else "python"
+
+
+def _command_line() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = f"-m {spec.name}" if spec is not None and spec.name else (sys.argv[0] if sys.argv else "")
+    if "pytest" in program:
+        program = "-m pytest"
+    return " ".join(["python", program] + sys.argv[1:])
+
+
+COMMAND = _command_line()
 DEADLINE: Optional[float] = None  # time.monotonic() value
 
 

@@ -156,7 +156,8 @@ if [[ ${SKIP_BENCH:-0} != 1 ]]; then
   [[ ${BENCH_FULL:-0} == 1 ]] && QUICK=
   # --budget-s stops starting new cases 45 s before the stage's timeout; rows are written as they come
   # shellcheck disable=SC2086
-  DIT_FAST_RESULTS_DIR="$RESULTS" stage bench "$BENCH_LIMIT" 1 "$PY" -m benchmarks.run $QUICK --plot \
+  export DIT_FAST_RESULTS_DIR="$RESULTS"  # this run's rows only; merged into the repository afterwards
+  stage bench "$BENCH_LIMIT" 1 "$PY" -m benchmarks.run $QUICK --plot \
     --ops "${BENCH_OPS:-adaln,attention,rope,patchify,galore,model}" --budget-s $((BENCH_LIMIT > 90 ? BENCH_LIMIT - 45 : 45)) \
     --results-dir "$RESULTS"
 fi
