@@ -17,6 +17,7 @@
 #   SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1
 #   BENCH_OPS=adaln,...  ops for benchmarks.run (default: all; adaln first)
 #   BENCH_FULL=1         all cases instead of --quick
+#   BENCH_FIRST=1        benchmarks before tests (tests then get what is left of TEST_TIMEOUT)
 #   PYTEST_ARGS="..."    default "-q -x"
 #   BUILD_TIMEOUT=240 TEST_TIMEOUT=200 TOTAL_BUDGET=540 (seconds)
 #   DIT_FAST_COMMIT=sha  commit recorded in result rows when .git did not travel with the tree
@@ -146,12 +147,16 @@ pack() {
 
 note "gpu_check: started $(date -u +%FT%TZ), budget ${TOTAL_BUDGET}s, python $PY, out $OUT, dry run $DRY_RUN"
 
-stage env 60 1 env_report
-[[ ${SKIP_BUILD:-0} == 1 ]] || stage build "${BUILD_TIMEOUT:-240}" 1 build
-# shellcheck disable=SC2086
-[[ ${SKIP_TESTS:-0} == 1 ]] || stage tests "${TEST_TIMEOUT:-200}" 0 "$PY" -m pytest tests ${PYTEST_ARGS:--q -x} -p no:cacheprovider
-if [[ ${SKIP_BENCH:-0} != 1 ]]; then
-  BENCH_LIMIT=$(($(left) - 25))
+run_tests() {
+  # shellcheck disable=SC2086
+  [[ ${SKIP_TESTS:-0} == 1 ]] || stage tests "${TEST_TIMEOUT:-200}" 0 "$PY" -m pytest tests ${PYTEST_ARGS:--q -x} -p no:cacheprovider
+}
+
+run_bench() {
+  [[ ${SKIP_BENCH:-0} == 1 ]] && return 0
+  local reserve=25
+  [[ ${BENCH_FIRST:-0} == 1 && ${SKIP_TESTS:-0} != 1 ]] && reserve=$((25 + ${TEST_TIMEOUT:-200}))
+  BENCH_LIMIT=$(($(left) - reserve))
   QUICK=--quick
   [[ ${BENCH_FULL:-0} == 1 ]] && QUICK=
   # --budget-s stops starting new cases 45 s before the stage's timeout; rows are written as they come
@@ -160,6 +165,17 @@ if [[ ${SKIP_BENCH:-0} != 1 ]]; then
   stage bench "$BENCH_LIMIT" 1 "$PY" -m benchmarks.run $QUICK --plot \
     --ops "${BENCH_OPS:-adaln,attention,rope,patchify,galore,model}" --budget-s $((BENCH_LIMIT > 90 ? BENCH_LIMIT - 45 : 45)) \
     --results-dir "$RESULTS"
+  pack
+}
+
+stage env 60 1 env_report
+[[ ${SKIP_BUILD:-0} == 1 ]] || stage build "${BUILD_TIMEOUT:-240}" 1 build
+if [[ ${BENCH_FIRST:-0} == 1 ]]; then
+  run_bench
+  run_tests
+else
+  run_tests
+  run_bench
 fi
 pack
 note "gpu_check: done in $(elapsed)s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
@@ -169,7 +185,9 @@ echo
 echo "----- tests (tail) -----"
 tail -n 8 "$OUT/tests.log" 2>/dev/null
 echo "----- bench (tail) -----"
-tail -n 60 "$OUT/bench.log" 2>/dev/null
+tail -n 50 "$OUT/bench.log" 2>/dev/null
+echo "----- adaLN targets -----"
+sed -n '/^Targets (copy bandwidth/,/^$/p' "$OUT/bench.log" 2>/dev/null
 echo "----- summary -----"
 cat "$SUMMARY"
 exit 0
