@@ -26,7 +26,8 @@ API (small on purpose; everything else in this file is private):
         $DIT_FAST_RESULTS_DIR); every row carries the device name, torch/triton/CUDA versions,
         git commit, timestamp, run id and command line.
     print_ratio_table(rows, metric="gbps")
-        ours (providers named "ours-*") vs each baseline side by side: baseline_ms / ours_ms.
+        ours (providers named "ours-*") vs each baseline side by side: baseline_ms / ours_ms,
+        with ours' time, GB/s (or "tflops") and peak memory.
     require_cuda(device) -> bool
         False (after printing "GPU numbers need a CUDA GPU") when a CUDA device was asked for
         but none is present.
@@ -391,7 +392,7 @@ def print_ratio_table(rows: Sequence[dict], metric: str = "gbps") -> None:
     groups = group_rows(rows)
     baselines = sorted({p for g in groups.values() for p in g if not p.startswith("ours-")})
     unit = {"gbps": "GB/s", "tflops": "TFLOP/s"}.get(metric, metric)
-    header = ["op", "variant", "shape", "dtype", "provider", "ms", unit] + [f"vs {b}" for b in baselines]
+    header = ["op", "variant", "shape", "dtype", "provider", "ms", unit, "peak MiB"] + [f"vs {b}" for b in baselines]
     lines = []
     for (op, variant, shape, dtype), by_provider in groups.items():
         ours = [p for p in by_provider if p.startswith("ours-")] or list(by_provider)[:1]
@@ -402,5 +403,6 @@ def print_ratio_table(rows: Sequence[dict], metric: str = "gbps") -> None:
                 base = by_provider.get(b)
                 ratios.append("-" if base is None or b == p else f"{base['median_ms'] / r['median_ms']:.2f}x")
             lines.append([op, variant, shape_str(json.loads(shape)), dtype, p, _fmt(r["median_ms"], ".4f"),
-                          _fmt(r.get(metric), ".1f")] + ratios)
+                          _fmt(r.get(metric), ".1f"),
+                          _fmt(None if r.get("peak_mem_bytes") is None else r["peak_mem_bytes"] / 2**20, ".0f")] + ratios)
     print_table(header, lines)
