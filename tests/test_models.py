@@ -212,9 +212,10 @@ def test_gradient_checkpointing_same_grads():
             assert_close(q.grad, p.grad, name=name)
 
 
-def test_bf16_autocast():
-    model = R.randomize_(tiny_video("torch"), std=0.05).eval()
-    x, t, y, text, mask = video_inputs()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_autocast(backend):
+    model = R.randomize_(tiny_video(backend), std=0.05).eval()
+    x, t, y, text, mask = video_inputs(batch=1)
     with torch.no_grad():
         ref = model(x, t, y, text, mask)
         with torch.autocast("cpu", dtype=torch.bfloat16):
