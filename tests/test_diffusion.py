@@ -229,3 +229,34 @@ def test_gaussian_sampling_with_model_and_guidance():
                                              model_kwargs={"y": torch.tensor([1])})
     assert math.isfinite(float(diffusion.training_losses(model, torch.randn(2, 4, 2, 4, 4),
                                                          {"y": torch.tensor([0, 1])})["loss"].mean().detach()))
+
+
+class ImageDiT(torch.nn.Module):
+    """The reference DiT seen as a one-frame video model: (B, C, 1, H, W) in and out."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x, t, y):
+        return self.dit(x[:, :, 0], t, y)[:, :, None]
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        # DiT's sample.py labels: the second half of the doubled batch is the null class
+        y = torch.cat([y[: len(y) // 2], torch.full_like(y[len(y) // 2:], self.dit.y_embedder.num_classes)])
+        return self.dit.forward_with_cfg(x[:, :, 0], t, y, cfg_scale)[:, :, None]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_loaded_checkpoint_samples_like_reference_dit(sampler):
+    from dit_fast.models import load_dit_checkpoint
+
+    ref = R.randomize_(R.DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                             num_classes=10), std=0.05).eval()
+    model = load_dit_checkpoint(ref.state_dict(), num_heads=2, backend="torch")
+    diffusion = GaussianDiffusion("5")
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    kwargs = dict(model_kwargs={"y": torch.tensor([3, 7])}, cfg_scale=4.0, progress_bar=False)
+    ours = loop(model, (2, 4, 1, 4, 4), generator=torch.Generator().manual_seed(0), **kwargs)
+    theirs = loop(ImageDiT(ref), (2, 4, 1, 4, 4), generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
