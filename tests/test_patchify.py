@@ -253,3 +253,27 @@ def test_offsets_past_2_31_elements(backend):
     back = ops.unpatchify_3d(tokens, patch, grid, backend=backend)
     assert_same("last frames", back[:, :, -1:, -4:],
                 P.unpatchify_3d_reference(tokens[:, -2 * grid[2]:], patch, (1, 2, grid[2])))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU every test above compiles and runs the kernel for real")
+@pytest.mark.parametrize("channels_last, to_tokens", [(False, True), (True, False)])
+def test_triton_kernel_compiles_for_sm90(channels_last, to_tokens):
+    """The interpreter does not compile: check that the kernel builds for an H100 here."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dit_fast.triton_kernels import patchify as kernels
+
+    fn = kernels._patchify_3d_kernel
+    fn = triton.JITFunction(getattr(fn, "fn", fn))  # under TRITON_INTERPRET the decorator wrapped it
+    ints = ("C", "T_TOK", "H_TOK", "W_TOK", "K", "stride_vc", "stride_vt", "stride_vh", "stride_vw",
+            "stride_tb", "stride_ts", "stride_tk")
+    signature = {"V_ptr": "*bf16", "TOK_ptr": "*bf16", "stride_vb": "i64", **{n: "i32" for n in ints}}
+    constexprs = {"PT": 2, "PH": 2, "PW": 2, "CHANNELS_LAST": channels_last, "TO_TOKENS": to_tokens,
+                  "BLOCK_W": 64, "BLOCK_F": 64}
+    signature.update({n: "constexpr" for n in constexprs})
+    signature = {name: signature[name] for name in fn.arg_names}  # in the kernel's argument order
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]

@@ -218,3 +218,26 @@ def test_offsets_past_2_31_elements(backend):
         pairs = x[0, tokens].float().reshape(-1, heads, D // 2, 2)
         want = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 0] * sin + pairs[..., 1] * cos], -1)
         torch.testing.assert_close(out[0, tokens].float(), want.reshape(-1, heads, D), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU every test above compiles and runs the kernel for real")
+def test_triton_kernel_compiles_for_sm90():
+    """The interpreter never takes the GPU branch (libdevice sin/cos): compile it for an H100 here."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dit_fast.triton_kernels import rope as kernels
+
+    fn = kernels._rope_3d_kernel
+    fn = triton.JITFunction(getattr(fn, "fn", fn))  # under TRITON_INTERPRET the decorator wrapped it
+    signature = {"X_ptr": "*bf16", "OUT_ptr": "*bf16", "INV_FREQ_ptr": "*fp32", "S": "i32", "HEADS": "i32",
+                 "D": "i32", "H": "i32", "W": "i32", "stride_xb": "i64", "stride_xs": "i32", "stride_xh": "i32",
+                 "PAIRS_T": "i32", "PAIRS_TH": "i32", "HEADS_PER_PROGRAM": "i32", "INVERSE": "constexpr",
+                 "ACCURATE_TRIG": "constexpr", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
+    constexprs = {"INVERSE": True, "ACCURATE_TRIG": True, "BLOCK_S": 32, "BLOCK_D": 128}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"]
+    assert "sin.approx" not in ptx and "cos.approx" not in ptx  # accurate trig: angles reach hundreds of radians
