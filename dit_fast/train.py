@@ -79,6 +79,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # "adamw" | "galore"
     galore_rank: int = 32
+    galore_update_proj_gap: int = 200
     ema_decay: float = 0.999
     bf16: bool = False
     seed: int = 0
@@ -284,14 +285,12 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
     if cfg.optimizer == "galore":
-        from dit_fast.optim import GaLoreAdamW  # raises ImportError with its own reason if absent
-        # GaLore projects the gradients of 2-D weight matrices; vectors and embeddings step as AdamW.
-        galore = [p for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n]
-        ids = {id(p) for p in galore}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        groups = [{"params": galore, "rank": cfg.galore_rank, "weight_decay": cfg.weight_decay},
-                  {"params": rest, "weight_decay": 0.0}]
-        return GaLoreAdamW(groups, lr=cfg.lr)
+        from dit_fast.optim import GaLoreAdamW, galore_param_groups
+
+        # attention and MLP matrices wider than the rank get low-rank moments; the rest plain AdamW
+        groups = galore_param_groups(model, rank=cfg.galore_rank, update_proj_gap=cfg.galore_update_proj_gap,
+                                     weight_decay=cfg.weight_decay)
+        return GaLoreAdamW(groups, lr=cfg.lr, backend=cfg.backend, seed=cfg.seed)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
