@@ -100,6 +100,18 @@ def test_checkpoint_infers_config_and_formats(tmp_path):
             assert_close(model(x[:, :, None], t, y)[:, :, 0], expected)
 
 
+def test_checkpoint_of_a_dit_size_needs_no_heads():
+    """DiT-S/8 at 16x16 (4 tokens): heads come from DiT's size table, or from the name."""
+    ref = R.randomize_(R.DiT(input_size=16, patch_size=8, depth=12, hidden_size=384, num_heads=6), std=0.02).eval()
+    x, t, y = dit_inputs(size=16, num_classes=1000)
+    with torch.no_grad():
+        expected = ref(x, t, y)
+        for name in (None, "DiT-S/8"):
+            model = load_dit_checkpoint(ref.state_dict(), name=name, backend="torch")
+            assert model.num_heads == 6 and len(model.blocks) == 12 and model.learn_sigma
+            assert_close(model(x[:, :, None], t, y)[:, :, 0], expected)
+
+
 def test_checkpoint_errors():
     sd = random_dit().state_dict()
     with pytest.raises(ValueError, match="num_heads"):
