@@ -18,6 +18,7 @@ ops torch.ops.dit_fast.patchify_3d / unpatchify_3d -> dit_fast/triton_kernels/pa
 dit_fast/cuda/patchify.py (csrc/patchify.cu).
 """
 
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -70,10 +71,12 @@ def _check_triple(name: str, value) -> Tuple[int, int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value, value)
     try:
-        values = tuple(value)
+        if any(isinstance(v, bool) for v in value):
+            raise TypeError
+        values = tuple(operator.index(v) for v in value)  # ints, numpy ints, 0-d integer tensors
     except TypeError:
         raise ValueError(f"{name} must be three positive ints (t, h, w), got {value!r}") from None
-    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+    if len(values) != 3 or not all(v > 0 for v in values):
         raise ValueError(f"{name} must be three positive ints (t, h, w), got {value!r}")
     return values
 

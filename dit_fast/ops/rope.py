@@ -15,6 +15,7 @@ Both kernels compute the angles on the fly from the token index and a (D / 2,) t
 per-pair frequencies (``rope_inv_freq``): no (S, D) cos/sin table is read from memory.
 """
 
+import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -110,10 +111,12 @@ MAX_HEAD_DIM = 1024  # one token's head dim is one tile of the Triton kernel and
 def check_grid(grid, name: str = "grid") -> Tuple[int, int, int]:
     """A (T, H, W) of three positive ints, or ValueError."""
     try:
-        values = tuple(grid)
+        if any(isinstance(v, bool) for v in grid):
+            raise TypeError
+        values = tuple(operator.index(v) for v in grid)  # ints, numpy ints, 0-d integer tensors
     except TypeError:
         raise ValueError(f"{name} must be a (T, H, W) tuple of positive ints, got {grid!r}") from None
-    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+    if len(values) != 3 or not all(v > 0 for v in values):
         raise ValueError(f"{name} must be a (T, H, W) tuple of positive ints, got {grid!r}")
     return values
 
