@@ -239,13 +239,16 @@ def test_bf16_autocast(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_fullgraph(backend):
+    """No graph breaks through the whole model (text, alternating attention, RoPE, per-frame t), train and eval."""
     torch._dynamo.reset()
-    model = R.randomize_(tiny_video(backend, text_dim=None, num_classes=0, attention="full")).eval()
-    x = torch.randn(1, 4, 2, 4, 4)
-    t = torch.rand(1, 2) * 1000
+    model = R.randomize_(tiny_video(backend))
+    x, t, y, text, mask = video_inputs(batch=1)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        assert_close(compiled(x, t), model(x, t))
+        assert_close(compiled(x, t, y, text, mask), model(x, t, y, text, mask))
+    model.train()
+    compiled(x, t, y, text, mask).square().mean().backward()
+    assert model.blocks[1].attn.qkv.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------
