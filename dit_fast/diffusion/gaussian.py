@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dit_fast.diffusion.guidance import initial_noise, model_output, progress
+from dit_fast.diffusion.guidance import draw, initial_noise, model_output, progress
 
 
 #################################################################################
@@ -173,7 +173,7 @@ class GaussianDiffusion:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             out = self.p_mean_variance(model, x, t, model_kwargs, cfg_scale, clip_denoised)
             if i > 0:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                z = draw(torch.randn, x.shape, generator, x.device)
                 x = (out["mean"] + torch.exp(0.5 * out["log_variance"]) * z).to(dtype)
             else:
                 x = out["mean"].to(dtype)
@@ -194,7 +194,7 @@ class GaussianDiffusion:
             sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
             mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
             if i > 0 and eta > 0:
-                mean = mean + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                mean = mean + sigma * draw(torch.randn, x.shape, generator, x.device)
             x = mean.to(dtype)
         return x
 
@@ -205,9 +205,9 @@ class GaussianDiffusion:
         """DiT's loss per sample: MSE on epsilon, plus the VB term with frozen mean when sigma is learned."""
         B, C = x_start.shape[:2]
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (B,), device=x_start.device, generator=generator)
+            t = (draw(torch.rand, (B,), generator, x_start.device) * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
         if noise is None:
-            noise = torch.randn(x_start.shape, device=x_start.device, generator=generator, dtype=x_start.dtype)
+            noise = draw(torch.randn, x_start.shape, generator, x_start.device, x_start.dtype)
         x_t = self.q_sample(x_start, t, noise).to(x_start.dtype)
         out = model(x_t, self.timestep_map.to(x_start.device)[t], **(model_kwargs or {}))
         terms = {"mse": _mean_flat((noise.float() - out[:, :C].float()) ** 2)}

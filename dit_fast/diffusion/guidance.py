@@ -33,12 +33,20 @@ def progress(iterable, enabled: bool, desc: str):
     return tqdm(iterable, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+def draw(fn, shape, generator=None, device=None, dtype=torch.float32) -> Tensor:
+    """``fn(shape)`` (torch.randn / torch.rand) from ``generator`` on its own device, then moved to ``device``.
+
+    So a CPU generator seeds GPU sampling, and one seed gives the same numbers on every device.
+    """
+    if generator is None:
+        return fn(tuple(shape), device=device, dtype=dtype)
+    return fn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device or generator.device)
+
+
 def initial_noise(shape, *, noise=None, generator=None, device=None, dtype=torch.float32) -> Tensor:
     """The starting noise: ``noise`` as given, else ``randn(shape)`` drawn from ``generator``."""
     if noise is not None:
         if tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)} but shape is {tuple(shape)}")
-        return noise
-    if generator is not None and device is None:
-        device = generator.device
-    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        return noise.to(device=device or noise.device)
+    return draw(torch.randn, shape, generator, device, dtype)

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from dit_fast.diffusion.guidance import initial_noise, model_output, progress
+from dit_fast.diffusion.guidance import draw, initial_noise, model_output, progress
 
 
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
@@ -61,8 +61,8 @@ class RectifiedFlow:
     def sample_timesteps(self, shape, device=None, generator=None) -> Tensor:
         """t in (0, 1) of the given shape, from the training distribution, before the shift."""
         if self.sample_t == "uniform":
-            return torch.rand(shape, device=device, generator=generator)
-        return torch.sigmoid(torch.randn(shape, device=device, generator=generator))
+            return draw(torch.rand, shape, generator, device)
+        return torch.sigmoid(draw(torch.randn, shape, generator, device))
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t = (1 - t) x_0 + t noise; t: (B,) or per frame (B, T)."""
@@ -84,7 +84,7 @@ class RectifiedFlow:
             t_shape = (B, T // pt) if per_frame else (B,)
             t = shift_timesteps(self.sample_timesteps(t_shape, x0.device, generator), self.shift_for(x0.shape))
         if noise is None:
-            noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+            noise = draw(torch.randn, x0.shape, generator, x0.device, x0.dtype)
         t_frames = t.repeat_interleave(pt, dim=1) if t.dim() == 2 else t  # (B,) or (B, T)
         x_t = self.add_noise(x0, noise, t_frames).to(x0.dtype)
         v = model(x_t, t * self.num_timesteps, **(model_kwargs or {}))[:, :C]  # learned sigma, if any, unused
