@@ -71,6 +71,24 @@ __global__ void __launch_bounds__(MAX_THREADS) adaln_forward_kernel(const AdalnF
   }
   if (!has_norm) return;
 
+  // Issue the modulation loads now, so that they complete while the block reduces its sums;
+  // not in the 1024-thread variant, whose 64 registers per thread have no room for them.
+  constexpr bool kPrefetch = MAX_THREADS <= 512;
+  const T* shift = static_cast<const T*>(p.shift) + mod_row * C;
+  const T* scale = static_cast<const T*>(p.scale) + mod_row * C;
+  Packed<T, VEC> shift_raw[MAX_VECS], scale_raw[MAX_VECS];
+  auto load_modulation = [&](int i, int j) {
+    shift_raw[i] = *reinterpret_cast<const Packed<T, VEC>*>(shift + j * VEC);
+    scale_raw[i] = *reinterpret_cast<const Packed<T, VEC>*>(scale + j * VEC);
+  };
+  if constexpr (kPrefetch) {
+#pragma unroll
+    for (int i = 0; i < MAX_VECS; ++i) {
+      const int j = threadIdx.x + i * blockDim.x;
+      if (j < num_vecs) load_modulation(i, j);
+    }
+  }
+
   // statistics in fp32; two passes over the registers (mean, then centred squares) for stability
   float sum[1] = {0.0f};
 #pragma unroll
@@ -97,8 +115,6 @@ __global__ void __launch_bounds__(MAX_THREADS) adaln_forward_kernel(const AdalnF
     p.rstd[row] = rstd;
   }
 
-  const T* shift = static_cast<const T*>(p.shift) + mod_row * C;
-  const T* scale = static_cast<const T*>(p.scale) + mod_row * C;
   const T* weight = static_cast<const T*>(p.weight);
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out) + row * C;
@@ -106,9 +122,8 @@ __global__ void __launch_bounds__(MAX_THREADS) adaln_forward_kernel(const AdalnF
   for (int i = 0; i < MAX_VECS; ++i) {
     const int j = threadIdx.x + i * blockDim.x;
     if (j < num_vecs) {
-      float sh[VEC], sc[VEC], w[VEC], b[VEC], o[VEC];
-      load_float<T, VEC>(shift + j * VEC, sh);
-      load_float<T, VEC>(scale + j * VEC, sc);
+      if constexpr (!kPrefetch) load_modulation(i, j);
+      float w[VEC], b[VEC], o[VEC];
       if (weight != nullptr) load_float<T, VEC>(weight + j * VEC, w);
       if (bias != nullptr) load_float<T, VEC>(bias + j * VEC, b);
 #pragma unroll
@@ -116,7 +131,7 @@ __global__ void __launch_bounds__(MAX_THREADS) adaln_forward_kernel(const AdalnF
         float ln = v[i][k] * rstd;
         if (weight != nullptr) ln *= w[k];
         if (bias != nullptr) ln += b[k];
-        o[k] = ln * (1.0f + sc[k]) + sh[k];
+        o[k] = ln * (1.0f + to_float(scale_raw[i].v[k])) + to_float(shift_raw[i].v[k]);
       }
       store_float<T, VEC>(out + j * VEC, o);
     }
@@ -162,34 +177,50 @@ __global__ void __launch_bounds__(MAX_THREADS) adaln_backward_kernel(const Adaln
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s0[i][k] = s1[i][k] = sgate[i][k] = 0.0f;
 
+  // xhat and dxhat of one vector of a row: x and dout from memory, scale and w from L1 (every
+  // row of the block reads the same ones).
+  auto normalised = [&](const T* x, const T* dout, int j, float mean, float rstd, float (&xhat)[VEC],
+                        float (&dv)[VEC], float (&dxhat)[VEC]) {
+    float xv[VEC], sc[VEC], w[VEC];
+    load_float<T, VEC>(x + j * VEC, xv);
+    load_float<T, VEC>(dout + j * VEC, dv);
+    load_float<T, VEC>(scale + j * VEC, sc);
+    if (weight != nullptr) load_float<T, VEC>(weight + j * VEC, w);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      xhat[k] = (xv[k] - mean) * rstd;
+      dxhat[k] = dv[k] * (1.0f + sc[k]);
+      if (weight != nullptr) dxhat[k] *= w[k];
+    }
+  };
+  // Up to 512 threads, xhat and dxhat stay in registers across the row sums; the 1024-thread
+  // variant (C > 8192, 64 registers per thread) reloads the row instead (an L1/L2 hit).
+  constexpr bool kHoldRow = MAX_THREADS <= 512;
+  constexpr int kHeld = kHoldRow ? MAX_VECS : 1;
+
   for (int64_t token = first_token; token < last_token; ++token) {
     const int64_t row = row_base + token;
-    float xhat[MAX_VECS][VEC], dxhat[MAX_VECS][VEC];  // held across the row sums
-    float rstd = 0.0f, c1 = 0.0f, c2 = 0.0f;
+    const T* x = static_cast<const T*>(p.x) + row * C;
+    const T* dout = static_cast<const T*>(p.dout) + row * C;
+    float xhat[kHeld][VEC], dxhat[kHeld][VEC];
+    float mean = 0.0f, rstd = 0.0f, c1 = 0.0f, c2 = 0.0f;
     if (has_norm) {
-      const float mean = p.mean[row];
+      mean = p.mean[row];
       rstd = p.rstd[row];
-      const T* x = static_cast<const T*>(p.x) + row * C;
-      const T* dout = static_cast<const T*>(p.dout) + row * C;
       float sums[2] = {0.0f, 0.0f};  // sum(dxhat * xhat), sum(dxhat)
 #pragma unroll
       for (int i = 0; i < MAX_VECS; ++i) {
         const int j = threadIdx.x + i * blockDim.x;
         if (j < num_vecs) {
-          float xv[VEC], dv[VEC], sc[VEC], w[VEC];
-          load_float<T, VEC>(x + j * VEC, xv);
-          load_float<T, VEC>(dout + j * VEC, dv);
-          load_float<T, VEC>(scale + j * VEC, sc);  // L1-resident: every row of the block reads it
-          if (weight != nullptr) load_float<T, VEC>(weight + j * VEC, w);
+          const int held = kHoldRow ? i : 0;
+          float dv[VEC];
+          normalised(x, dout, j, mean, rstd, xhat[held], dv, dxhat[held]);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            xhat[i][k] = (xv[k] - mean) * rstd;
             s0[i][k] += dv[k];
-            s1[i][k] += dv[k] * xhat[i][k];
-            dxhat[i][k] = dv[k] * (1.0f + sc[k]);
-            if (weight != nullptr) dxhat[i][k] *= w[k];
-            sums[0] += dxhat[i][k] * xhat[i][k];
-            sums[1] += dxhat[i][k];
+            s1[i][k] += dv[k] * xhat[held][k];
+            sums[0] += dxhat[held][k] * xhat[held][k];
+            sums[1] += dxhat[held][k];
           }
         }
       }
@@ -203,8 +234,18 @@ __global__ void __launch_bounds__(MAX_THREADS) adaln_backward_kernel(const Adaln
       const int j = threadIdx.x + i * blockDim.x;
       if (j < num_vecs) {
         float dh[VEC];
+        if (has_norm) {
+          const int held = kHoldRow ? i : 0;
+          if constexpr (!kHoldRow) {
+            float dv[VEC];
+            normalised(x, dout, j, mean, rstd, xhat[0], dv, dxhat[0]);
+          }
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) dh[k] = has_norm ? rstd * (dxhat[i][k] - c2 - xhat[i][k] * c1) : 0.0f;
+          for (int k = 0; k < VEC; ++k) dh[k] = rstd * (dxhat[held][k] - c2 - xhat[held][k] * c1);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) dh[k] = 0.0f;
+        }
         if (has_residual) {
           float dh_in[VEC], br[VEC], g[VEC], dbr[VEC];
           load_float<T, VEC>(static_cast<const T*>(p.dh) + row * C + j * VEC, dh_in);
@@ -263,7 +304,8 @@ __global__ void __launch_bounds__(MAX_THREADS) adaln_backward_kernel(const Adaln
 // when C needs them. Variants, tried in order (fewer elements per thread = fewer registers):
 //   128-bit vectors:  8 elements x <= 512 threads, then 16 x <= 512, then 16 x <= 1024 (C > 8192,
 //                     64 registers per thread: the backward spills there)
-//   scalar fallback (C not a multiple of 16 bytes, or a misaligned pointer): 16 x <= 1024
+//   scalar fallback (C not a multiple of 16 bytes, or a misaligned pointer): 8 x <= 512, then
+//                     16 x <= 1024
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kPreferredThreads = 256;
@@ -297,7 +339,9 @@ void with_launch_shape(int64_t channels, bool vectorize, Fn&& fn) {
     if (int t = pick_threads(num_vecs, 16 / kVec, 512)) return fn(Vec{}, Variant<16, 512>{}, t);
     return fn(Vec{}, Variant<16, 1024>{}, pick_threads(num_vecs, 16 / kVec, 1024));
   }
-  fn(std::integral_constant<int, 1>{}, Variant<16, 1024>{}, pick_threads(static_cast<int>(channels), 16, 1024));
+  using Scalar = std::integral_constant<int, 1>;
+  if (int t = pick_threads(static_cast<int>(channels), 8, 512)) return fn(Scalar{}, Variant<8, 512>{}, t);
+  fn(Scalar{}, Variant<16, 1024>{}, pick_threads(static_cast<int>(channels), 16, 1024));
 }
 
 void check_sizes(int64_t rows_or_batch, int64_t tokens, int64_t groups, int64_t channels, const char* op) {

@@ -19,6 +19,11 @@ if [[ -z "$NVCC" ]]; then
   exit 1
 fi
 PYTHON="${PYTHON:-python}"
+if ! "$PYTHON" -c "import pybind11" 2>/dev/null; then
+  # a fresh machine: pybind11 is only a build requirement of the package (pyproject.toml)
+  echo "compile_check: installing pybind11 to compile the binding layer"
+  "$PYTHON" -m pip install -q "pybind11>=2.10"
+fi
 PY_INCLUDES=$("$PYTHON" -c 'import sysconfig, pybind11; print("-I" + pybind11.get_include(), "-I" + sysconfig.get_paths()["include"])')
 
 TMP="$(mktemp -d)"
