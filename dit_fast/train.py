@@ -86,6 +86,13 @@ class TrainConfig:
     # rectified flow
     timestep_sampling: str = "logit_normal"  # "uniform" | "logit_normal"
     shift: float = 2.0  # timestep shift, training and sampling (dit_fast.diffusion.rectified_flow)
+    # What the DiT outputs. "velocity": v = noise - x_0 directly. "x0": the clean clip, turned into
+    # v = (x_t - x0_hat) / max(t, t_min) by TextToVideo, so loss and sampler stay the rectified flow's.
+    # Large pixel patches (2x8x8x3 = 384 values through a 128-wide model) cannot carry the noise that
+    # a velocity contains, but they can carry a clean patch (Li & He 2025, "Back to Basics: Let
+    # Denoising Generative Models Denoise", JiT: x-prediction with the velocity loss).
+    prediction: str = "velocity"
+    t_min: float = 0.05
     # bookkeeping
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -107,6 +114,8 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self, world_size: int = 1) -> None:
+        if self.prediction not in ("velocity", "x0"):
+            raise ValueError(f"prediction must be 'velocity' or 'x0', got {self.prediction!r}")
         if self.optimizer not in ("adamw", "galore"):
             raise ValueError(f"optimizer must be 'adamw' or 'galore', got {self.optimizer!r}")
         if self.timestep_sampling not in ("uniform", "logit_normal"):
@@ -249,21 +258,35 @@ class TextToVideo(torch.nn.Module):
                             in_channels=3, hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
                             mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.text_dropout, num_classes=0,
                             text_dim=cfg.text_dim, learn_sigma=False, backend=cfg.backend)
+        self.prediction, self.t_min = cfg.prediction, cfg.t_min
+        self.num_timesteps = 1000  # RectifiedFlow's scale of t (make_flow)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(ids, mask)  # (B, L, text_dim)
 
+    def to_velocity(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The DiT's output as a velocity: itself, or (x_t - x0_hat) / max(t, t_min) for x0-prediction."""
+        if self.prediction == "velocity":
+            return out
+        if t.dim() != 1:
+            raise ValueError(f"x0-prediction takes one timestep per sample (B,), got {tuple(t.shape)}")
+        tt = (t.float() / self.num_timesteps).clamp(min=self.t_min).reshape(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
+        return ((x.float() - out.float()) / tt).to(out.dtype)  # (B, 3, T, H, W)
+
     def forward(self, x, t, ids, mask, force_drop_ids=None):
         text = self.encode_text(ids, mask)
-        return self.dit(x, t, text=text, text_mask=mask, force_drop_ids=force_drop_ids)
+        out = self.dit(x, t, text=text, text_mask=mask, force_drop_ids=force_drop_ids)
+        return self.to_velocity(out, x, t)
 
     @property
     def patch_size(self):
         return self.dit.patch_size
 
     def forward_with_cfg(self, x, t, ids, mask, cfg_scale=1.0):
+        """Guidance is linear, so guiding x0_hat and then converting equals guiding the velocity."""
         text = self.encode_text(ids, mask)
-        return self.dit.forward_with_cfg(x, t, cfg_scale=cfg_scale, text=text, text_mask=mask)
+        out = self.dit.forward_with_cfg(x, t, cfg_scale=cfg_scale, text=text, text_mask=mask)
+        return self.to_velocity(out, x, t)
 
 
 def build_model(cfg: TrainConfig, vocabulary=None) -> TextToVideo:
@@ -272,7 +295,7 @@ def build_model(cfg: TrainConfig, vocabulary=None) -> TextToVideo:
 
 def make_flow(cfg: TrainConfig):
     from dit_fast.diffusion.rectified_flow import RectifiedFlow
-    return RectifiedFlow(shift=cfg.shift, sample_t=cfg.timestep_sampling)
+    return RectifiedFlow(shift=cfg.shift, sample_t=cfg.timestep_sampling, num_timesteps=1000)
 
 
 # --------------------------------------------------------------------------------------------
