@@ -165,15 +165,31 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for p in params:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._post_accumulate_hook))
 
+    def _lookup(self, p: torch.Tensor) -> Tuple[dict, int]:
+        """(group, position among all parameters) of ``p``; cached, rebuilt when the groups change."""
+        key = tuple(id(q) for g in self.param_groups for q in g["params"])
+        if getattr(self, "_lookup_key", None) != key:
+            table, i = {}, 0
+            for group in self.param_groups:
+                for q in group["params"]:
+                    table[id(q)] = (group, i)
+                    i += 1
+            self._lookup_table, self._lookup_key = table, key
+        if id(p) not in self._lookup_table:
+            raise KeyError("parameter not in this optimizer")
+        return self._lookup_table[id(p)]
+
     def _group_of(self, p: torch.Tensor) -> dict:
-        for group in self.param_groups:
-            for q in group["params"]:
-                if q is p:
-                    return group
-        raise KeyError("parameter not in this optimizer")
+        return self._lookup(p)[0]
 
     @torch.no_grad()
     def _post_accumulate_hook(self, p: torch.Tensor) -> None:
+        if not getattr(self, "_ddp_warned", False) and torch.distributed.is_available() \
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            self._ddp_warned = True
+            warnings.warn("GaLoreAdamW(per_layer=True) under torch.distributed: DDP reduces gradients after "
+                          "post-accumulate-grad hooks fire, so each rank would step on its own gradient. "
+                          "Use per_layer=False with DDP.", RuntimeWarning)
         state = self.state[p]
         state["micro_step"] = state.get("micro_step", 0) + 1
         if state["micro_step"] % self.accumulation_steps:
@@ -205,13 +221,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return loss
 
     def _param_index(self, p: torch.Tensor) -> int:
-        i = 0
-        for group in self.param_groups:
-            for q in group["params"]:
-                if q is p:
-                    return i
-                i += 1
-        raise KeyError("parameter not in this optimizer")
+        return self._lookup(p)[1]
 
     def _kernel_backend(self, device: torch.device) -> str:
         name = _backend.resolve_backend(self.backend, device, "GaLoreAdamW")
