@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: installs dit_fast with its test extras on this machine (CPU torch wheel
-# where one is on disk, so no multi-GB CUDA download) and runs the whole suite.
+# The README's test command (CI runs it too): install with the test extras, run the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q torch==2.13.0 2>/dev/null || python -m pip install -q torch
-python -m pip install -q -e ".[test]"
+bash scripts/install.sh test
 python -m pytest tests -q "$@"
