@@ -19,7 +19,8 @@ Masking modes, all served by the same three kernels:
             tiles, not with S^2. Inside visited tiles the exact token mask is applied.
   HAS_MASK  boolean key padding mask (B, Sk); a query with no visible key returns zeros (lse = -inf).
   HAS_ROPE  3D rotary embedding of q and k inside the kernels (dit_fast/ops/rope.py's convention:
-            interleaved pairs, pair j of axis a rotated by pos_a * theta^(-2i / d_a)). Tiles are rotated
+            interleaved pairs, pair j of axis a rotated by pos_a * theta^(-2i / d_a), cos and sin gathered
+            from a small per-position table instead of computed per tile). Tiles are rotated
             after loading; the backward rotates dq and dk back with the inverse rotation.
 
 Head dims up to 256 (72 and 96 run with the dot padded to a power of two, BLOCK_D, and masked loads).
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from dit_fast import _backend
-from dit_fast.ops.rope import rope_inv_freq
+from dit_fast.ops.rope import rope_split as _rope_split
 
 MAX_HEAD_DIM = 256
 
@@ -48,19 +49,20 @@ def _grid_position(tok, GRID_H, GRID_W):
 
 
 @triton.jit
-def _rotate(x, tok, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D: tl.constexpr,
+def _rotate(x, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D: tl.constexpr,
             INVERSE: tl.constexpr):
     """Rotates the interleaved pairs (x[2j], x[2j+1]) of each row of x (R, BLOCK_D) by the 3D RoPE angle
-    of its token; fp32 result. Pairs j < ROPE_DT2 use t, j < ROPE_DTH2 use h, the rest w; FREQ_ptr holds
-    theta^(-2i / d_a) per pair, (D / 2,); the padding pairs get angle 0, the identity."""
+    of its token; fp32 result. Pairs j < ROPE_DT2 use t, j < ROPE_DTH2 use h, the rest w.
+
+    ROPE_ptr is the (max(T, H, W), 2, D / 2) fp32 table of cos and sin of pos * theta^(-2i / d_a) (see
+    rope_tables): gathering from it, hot in L1/L2, replaces a sin and a cos per pair and tile."""
     t, h, w = _grid_position(tok, GRID_H, GRID_W)
-    pair = tl.arange(0, BLOCK_D // 2)
-    inv_freq = tl.load(FREQ_ptr + pair, mask=pair < D // 2, other=0.0)
-    pos = tl.where(pair[None, :] < ROPE_DT2, t.to(tl.float32)[:, None],
-                   tl.where(pair[None, :] < ROPE_DTH2, h.to(tl.float32)[:, None], w.to(tl.float32)[:, None]))
-    angle = pos * inv_freq[None, :]  # (R, BLOCK_D / 2)
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
+    t = tl.minimum(t, GRID_T - 1)  # rows past the sequence end (x = 0 there) must not read past the table
+    pair = tl.arange(0, BLOCK_D // 2)[None, :]
+    pos = tl.where(pair < ROPE_DT2, t[:, None], tl.where(pair < ROPE_DTH2, h[:, None], w[:, None]))
+    in_table = pair < D // 2  # padding pairs (D < BLOCK_D): cos 1, sin 0, the identity
+    cos = tl.load(ROPE_ptr + pos * D + pair, mask=in_table, other=1.0)  # (R, BLOCK_D / 2)
+    sin = tl.load(ROPE_ptr + pos * D + D // 2 + pair, mask=in_table, other=0.0)
     if INVERSE:  # R(angle)^T = R(-angle): the backward maps gradients of rotated q/k back to q/k
         sin = -sin
     even, odd = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], BLOCK_D // 2, 2)))
@@ -132,7 +134,7 @@ def _query_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, k_base, v_base, kpm_base, FREQ_ptr,
+def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, k_base, v_base, kpm_base, ROPE_ptr,
               stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
@@ -145,7 +147,7 @@ def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, k_base, v_base, kpm_base,
     k = tl.load(k_base + tok_k[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + tok_k[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     if HAS_ROPE:
-        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
+        k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
     allowed = valid_n[None, :]
     if HAS_MASK:
@@ -172,7 +174,7 @@ def _attn_fwd_kernel(
     O_ptr,  # out: (B, Sq, heads, D)
     LSE_ptr,  # out: natural-log logsumexp of the scaled scores, (B, heads, Sq) fp32
     KPM_ptr,  # key padding mask, (B, Sk) uint8, nonzero = attend  [HAS_MASK]
-    FREQ_ptr,  # RoPE inverse frequency per pair, (D / 2,) fp32 (dit_fast.ops.rope.rope_inv_freq)  [HAS_ROPE]
+    ROPE_ptr,  # RoPE cos / sin table, (max(T, H, W), 2, D / 2) fp32, from rope_tables  [HAS_ROPE]
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -213,7 +215,7 @@ def _attn_fwd_kernel(
     q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + tok_q[:, None] * stride_qs + offs_d[None, :],
                 mask=q_mask, other=0.0)
     if HAS_ROPE:
-        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(
+        q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(
             Q_ptr.dtype.element_ty)
     k_base = K_ptr + b * stride_kb + h * stride_kh
     v_base = V_ptr + b * stride_vb + h * stride_vh
@@ -233,13 +235,13 @@ def _attn_fwd_kernel(
             hi = (f * GRID_H + r_hi + 1) * GRID_W
             for start_n in range(lo, hi, BLOCK_N):
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, k_base, v_base, kpm_base,
-                                          FREQ_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                          ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                           GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                                           BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
     else:
         for start_n in range(0, LK, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, LK, k_base, v_base, kpm_base,
-                                      FREQ_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                      ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                       GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                                       BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
 
@@ -265,7 +267,7 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, end_m, q_base, do_base, lse_base, delta_base,
-               FREQ_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+               ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
                HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -277,7 +279,7 @@ def _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, end_m, q_base, do_b
     q = tl.load(q_base + tok_q[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(do_base + tok_q[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
     if HAS_ROPE:
-        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
+        q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
     lse = tl.load(lse_base + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
     # rows without any visible key (lse = -inf) get p = 0, not exp2(-inf + inf) = NaN
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -304,7 +306,7 @@ def _attn_bwd_dkdv_kernel(
     LSE_ptr,  # (B, heads, Sq) fp32, from the forward
     DELTA_ptr,  # rowsum(dO * O), (B, heads, Sq) fp32
     DK_ptr, DV_ptr,  # out: (B, Sk, heads, D), contiguous
-    KPM_ptr, FREQ_ptr,
+    KPM_ptr, ROPE_ptr,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -341,7 +343,7 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V_ptr + b * stride_vb + h * stride_vh + tok_k[:, None] * stride_vs + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     if HAS_ROPE:
-        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
+        k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     kpm_k = valid_k
     if HAS_MASK:
         kpm_k = tl.load(KPM_ptr + b * stride_mb + tok_k, mask=valid_k, other=0) != 0
@@ -362,26 +364,26 @@ def _attn_bwd_dkdv_kernel(
             hi = (f * GRID_H + r_hi + 1) * GRID_W
             for start_m in range(lo, hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, hi, q_base, do_base, lse_base,
-                                    delta_base, FREQ_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                    delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                                     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                                     BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
     else:
         for start_m in range(0, LQ, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, LQ, q_base, do_base, lse_base,
-                                delta_base, FREQ_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                                 GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                                 BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
 
     dk = dk * sm_scale
     if HAS_ROPE:
-        dk = _rotate(dk, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
+        dk = _rotate(dk, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
     out_offs = b * stride_dkb + h * stride_dkh + tok_k[:, None] * stride_dks + offs_d[None, :]
     tl.store(DK_ptr + out_offs, dk.to(DK_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(DV_ptr + out_offs, dv.to(DV_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, end_n, k_base, v_base, kpm_base, FREQ_ptr,
+def _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, end_n, k_base, v_base, kpm_base, ROPE_ptr,
              stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
@@ -394,7 +396,7 @@ def _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, end_n, k_base, v_ba
     k = tl.load(k_base + tok_k[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + tok_k[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     if HAS_ROPE:
-        k = _rotate(k, tok_k, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
+        k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     allowed = valid_m[:, None] & valid_n[None, :]
     if HAS_MASK:
@@ -413,7 +415,7 @@ def _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, end_n, k_base, v_ba
 def _attn_bwd_dq_kernel(
     Q_ptr, K_ptr, V_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
     DQ_ptr,  # out: (B, Sq, heads, D), contiguous
-    KPM_ptr, FREQ_ptr,
+    KPM_ptr, ROPE_ptr,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -450,7 +452,7 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO_ptr + b * stride_dob + h * stride_doh + tok_q[:, None] * stride_dos + offs_d[None, :],
                  mask=q_mask, other=0.0)
     if HAS_ROPE:
-        q = _rotate(q, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
+        q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
     lse = tl.load(LSE_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0)
@@ -469,19 +471,19 @@ def _attn_bwd_dq_kernel(
             hi = (f * GRID_H + r_hi + 1) * GRID_W
             for start_n in range(lo, hi, BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, hi, k_base, v_base, kpm_base,
-                              FREQ_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                              ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                               BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
     else:
         for start_n in range(0, LK, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, LK, k_base, v_base, kpm_base,
-                          FREQ_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                          ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                           GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                           BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
 
     dq = dq * sm_scale
     if HAS_ROPE:
-        dq = _rotate(dq, tok_q, FREQ_ptr, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
+        dq = _rotate(dq, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
     tl.store(DQ_ptr + b * stride_dqb + h * stride_dqh + tok_q[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ_ptr.dtype.element_ty), mask=q_mask)
 
@@ -550,6 +552,28 @@ def group_layout(mode: str, grid, seq_len: int):
     return 1, seq_len, 0, 1
 
 
+_rope_table_cache = {}
+
+
+def rope_tables(max_pos: int, head_dim: int, theta: float, split, device) -> torch.Tensor:
+    """(max_pos, 2, D / 2) fp32: cos and sin of pos * theta^(-2i / d_a) for every pair of the head dim.
+
+    Row pos serves every axis: pair j's angle uses the token's t, h or w by j's part of the split.
+    Computed exactly as dit_fast.ops.rope.rope_3d_angles (fp64 product, rounded to fp32, then cos and
+    sin in fp32), so the kernels rotate with the reference's values. Cached per device and shape.
+    """
+    key = (max_pos, head_dim, float(theta), tuple(split), str(device))
+    table = _rope_table_cache.get(key)
+    if table is None:
+        pos = torch.arange(max_pos, dtype=torch.float64)
+        inv_freq = torch.cat([theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+                              for d in _rope_split(head_dim, split)])  # (D / 2,)
+        angles = (pos[:, None] * inv_freq[None, :]).to(torch.float32)  # (max_pos, D / 2)
+        table = torch.stack([angles.cos(), angles.sin()], dim=1).to(device).contiguous()
+        _rope_table_cache[key] = table
+    return table
+
+
 def _lastdim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -568,10 +592,10 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_sp
     T, H, W = grid if len(grid) == 3 else (1, 1, 1)
     wt, wh, ww = window if len(window) == 3 else (1, 1, 1)
     if has_rope:
-        freq = rope_inv_freq(D, rope_theta, rope_split, q.device)  # (D / 2,) fp32, cached per device
+        rope_table = rope_tables(max(T, H, W), D, rope_theta, rope_split, q.device)
         dt2, dth2 = rope_split[0] // 2, (rope_split[0] + rope_split[1]) // 2
     else:
-        freq, dt2, dth2 = q.new_empty(0, dtype=torch.float32), 0, 0
+        rope_table, dt2, dth2 = q.new_empty(0, dtype=torch.float32), 0, 0
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
         kpm = _lastdim_contiguous(kpm)
@@ -582,7 +606,7 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_sp
     flags = dict(BLOCK_D=block_d, HAS_ROPE=has_rope, HAS_MASK=key_padding_mask is not None,
                  WINDOW=len(window) == 3,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    return kpm, freq, stride_mb, scalars, (B * heads * groups, lq, lk), flags
+    return kpm, rope_table, stride_mb, scalars, (B * heads * groups, lq, lk), flags
 
 
 def attention_forward(q, k, v, key_padding_mask, grid, mode, window, rope_theta, rope_split, scale):
@@ -591,10 +615,10 @@ def attention_forward(q, k, v, key_padding_mask, grid, mode, window, rope_theta,
     B, Sq, heads, D = q.shape
     out = torch.empty((B, Sq, heads, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, heads, Sq), device=q.device, dtype=torch.float32)
-    kpm, freq, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
+    kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
         q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split)
     _attn_fwd[lambda meta: (programs * triton.cdiv(lq, meta["BLOCK_M"]),)](
-        q, k, v, out, lse, kpm, freq,
+        q, k, v, out, lse, kpm, rope_table,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -612,15 +636,15 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, wi
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    kpm, freq, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
+    kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
         q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     tail = (stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk))
     _attn_bwd_dkdv[lambda meta: (programs * triton.cdiv(lk, meta["BLOCK_N"]),)](
-        q, k, v, dout, lse, delta, dk, dv, kpm, freq, *strides,
+        q, k, v, dout, lse, delta, dk, dv, kpm, rope_table, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), *tail, **flags)
     _attn_bwd_dq[lambda meta: (programs * triton.cdiv(lq, meta["BLOCK_M"]),)](
-        q, k, v, dout, lse, delta, dq, kpm, freq, *strides,
+        q, k, v, dout, lse, delta, dq, kpm, rope_table, *strides,
         dq.stride(0), dq.stride(1), dq.stride(2), *tail, **flags)
     return dq, dk, dv
