@@ -7,6 +7,7 @@ The Triton backend of the same ops is tested in tests/test_adaln.py.
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,17 @@ def test_compile_check_fails_on_a_broken_kernel(tmp_path):
     result = _run_compile_check(tmp_path, {"good.cu": GOOD_KERNEL, "broken.cu": BROKEN_KERNEL})
     assert result.returncode != 0
     assert "FAILED  broken.cu" in result.stdout and "undefined_name" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the emulation compiles csrc/adaln.cu with g++")
+def test_adaln_kernels_in_cpu_emulation():
+    """csrc/adaln.cu run on the CPU (tests/adaln_emulation): every op, dtype, launch variant and the
+    scalar fallback against the reference, forward and every gradient. A GPU run remains the real test."""
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "adaln_emulation" / "run.py")],
+                            capture_output=True, text=True, timeout=900, cwd=ROOT)
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert result.returncode == 0, "\n".join(failed) or result.stdout[-3000:] + result.stderr[-3000:]
+    assert "all emulated adaLN CUDA checks passed" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------
