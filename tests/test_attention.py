@@ -159,6 +159,20 @@ def test_modules_keep_dit_parameter_names():
                                     "proj.weight", "proj.bias"}
 
 
+def test_spacetime_attention_module_loads_a_timm_style_attention_state_dict():
+    """DiT / timm's Attention: qkv -> (B, N, 3, heads, D) -> SDPA -> proj. Same weights, same output."""
+    dim, heads = 64, 4
+    timm_like = torch.nn.ModuleDict({"qkv": torch.nn.Linear(dim, 3 * dim), "proj": torch.nn.Linear(dim, dim)})
+    x = torch.randn(2, 12, dim)
+    B, N, C = x.shape
+    qkv = timm_like["qkv"](x).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, D)
+    want = timm_like["proj"](torch.nn.functional.scaled_dot_product_attention(*qkv).transpose(1, 2).reshape(B, N, C))
+    module = dnn.SpacetimeAttention(dim, heads, backend="triton").to(DEVICE)
+    module.load_state_dict(timm_like.state_dict())
+    got = module(x.to(DEVICE), (2, 2, 3))
+    assert_close_to_reference("timm attention", got, want.double(), want, dtype=torch.float32)
+
+
 def test_cross_attention_module_with_context_mask():
     module = dnn.CrossAttention(128, 48, 2, backend="triton").to(DEVICE)
     x, ctx = torch.randn(2, 21, 128, device=DEVICE), torch.randn(2, 13, 48, device=DEVICE)

@@ -1,8 +1,8 @@
 """Attention modules of a video DiT: self-attention over the spacetime grid, and cross-attention to text.
 
-Parameter names follow DiT / timm's ``Attention`` (``qkv``, ``q_norm``, ``k_norm``, ``proj``) and
-PixArt / Open-Sora's ``MultiHeadCrossAttention`` (``q_linear``, ``kv_linear``, ``proj``), so their
-checkpoints load with ``load_state_dict``.
+Parameter names (and the qk-norm: LayerNorm over the head dim) follow DiT / timm's ``Attention``
+(``qkv``, ``q_norm``, ``k_norm``, ``proj``) and PixArt / Open-Sora's ``MultiHeadCrossAttention``
+(``q_linear``, ``kv_linear``, ``proj``), so their checkpoints load with ``load_state_dict``.
 """
 
 from typing import Optional, Sequence
@@ -28,8 +28,8 @@ class SpacetimeAttention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.mode, self.window, self.rope, self.backend = mode, window, rope, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -62,8 +62,8 @@ class CrossAttention(nn.Module):
         self.backend = backend
         self.q_linear = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv_linear = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
