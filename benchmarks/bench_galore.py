@@ -11,7 +11,7 @@ Step, same weight, gradient and basis for every provider in one run (fp32 weight
 shapes 4096x4096 and 4096x11008 at rank 128 and 512; the refresh never runs inside the timed region.
 Step FLOPs: 2 matmuls of 2 * m * n * r each.
 
-Refresh (GPU: 4096x4096, rank 128; CPU: 1024x1024, rank 32): torch.linalg.svd vs the randomized
+Refresh (GPU: 4096x4096, rank 128; CPU: 1024x1024, rank 32, one thread): torch.linalg.svd vs the randomized
 refresh (subspace iteration, cold and warm-started from the previous basis), time and captured energy
 ||P G||^2 / ||G||^2 relative to the exact SVD's. The gradient has a decaying spectrum plus noise.
 
@@ -179,6 +179,12 @@ def make_gradient(m, n, device, seed=0):
 def run_refresh(device, quick: bool, write: bool) -> List[dict]:
     device = torch.device(device)
     m, n, rank = (4096, 4096, 128) if device.type == "cuda" else (1024, 1024, 32)
+    threads = None
+    if device.type != "cuda":
+        # one thread: on a shared machine MKL's OpenMP threads oversubscribe the cores and the SVD's
+        # time swings by ~100x; single-threaded times are stable and comparable between providers
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
     grad = make_gradient(m, n, device)
     previous = ref.svd_basis(make_gradient(m, n, device, seed=0) + 0.1 * make_gradient(m, n, device, seed=1),
                              rank, "right", torch.float32)  # last refresh's basis: a nearby gradient
@@ -200,7 +206,10 @@ def run_refresh(device, quick: bool, write: bool) -> List[dict]:
         energy = ref.captured_energy(grad, "right", fn())
         provider = "baseline-svd" if name == "torch.linalg.svd" else f"ours-{name}"
         rows.append(common.make_row(OP, "refresh", provider, {"m": m, "n": n, "rank": rank}, torch.float32, timing,
-                                    device=device, captured_energy=energy, energy_vs_svd=energy / exact_energy))
+                                    device=device, captured_energy=energy, energy_vs_svd=energy / exact_energy,
+                                    cpu_threads=1 if device.type != "cuda" else None))
+    if threads is not None:
+        torch.set_num_threads(threads)
     base = rows[0]["median_ms"]
     print(f"[galore] refresh {m}x{n} rank {rank} on {common.device_name(device)}")
     for r in rows:

@@ -104,6 +104,7 @@ def _project_back_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 products without tf32, as torch's matmul by default
 ):
     """GaLore: https://arxiv.org/abs/2403.03507 (the update W -= alpha * back(N), fused as a matmul epilogue)"""
     pid_m = tl.program_id(0)
@@ -119,7 +120,10 @@ def _project_back_kernel(
         r_off = offs_k[:, None] * stride_rk + offs_n[None, :] * stride_rn
         lhs = tl.load(L_ptr + l_off, mask=l_mask, other=0.0).to(tl.float32)
         rhs = tl.load(R_ptr + r_off, mask=r_mask, other=0.0).to(tl.float32)
-        acc += tl.dot(lhs, rhs, input_precision="ieee")  # fp32 like the reference (no tf32)
+        if IEEE:
+            acc += tl.dot(lhs, rhs, input_precision="ieee")
+        else:  # tf32, where torch's own fp32 matmuls use it (torch.backends.cuda.matmul.allow_tf32)
+            acc += tl.dot(lhs, rhs)
     w_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     w_ptrs = W_ptr + offs_m[:, None] * N + offs_n[None, :]
     w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
@@ -158,7 +162,7 @@ def _down_project_adam_kernel(
         b = tl.load(B_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
         if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")  # fp32 operands: no tf32, like the reference
+            acc += tl.dot(a, b, input_precision="ieee")  # fp32 operands: no tf32, as torch's matmul
         else:
             acc += tl.dot(a, b)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -224,6 +228,11 @@ def adam_step(grad, exp_avg, exp_avg_sq, m_absmax, v_absmax, beta1, beta2, eps, 
     return out
 
 
+def _tf32_allowed(device) -> bool:
+    """fp32 products in tf32 exactly where torch's own fp32 matmuls would use it."""
+    return torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+
+
 def _blocks_for(M, N, K):
     bk = 16 if K <= 16 else 32
     return 64, 64, bk
@@ -256,7 +265,7 @@ def project_back_update(param, low, basis, side, alpha, pre_decay, post_decay):
         target, lhs, rhs, M, N, K,
         lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
         alpha, pre_decay, post_decay,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=not _tf32_allowed(param.device),
     )
     if target is not param:
         param.copy_(target)
@@ -287,6 +296,7 @@ def down_project_adam(grad, basis, side, exp_avg, exp_avg_sq, beta1, beta2, eps)
     _down_project_adam_kernel[grid](
         a, b, exp_avg, exp_avg_sq, out, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        beta1, beta2, eps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=grad.dtype == torch.float32,
+        beta1, beta2, eps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        IEEE=grad.dtype == torch.float32 and not _tf32_allowed(grad.device),
     )
     return out
