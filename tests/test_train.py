@@ -199,3 +199,20 @@ def test_ddp_two_processes_gloo_match_one_process(tmp_path):
     # rank 0 alone wrote the checkpoint
     assert sorted(os.listdir(tmp_path / "ddp")) == ["ckpt_0000003.safetensors", "latest", "log.jsonl",
                                                    "state_0000003.pt"]
+
+
+def test_x0_prediction_is_turned_into_velocity(tmp_path):
+    """prediction="x0": the DiT outputs the clean clip and TextToVideo hands the sampler (x_t - x0_hat) / t."""
+    cfg = tiny(tmp_path, prediction="x0")
+    model = train_mod.build_model(cfg).eval()
+    torch.nn.init.normal_(model.dit.final_layer.linear.weight, std=0.1)  # non-zero output
+    x = torch.randn(2, 3, 4, 16, 16)
+    ids, mask = model.tokenizer(["a red circle moving left", "a blue square bouncing"])
+    t = torch.tensor([500.0, 10.0])  # t = 0.5, and 0.01, below t_min = 0.05
+    with torch.no_grad():
+        v = model(x, t, ids, mask)
+        x0_hat = model.dit(x, t, text=model.encode_text(ids, mask), text_mask=mask)
+    torch.testing.assert_close(v[0], (x[0] - x0_hat[0]) / 0.5)
+    torch.testing.assert_close(v[1], (x[1] - x0_hat[1]) / 0.05)
+    with pytest.raises(ValueError, match="prediction"):
+        Trainer(tiny(tmp_path, prediction="eps"), resume=None)
