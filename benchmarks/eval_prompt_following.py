@@ -59,7 +59,7 @@ def _commit() -> str:
 def evaluate(model, cfg, combos, seeds: int, steps: int, cfg_scale: float, batch: int, seed0: int = 1000,
              progress: bool = True):
     """Generate and score every (combo, seed); returns (rows, videos by combo index of the first seed)."""
-    jobs = [(combo, seed0 + s) for combo in combos for s in range(seeds)]
+    jobs = [(combo, seed0 + k * seeds + s) for k, combo in enumerate(combos) for s in range(seeds)]
     rows, first = [], {}
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
