@@ -152,6 +152,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._lookup_table = None
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
         _check_group(group)
@@ -166,18 +167,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._hooks.append(p.register_post_accumulate_grad_hook(self._post_accumulate_hook))
 
     def _lookup(self, p: torch.Tensor) -> Tuple[dict, int]:
-        """(group, position among all parameters) of ``p``; cached, rebuilt when the groups change."""
-        key = tuple(id(q) for g in self.param_groups for q in g["params"])
-        if getattr(self, "_lookup_key", None) != key:
+        """(group, position among all parameters) of ``p``; cached, rebuilt after add_param_group and
+        load_state_dict (which replace the groups)."""
+        table = getattr(self, "_lookup_table", None)
+        if table is None or id(p) not in table or not any(g is table[id(p)][0] for g in self.param_groups):
             table, i = {}, 0
             for group in self.param_groups:
                 for q in group["params"]:
                     table[id(q)] = (group, i)
                     i += 1
-            self._lookup_table, self._lookup_key = table, key
-        if id(p) not in self._lookup_table:
+            self._lookup_table = table
+        if id(p) not in table:
             raise KeyError("parameter not in this optimizer")
-        return self._lookup_table[id(p)]
+        return table[id(p)]
 
     def _group_of(self, p: torch.Tensor) -> dict:
         return self._lookup(p)[0]
@@ -388,6 +390,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Loads as torch.optim.Optimizer does, but keeps every state tensor's dtype (fp32 moments of a
         bf16 parameter, int8 codes, bases) instead of casting floating tensors to the parameter's."""
         super().load_state_dict(state_dict)
+        self._lookup_table = None
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):
