@@ -5,7 +5,8 @@ The Python package installs everywhere. The CUDA extension ``dit_fast._C`` is bu
 
   DIT_FAST_BUILD_CUDA=0      never build it (Triton and PyTorch backends still work)
   DIT_FAST_BUILD_CUDA=1      build it, and fail the install if that is impossible
-  (unset)                    build it when nvcc is found, otherwise skip with a message
+  (unset)                    build it when nvcc is found, otherwise skip with a message; a failed
+                             build warns and installs without it
   DIT_FAST_CUDA_ARCHS="90a;80"   architectures to compile for (default: sm_90a for H100/H200, sm_80)
 
 The extension is torch-free: kernels take raw pointers, sizes and a cudaStream_t, and a
