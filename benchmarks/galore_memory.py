@@ -83,10 +83,57 @@ def galore_state_bytes(groups, state_dtype):
     return total
 
 
+def measure_peak(model_name: str, rank: int, device, batch: int, steps: int = 3) -> list:
+    """Peak allocated bytes of real training steps (GPU): AdamW vs GaLoreAdamW on dit_fast's DiTVideo.
+
+    Same model, inputs and loss per configuration; the peak includes the activations (the same for
+    all), so the differences are the optimizer's. On CPU the peak is not tracked (None).
+    """
+    from dit_fast.models import DiT_models
+    from dit_fast.optim import GaLoreAdamW
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    configs = ("AdamW", "GaLore fp32", "GaLore int8", "GaLore int8 per-layer")
+    rows = []
+    for config in configs:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        torch.manual_seed(0)
+        model = DiT_models[model_name](class_dropout_prob=0.0).to(device)
+        if config == "AdamW":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        else:
+            groups = galore_param_groups(model, rank=rank, target="linear", update_proj_gap=200, scale=0.25)
+            opt = GaLoreAdamW(groups, lr=1e-4, state_dtype=config.split()[1], per_layer=config.endswith("per-layer"))
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn((batch, model.in_channels, *model.input_size), generator=g).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        for _ in range(steps):
+            model(x, t, y).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor))
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        rows.append(dict(config=config, peak_bytes=peak, state_bytes=state))
+        print(f"{config:24s} state {state / 2**20:9.1f} MiB   peak "
+              f"{'n/a (CPU)' if peak is None else f'{peak / 2**30:.2f} GiB'}", flush=True)
+        del model, opt
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results/galore_memory.json")
+    parser.add_argument("--measure-peak", default=None, metavar="DEVICE",
+                        help="also train DiTVideo DiT-XL/2 for 3 steps per configuration on DEVICE (cuda) and "
+                             "report the measured peak memory; written to <out>_peak_<device>.json")
+    parser.add_argument("--peak-model", default="DiT-XL/2")
+    parser.add_argument("--peak-batch", type=int, default=8)
     args = parser.parse_args()
 
     with torch.device("meta"):
@@ -132,6 +179,15 @@ def main():
     for r in rows:
         print(f"{r['config']:48s} {r['state_bytes'] / 2**20:10.1f} {r['ratio_to_adamw']:7.1%} "
               f"{r['train_bytes'] / 2**30:10.2f} {r['train_bytes_per_layer'] / 2**30:14.2f}")
+    if args.measure_peak:
+        device = torch.device(args.measure_peak)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        peak_rows = measure_peak(args.peak_model, args.rank, device, args.peak_batch)
+        path = args.out.replace(".json", "") + f"_peak_{device.type}.json"
+        with open(path, "w") as f:
+            json.dump(dict(benchmark="galore_memory_peak", model=args.peak_model, device=name, rank=args.rank,
+                           batch=args.peak_batch, command=" ".join(["python"] + sys.argv), torch=torch.__version__,
+                           commit=commit, rows=peak_rows), f, indent=1)
 
 
 if __name__ == "__main__":
