@@ -3,9 +3,10 @@
 galore-torch's package __init__ imports bitsandbytes (for its 8-bit optimizer) and its adamw.py
 imports transformers only for ``require_version``. Neither is needed for GaLoreAdamW, so when the
 plain import fails for that reason we load its two module files (adamw.py, galore_projector.py)
-directly, with a no-op ``require_version``. The test is skipped only when galore-torch is absent
-(`pip install galore-torch --no-deps` installs it without pulling torch, transformers or
-bitsandbytes).
+directly, with a no-op ``require_version``. The comparison with the package is skipped only when
+galore-torch is absent (`pip install galore-torch --no-deps` installs it without pulling torch,
+transformers or bitsandbytes; its declared dependencies make it unfit for the test extra); the same
+comparison against ``GaLoreTorchMath``, an independent transcription of its step, always runs.
 """
 
 import importlib.util
@@ -62,6 +63,52 @@ def galore_torch_adamw():
     return adamw.AdamW
 
 
+class GaLoreTorchMath(torch.optim.Optimizer):
+    """galore-torch's GaLoreAdamW step written out independently of dit_fast (its projector's side rules,
+    SVD refresh at step % gap == 0, HF AdamW with eps outside the bias correction, scale after the
+    project-back, decay of the updated weight), so that the comparison also runs where the package
+    is not installed."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @staticmethod
+    def _svd(g, rank, kind):
+        u, s, vh = torch.linalg.svd(g, full_matrices=False)
+        return {"right": vh[:rank, :], "left": u[:, :rank], "full": (u[:, :rank], vh[:rank, :])}[kind]
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st, g = self.state[p], p.grad
+                st.setdefault("step", 0)
+                if "rank" in group:
+                    m, n = g.shape
+                    kind = {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right"}.get(
+                        group["proj_type"], group["proj_type"])
+                    if "ortho" not in st or st["step"] % group["update_proj_gap"] == 0:
+                        st["ortho"] = self._svd(g, group["rank"], kind)
+                    o = st["ortho"]
+                    g = {"right": lambda: g @ o.t(), "left": lambda: o.t() @ g,
+                         "full": lambda: (o[0].t() @ g) @ o[1].t()}[kind]()
+                if "exp_avg" not in st:
+                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
+                b1, b2 = group["betas"]
+                st["step"] += 1
+                st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                step_size = group["lr"] * (1 - b2 ** st["step"]) ** 0.5 / (1 - b1 ** st["step"])
+                norm = st["exp_avg"] / st["exp_avg_sq"].sqrt().add_(group["eps"])
+                if "rank" in group:
+                    o = st["ortho"]
+                    norm = {"right": lambda: norm @ o, "left": lambda: o @ norm,
+                            "full": lambda: (o[0] @ norm) @ o[1]}[kind]() * group["scale"]
+                p.add_(norm, alpha=-step_size)
+                if group["weight_decay"] > 0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+
 def _model(shape, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.nn.Parameter(torch.randn(*shape, generator=g) * 0.1)
@@ -81,17 +128,21 @@ def _groups(params, rank, proj_type, gap, scale):
             dict(params=[params[1]])]
 
 
+@pytest.mark.parametrize("against", ["galore-torch", "transcript"])
 @pytest.mark.parametrize("shape", [(37, 53), (53, 37)])
 @pytest.mark.parametrize("proj_type,rank", [("std", 8), ("reverse_std", 8), ("left", 8), ("right", 8), ("full", 8),
                                             ("std", 64)])
-def test_trajectory_matches_galore_torch(shape, proj_type, rank):
-    Theirs = galore_torch_adamw()
+def test_trajectory_matches_galore_torch(against, shape, proj_type, rank):
     ours_p, x, y = _model(shape, 1)
     theirs_p, _, _ = _model(shape, 1)
     kw = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        theirs = Theirs(_groups(theirs_p, rank, proj_type, 7, 0.5), no_deprecation_warning=True, **kw)
+    if against == "galore-torch":
+        Theirs = galore_torch_adamw()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            theirs = Theirs(_groups(theirs_p, rank, proj_type, 7, 0.5), no_deprecation_warning=True, **kw)
+    else:
+        theirs = GaLoreTorchMath(_groups(theirs_p, rank, proj_type, 7, 0.5), **kw)
     ours = GaLoreAdamW(_groups(ours_p, rank, proj_type, 7, 0.5), weight_decay_mode="galore", backend="torch", **kw)
     for step in range(20):  # refreshes at steps 0, 7, 14
         for opt, params in ((ours, ours_p), (theirs, theirs_p)):
