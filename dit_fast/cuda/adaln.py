@@ -5,6 +5,8 @@ Same signatures and return conventions as dit_fast/triton_kernels/adaln.py, so t
 raw pointers (0 for an absent tensor), sizes, a dtype code and torch's current stream.
 """
 
+import functools
+
 import torch
 
 from dit_fast import _extension
@@ -27,11 +29,18 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _resident_backward_blocks(device_index: int, channels: int, dtype_code: int) -> int:
+    """Backward blocks that run at once on the whole GPU (SMs x blocks per SM for this C, dtype)."""
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return sms * _ext().adaln_backward_blocks_per_sm(channels, dtype_code)
+
+
 def _backward_chunks(num_groups: int, tokens_per_group: int, channels: int, dtype_code: int,
                      device: torch.device) -> int:
     """Enough blocks to fill every SM with as many as fit, never more than one per token."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    target = sms * _ext().adaln_backward_blocks_per_sm(channels, dtype_code)
+    target = _resident_backward_blocks(device.index if device.index is not None else torch.cuda.current_device(),
+                                       channels, dtype_code)
     return max(1, min(tokens_per_group, MAX_CHUNKS, -(-target // num_groups)))
 
 
