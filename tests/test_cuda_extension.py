@@ -83,6 +83,23 @@ def test_cuda_errors_become_runtime_errors_with_cuda_message():
             ext.adaln_backward_blocks_per_sm(channels=1152, dtype=2)
 
 
+@needs_ext
+def test_launchers_handle_zero_tokens_without_a_launch():
+    """N = 0: outputs are empty and the per-group / per-column gradient sums are zeros."""
+    from dit_fast.cuda import adaln as cuda_adaln
+
+    device = "cuda" if HAS_GPU else "cpu"
+    B, N, G, C = 2, 0, 1, 8
+    x, mod, w = torch.empty(B, N, C, device=device), torch.randn(B, G, C, device=device), torch.randn(C, device=device)
+    h, out, mean, rstd = cuda_adaln.adaln_forward(x, mod, x, mod, mod, w, None, 1e-6)
+    assert h.shape == out.shape == (B, N, C) and mean.shape == rstd.shape == (0,)
+    dx, dbranch, dgate, dshift, dscale, dweight, dbias = cuda_adaln.adaln_backward(
+        x, x, x, mod, x, mod, w, None, mean, rstd, G)
+    assert dx.shape == dbranch.shape == (B, N, C) and dbias is None
+    for grad, shape in ((dgate, (B, G, C)), (dshift, (B, G, C)), (dscale, (B, G, C)), (dweight, (C,))):
+        assert grad.shape == shape and not grad.any()
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without a GPU")
 @pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual", "residual_layernorm_modulate"])
 def test_cuda_backend_on_cpu_tensors_says_why(op):

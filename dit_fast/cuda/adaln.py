@@ -88,6 +88,11 @@ def adaln_backward(dout, dh, x_normed, gate, branch, scale, weight, bias, mean, 
     G = num_groups
     tokens_per_group = N // G
     dtype = like.dtype
+    if like.numel() == 0:  # no rows: the per-group and per-column sums are zeros
+        zeros = lambda flag, *size: torch.zeros(*size, device=like.device, dtype=dtype) if flag else None  # noqa: E731
+        return (torch.empty_like(like), zeros(has_residual, like.shape), zeros(has_residual, B, G, C),
+                zeros(has_norm, B, G, C), zeros(has_norm, B, G, C), zeros(weight is not None, C),
+                zeros(bias is not None, C))
     code = _extension.dtype_code(like)
     dout, x_normed, scale = (_contiguous(dout), _contiguous(x_normed), _contiguous(scale)) if has_norm else (None,) * 3
     mean, rstd = (_contiguous(mean), _contiguous(rstd)) if has_norm else (None, None)
