@@ -36,10 +36,11 @@ def make_clips(labels, gen):
     angle = labels.float() * (2 * math.pi / CLASSES)
     phase = torch.rand(b, generator=gen) * 2 * math.pi
     amp = 0.7 + 0.6 * torch.rand(b, generator=gen)
-    arg = (freq[:, None, None, None] * (torch.cos(angle)[:, None, None, None] * xx + torch.sin(angle)[:, None, None, None] * yy)
-           + 0.8 * tt + phase[:, None, None, None])  # (B, T, H, W)
+    f, cos, sin = freq.view(-1, 1, 1, 1), torch.cos(angle).view(-1, 1, 1, 1), torch.sin(angle).view(-1, 1, 1, 1)
+    arg = f * (cos * xx + sin * yy) + 0.8 * tt + phase.view(-1, 1, 1, 1)  # (B, T, H, W)
     chan = torch.arange(c).float()
-    clip = torch.sin(arg[:, None] + chan[None, :, None, None, None] * (1 + labels.float()[:, None, None, None, None] / 5))
+    mix = chan.view(1, -1, 1, 1, 1) * (1 + labels.float().view(-1, 1, 1, 1, 1) / 5)
+    clip = torch.sin(arg[:, None] + mix)
     return amp[:, None, None, None, None] * clip  # (B, C, T, H, W)
 
 
