@@ -90,6 +90,19 @@ def test_spatial_and_temporal_read_strided_views_in_place():
         assert_close_to_reference(mode, got, want, want.float(), dtype=torch.float32)
 
 
+def test_int64_offset_variant(monkeypatch):
+    """The kernels switch to int64 element offsets when a group's extent passes 2^31: run that variant."""
+    from dit_fast.triton_kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "FORCE_INT64_OFFSETS", True)
+    inputs = _qkv(1, 105, 105, 2, 64, torch.float32)
+
+    def fn(q, k, v, backend):
+        return ops.spacetime_attention(q, k, v, GRID, mode="temporal", rope="3d", return_lse=True, backend=backend)
+
+    _check_against_reference(fn, inputs, torch.float32)
+
+
 def test_window_reference_mask_is_the_shifted_3d_window():
     """The reference mask: along each axis a query sees exactly w positions, centred, shifted inside."""
     grid, window = (3, 5, 7), (2, 3, 5)

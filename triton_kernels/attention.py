@@ -73,6 +73,18 @@ def _rotate(x, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BL
 
 
 @triton.jit
+def _tile_offsets(pos, TOKEN_STRIDE, stride_s, offs_d, OFFS_64: tl.constexpr):
+    """Element offsets (R, BLOCK_D) of the tokens at positions pos of a group, from the group's base
+    pointer. int32 (fewer registers: int64 offsets make the tiles spill) unless the launcher saw that
+    a group's extent can pass 2^31 elements; batch, head and group offsets live in the int64 base."""
+    if OFFS_64:
+        rows = pos.to(tl.int64) * TOKEN_STRIDE * stride_s
+    else:
+        rows = pos * (TOKEN_STRIDE * stride_s)
+    return rows[:, None] + offs_d[None, :]
+
+
+@triton.jit
 def _window_start(p, WIN, N):
     """First position of the length-WIN window around p on an axis of N positions."""
     return tl.minimum(tl.maximum(p - (WIN - 1) // 2, 0), N - WIN)
@@ -141,24 +153,30 @@ def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, k_base, v_base, kpm_base,
               stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
-              HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
+              OFFS_64: tl.constexpr):
+    """One key tile of the forward. EVEN: the tile lies inside the sequence (no bounds masks)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     valid_n = offs_n < end_n
-    tok_k = g_off + offs_n.to(tl.int64) * TOKEN_STRIDE
-    kv_mask = valid_n[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_base + tok_k[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + tok_k[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    tok_k = g_off + offs_n * TOKEN_STRIDE
+    if EVEN:
+        kv_mask = offs_d[None, :] < D
+    else:
+        kv_mask = valid_n[:, None] & (offs_d[None, :] < D)
+    k = tl.load(k_base + _tile_offsets(offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64), mask=kv_mask, other=0.0)
+    v = tl.load(v_base + _tile_offsets(offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64), mask=kv_mask, other=0.0)
     if HAS_ROPE:
         k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-    allowed = valid_n[None, :]
-    if HAS_MASK:
-        allowed = allowed & (tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0)[None, :]
-    if WINDOW:
-        allowed = allowed & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
-                                            WIN_T, WIN_H, WIN_W)
-    s = tl.where(allowed, s, float("-inf"))
+    if (not EVEN) or (HAS_MASK or WINDOW):
+        allowed = valid_n[None, :]
+        if HAS_MASK:
+            allowed = allowed & (tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0)[None, :]
+        if WINDOW:
+            allowed = allowed & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
+                                                WIN_T, WIN_H, WIN_W)
+        s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row with no visible key so far keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -200,28 +218,30 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_offsets)
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(LQ, BLOCK_M)
     m_blk = pid % num_m
-    rest = (pid // num_m).to(tl.int64)  # int64: batch and head offsets pass 2^31 elements at video sizes
+    rest = pid // num_m
     g = rest % GROUPS
-    h = (rest // GROUPS) % HEADS
-    b = rest // GROUPS // HEADS
-    g_off = g * GROUP_STRIDE
+    h = ((rest // GROUPS) % HEADS).to(tl.int64)  # int64: batch and head offsets pass 2^31 elements
+    b = (rest // GROUPS // HEADS).to(tl.int64)
+    g_off = g * GROUP_STRIDE  # first token of the group
 
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     valid_m = offs_m < LQ
-    tok_q = g_off + offs_m.to(tl.int64) * TOKEN_STRIDE
+    tok_q = g_off + offs_m * TOKEN_STRIDE
     q_mask = valid_m[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + tok_q[:, None] * stride_qs + offs_d[None, :],
-                mask=q_mask, other=0.0)
+    g_off64 = g_off.to(tl.int64)
+    q_offs = _tile_offsets(offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64)
+    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs + q_offs, mask=q_mask, other=0.0)
     if HAS_ROPE:
         q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(
             Q_ptr.dtype.element_ty)
-    k_base = K_ptr + b * stride_kb + h * stride_kh
-    v_base = V_ptr + b * stride_vb + h * stride_vh
+    k_base = K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
+    v_base = V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
     kpm_base = KPM_ptr + b * stride_mb
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 is the native instruction
 
@@ -240,18 +260,26 @@ def _attn_fwd_kernel(
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, k_base, v_base, kpm_base,
                                           ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                           GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+                                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
     else:
-        for start_n in range(0, LK, BLOCK_N):
+        # whole tiles without bounds masks, then the partial last tile
+        n_full = LK - LK % BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, LK, k_base, v_base, kpm_base,
                                       ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                       GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64)
+        if n_full < LK:
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, n_full, LK, k_base, v_base, kpm_base,
+                                      ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                      GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
 
     # a fully masked row has l = 0 and acc = 0: it returns zeros, and lse = -inf
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(O_ptr + b * stride_ob + h * stride_oh + tok_q[:, None] * stride_os + offs_d[None, :],
-             out.to(O_ptr.dtype.element_ty), mask=q_mask)
+    o_offs = _tile_offsets(offs_m, TOKEN_STRIDE, stride_os, offs_d, OFFS_64)
+    tl.store(O_ptr + b * stride_ob + h * stride_oh + g_off64 * stride_os + o_offs, out.to(O_ptr.dtype.element_ty),
+             mask=q_mask)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE_ptr + (b * HEADS + h) * SQ + tok_q, lse, mask=valid_m)
 
@@ -269,18 +297,24 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, end_m, q_base, do_base, lse_base, delta_base,
+def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, q_base, do_base, lse_base, delta_base,
                ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
-               HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
+              OFFS_64: tl.constexpr):
+    """One query tile of the dk/dv backward. EVEN: the tile lies inside the sequence."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     valid_m = offs_m < end_m
-    tok_q = g_off + offs_m.to(tl.int64) * TOKEN_STRIDE
-    q_mask = valid_m[:, None] & (offs_d[None, :] < D)
-    q = tl.load(q_base + tok_q[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_base + tok_q[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+    tok_q = g_off + offs_m * TOKEN_STRIDE
+    if EVEN:
+        q_mask = offs_d[None, :] < D
+    else:
+        q_mask = valid_m[:, None] & (offs_d[None, :] < D)
+    q = tl.load(q_base + _tile_offsets(offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64), mask=q_mask, other=0.0)
+    do = tl.load(do_base + _tile_offsets(offs_m, TOKEN_STRIDE, stride_dos, offs_d, OFFS_64), mask=q_mask,
+                 other=0.0)
     if HAS_ROPE:
         q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
     lse = tl.load(lse_base + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
@@ -288,13 +322,15 @@ def _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, end_m, q_base, do_b
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(delta_base + tok_q, mask=valid_m, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-    allowed = valid_k[:, None] & valid_m[None, :]
-    if HAS_MASK:
-        allowed = allowed & kpm_k[:, None]
-    if WINDOW:
-        allowed = allowed & _window_allowed(tok_q[None, :], tok_k[:, None], GRID_T, GRID_H, GRID_W,
-                                            WIN_T, WIN_H, WIN_W)
-    p_t = tl.where(allowed, tl.math.exp2(s_t - lse[None, :]), 0.0)
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if (not EVEN) or (HAS_MASK or WINDOW):  # key rows past the end are never stored: mask queries only
+        allowed = valid_m[None, :]
+        if HAS_MASK:
+            allowed = allowed & kpm_k[:, None]
+        if WINDOW:
+            allowed = allowed & _window_allowed(tok_q[None, :], tok_k[:, None], GRID_T, GRID_H, GRID_W,
+                                                WIN_T, WIN_H, WIN_W)
+        p_t = tl.where(allowed, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -326,32 +362,34 @@ def _attn_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_offsets)
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(LK, BLOCK_N)
     n_blk = pid % num_n
-    rest = (pid // num_n).to(tl.int64)
+    rest = pid // num_n
     g = rest % GROUPS
-    h = (rest // GROUPS) % HEADS
-    b = rest // GROUPS // HEADS
+    h = ((rest // GROUPS) % HEADS).to(tl.int64)
+    b = (rest // GROUPS // HEADS).to(tl.int64)
     g_off = g * GROUP_STRIDE
 
     offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     valid_k = offs_n < LK
-    tok_k = g_off + offs_n.to(tl.int64) * TOKEN_STRIDE
+    tok_k = g_off + offs_n * TOKEN_STRIDE
     kv_mask = valid_k[:, None] & (offs_d[None, :] < D)
-    k = tl.load(K_ptr + b * stride_kb + h * stride_kh + tok_k[:, None] * stride_ks + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V_ptr + b * stride_vb + h * stride_vh + tok_k[:, None] * stride_vs + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    g_off64 = g_off.to(tl.int64)
+    k = tl.load(K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
+                + _tile_offsets(offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64), mask=kv_mask, other=0.0)
+    v = tl.load(V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
+                + _tile_offsets(offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64), mask=kv_mask, other=0.0)
     if HAS_ROPE:
         k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     kpm_k = valid_k
     if HAS_MASK:
         kpm_k = tl.load(KPM_ptr + b * stride_mb + tok_k, mask=valid_k, other=0) != 0
-    q_base = Q_ptr + b * stride_qb + h * stride_qh
-    do_base = DO_ptr + b * stride_dob + h * stride_doh
+    q_base = Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs
+    do_base = DO_ptr + b * stride_dob + h * stride_doh + g_off64 * stride_dos
     lse_base = LSE_ptr + (b * HEADS + h) * SQ
     delta_base = DELTA_ptr + (b * HEADS + h) * SQ
     qk_scale = sm_scale * 1.4426950408889634
@@ -366,48 +404,62 @@ def _attn_bwd_dkdv_kernel(
             lo = (f * GRID_H + r_lo) * GRID_W
             hi = (f * GRID_H + r_hi + 1) * GRID_W
             for start_m in range(lo, hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, hi, q_base, do_base, lse_base,
+                dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, hi, q_base, do_base, lse_base,
                                     delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                                     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                    BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+                                    BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
     else:
-        for start_m in range(0, LQ, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, valid_k, kpm_k, start_m, LQ, q_base, do_base, lse_base,
+        m_full = LQ - LQ % BLOCK_M
+        for start_m in range(0, m_full, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, LQ, q_base, do_base, lse_base,
                                 delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                                 GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+                                BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64)
+        if m_full < LQ:
+            dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, m_full, LQ, q_base, do_base, lse_base,
+                                delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                                BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
 
     dk = dk * sm_scale
     if HAS_ROPE:
         dk = _rotate(dk, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
-    out_offs = b * stride_dkb + h * stride_dkh + tok_k[:, None] * stride_dks + offs_d[None, :]
+    out_offs = (b * stride_dkb + h * stride_dkh + g_off64 * stride_dks
+                + _tile_offsets(offs_n, TOKEN_STRIDE, stride_dks, offs_d, OFFS_64))
     tl.store(DK_ptr + out_offs, dk.to(DK_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(DV_ptr + out_offs, dv.to(DV_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, end_n, k_base, v_base, kpm_base, ROPE_ptr,
+def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, k_base, v_base, kpm_base, ROPE_ptr,
              stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
-             HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
+              OFFS_64: tl.constexpr):
+    """One key tile of the dq backward. EVEN: the tile lies inside the sequence."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     valid_n = offs_n < end_n
-    tok_k = g_off + offs_n.to(tl.int64) * TOKEN_STRIDE
-    kv_mask = valid_n[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_base + tok_k[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + tok_k[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    tok_k = g_off + offs_n * TOKEN_STRIDE
+    if EVEN:
+        kv_mask = offs_d[None, :] < D
+    else:
+        kv_mask = valid_n[:, None] & (offs_d[None, :] < D)
+    k = tl.load(k_base + _tile_offsets(offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64), mask=kv_mask, other=0.0)
+    v = tl.load(v_base + _tile_offsets(offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64), mask=kv_mask, other=0.0)
     if HAS_ROPE:
         k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    allowed = valid_m[:, None] & valid_n[None, :]
-    if HAS_MASK:
-        allowed = allowed & (tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0)[None, :]
-    if WINDOW:
-        allowed = allowed & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
-                                            WIN_T, WIN_H, WIN_W)
-    p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
+    p = tl.math.exp2(s - lse[:, None])
+    if (not EVEN) or (HAS_MASK or WINDOW):  # rows past the end are never stored: mask keys only
+        allowed = valid_n[None, :]
+        if HAS_MASK:
+            allowed = allowed & (tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0)[None, :]
+        if WINDOW:
+            allowed = allowed & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
+                                                WIN_T, WIN_H, WIN_W)
+        p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -435,32 +487,34 @@ def _attn_bwd_dq_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_offsets)
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(LQ, BLOCK_M)
     m_blk = pid % num_m
-    rest = (pid // num_m).to(tl.int64)
+    rest = pid // num_m
     g = rest % GROUPS
-    h = (rest // GROUPS) % HEADS
-    b = rest // GROUPS // HEADS
+    h = ((rest // GROUPS) % HEADS).to(tl.int64)
+    b = (rest // GROUPS // HEADS).to(tl.int64)
     g_off = g * GROUP_STRIDE
 
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     valid_m = offs_m < LQ
-    tok_q = g_off + offs_m.to(tl.int64) * TOKEN_STRIDE
+    tok_q = g_off + offs_m * TOKEN_STRIDE
     q_mask = valid_m[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + tok_q[:, None] * stride_qs + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO_ptr + b * stride_dob + h * stride_doh + tok_q[:, None] * stride_dos + offs_d[None, :],
-                 mask=q_mask, other=0.0)
+    g_off64 = g_off.to(tl.int64)
+    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs
+                + _tile_offsets(offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64), mask=q_mask, other=0.0)
+    do = tl.load(DO_ptr + b * stride_dob + h * stride_doh + g_off64 * stride_dos
+                 + _tile_offsets(offs_m, TOKEN_STRIDE, stride_dos, offs_d, OFFS_64), mask=q_mask, other=0.0)
     if HAS_ROPE:
         q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
     lse = tl.load(LSE_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0)
-    k_base = K_ptr + b * stride_kb + h * stride_kh
-    v_base = V_ptr + b * stride_vb + h * stride_vh
+    k_base = K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
+    v_base = V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
     kpm_base = KPM_ptr + b * stride_mb
     qk_scale = sm_scale * 1.4426950408889634
 
@@ -473,22 +527,29 @@ def _attn_bwd_dq_kernel(
             lo = (f * GRID_H + r_lo) * GRID_W
             hi = (f * GRID_H + r_hi + 1) * GRID_W
             for start_n in range(lo, hi, BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, hi, k_base, v_base, kpm_base,
+                dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, hi, k_base, v_base, kpm_base,
                               ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                              BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+                              BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
     else:
-        for start_n in range(0, LK, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, tok_q, valid_m, start_n, LK, k_base, v_base, kpm_base,
+        n_full = LK - LK % BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, LK, k_base, v_base, kpm_base,
                           ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                           GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION)
+                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64)
+        if n_full < LK:
+            dq = _dq_tile(dq, q, do, lse, delta, tok_q, n_full, LK, k_base, v_base, kpm_base,
+                          ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                          GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
 
     dq = dq * sm_scale
     if HAS_ROPE:
         dq = _rotate(dq, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
-    tl.store(DQ_ptr + b * stride_dqb + h * stride_dqh + tok_q[:, None] * stride_dqs + offs_d[None, :],
-             dq.to(DQ_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(DQ_ptr + b * stride_dqb + h * stride_dqh + g_off64 * stride_dqs
+             + _tile_offsets(offs_m, TOKEN_STRIDE, stride_dqs, offs_d, OFFS_64), dq.to(DQ_ptr.dtype.element_ty),
+             mask=q_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,10 +561,21 @@ def _attn_bwd_dq_kernel(
 TUNING_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_ROPE", "HAS_MASK", "WINDOW", "DOT_PRECISION"]
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the query tile, BLOCK_N the key tile, in
+# all three kernels (the dk/dv kernel owns a key tile and streams query tiles). Kept short: every
+# configuration is compiled and timed once per tuning key, and the rope / window variants take tens of
+# seconds each to compile.
+SPACE = [
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2),
+    (128, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2),
+    (32, 32, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2),  # short groups (temporal: T frames)
+]
+
+
 def keep(config: triton.Config) -> bool:
-    """Configurations worth timing at all: tiles fit the warps; no 128x128 tile with 4 stages."""
+    """Configurations worth timing at all: a 128 x 128 score tile needs 8 warps; tiny tiles 4."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    if bm * bn >= 128 * 128 and config.num_stages > 3:
+    if bm * bn >= 128 * 128 and config.num_warps < 8:
         return False
     if bm * bn <= 32 * 32 and config.num_warps > 4:
         return False
@@ -513,8 +585,7 @@ def keep(config: triton.Config) -> bool:
 def _configs():
     if _backend.triton_interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    space = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-             for bm in (16, 32, 64, 128) for bn in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+    space = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in SPACE]
     return [c for c in space if keep(c)]
 
 
@@ -577,6 +648,16 @@ def rope_tables(max_pos: int, head_dim: int, theta: float, split, device) -> tor
     return table
 
 
+FORCE_INT64_OFFSETS = False  # tests set it to run the int64-offset variant at small sizes
+
+
+def _group_extent(q, k, lq, lk, token_stride) -> int:
+    """Largest element offset inside one group (plus a tile of slack): int32 offsets hold below 2^31.
+    Gradient tensors are contiguous (B, S, heads, D), whose token stride is at most q's or k's extent."""
+    stride_s = max(q.stride(1), k.stride(1), q.shape[2] * q.shape[3])
+    return (max(lq, lk) + 128) * token_stride * stride_s + q.shape[3]
+
+
 def _lastdim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -608,7 +689,8 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_sp
     scalars = (heads, groups, Sq, lq, lk, group_stride, token_stride, T, H, W, wt, wh, ww, dt2, dth2, D)
     flags = dict(BLOCK_D=block_d, HAS_ROPE=has_rope, HAS_MASK=key_padding_mask is not None,
                  WINDOW=len(window) == 3,
-                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                 OFFS_64=FORCE_INT64_OFFSETS or _group_extent(q, k, lq, lk, token_stride) >= 2**31)
     return kpm, rope_table, stride_mb, scalars, (B * heads * groups, lq, lk), flags
 
 
