@@ -166,6 +166,7 @@ def test_compile_check_fails_on_a_broken_kernel(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the emulation compiles csrc/adaln.cu with g++")
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU the *_cuda tests below run the real kernels instead")
 def test_adaln_kernels_in_cpu_emulation():
     """csrc/adaln.cu run on the CPU (tests/adaln_emulation): every op, dtype, launch variant and the
     scalar fallback against the reference, forward and every gradient. A GPU run remains the real test."""
