@@ -216,3 +216,18 @@ def test_x0_prediction_is_turned_into_velocity(tmp_path):
     torch.testing.assert_close(v[1], (x[1] - x0_hat[1]) / 0.05)
     with pytest.raises(ValueError, match="prediction"):
         Trainer(tiny(tmp_path, prediction="eps"), resume=None)
+
+
+def test_text_conditioning_path_learns(tmp_path):
+    """After a few steps the output depends on the prompt (a zero cross-attention projection times a zero
+    adaLN gate would keep the text path dead forever)."""
+    trainer = Trainer(tiny(tmp_path, steps=5, text_dropout=0.0), resume=None, progress_bar=False)
+    trainer.train()
+    model = trainer.model.eval()
+    x = torch.randn(1, 3, 4, 16, 16).expand(2, -1, -1, -1, -1)
+    ids, mask = model.tokenizer(["a red circle moving left", "a blue square moving up"])
+    with torch.no_grad():
+        v = model(x, torch.tensor([500.0, 500.0]), ids, mask)
+    assert (v[0] - v[1]).abs().max() > 1e-4
+    gate_rows = model.dit.blocks[0].adaLN_modulation[-1].bias[-model.dit.hidden_size:]
+    assert gate_rows.abs().max() > 0
