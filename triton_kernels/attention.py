@@ -651,10 +651,11 @@ def rope_tables(max_pos: int, head_dim: int, theta: float, split, device) -> tor
 FORCE_INT64_OFFSETS = False  # tests set it to run the int64-offset variant at small sizes
 
 
-def _group_extent(q, k, lq, lk, token_stride) -> int:
-    """Largest element offset inside one group (plus a tile of slack): int32 offsets hold below 2^31.
-    Gradient tensors are contiguous (B, S, heads, D), whose token stride is at most q's or k's extent."""
-    stride_s = max(q.stride(1), k.stride(1), q.shape[2] * q.shape[3])
+def _group_extent(tensors, lq, lk, token_stride) -> int:
+    """Largest element offset inside one group (plus a tile of slack) over the (B, S, heads, D) tensors
+    read or written: int32 offsets hold below 2^31. Outputs are contiguous: token stride heads * D."""
+    q = tensors[0]
+    stride_s = max([t.stride(1) for t in tensors] + [q.shape[2] * q.shape[3]])
     return (max(lq, lk) + 128) * token_stride * stride_s + q.shape[3]
 
 
@@ -666,7 +667,7 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split):
+def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split, tensors):
     B, Sq, heads, D = q.shape
     Sk = k.shape[1]
     groups, lq, group_stride, token_stride = group_layout(mode, grid, Sq)
@@ -681,8 +682,7 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_sp
     else:
         rope_table, dt2, dth2 = q.new_empty(0, dtype=torch.float32), 0, 0
     if key_padding_mask is not None:
-        kpm = key_padding_mask.to(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
-        kpm = _lastdim_contiguous(kpm)
+        kpm = _lastdim_contiguous(key_padding_mask).view(torch.uint8)  # bool -> bytes, no copy
         stride_mb = kpm.stride(0)
     else:
         kpm, stride_mb = q.new_empty(0, dtype=torch.uint8), 0
@@ -690,7 +690,7 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_sp
     flags = dict(BLOCK_D=block_d, HAS_ROPE=has_rope, HAS_MASK=key_padding_mask is not None,
                  WINDOW=len(window) == 3,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                 OFFS_64=FORCE_INT64_OFFSETS or _group_extent(q, k, lq, lk, token_stride) >= 2**31)
+                 OFFS_64=FORCE_INT64_OFFSETS or _group_extent(tensors, lq, lk, token_stride) >= 2**31)
     return kpm, rope_table, stride_mb, scalars, (B * heads * groups, lq, lk), flags
 
 
@@ -701,7 +701,7 @@ def attention_forward(q, k, v, key_padding_mask, grid, mode, window, rope_theta,
     out = torch.empty((B, Sq, heads, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, heads, Sq), device=q.device, dtype=torch.float32)
     kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
-        q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split)
+        q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split, (q, k, v))
     _attn_fwd[lambda meta: (programs * triton.cdiv(lq, meta["BLOCK_M"]),)](
         q, k, v, out, lse, kpm, rope_table,
         q.stride(0), q.stride(1), q.stride(2),
@@ -722,7 +722,7 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, wi
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
-        q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split)
+        q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split, (q, k, v, dout))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     tail = (stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk))
