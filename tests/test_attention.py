@@ -137,8 +137,9 @@ def test_cross_attention_with_padding_matches_reference(D, dtype):
     assert torch.isneginf(lse[1]).all()
 
 
-def test_cross_attention_without_mask_and_custom_scale():
-    inputs = _qkv(1, 20, 45, 2, 64, torch.float32)
+@pytest.mark.parametrize("D", [96, 128])
+def test_cross_attention_without_mask_and_custom_scale(D):
+    inputs = _qkv(1, 20, 45, 2, D, torch.float32)
 
     def fn(q, k, v, backend):
         return ops.attention(q, k, v, scale=0.3, return_lse=True, backend=backend)
