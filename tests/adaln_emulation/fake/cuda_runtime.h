@@ -19,7 +19,7 @@ struct dim3 {
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
 inline thread_local uint3_emu threadIdx;
-inline uint3_emu blockIdx;
+inline thread_local uint3_emu blockIdx;
 inline dim3 blockDim;
 inline dim3 gridDim;
 inline std::barrier<>* emu_block_barrier = nullptr;
@@ -67,18 +67,26 @@ void emu_launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t, c
   blockDim = dim3(threads);
   gridDim = grid;
   emu_lane_slots.assign(threads, 0.0f);
-  for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      blockIdx.x = bx;
-      blockIdx.y = by;
-      std::barrier<> block(threads);
-      emu_block_barrier = &block;
-      emu_warp_barriers.clear();
-      for (unsigned w = 0; w < threads / 32; ++w) emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-      std::vector<std::thread> pool;
-      pool.reserve(threads);
-      for (unsigned t = 0; t < threads; ++t) pool.emplace_back([&, t] { threadIdx.x = t; kernel(args...); });
-      for (auto& th : pool) th.join();
-    }
+  std::barrier<> block(threads);
+  emu_block_barrier = &block;
+  emu_warp_barriers.clear();
+  for (unsigned w = 0; w < threads / 32; ++w) emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+  // One std::thread per CUDA thread for the whole launch; the threads walk the blocks in the same
+  // order and meet at a barrier after each, so a block's shared memory is never touched by the next.
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      threadIdx.x = t;
+      for (unsigned by = 0; by < grid.y; ++by) {
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          blockIdx.x = bx;
+          blockIdx.y = by;
+          kernel(args...);
+          block.arrive_and_wait();
+        }
+      }
+    });
   }
+  for (auto& th : pool) th.join();
 }
