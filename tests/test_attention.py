@@ -103,6 +103,40 @@ def test_int64_offset_variant(monkeypatch):
     _check_against_reference(fn, inputs, torch.float32)
 
 
+class _CountCalls:
+    """Wraps an interpreted @triton.jit helper and counts its calls (the kernels look it up by name)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="counts tile visits through the CPU interpreter")
+def test_window_skips_the_tiles_outside_the_window(monkeypatch):
+    """Work scales with the kept tiles: forward, dk/dv and dq visit ~1/3 of the dense tile pairs for a
+    window keeping 1/4 of the keys (2 of 4 frames, 3 of 6 rows; 16-token tiles span two rows of 8)."""
+    from dit_fast.triton_kernels import attention as kernels
+
+    counters = {name: _CountCalls(getattr(kernels, name)) for name in ("_fwd_tile", "_dkdv_tile", "_dq_tile")}
+    for name, counter in counters.items():
+        monkeypatch.setattr(kernels, name, counter)
+    grid = (4, 6, 8)
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 192, 192, 1, 16, torch.float32))
+    visits = {}
+    for label, window in (("dense", None), ("window", (2, 3, 8))):
+        for counter in counters.values():
+            counter.calls = 0
+        out = ops.spacetime_attention(q, k, v, grid, window=window, backend="triton")
+        torch.autograd.grad(out.sum(), (q, k, v))
+        visits[label] = {name: c.calls for name, c in counters.items()}
+    assert visits["dense"] == {"_fwd_tile": 144, "_dkdv_tile": 144, "_dq_tile": 144}  # 12 x 12 tiles of 16
+    for name in counters:
+        assert visits["window"][name] <= 0.4 * visits["dense"][name], visits
+
+
 def test_window_reference_mask_is_the_shifted_3d_window():
     """The reference mask: along each axis a query sees exactly w positions, centred, shifted inside."""
     grid, window = (3, 5, 7), (2, 3, 5)
