@@ -297,6 +297,33 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _attn_bwd_preprocess_kernel(
+    O_ptr,  # forward output, (B, S, heads, D)
+    DO_ptr,  # its gradient, (B, S, heads, D)
+    DELTA_ptr,  # out: rowsum(dO * O), (B, heads, S) fp32
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    HEADS, S, D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(S, BLOCK_M)
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // HEADS
+    h = bh % HEADS
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < S)[:, None] & (offs_d < D)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O_ptr + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO_ptr + b * stride_dob + h * stride_doh + rows * stride_dos + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA_ptr + bh * S + offs_m, delta, mask=offs_m < S)
+
+
+@triton.jit
 def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, q_base, do_base, lse_base, delta_base,
                ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
@@ -716,8 +743,13 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, wi
                        scale):
     """Returns (dq, dk, dv), contiguous (B, S, heads, D) in the input dtype."""
     q, k, v, dout = (_lastdim_contiguous(t) for t in (q, k, v, dout))
-    # preprocess: delta = rowsum(dO * O) per query, (B, heads, Sq) fp32
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    B, Sq, heads, D = q.shape
+    # preprocess: delta = rowsum(dO * O) per query, (B, heads, Sq) fp32, one read of O and dO
+    delta = torch.empty((B, heads, Sq), device=q.device, dtype=torch.float32)
+    block_m = 16 if _backend.triton_interpreting() else 64
+    _attn_bwd_preprocess_kernel[(B * heads * triton.cdiv(Sq, block_m),)](
+        out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+        dout.stride(2), heads, Sq, D, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=4)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
