@@ -19,6 +19,10 @@ forward against the reference at a small shape of the same case.
     python -m benchmarks.bench_attention [--quick] [--cases dense,rope,spatial,temporal,window]
     python -m benchmarks.run --ops attention
 
+--quick also sets DIT_FAST_ATTENTION_TUNE=quick (unless set) before the kernels are imported: the
+autotuner then times 2 configurations per shape class instead of ~11 (compiling every one of them
+takes minutes per kernel variant).
+
 Without a CUDA GPU it prints that GPU numbers need a GPU and exits 0.
 """
 
@@ -257,6 +261,12 @@ def setup(provider: str, case: Case, device):
 
 def run(device="cuda", quick: bool = False, kinds=KINDS, write: bool = True) -> List[dict]:
     device = torch.device(device)
+    if quick:
+        import os
+
+        os.environ.setdefault("DIT_FAST_ATTENTION_TUNE", "quick")
+        if "dit_fast.triton_kernels.attention" in sys.modules:
+            print("[attention] kernels already imported: DIT_FAST_ATTENTION_TUNE=quick has no effect now")
     if device.type != "cuda" or not torch.cuda.is_available():
         print(f"[attention] {common.GPU_MESSAGE}: the Triton kernels and SDPA's fused backends are GPU-only; "
               "nothing timed here.")
