@@ -135,6 +135,29 @@ def test_window_skips_the_tiles_outside_the_window(monkeypatch):
     assert visits["dense"] == {"_fwd_tile": 144, "_dkdv_tile": 144, "_dq_tile": 144}  # 12 x 12 tiles of 16
     for name in counters:
         assert visits["window"][name] <= 0.4 * visits["dense"][name], visits
+    # frames wider than a tile: tiles inside one row also skip the columns outside their windows
+    grid = (2, 3, 40)
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 240, 240, 1, 16, torch.float32))
+    for label, window in (("all columns", (1, 3, 40)), ("9 columns", (1, 3, 9))):
+        for counter in counters.values():
+            counter.calls = 0
+        out = ops.spacetime_attention(q, k, v, grid, window=window, backend="triton")
+        torch.autograd.grad(out.sum(), (q, k, v))
+        visits[label] = {name: c.calls for name, c in counters.items()}
+    for name in counters:
+        assert visits["9 columns"][name] <= 0.8 * visits["all columns"][name], visits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_window_on_wide_frames_matches_reference(dtype):
+    """W = 40 > the 16-token tiles: runs restricted to the window's columns inside one row."""
+    grid = (2, 3, 40)
+    inputs = _qkv(1, 240, 240, 2, 64, torch.float32)
+
+    def fn(q, k, v, backend):
+        return ops.spacetime_attention(q, k, v, grid, window=(1, 3, 9), rope="3d", return_lse=True, backend=backend)
+
+    _check_against_reference(fn, inputs, dtype)
 
 
 def test_window_reference_mask_is_the_shifted_3d_window():

@@ -104,19 +104,33 @@ def _window_allowed(tok_q, tok_k, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
 
 
 @triton.jit
+def _runs(t0, h0, t1, h1, f_lo, f_hi, r_lo, r_hi, c_lo, c_hi, GRID_W):
+    """The tokens to visit as runs: for each frame f_lo..f_hi, `runs` contiguous token ranges; run j of
+    frame f is [(f * H + r_lo + j) * W + c_lo, (f * H + r_lo + j) * W + c_hi]. A tile inside one row
+    visits columns c_lo..c_hi of each row; any other tile visits rows r_lo..r_hi whole, as one run."""
+    one_row = (t0 == t1) & (h0 == h1)
+    runs = tl.where(one_row, r_hi - r_lo + 1, 1)
+    c_lo = tl.where(one_row, c_lo, 0)
+    c_hi = tl.where(one_row, c_hi, (r_hi - r_lo + 1) * GRID_W - 1)
+    return f_lo, f_hi, r_lo, runs, c_lo, c_hi
+
+
+@triton.jit
 def _key_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
-    """Frames [f_lo, f_hi] and rows [r_lo, r_hi] of the keys that queries first..last can see."""
-    t0, h0, _ = _grid_position(first, GRID_H, GRID_W)
-    t1, h1, _ = _grid_position(last, GRID_H, GRID_W)
+    """The keys that queries first..last can see, as runs (see _runs)."""
+    t0, h0, w0 = _grid_position(first, GRID_H, GRID_W)
+    t1, h1, w1 = _grid_position(last, GRID_H, GRID_W)
     one_frame = t0 == t1
-    h0 = tl.where(one_frame, h0, 0)
-    h1 = tl.where(one_frame, h1, GRID_H - 1)
+    hq0 = tl.where(one_frame, h0, 0)
+    hq1 = tl.where(one_frame, h1, GRID_H - 1)
     # window starts grow with the position, so the union of windows is [start(first), start(last) + WIN)
     f_lo = _window_start(t0, WIN_T, GRID_T)
     f_hi = _window_start(t1, WIN_T, GRID_T) + WIN_T - 1
-    r_lo = _window_start(h0, WIN_H, GRID_H)
-    r_hi = _window_start(h1, WIN_H, GRID_H) + WIN_H - 1
-    return f_lo, f_hi, r_lo, r_hi
+    r_lo = _window_start(hq0, WIN_H, GRID_H)
+    r_hi = _window_start(hq1, WIN_H, GRID_H) + WIN_H - 1
+    c_lo = _window_start(w0, WIN_W, GRID_W)
+    c_hi = _window_start(w1, WIN_W, GRID_W) + WIN_W - 1
+    return _runs(t0, h0, t1, h1, f_lo, f_hi, r_lo, r_hi, c_lo, c_hi, GRID_W)
 
 
 @triton.jit
@@ -133,14 +147,15 @@ def _last_query(k, WIN, N):
 
 @triton.jit
 def _query_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
-    """Frames [f_lo, f_hi] and rows [r_lo, r_hi] of the queries that can see keys first..last."""
-    t0, h0, _ = _grid_position(first, GRID_H, GRID_W)
-    t1, h1, _ = _grid_position(last, GRID_H, GRID_W)
+    """The queries that can see keys first..last, as runs (see _runs)."""
+    t0, h0, w0 = _grid_position(first, GRID_H, GRID_W)
+    t1, h1, w1 = _grid_position(last, GRID_H, GRID_W)
     one_frame = t0 == t1
-    h0 = tl.where(one_frame, h0, 0)
-    h1 = tl.where(one_frame, h1, GRID_H - 1)
-    return (_first_query(t0, WIN_T, GRID_T), _last_query(t1, WIN_T, GRID_T),
-            _first_query(h0, WIN_H, GRID_H), _last_query(h1, WIN_H, GRID_H))
+    hk0 = tl.where(one_frame, h0, 0)
+    hk1 = tl.where(one_frame, h1, GRID_H - 1)
+    return _runs(t0, h0, t1, h1, _first_query(t0, WIN_T, GRID_T), _last_query(t1, WIN_T, GRID_T),
+                 _first_query(hk0, WIN_H, GRID_H), _last_query(hk1, WIN_H, GRID_H),
+                 _first_query(w0, WIN_W, GRID_W), _last_query(w1, WIN_W, GRID_W), GRID_W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,16 +268,16 @@ def _attn_fwd_kernel(
     if WINDOW:
         first = tl.minimum(m_blk * BLOCK_M, LQ - 1)
         last = tl.minimum(m_blk * BLOCK_M + BLOCK_M, LQ) - 1
-        f_lo, f_hi, r_lo, r_hi = _key_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W)
+        f_lo, f_hi, r_lo, runs, c_lo, c_hi = _key_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W)
         for f in range(f_lo, f_hi + 1):
-            # rows r_lo..r_hi of frame f are one contiguous run of tokens
-            lo = (f * GRID_H + r_lo) * GRID_W
-            hi = (f * GRID_H + r_hi + 1) * GRID_W
-            for start_n in range(lo, hi, BLOCK_N):
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, k_base, v_base, kpm_base,
-                                          ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
-                                          GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
+            for run in range(0, runs):
+                lo = (f * GRID_H + r_lo + run) * GRID_W + c_lo
+                hi = lo - c_lo + c_hi + 1
+                for start_n in range(lo, hi, BLOCK_N):
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, k_base, v_base, kpm_base,
+                                              ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                                              BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
     else:
         # whole tiles without bounds masks, then the partial last tile
         n_full = LK - LK % BLOCK_N
@@ -428,15 +443,17 @@ def _attn_bwd_dkdv_kernel(
     if WINDOW:
         first = tl.minimum(n_blk * BLOCK_N, LK - 1)
         last = tl.minimum(n_blk * BLOCK_N + BLOCK_N, LK) - 1
-        f_lo, f_hi, r_lo, r_hi = _query_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W)
+        f_lo, f_hi, r_lo, runs, c_lo, c_hi = _query_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H,
+                                                         WIN_W)
         for f in range(f_lo, f_hi + 1):
-            lo = (f * GRID_H + r_lo) * GRID_W
-            hi = (f * GRID_H + r_hi + 1) * GRID_W
-            for start_m in range(lo, hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, hi, q_base, do_base, lse_base,
-                                    delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
-                                    GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                    BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
+            for run in range(0, runs):
+                lo = (f * GRID_H + r_lo + run) * GRID_W + c_lo
+                hi = lo - c_lo + c_hi + 1
+                for start_m in range(lo, hi, BLOCK_M):
+                    dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, hi, q_base, do_base, lse_base,
+                                        delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                        GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                                        BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
     else:
         m_full = LQ - LQ % BLOCK_M
         for start_m in range(0, m_full, BLOCK_M):
@@ -551,15 +568,16 @@ def _attn_bwd_dq_kernel(
     if WINDOW:
         first = tl.minimum(m_blk * BLOCK_M, LQ - 1)
         last = tl.minimum(m_blk * BLOCK_M + BLOCK_M, LQ) - 1
-        f_lo, f_hi, r_lo, r_hi = _key_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W)
+        f_lo, f_hi, r_lo, runs, c_lo, c_hi = _key_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W)
         for f in range(f_lo, f_hi + 1):
-            lo = (f * GRID_H + r_lo) * GRID_W
-            hi = (f * GRID_H + r_hi + 1) * GRID_W
-            for start_n in range(lo, hi, BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, hi, k_base, v_base, kpm_base,
-                              ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
-                              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                              BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
+            for run in range(0, runs):
+                lo = (f * GRID_H + r_lo + run) * GRID_W + c_lo
+                hi = lo - c_lo + c_hi + 1
+                for start_n in range(lo, hi, BLOCK_N):
+                    dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, hi, k_base, v_base, kpm_base,
+                                  ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                  GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+                                  BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
     else:
         n_full = LK - LK % BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
