@@ -16,10 +16,10 @@ Masking modes, all served by the same three kernels:
             borders, as NATTEN does). Tiles are skipped wholesale: a query tile only visits, frame by
             frame, the contiguous run of key rows that its window union can reach (and the backward's
             key tiles only the query rows that can reach them), so the work scales with the kept
-            frames and rows, not with S^2. Inside visited tiles the exact token mask is applied.
-            Columns are not skipped: a raster-order tile of >= W tokens spans whole rows, whose
-            windows together cover every column (3D-tile token orders, as Sliding Tile Attention
-            uses, would be needed for that).
+            frames and rows, not with S^2; a tile inside one row (W wider than the tile) also skips
+            the columns outside its windows. Inside visited tiles the exact token mask is applied.
+            A raster-order tile spanning several rows visits whole rows: together their windows
+            cover every column (3D-tile token orders, as Sliding Tile Attention uses, avoid that).
   HAS_MASK  boolean key padding mask (B, Sk); a query with no visible key returns zeros (lse = -inf).
   HAS_ROPE  3D rotary embedding of q and k inside the kernels (dit_fast/ops/rope.py's convention:
             interleaved pairs, pair j of axis a rotated by pos_a * theta^(-2i / d_a), cos and sin gathered
