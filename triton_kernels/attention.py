@@ -277,7 +277,8 @@ def _attn_fwd_kernel(
                     acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, k_base, v_base, kpm_base,
                                               ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                              BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
+                                              BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False,
+                                              OFFS_64)
     else:
         # whole tiles without bounds masks, then the partial last tile
         n_full = LK - LK % BLOCK_N
