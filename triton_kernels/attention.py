@@ -630,16 +630,18 @@ def keep(config: triton.Config) -> bool:
     return True
 
 
-# DIT_FAST_ATTENTION_TUNE=quick (read at import): time only these, one or two per sequence-length class
+# DIT_FAST_ATTENTION_TUNE (read at import): "quick" times only QUICK_SPACE (two or three configurations
+# per sequence-length class), "single" runs one untimed configuration per class (the GPU tests).
 QUICK_SPACE = [(128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)]
+SINGLE_SPACE = [(64, 64, 4, 2), (16, 16, 4, 2)]
 
 
 def _configs():
     if _backend.triton_interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    quick = os.environ.get("DIT_FAST_ATTENTION_TUNE", "").strip().lower() == "quick"
-    space = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-             for bm, bn, w, st in (QUICK_SPACE if quick else SPACE)]
+    tune = os.environ.get("DIT_FAST_ATTENTION_TUNE", "").strip().lower()
+    chosen = {"quick": QUICK_SPACE, "single": SINGLE_SPACE}.get(tune, SPACE)
+    space = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in chosen]
     return [c for c in space if keep(c)]
 
 
