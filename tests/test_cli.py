@@ -124,3 +124,24 @@ def test_bad_paths_and_formats(tmp_path, tiny_run):
 def test_vocab_command(capsys):
     assert main(["vocab"]) == 0
     assert capsys.readouterr().out.split("\n")[0].split() == VOCABULARY
+
+
+def test_eval_prompt_following_script(tmp_path, tiny_run):
+    """The benchmark runs end to end on a checkpoint and writes its json (accuracies in [0, 1])."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "eval_prompt_following.py")
+    spec = importlib.util.spec_from_file_location("eval_prompt_following", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "pf.json"
+    gif = tmp_path / "grid.gif"
+    assert mod.main(["--checkpoint", tiny_run, "--seeds", "1", "--steps", "2", "--out", str(out), "--quiet",
+                     "--samples-gif", str(gif)]) == 0
+    res = json.load(open(out))
+    assert res["clips"] == res["combinations"] == 15
+    assert set(res["accuracy"]) == {"color", "shape", "motion", "all_three"}
+    assert all(0.0 <= v <= 1.0 for v in res["accuracy"].values())
+    assert "eval_prompt_following.py" in res["command"] and res["device"].startswith("cpu")
+    assert len(_gif_frames(gif)) == 4
