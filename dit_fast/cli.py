@@ -84,6 +84,8 @@ def cmd_export(args) -> int:
     extra = {}
     if args.command_line:
         extra["training_command"] = args.command_line
+    if args.note:
+        extra["note"] = args.note
     info = export_model(args.run_dir, args.dest, extra)
     print(f"wrote {args.dest} (step {info['step']}) and {os.path.splitext(args.dest)[0]}.json")
     return 0
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("dest", help="e.g. model.safetensors")
     e.add_argument("--command-line", default=None, help="the training command, recorded in the json")
+    e.add_argument("--note", default=None, help="free text recorded in the json (device, wall time, ...)")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("vocab", help="print the prompt vocabulary")
