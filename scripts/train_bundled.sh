@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/shapes_t2v}
 shift || true
-STEPS=${STEPS:-4000}
+STEPS=${STEPS:-20000}
 dit-fast train --out-dir "$RUN_DIR" \
     --num-frames 8 --size 32 --patch 2 8 8 --hidden-size 128 --depth 4 --num-heads 4 --text-dim 64 \
     --batch-size 16 --lr 1e-3 --min-lr-ratio 1.0 --warmup 100 --ema-decay 0.995 --grad-clip 1.0 \
