@@ -233,14 +233,13 @@ class DiTVideo(nn.Module):
         if self.adaln_single:
             nn.init.normal_(self.t_block[1].weight, std=0.02)
 
-        # Zero-out adaLN modulation layers (adaLN-Zero) and the cross-attention output:
+        # Zero-out adaLN modulation layers (adaLN-Zero). The cross-attention output projection keeps
+        # its xavier init: its gate is zeroed here, and zeroing both would leave each with a zero
+        # gradient (the text path would never learn).
         for block in self.blocks:
             if not self.adaln_single:  # PixArt keeps its random tables; the zeroed outputs below suffice
                 nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
                 nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-            if block.cross_attn is not None:
-                nn.init.constant_(block.cross_attn.proj.weight, 0)
-                nn.init.constant_(block.cross_attn.proj.bias, 0)
 
         # Zero-out output layers:
         if not self.adaln_single:
