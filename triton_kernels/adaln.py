@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dit_fast import _adaln_partials as adaln_partials
+
 MAX_C = 16384  # one row lives in registers; beyond this the backward's accumulators spill badly
 
 
@@ -271,11 +273,8 @@ def adaln_backward(dout, dh, x_normed, gate, branch, scale, weight, bias, mean, 
     dx = torch.empty((B, N, C), device=like.device, dtype=dtype)
     dbranch = torch.empty_like(dx) if has_residual else None
 
-    def partial(flag):
-        return torch.empty((B * G, chunks, C), device=like.device, dtype=torch.float32) if flag else None
-
-    dshift_p, dscale_p, dgate_p = partial(has_norm), partial(has_norm), partial(has_residual)
-    dw_p, db_p = partial(weight is not None), partial(bias is not None)
+    partials = adaln_partials.allocate(B * G, chunks, C, like.device, has_norm, has_residual,
+                                       weight is not None, bias is not None)
     d = _dummy(dx)
     block_c = triton.next_power_of_2(C)
     _adaln_backward_kernel[(B * G, chunks)](
@@ -291,7 +290,7 @@ def adaln_backward(dout, dh, x_normed, gate, branch, scale, weight, bias, mean, 
         rstd if has_norm else d,
         dx,
         dbranch if has_residual else d,
-        *(p if p is not None else d for p in (dshift_p, dscale_p, dgate_p, dw_p, db_p)),
+        *(p if p is not None else d for p in partials),
         N, tokens_per_group, G, C, rows_per_chunk,
         BLOCK_C=block_c,
         HAS_RESIDUAL=has_residual,
@@ -301,18 +300,4 @@ def adaln_backward(dout, dh, x_normed, gate, branch, scale, weight, bias, mean, 
         num_warps=num_warps_for(block_c),
     )
 
-    def per_group(p, out_dtype):
-        return None if p is None else p.sum(dim=1).view(B, G, C).to(out_dtype)
-
-    def per_column(p, param):
-        return None if p is None else p.sum(dim=(0, 1)).to(param.dtype)
-
-    return (
-        dx,
-        dbranch,
-        per_group(dgate_p, dtype),
-        per_group(dshift_p, dtype),
-        per_group(dscale_p, dtype),
-        per_column(dw_p, weight),
-        per_column(db_p, bias),
-    )
+    return (dx, dbranch, *adaln_partials.reduce(partials, B, G, C, dtype, weight, bias))

@@ -9,6 +9,7 @@ import functools
 
 import torch
 
+from dit_fast import _adaln_partials as adaln_partials
 from dit_fast import _extension
 
 MAX_C = 16384  # csrc/adaln.h kAdalnMaxChannels
@@ -106,30 +107,12 @@ def adaln_backward(dout, dh, x_normed, gate, branch, scale, weight, bias, mean, 
         dx = torch.empty((B, N, C), device=like.device, dtype=dtype)
         dbranch = torch.empty_like(dx) if has_residual else None
 
-        def partial(flag):
-            return torch.empty((B * G, chunks, C), device=like.device, dtype=torch.float32) if flag else None
-
-        dshift_p, dscale_p, dgate_p = partial(has_norm), partial(has_norm), partial(has_residual)
-        dw_p, db_p = partial(weight is not None), partial(bias is not None)
+        partials = adaln_partials.allocate(B * G, chunks, C, like.device, has_norm, has_residual,
+                                           weight is not None, bias is not None)
         ext.adaln_backward(
             _ptr(dout), _ptr(dh), _ptr(x_normed), _ptr(gate), _ptr(branch), _ptr(scale), _ptr(weight),
-            _ptr(bias), _ptr(mean), _ptr(rstd), _ptr(dx), _ptr(dbranch), _ptr(dshift_p), _ptr(dscale_p),
-            _ptr(dgate_p), _ptr(dw_p), _ptr(db_p), B, N, G, C, chunks, rows_per_chunk, code,
-            _extension.stream_handle(like),
+            _ptr(bias), _ptr(mean), _ptr(rstd), _ptr(dx), _ptr(dbranch), *(_ptr(p) for p in partials),
+            B, N, G, C, chunks, rows_per_chunk, code, _extension.stream_handle(like),
         )
 
-    def per_group(p, out_dtype):
-        return None if p is None else p.sum(dim=1).view(B, G, C).to(out_dtype)
-
-    def per_column(p, param):
-        return None if p is None else p.sum(dim=(0, 1)).to(param.dtype)
-
-    return (
-        dx,
-        dbranch,
-        per_group(dgate_p, dtype),
-        per_group(dshift_p, dtype),
-        per_group(dscale_p, dtype),
-        per_column(dw_p, weight),
-        per_column(db_p, bias),
-    )
+    return (dx, dbranch, *adaln_partials.reduce(partials, B, G, C, dtype, weight, bias))
