@@ -37,3 +37,15 @@ def _seed():
 def kernel_devices():
     """The device each kernel backend's tests run on here."""
     return "cuda" if HAS_GPU else "cpu"
+
+
+def pytest_runtest_logreport(report):
+    """With DIT_FAST_FAILURE_LOG=path, append each failure's traceback as it happens.
+
+    Used on the lent GPU machine, where a run cut off by its time limit never reaches pytest's
+    final summary (and xdist prints tracebacks only there).
+    """
+    path = os.environ.get("DIT_FAST_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n\n")
