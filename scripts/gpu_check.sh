@@ -18,7 +18,7 @@
 #   BENCH_OPS=adaln,...  ops for benchmarks.run (default: all; adaln first)
 #   BENCH_FULL=1         all cases instead of --quick
 #   BENCH_FIRST=1        benchmarks before tests (tests then get what is left of TEST_TIMEOUT)
-#   PYTEST_ARGS="..."    default "-q -x"
+#   PYTEST_ARGS="..."    default "-q -x"; TEST_PATHS="..." what pytest collects (default tests)
 #   BUILD_TIMEOUT=240 TEST_TIMEOUT=200 TOTAL_BUDGET=540 (seconds)
 #   DIT_FAST_COMMIT=sha  commit recorded in result rows when .git did not travel with the tree
 set -u
@@ -149,7 +149,7 @@ note "gpu_check: started $(date -u +%FT%TZ), budget ${TOTAL_BUDGET}s, python $PY
 
 run_tests() {
   # shellcheck disable=SC2086
-  [[ ${SKIP_TESTS:-0} == 1 ]] || stage tests "${TEST_TIMEOUT:-200}" 0 "$PY" -m pytest tests ${PYTEST_ARGS:--q -x} -p no:cacheprovider
+  [[ ${SKIP_TESTS:-0} == 1 ]] || stage tests "${TEST_TIMEOUT:-200}" 0 "$PY" -m pytest ${TEST_PATHS:-tests} ${PYTEST_ARGS:--q -x} -p no:cacheprovider
 }
 
 run_bench() {

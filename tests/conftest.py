@@ -13,6 +13,10 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, one untimed attention tile configuration per sequence-length class: the full autotune
+# space compiles and times ~11 configurations per kernel variant (minutes). Read when the kernels are
+# defined, which importing dit_fast below can do, so it is set here.
+os.environ.setdefault("DIT_FAST_ATTENTION_TUNE", "single")
 
 from tests import triton_interpreter  # noqa: E402
 

@@ -196,7 +196,7 @@ def test_optimizer_kernel_backend_matches_torch(backend, proj_type, state_dtype,
     atol = 2e-3 if param_dtype == torch.bfloat16 else (2e-5 if state_dtype != "int8" else 1e-4)
     moved = 0.0
     for (name, a), b, w0 in zip(models[0].named_parameters(), models[1].parameters(), _two_layer(param_dtype).parameters()):
-        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=atol, msg=name)
+        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
         moved = max(moved, (a.float() - w0.float()).abs().max().item())
     assert moved > 10 * atol, "the weights barely moved: the comparison would be vacuous"
 

@@ -38,6 +38,15 @@ def tiny_video(backend="torch", **overrides):
     return DiT_models["DiT-tiny"](backend=backend, **{**TINY_VIDEO, **overrides})
 
 
+def device_for(backend):
+    """Where a backend's kernels run: Triton on the GPU when there is one, else in the CPU interpreter."""
+    return "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
+
+
+def to(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
 def video_inputs(batch=2, frames=2, size=4, text_len=5):
     x = torch.randn(batch, 4, frames, size, size)
     t = torch.rand(batch, frames) * 1000
@@ -62,19 +71,20 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-5, name="output"):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_checkpoint_matches_reference_dit(backend):
     ref = random_dit()
-    model = load_dit_checkpoint(ref.state_dict(), num_heads=2, backend=backend)
+    dev = device_for(backend)
+    model = load_dit_checkpoint(ref.state_dict(), num_heads=2, backend=backend).to(dev)
     assert model.patch_size == (1, 2, 2) and model.input_size == (1, 4, 4) and model.num_classes == 10
     x, t, y = dit_inputs()
     with torch.no_grad():
         expected = ref(x, t, y)
-        out = model(x[:, :, None], t, y)[:, :, 0]
-        assert_close(out, expected)
+        out = model(*to(dev, x[:, :, None], t, y))[:, :, 0]
+        assert_close(out.cpu(), expected)
         # DiT's sample.py convention: the batch is [x, x] with labels [y, null]
         y_cfg = torch.cat([y[:1], torch.tensor([10])])
         x_cfg = torch.cat([x[:1], x[:1]])
         expected_cfg = ref.forward_with_cfg(x_cfg, t, y_cfg, 4.0)
-        out_cfg = model.forward_with_cfg(x_cfg[:, :, None], t, y_cfg, cfg_scale=4.0)[:, :, 0]
-        assert_close(out_cfg, expected_cfg)
+        out_cfg = model.forward_with_cfg(*to(dev, x_cfg[:, :, None], t, y_cfg), cfg_scale=4.0)[:, :, 0]
+        assert_close(out_cfg.cpu(), expected_cfg)
 
 
 def test_checkpoint_infers_config_and_formats(tmp_path):
@@ -173,12 +183,13 @@ def test_patch_keeps_outputs(backend):
     assert dit_fast.patch(patched, backend=backend) is patched
     assert set(patched.state_dict()) == keys
     assert patched._dit_fast_patched == {"blocks": 2, "final_layers": 1, "attention": 2}
+    patched.to(device_for(backend))
     x, t, y = dit_inputs()
     with torch.no_grad():
-        assert_close(patched(x, t, y), ref(x, t, y))
+        assert_close(patched(*to(device_for(backend), x, t, y)).cpu(), ref(x, t, y))
     # gradients flow through the patched ops
     patched.train()
-    patched(x, t, y).square().mean().backward()
+    patched(*to(device_for(backend), x, t, y)).square().mean().backward()
     assert patched.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
@@ -198,14 +209,16 @@ def test_triton_model_matches_torch_forward_and_grads():
     ref = R.randomize_(tiny_video("torch")).train()
     fused = tiny_video("triton").train()
     fused.load_state_dict(ref.state_dict())
+    fused.to(device_for("triton"))
     x, t, y, text, mask = video_inputs()
     outputs, grads = [], []
     for model in (ref, fused):
-        xi = x.clone().requires_grad_()
-        out = model(xi, t, y, text, mask)
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        outputs.append(out.detach())
-        grads.append({"x": xi.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}})
+        dev = next(model.parameters()).device
+        xi = x.clone().to(dev).requires_grad_()
+        out = model(xi, *to(dev, t, y, text, mask))
+        (out * torch.linspace(-1, 1, out.numel(), device=dev).reshape(out.shape)).sum().backward()
+        outputs.append(out.detach().cpu())
+        grads.append({"x": xi.grad.cpu(), **{n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}})
     assert_close(outputs[1], outputs[0], name="forward")
     assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 30
     for name in grads[0]:
@@ -226,11 +239,12 @@ def test_gradient_checkpointing_same_grads():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bf16_autocast(backend):
-    model = R.randomize_(tiny_video(backend), std=0.05).eval()
-    x, t, y, text, mask = video_inputs(batch=1)
+    dev = device_for(backend)
+    model = R.randomize_(tiny_video(backend), std=0.05).eval().to(dev)
+    x, t, y, text, mask = to(dev, *video_inputs(batch=1))
     with torch.no_grad():
         ref = model(x, t, y, text, mask)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16):
             out = model(x, t, y, text, mask)
     assert out.dtype == torch.bfloat16
     err = (out.float() - ref).abs().max().item()
@@ -241,8 +255,8 @@ def test_bf16_autocast(backend):
 def test_torch_compile_fullgraph(backend):
     """No graph breaks through the whole model (text, alternating attention, RoPE, per-frame t), train and eval."""
     torch._dynamo.reset()
-    model = R.randomize_(tiny_video(backend))
-    x, t, y, text, mask = video_inputs(batch=1)
+    model = R.randomize_(tiny_video(backend)).to(device_for(backend))
+    x, t, y, text, mask = to(device_for(backend), *video_inputs(batch=1))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert_close(compiled(x, t, y, text, mask), model(x, t, y, text, mask))

@@ -653,8 +653,10 @@ def _prune(configs, named_args, **kwargs):
     def fits(block, length):
         return block <= max(16, length) and (length < 64 or block >= 32)
 
+    # fp32 tiles (the reference dtype) take twice the registers and shared memory: at most 64 x 64
+    wide = block_d > 128 or named_args["Q_ptr"].dtype == torch.float32
     kept = [c for c in configs if fits(c.kwargs["BLOCK_M"], lq) and fits(c.kwargs["BLOCK_N"], lk)
-            and not (block_d > 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+            and not (wide and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
     return kept or configs[:1]
 
 

@@ -4,6 +4,8 @@ Same signature as dit_fast.triton_kernels.rope.rope_3d; the readable reference i
 dit_fast.ops.rope.apply_rope_3d_reference.
 """
 
+import torch
+
 from dit_fast import _extension
 
 
@@ -22,7 +24,8 @@ def rope_3d(x, grid, inv_freq, split, inverse=False):
     ext = _ext()
     pair_bytes = 2 * x.element_size()
     if x.stride(-1) != 1 or any(s % 2 for s in x.stride()[:3]) or x.data_ptr() % pair_bytes:
-        x = x.contiguous()
+        # a fresh copy: contiguous() would hand back a contiguous x whose pointer is off alignment
+        x = x.clone(memory_format=torch.contiguous_format)
     B, S, heads, D = x.shape
     out = x.new_empty((B, S, heads, D))
     if out.numel() == 0:
