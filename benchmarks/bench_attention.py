@@ -3,8 +3,9 @@
 Cases (bf16, non-causal) and their baselines, as in issue 3:
   dense      ours vs scaled_dot_product_attention with each of its backends (flash, cuDNN,
              memory-efficient; the fastest one is the target). D = 128 at S = 16k and 32k; D = 64, 72.
-  rope       ours with rope="3d" fused vs a separate RoPE pass (dit_fast.ops.apply_rope_3d, fastest
-             kernel) + SDPA.
+  rope       ours with rope="3d" (ours-triton: one rotation pass each over q and k, then our kernel;
+             ours-triton-fused: rope_in_kernel=True, rotated inside the attention kernels) vs a
+             separate RoPE pass (dit_fast.ops.apply_rope_3d, fastest kernel) + SDPA.
   spatial /  ours reading the groups in place vs permute + contiguous + SDPA + permute back
   temporal   (the einops "b (t s) h d -> (b t) s h d" pattern of factorized video DiTs).
   window     ours with window=(wt, wh, ww) at ~25 % of the keys kept vs our own dense kernel and
@@ -182,13 +183,13 @@ def flex_window(case: Case, device):
     return _flex_cache[key]
 
 
-def ours(case: Case, dense: bool = False):
+def ours(case: Case, dense: bool = False, rope_in_kernel: bool = False):
     from dit_fast import ops
 
     if case.kind == "dense" or dense:
         return lambda q, k, v: ops.attention(q, k, v, backend="triton")
-    kwargs = {"rope": dict(rope="3d"), "spatial": dict(mode="spatial"), "temporal": dict(mode="temporal"),
-              "window": dict(window=case.window)}[case.kind]
+    kwargs = {"rope": dict(rope="3d", rope_in_kernel=rope_in_kernel), "spatial": dict(mode="spatial"),
+              "temporal": dict(mode="temporal"), "window": dict(window=case.window)}[case.kind]
     return lambda q, k, v: ops.spacetime_attention(q, k, v, case.grid, backend="triton", **kwargs)
 
 
@@ -198,12 +199,15 @@ def providers(case: Case) -> List[str]:
             "spatial": ["permute+sdpa"],
             "temporal": ["permute+sdpa"],
             "window": ["ours-dense", "flex"]}[case.kind]
-    return ["ours-triton"] + base
+    # rope: ours-triton rotates q and k in one pass each, then attends; ours-triton-fused rotates inside
+    return ["ours-triton"] + (["ours-triton-fused"] if case.kind == "rope" else []) + base
 
 
 def implementation(case: Case, provider: str, device):
     if provider == "ours-triton":
         return ours(case)
+    if provider == "ours-triton-fused":
+        return ours(case, rope_in_kernel=True)
     if provider == "ours-dense":  # our own dense kernel on the same tokens: the window's speedup
         return ours(case, dense=True)
     if provider.startswith("sdpa-"):

@@ -63,6 +63,11 @@ SPACETIME_CASES = {
     "rope": dict(rope="3d"),
     "rope_window": dict(window=(3, 3, 3), rope=RoPE3D(theta=100.0)),
     "rope_temporal": dict(mode="temporal", rope=RoPE3D(theta=500.0, split=(8, 28, 28))),
+    # rope_in_kernel: q and k rotated inside the attention kernels instead of one pass before them
+    "rope_in_kernel": dict(rope="3d", rope_in_kernel=True),
+    "rope_window_in_kernel": dict(window=(3, 3, 3), rope=RoPE3D(theta=100.0), rope_in_kernel=True),
+    "rope_temporal_in_kernel": dict(mode="temporal", rope=RoPE3D(theta=500.0, split=(8, 28, 28)),
+                                    rope_in_kernel=True),
 }
 
 
@@ -70,7 +75,7 @@ SPACETIME_CASES = {
 @pytest.mark.parametrize("case", list(SPACETIME_CASES))
 def test_spacetime_attention_matches_reference(case, dtype):
     kwargs = SPACETIME_CASES[case]
-    D = 64 if case in ("spatial", "rope_window", "rope_temporal") else 72
+    D = 64 if case.startswith(("spatial", "rope_window", "rope_temporal")) else 72
     S = GRID[0] * GRID[1] * GRID[2]
     inputs = _qkv(1, S, S, 2, D, torch.float32)
 
@@ -100,7 +105,8 @@ def test_int64_offset_variant(monkeypatch):
     inputs = _qkv(1, 105, 105, 2, 64, torch.float32)
 
     def fn(q, k, v, backend):
-        return ops.spacetime_attention(q, k, v, GRID, mode="temporal", rope="3d", return_lse=True, backend=backend)
+        return ops.spacetime_attention(q, k, v, GRID, mode="temporal", rope="3d", rope_in_kernel=True,
+                                       return_lse=True, backend=backend)
 
     _check_against_reference(fn, inputs, torch.float32)
 
@@ -151,13 +157,45 @@ def test_window_skips_the_tiles_outside_the_window(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_window_interior_tiles_match_reference(dtype):
+    """Frames as wide as the window (W = 8 = ww): many key tiles lie inside every query's window and
+    skip the window test; with the tiles at the window's edges, still the reference's result."""
+    grid = (4, 6, 8)
+    inputs = _qkv(1, 192, 192, 2, 64, torch.float32)
+
+    def fn(q, k, v, backend):
+        return ops.spacetime_attention(q, k, v, grid, window=(2, 3, 8), return_lse=True, backend=backend)
+
+    _check_against_reference(fn, inputs, dtype)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="counts window tests through the CPU interpreter")
+def test_window_test_skipped_on_interior_tiles(monkeypatch):
+    """The per-score window test runs only on tiles at a window's edge: interior tiles cost what dense
+    ones do. Grid (4, 6, 8), window (2, 3, 8), 16-token tiles (2 rows of 8)."""
+    from dit_fast.triton_kernels import attention as kernels
+
+    names = ("_fwd_tile", "_dkdv_tile", "_dq_tile", "_window_allowed")
+    counters = {name: _CountCalls(getattr(kernels, name)) for name in names}
+    for name, counter in counters.items():
+        monkeypatch.setattr(kernels, name, counter)
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 192, 192, 1, 16, torch.float32))
+    out = ops.spacetime_attention(q, k, v, (4, 6, 8), window=(2, 3, 8), backend="triton")
+    torch.autograd.grad(out.sum(), (q, k, v))
+    visits = sum(counters[name].calls for name in names[:3])
+    tests = counters["_window_allowed"].calls
+    assert 0 < tests <= 0.75 * visits, (tests, visits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 def test_window_on_wide_frames_matches_reference(dtype):
     """W = 40 > the 16-token tiles: runs restricted to the window's columns inside one row."""
     grid = (2, 3, 40)
     inputs = _qkv(1, 240, 240, 2, 64, torch.float32)
 
     def fn(q, k, v, backend):
-        return ops.spacetime_attention(q, k, v, grid, window=(1, 3, 9), rope="3d", return_lse=True, backend=backend)
+        return ops.spacetime_attention(q, k, v, grid, window=(1, 3, 9), rope="3d", rope_in_kernel=True,
+                                       return_lse=True, backend=backend)
 
     _check_against_reference(fn, inputs, dtype)
 
@@ -342,7 +380,8 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 
 GPU_CASES = [("full", 64), ("full", 72), ("full", 96), ("full", 128), ("spatial", 72), ("temporal", 72),
-             ("window", 128), ("rope", 72), ("rope", 128), ("rope_window", 64)]
+             ("window", 128), ("rope", 72), ("rope", 128), ("rope_window", 64), ("rope_in_kernel", 128),
+             ("rope_window_in_kernel", 64)]
 
 
 @gpu
@@ -351,7 +390,9 @@ def test_gpu_large_shapes(case, D):
     grid = (5, 30, 45)  # S = 6750
     kwargs = {"full": {}, "spatial": dict(mode="spatial"), "temporal": dict(mode="temporal"),
               "window": dict(window=(3, 9, 15)), "rope": dict(rope="3d"),
-              "rope_window": dict(rope="3d", window=(3, 15, 15))}[case]
+              "rope_window": dict(rope="3d", window=(3, 15, 15)),
+              "rope_in_kernel": dict(rope="3d", rope_in_kernel=True),
+              "rope_window_in_kernel": dict(rope="3d", window=(3, 15, 15), rope_in_kernel=True)}[case]
     S = grid[0] * grid[1] * grid[2]
     inputs = _qkv(2, S, S, 4, D, torch.float32)
 

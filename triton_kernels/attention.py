@@ -75,15 +75,21 @@ def _rotate(x, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BL
 
 
 @triton.jit
-def _tile_offsets(pos, TOKEN_STRIDE, stride_s, offs_d, OFFS_64: tl.constexpr):
-    """Element offsets (R, BLOCK_D) of the tokens at positions pos of a group, from the group's base
-    pointer. int32 (fewer registers: int64 offsets make the tiles spill) unless the launcher saw that
-    a group's extent can pass 2^31 elements; batch, head and group offsets live in the int64 base."""
+def _tile_ptrs(base, pos, TOKEN_STRIDE, stride_s, offs_d, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers (R, BLOCK_D) to the tokens at positions pos of a group, from the group's base pointer.
+
+    Offsets are int32 (fewer registers: int64 offsets make the tiles spill) unless the launcher saw
+    that a group's extent can pass 2^31 elements; batch, head and group offsets live in the base.
+    ALIGNED (the launcher checked every pointer and stride is a multiple of 16 bytes) tells Triton so:
+    it cannot see it through a head stride such as 72, and without it loads one element at a time."""
     if OFFS_64:
         rows = pos.to(tl.int64) * TOKEN_STRIDE * stride_s
     else:
         rows = pos * (TOKEN_STRIDE * stride_s)
-    return rows[:, None] + offs_d[None, :]
+    ptrs = base + rows[:, None] + offs_d[None, :]
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, [16, 16])  # bytes: 16-byte vector loads and stores
+    return ptrs
 
 
 @triton.jit
@@ -101,6 +107,28 @@ def _window_allowed(tok_q, tok_k, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
     sh = _window_start(qh, WIN_H, GRID_H)
     sw = _window_start(qw, WIN_W, GRID_W)
     return ((kt >= st) & (kt < st + WIN_T) & (kh >= sh) & (kh < sh + WIN_H) & (kw >= sw) & (kw < sw + WIN_W))
+
+
+@triton.jit
+def _tile_inside_windows(q_first, q_last, k_first, k_last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
+    """True when every key k_first..k_last lies in the window of every query q_first..q_last: the tile
+    pair needs no window mask. Window starts never decrease with the position, so along an axis the
+    windows of positions a..b share [start(b), start(a) + WIN); a range that crosses a row (frame)
+    boundary is taken to cover every column (row) of the axis below it."""
+    qt0, qh0, qw0 = _grid_position(q_first, GRID_H, GRID_W)
+    qt1, qh1, qw1 = _grid_position(q_last, GRID_H, GRID_W)
+    kt0, kh0, kw0 = _grid_position(k_first, GRID_H, GRID_W)
+    kt1, kh1, kw1 = _grid_position(k_last, GRID_H, GRID_W)
+    q_frame, k_frame = qt0 == qt1, kt0 == kt1
+    q_row, k_row = q_frame & (qh0 == qh1), k_frame & (kh0 == kh1)
+    qh0, qh1 = tl.where(q_frame, qh0, 0), tl.where(q_frame, qh1, GRID_H - 1)
+    kh0, kh1 = tl.where(k_frame, kh0, 0), tl.where(k_frame, kh1, GRID_H - 1)
+    qw0, qw1 = tl.where(q_row, qw0, 0), tl.where(q_row, qw1, GRID_W - 1)
+    kw0, kw1 = tl.where(k_row, kw0, 0), tl.where(k_row, kw1, GRID_W - 1)
+    inside_t = (kt0 >= _window_start(qt1, WIN_T, GRID_T)) & (kt1 < _window_start(qt0, WIN_T, GRID_T) + WIN_T)
+    inside_h = (kh0 >= _window_start(qh1, WIN_H, GRID_H)) & (kh1 < _window_start(qh0, WIN_H, GRID_H) + WIN_H)
+    inside_w = (kw0 >= _window_start(qw1, WIN_W, GRID_W)) & (kw1 < _window_start(qw0, WIN_W, GRID_W) + WIN_W)
+    return inside_t & inside_h & inside_w
 
 
 @triton.jit
@@ -166,13 +194,15 @@ def _query_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, k_base, v_base, kpm_base, ROPE_ptr,
+def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, window_mask, k_base, v_base, kpm_base, ROPE_ptr,
               stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
               HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
-              OFFS_64: tl.constexpr):
-    """One key tile of the forward. EVEN: the tile lies inside the sequence (no bounds masks)."""
+              OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """One key tile of the forward. EVEN: the tile lies inside the sequence (no bounds masks).
+    window_mask (runtime, WINDOW only): apply the token window and bounds masks; False for a full tile
+    inside every query's window (_tile_inside_windows), which then costs what a dense tile does."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     valid_n = offs_n < end_n
@@ -181,19 +211,20 @@ def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, k_base, v_base, kpm_base,
         kv_mask = offs_d[None, :] < D
     else:
         kv_mask = valid_n[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_base + _tile_offsets(offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64), mask=kv_mask, other=0.0)
-    v = tl.load(v_base + _tile_offsets(offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64), mask=kv_mask, other=0.0)
+    k = tl.load(_tile_ptrs(k_base, offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(v_base, offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
     if HAS_ROPE:
         k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-    if (not EVEN) or (HAS_MASK or WINDOW):
+    if ((not EVEN) and (not WINDOW)) or HAS_MASK:
         allowed = valid_n[None, :]
         if HAS_MASK:
             allowed = allowed & (tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0)[None, :]
-        if WINDOW:
-            allowed = allowed & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
-                                                WIN_T, WIN_H, WIN_W)
         s = tl.where(allowed, s, float("-inf"))
+    if WINDOW:
+        if window_mask:
+            s = tl.where(valid_n[None, :] & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
+                                                            WIN_T, WIN_H, WIN_W), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row with no visible key so far keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -225,7 +256,7 @@ def _attn_fwd_kernel(
     GRID_T, GRID_H, GRID_W,
     WIN_T, WIN_H, WIN_W,
     ROPE_DT2, ROPE_DTH2,  # RoPE pair boundaries: d_t / 2 and (d_t + d_h) / 2
-    D,
+    D: tl.constexpr,  # head dim: a compile-time constant, so masks on it keep 16-byte vector loads
     sm_scale,
     LQ_BUCKET, LK_BUCKET,  # autotune keys: next power of two of LQ / LK
     BLOCK_M: tl.constexpr,
@@ -235,7 +266,8 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_offsets)
+    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
+    ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(LQ, BLOCK_M)
@@ -252,8 +284,8 @@ def _attn_fwd_kernel(
     tok_q = g_off + offs_m * TOKEN_STRIDE
     q_mask = valid_m[:, None] & (offs_d[None, :] < D)
     g_off64 = g_off.to(tl.int64)
-    q_offs = _tile_offsets(offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64)
-    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs + q_offs, mask=q_mask, other=0.0)
+    q_base = Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs
+    q = tl.load(_tile_ptrs(q_base, offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64, ALIGNED), mask=q_mask, other=0.0)
     if HAS_ROPE:
         q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(
             Q_ptr.dtype.element_ty)
@@ -274,29 +306,31 @@ def _attn_fwd_kernel(
                 lo = (f * GRID_H + r_lo + run) * GRID_W + c_lo
                 hi = lo - c_lo + c_hi + 1
                 for start_n in range(lo, hi, BLOCK_N):
-                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, k_base, v_base, kpm_base,
+                    window_mask = (start_n + BLOCK_N > hi) | (_tile_inside_windows(
+                        first, last, start_n, start_n + BLOCK_N - 1, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W) == 0)
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, window_mask, k_base, v_base, kpm_base,
                                               ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                                               BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False,
-                                              OFFS_64)
+                                              OFFS_64, ALIGNED)
     else:
         # whole tiles without bounds masks, then the partial last tile
         n_full = LK - LK % BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, LK, k_base, v_base, kpm_base,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, LK, False, k_base, v_base, kpm_base,
                                       ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                       GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64)
+                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64, ALIGNED)
         if n_full < LK:
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, n_full, LK, k_base, v_base, kpm_base,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, n_full, LK, False, k_base, v_base, kpm_base,
                                       ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                       GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
+                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64, ALIGNED)
 
     # a fully masked row has l = 0 and acc = 0: it returns zeros, and lse = -inf
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_offs = _tile_offsets(offs_m, TOKEN_STRIDE, stride_os, offs_d, OFFS_64)
-    tl.store(O_ptr + b * stride_ob + h * stride_oh + g_off64 * stride_os + o_offs, out.to(O_ptr.dtype.element_ty),
+    o_base = O_ptr + b * stride_ob + h * stride_oh + g_off64 * stride_os
+    tl.store(_tile_ptrs(o_base, offs_m, TOKEN_STRIDE, stride_os, offs_d, OFFS_64, ALIGNED), out.to(O_ptr.dtype.element_ty),
              mask=q_mask)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE_ptr + (b * HEADS + h) * SQ + tok_q, lse, mask=valid_m)
@@ -321,7 +355,7 @@ def _attn_bwd_preprocess_kernel(
     DELTA_ptr,  # out: rowsum(dO * O), (B, heads, S) fp32
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
-    HEADS, S, D,
+    HEADS, S, D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -342,13 +376,14 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, q_base, do_base, lse_base, delta_base,
+def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, window_mask, q_base, do_base, lse_base, delta_base,
                ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
                HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
-              OFFS_64: tl.constexpr):
-    """One query tile of the dk/dv backward. EVEN: the tile lies inside the sequence."""
+              OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """One query tile of the dk/dv backward. EVEN: the tile lies inside the sequence. window_mask: as
+    in _fwd_tile."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     valid_m = offs_m < end_m
@@ -357,8 +392,8 @@ def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, q_base, do_base, lse_
         q_mask = offs_d[None, :] < D
     else:
         q_mask = valid_m[:, None] & (offs_d[None, :] < D)
-    q = tl.load(q_base + _tile_offsets(offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64), mask=q_mask, other=0.0)
-    do = tl.load(do_base + _tile_offsets(offs_m, TOKEN_STRIDE, stride_dos, offs_d, OFFS_64), mask=q_mask,
+    q = tl.load(_tile_ptrs(q_base, offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64, ALIGNED), mask=q_mask, other=0.0)
+    do = tl.load(_tile_ptrs(do_base, offs_m, TOKEN_STRIDE, stride_dos, offs_d, OFFS_64, ALIGNED), mask=q_mask,
                  other=0.0)
     if HAS_ROPE:
         q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
@@ -368,14 +403,15 @@ def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, q_base, do_base, lse_
     delta = tl.load(delta_base + tok_q, mask=valid_m, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
     p_t = tl.math.exp2(s_t - lse[None, :])
-    if (not EVEN) or (HAS_MASK or WINDOW):  # key rows past the end are never stored: mask queries only
+    if ((not EVEN) and (not WINDOW)) or HAS_MASK:  # key rows past the end are never stored: mask queries only
         allowed = valid_m[None, :]
         if HAS_MASK:
             allowed = allowed & kpm_k[:, None]
-        if WINDOW:
-            allowed = allowed & _window_allowed(tok_q[None, :], tok_k[:, None], GRID_T, GRID_H, GRID_W,
-                                                WIN_T, WIN_H, WIN_W)
         p_t = tl.where(allowed, p_t, 0.0)
+    if WINDOW:
+        if window_mask:
+            p_t = tl.where(valid_m[None, :] & _window_allowed(tok_q[None, :], tok_k[:, None], GRID_T, GRID_H, GRID_W,
+                                                              WIN_T, WIN_H, WIN_W), p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -399,7 +435,7 @@ def _attn_bwd_dkdv_kernel(
     stride_mb,
     HEADS, GROUPS, SQ, LQ, LK, GROUP_STRIDE, TOKEN_STRIDE,
     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-    D, sm_scale, LQ_BUCKET, LK_BUCKET,
+    D: tl.constexpr, sm_scale, LQ_BUCKET, LK_BUCKET,
     BLOCK_M: tl.constexpr,  # query tile (inner loop)
     BLOCK_N: tl.constexpr,  # key tile (owned by the program)
     BLOCK_D: tl.constexpr,
@@ -407,7 +443,8 @@ def _attn_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_offsets)
+    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
+    ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(LK, BLOCK_N)
@@ -424,10 +461,10 @@ def _attn_bwd_dkdv_kernel(
     tok_k = g_off + offs_n * TOKEN_STRIDE
     kv_mask = valid_k[:, None] & (offs_d[None, :] < D)
     g_off64 = g_off.to(tl.int64)
-    k = tl.load(K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
-                + _tile_offsets(offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64), mask=kv_mask, other=0.0)
-    v = tl.load(V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
-                + _tile_offsets(offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64), mask=kv_mask, other=0.0)
+    k_base = K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
+    v_base = V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
+    k = tl.load(_tile_ptrs(k_base, offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(v_base, offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
     if HAS_ROPE:
         k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     kpm_k = valid_k
@@ -451,40 +488,44 @@ def _attn_bwd_dkdv_kernel(
                 lo = (f * GRID_H + r_lo + run) * GRID_W + c_lo
                 hi = lo - c_lo + c_hi + 1
                 for start_m in range(lo, hi, BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, hi, q_base, do_base, lse_base,
+                    window_mask = (start_m + BLOCK_M > hi) | (_tile_inside_windows(
+                        start_m, start_m + BLOCK_M - 1, first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W) == 0)
+                    dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, hi, window_mask, q_base, do_base, lse_base,
                                         delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                                         GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                        BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
+                                        BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64, ALIGNED)
     else:
         m_full = LQ - LQ % BLOCK_M
         for start_m in range(0, m_full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, LQ, q_base, do_base, lse_base,
+            dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, LQ, False, q_base, do_base, lse_base,
                                 delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                                 GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64)
+                                BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64, ALIGNED)
         if m_full < LQ:
-            dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, m_full, LQ, q_base, do_base, lse_base,
+            dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, m_full, LQ, False, q_base, do_base, lse_base,
                                 delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                                 GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
+                                BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64, ALIGNED)
 
     dk = dk * sm_scale
     if HAS_ROPE:
         dk = _rotate(dk, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
-    out_offs = (b * stride_dkb + h * stride_dkh + g_off64 * stride_dks
-                + _tile_offsets(offs_n, TOKEN_STRIDE, stride_dks, offs_d, OFFS_64))
-    tl.store(DK_ptr + out_offs, dk.to(DK_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(DV_ptr + out_offs, dv.to(DV_ptr.dtype.element_ty), mask=kv_mask)
+    out_base = b * stride_dkb + h * stride_dkh + g_off64 * stride_dks  # dk and dv share the layout
+    tl.store(_tile_ptrs(DK_ptr + out_base, offs_n, TOKEN_STRIDE, stride_dks, offs_d, OFFS_64, ALIGNED),
+             dk.to(DK_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile_ptrs(DV_ptr + out_base, offs_n, TOKEN_STRIDE, stride_dks, offs_d, OFFS_64, ALIGNED),
+             dv.to(DV_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, k_base, v_base, kpm_base, ROPE_ptr,
+def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, window_mask, k_base, v_base, kpm_base, ROPE_ptr,
              stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
              HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
-              OFFS_64: tl.constexpr):
-    """One key tile of the dq backward. EVEN: the tile lies inside the sequence."""
+              OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """One key tile of the dq backward. EVEN: the tile lies inside the sequence. window_mask: as in
+    _fwd_tile."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     valid_n = offs_n < end_n
@@ -493,20 +534,21 @@ def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, k_base, v_base, kpm_b
         kv_mask = offs_d[None, :] < D
     else:
         kv_mask = valid_n[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_base + _tile_offsets(offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64), mask=kv_mask, other=0.0)
-    v = tl.load(v_base + _tile_offsets(offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64), mask=kv_mask, other=0.0)
+    k = tl.load(_tile_ptrs(k_base, offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(v_base, offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
     if HAS_ROPE:
         k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
-    if (not EVEN) or (HAS_MASK or WINDOW):  # rows past the end are never stored: mask keys only
+    if ((not EVEN) and (not WINDOW)) or HAS_MASK:  # rows past the end are never stored: mask keys only
         allowed = valid_n[None, :]
         if HAS_MASK:
             allowed = allowed & (tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0)[None, :]
-        if WINDOW:
-            allowed = allowed & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
-                                                WIN_T, WIN_H, WIN_W)
         p = tl.where(allowed, p, 0.0)
+    if WINDOW:
+        if window_mask:
+            p = tl.where(valid_n[None, :] & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
+                                                            WIN_T, WIN_H, WIN_W), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -526,7 +568,7 @@ def _attn_bwd_dq_kernel(
     stride_mb,
     HEADS, GROUPS, SQ, LQ, LK, GROUP_STRIDE, TOKEN_STRIDE,
     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-    D, sm_scale, LQ_BUCKET, LK_BUCKET,
+    D: tl.constexpr, sm_scale, LQ_BUCKET, LK_BUCKET,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -534,7 +576,8 @@ def _attn_bwd_dq_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_offsets)
+    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
+    ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(LQ, BLOCK_M)
@@ -551,10 +594,11 @@ def _attn_bwd_dq_kernel(
     tok_q = g_off + offs_m * TOKEN_STRIDE
     q_mask = valid_m[:, None] & (offs_d[None, :] < D)
     g_off64 = g_off.to(tl.int64)
-    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs
-                + _tile_offsets(offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64), mask=q_mask, other=0.0)
-    do = tl.load(DO_ptr + b * stride_dob + h * stride_doh + g_off64 * stride_dos
-                 + _tile_offsets(offs_m, TOKEN_STRIDE, stride_dos, offs_d, OFFS_64), mask=q_mask, other=0.0)
+    q_base = Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs
+    do_base = DO_ptr + b * stride_dob + h * stride_doh + g_off64 * stride_dos
+    q = tl.load(_tile_ptrs(q_base, offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64, ALIGNED), mask=q_mask, other=0.0)
+    do = tl.load(_tile_ptrs(do_base, offs_m, TOKEN_STRIDE, stride_dos, offs_d, OFFS_64, ALIGNED), mask=q_mask,
+                 other=0.0)
     if HAS_ROPE:
         q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
     lse = tl.load(LSE_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
@@ -575,28 +619,30 @@ def _attn_bwd_dq_kernel(
                 lo = (f * GRID_H + r_lo + run) * GRID_W + c_lo
                 hi = lo - c_lo + c_hi + 1
                 for start_n in range(lo, hi, BLOCK_N):
-                    dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, hi, k_base, v_base, kpm_base,
+                    window_mask = (start_n + BLOCK_N > hi) | (_tile_inside_windows(
+                        first, last, start_n, start_n + BLOCK_N - 1, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W) == 0)
+                    dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, hi, window_mask, k_base, v_base, kpm_base,
                                   ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                   GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                  BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
+                                  BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64, ALIGNED)
     else:
         n_full = LK - LK % BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, LK, k_base, v_base, kpm_base,
+            dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, LK, False, k_base, v_base, kpm_base,
                           ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                           GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64)
+                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64, ALIGNED)
         if n_full < LK:
-            dq = _dq_tile(dq, q, do, lse, delta, tok_q, n_full, LK, k_base, v_base, kpm_base,
+            dq = _dq_tile(dq, q, do, lse, delta, tok_q, n_full, LK, False, k_base, v_base, kpm_base,
                           ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                           GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64)
+                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64, ALIGNED)
 
     dq = dq * sm_scale
     if HAS_ROPE:
         dq = _rotate(dq, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
-    tl.store(DQ_ptr + b * stride_dqb + h * stride_dqh + g_off64 * stride_dqs
-             + _tile_offsets(offs_m, TOKEN_STRIDE, stride_dqs, offs_d, OFFS_64), dq.to(DQ_ptr.dtype.element_ty),
+    dq_base = DQ_ptr + b * stride_dqb + h * stride_dqh + g_off64 * stride_dqs
+    tl.store(_tile_ptrs(dq_base, offs_m, TOKEN_STRIDE, stride_dqs, offs_d, OFFS_64, ALIGNED), dq.to(DQ_ptr.dtype.element_ty),
              mask=q_mask)
 
 
@@ -717,6 +763,14 @@ def _group_extent(tensors, lq, lk, token_stride) -> int:
     return (max(lq, lk) + 128) * token_stride * stride_s + q.shape[3]
 
 
+def _aligned_16(tensors, head_dim: int) -> bool:
+    """Every pointer and (batch, token, head) stride of the tensors a multiple of 16 bytes, outputs too
+    (fresh (B, S, heads, D) tensors: their strides are multiples of D)."""
+    size = tensors[0].element_size()
+    return (head_dim * size) % 16 == 0 and all(
+        t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:3]) for t in tensors)
+
+
 def _lastdim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -748,7 +802,8 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_sp
     flags = dict(BLOCK_D=block_d, HAS_ROPE=has_rope, HAS_MASK=key_padding_mask is not None,
                  WINDOW=len(window) == 3,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                 OFFS_64=FORCE_INT64_OFFSETS or _group_extent(tensors, lq, lk, token_stride) >= 2**31)
+                 OFFS_64=FORCE_INT64_OFFSETS or _group_extent(tensors, lq, lk, token_stride) >= 2**31,
+                 ALIGNED=_aligned_16(tensors, D))
     return kpm, rope_table, stride_mb, scalars, (B * heads * groups, lq, lk), flags
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dit_fast import _backend
-from dit_fast.ops.rope import RoPE3D, apply_rope_3d_reference, as_rope, grid_positions, rope_split
+from dit_fast.ops.rope import RoPE3D, apply_rope_3d, apply_rope_3d_reference, as_rope, grid_positions, rope_split
 
 OP = "attention"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -287,15 +287,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
 
 def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *, mode: str = "full",
                         window: Optional[Sequence[int]] = None, rope: Union[None, str, RoPE3D] = None,
-                        scale: Optional[float] = None, return_lse: bool = False,
+                        scale: Optional[float] = None, return_lse: bool = False, rope_in_kernel: bool = False,
                         backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Self-attention over the tokens of a video grid (T, H, W) in (t, h, w) raster order.
 
     q, k, v: (B, S, heads, D) with S = T * H * W. mode: "full", "spatial" (within each frame) or
     "temporal" (within each (h, w) column). window=(wt, wh, ww): 3D local attention, wt <= T,
     wh <= H, ww <= W (see the module docstring for the exact window). rope: None, "3d" or
-    RoPE3D(theta, split): rotary embedding of q and k applied inside the attention. Returns
-    (B, S, heads, D), and with return_lse also the log-sum-exp (B, heads, S) fp32.
+    RoPE3D(theta, split): rotary embedding of q and k. Returns (B, S, heads, D), and with
+    return_lse also the log-sum-exp (B, heads, S) fp32.
+
+    rope_in_kernel: False (default) rotates q and k in one pass each (apply_rope_3d's kernel), then
+    runs the attention kernel; True rotates them inside the attention kernels, with no rotated
+    copies in memory but every key tile rotated again for each query tile: 12x slower on an H100
+    (benchmarks/NOTES.md), kept for memory-bound cases and as the tested fused path.
     """
     _check_qkv(q, k, v)
     grid = _check_grid(grid, q, k)
@@ -308,6 +313,11 @@ def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *,
         rope_ref = RoPE3D(rope.theta, tuple(split)) if rope is not None else None
         return spacetime_attention_reference(q, k, v, grid, mode=mode, window=window, rope=rope_ref, scale=scale,
                                              return_lse=return_lse)
+    if rope is not None and not rope_in_kernel:  # one rotation pass each; its op differentiates it
+        rope_backend = "auto" if backend == "auto" else name
+        q = apply_rope_3d(q, grid, theta=rope.theta, split=split, backend=rope_backend)
+        k = apply_rope_3d(k, grid, theta=rope.theta, split=split, backend=rope_backend)
+        rope, split = None, []
     out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, None, grid, mode, window or [],
                                                 float(rope.theta) if rope is not None else 0.0, split, scale, name)
     return (out, lse) if return_lse else out

@@ -1,0 +1,192 @@
+"""What a Triton kernel costs before it runs: compile it for an H100 (sm_90a) on any machine, GPU or not.
+
+Triton's compiler and its bundled ptxas / cuobjdump lower a kernel to SASS without a device. From the
+result this prints, per variant: registers per thread, spilled bytes, shared memory, and counts of the
+SASS instructions that decide speed: tensor-core matrix ops (HGMMA: Hopper's wgmma; HMMA: the older
+mma.sync path), global loads by width (LDG.E.128 is a 16-byte vector; LDG.E.U16 one bf16 element),
+local-memory traffic (LDL/STL: spills), special-function ops (MUFU: exp2, sin, cos, rcp) and integer
+division sequences (I2F.U32.RP starts one). Static counts, not executed counts: an instruction inside
+a loop counts once. Compare variants of one kernel with it; time them on a GPU.
+
+    python -m benchmarks.kernel_resources                          # attention kernels, default variants
+    python -m benchmarks.kernel_resources --head-dims 72 128 --kernels fwd --variants dense rope window
+    python -m benchmarks.kernel_resources --json out.json
+
+Run without TRITON_INTERPRET (the script clears it for the compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.pop("TRITON_INTERPRET", None)  # the interpreter never lowers a kernel
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SASS_COUNTS = {
+    "hgmma": r"\bHGMMA\b",
+    "hmma": r"\bHMMA\b",
+    "ldg128": r"\bLDG\.E\.128\b",
+    "ldg_narrow": r"\bLDG\.E(\.U16|\.16|\.U8|\.S8)?(\.\w+)*\s",  # 1-2 byte loads (see _count)
+    "ldl_stl": r"\b(LDL|STL)\b",
+    "mufu": r"\bMUFU\b",
+    "int_div": r"\bI2F\.U32\.RP\b",
+    "shfl": r"\bSHFL\b",
+}
+
+
+def _tool(name: str) -> str:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(path) if path.exists() else name
+
+
+def _count(sass: str) -> Dict[str, int]:
+    counts = {}
+    for key, pattern in SASS_COUNTS.items():
+        if key == "ldg_narrow":  # LDG without a width suffix is 4 bytes; count only 1-2 byte loads
+            counts[key] = len(re.findall(r"\bLDG\.E\.(U16|S16|U8|S8)\b", sass))
+        else:
+            counts[key] = len(re.findall(pattern, sass))
+    counts["ldg_total"] = len(re.findall(r"\bLDG\b", sass))
+    return counts
+
+
+def resources(fn, signature: Dict[str, str], constexprs: Dict[str, object], num_warps: int, num_stages: int,
+              divisible_by_16=()):
+    """Compile fn for sm_90a and return registers, spills, shared memory and SASS counts.
+
+    divisible_by_16: argument names to mark as multiples of 16, as a launch does for 16-byte aligned
+    pointers and integers divisible by 16 (what lets Triton emit 16-byte vector loads)."""
+    fn = triton.JITFunction(getattr(fn, "fn", fn)) if not isinstance(fn, triton.JITFunction) else fn
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    local = re.search(r"LOCAL:(\d+)", res)
+    return {
+        "regs": int(regs.group(1)) if regs else None,
+        "stack_bytes": int(stack.group(1)) if stack else None,
+        "local_bytes": int(local.group(1)) if local else None,
+        "shared_bytes": compiled.metadata.shared,
+        "sass_lines": sass.count("\n"),
+        **_count(sass),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention kernels (triton_kernels/attention.py)
+# ---------------------------------------------------------------------------------------------
+
+VARIANTS = {  # flags of one masking mode
+    "dense": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=False),
+    "rope": dict(HAS_ROPE=True, HAS_MASK=False, WINDOW=False),
+    "window": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=True),
+    "padding": dict(HAS_ROPE=False, HAS_MASK=True, WINDOW=False),
+}
+
+
+def attention_signature(fn, dtype: str) -> Dict[str, str]:
+    """Triton signature of an attention kernel: pointers typed, integers i32, the scale fp32."""
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in ("LSE_ptr", "DELTA_ptr", "ROPE_ptr"):
+            sig[name] = "*fp32"
+        elif name == "KPM_ptr":
+            sig[name] = "*u8"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + dtype
+        elif name == "sm_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def attention_divisible(fn, head_dim: int, heads: int = 16, seq_len: int = 16384) -> List[str]:
+    """Arguments a launch at (B, S, heads, D) = (1, seq_len, heads, head_dim) marks divisible by 16."""
+    values = {"D": head_dim, "HEADS": heads, "SQ": seq_len, "LQ": seq_len, "LK": seq_len}
+    for p in fn.params:
+        if p.name.startswith("stride_"):
+            values[p.name] = {"b": seq_len * heads * head_dim, "s": heads * head_dim, "h": head_dim}[p.name[-1]]
+    return [p.name for p in fn.params if not p.is_constexpr and (p.name.endswith("_ptr") or values.get(p.name, 1) % 16 == 0)]
+
+
+def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str], configs) -> List[dict]:
+    from dit_fast.triton_kernels import attention as A
+
+    fns = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}
+    rows = []
+    for kernel in kernels:
+        fn = fns[kernel]
+        fn = triton.JITFunction(getattr(fn, "fn", fn)) if not isinstance(fn, triton.JITFunction) else fn
+        for d in head_dims:
+            for variant in variants:
+                for bm, bn, warps, stages in configs:
+                    flags = dict(VARIANTS[variant], BLOCK_M=bm, BLOCK_N=bn, ALIGNED=True,
+                                 BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION="tf32", OFFS_64=False)
+                    constexprs = {k: v for k, v in flags.items() if k in {p.name for p in fn.params}}
+                    if any(p.name == "D" and p.is_constexpr for p in fn.params):
+                        constexprs["D"] = d
+                    row = dict(kernel=kernel, head_dim=d, variant=variant, block_m=bm, block_n=bn,
+                               num_warps=warps, num_stages=stages)
+                    try:
+                        row.update(resources(fn, attention_signature(fn, "bf16"), constexprs, warps, stages,
+                                             attention_divisible(fn, d)))
+                    except Exception as exc:  # a configuration that does not compile says why
+                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    rows.append(row)
+                    print(_format(row), flush=True)
+    return rows
+
+
+COLUMNS = ["kernel", "head_dim", "variant", "block_m", "block_n", "num_warps", "num_stages", "regs", "local_bytes",
+           "shared_bytes", "hgmma", "hmma", "ldg128", "ldg_narrow", "ldg_total", "ldl_stl", "mufu", "int_div",
+           "sass_lines"]
+
+
+def _format(row: dict) -> str:
+    if "error" in row:
+        return " ".join(str(row[c]) for c in COLUMNS[:7]) + "  ERROR " + row["error"]
+    return " ".join(f"{c}={row.get(c)}" for c in COLUMNS)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernels", nargs="+", default=["fwd", "dkdv", "dq"])
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 72, 128])
+    parser.add_argument("--variants", nargs="+", default=["dense", "rope", "window"], choices=sorted(VARIANTS))
+    parser.add_argument("--configs", nargs="+", default=["128,64,8,3", "64,64,4,3"],
+                        help="BLOCK_M,BLOCK_N,num_warps,num_stages")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
+    rows = attention_rows(args.kernels, args.head_dims, args.variants, configs)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
