@@ -156,7 +156,7 @@ def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str]
                         row.update(resources(fn, attention_signature(fn, "bf16"), constexprs, warps, stages,
                                              attention_divisible(fn, d)))
                     except Exception as exc:  # a configuration that does not compile says why
-                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                        row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
                     rows.append(row)
                     print(_format(row), flush=True)
     return rows

@@ -6,6 +6,8 @@ large shapes, every head dim and offsets past 2^31 elements.
 """
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,3 +429,44 @@ def test_gpu_offsets_past_2_31_elements():
     got = out[:, tail]
     err = (got.double() - want).abs().max().item()
     assert err <= ATOL_FLOOR[torch.bfloat16] * max(1.0, want.abs().max().item()), f"max err {err}"
+
+
+def test_kernels_compile_for_sm90_with_16_byte_loads():
+    """Compiled for an H100 (no GPU needed): at D = 72 the tiles load 16 bytes at a time, as at D = 128.
+
+    A head stride of 72 hides the alignment from Triton; without the ALIGNED hint every q, k, v
+    element was a separate 2-byte load (measured on an H100: 0.32x SDPA at D = 72)."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter never lowers
+    out = Path(tempfile.mkdtemp()) / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--kernels", "fwd", "dq",
+                           "--head-dims", "72", "--variants", "dense", "--configs", "64,64,4,3", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["kernel"] for r in rows] == ["fwd", "dq"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["ldg128"] > 0 and row["ldg_narrow"] == 0, row
+        assert row["hgmma"] > 0, row  # Hopper's wgmma, not the older mma.sync path
+
+
+def test_aligned_hint_only_when_every_pointer_and_stride_is_16_byte_aligned():
+    """The kernels promise Triton 16-byte alignment (ALIGNED) only when the launcher checked it: a wrong
+    promise would make the GPU read misaligned vectors (the interpreter cannot show that)."""
+    from dit_fast.triton_kernels.attention import _aligned_16
+
+    def qkv(D, dtype=torch.bfloat16, offset=0, heads=3):
+        flat = torch.randn(2 * 5 * heads * D + offset, dtype=dtype)
+        return flat[offset:].view(2, 5, heads, D)
+
+    assert _aligned_16([qkv(72), qkv(72)], 72)  # 144-byte rows, odd head count
+    assert _aligned_16([qkv(72, torch.float32)], 72)
+    assert not _aligned_16([qkv(72), qkv(72, offset=1)], 72)  # one pointer 2 bytes off
+    assert not _aligned_16([qkv(36)], 36)  # 72-byte head stride
+    packed = torch.randn(2, 5, 3, 3, 72, dtype=torch.bfloat16)[:, :, 1]  # a slice of a packed qkv
+    assert _aligned_16([packed], 72)
