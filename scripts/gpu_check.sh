@@ -5,7 +5,8 @@
 # `bash scripts/gpu_check.sh`). Stages are independent: a failing build or test stage still lets
 # the benchmarks run. Each stage has its own `timeout`, and the whole script keeps inside
 # TOTAL_BUDGET seconds (default 540, under the tool's 600 s per command). Logs go to $OUT, which
-# comes back (at most 8 files): env.log build.log tests.log bench.log summary.txt results.tar.gz.
+# comes back (at most 8 files): env.log build.log tests.log failures.log test_outcomes.txt bench.log summary.txt
+# results.tar.gz.
 # results.tar.gz holds only this run's rows (<device-slug>/<op>.jsonl) and plots; fold them into
 # the repository here with `python -m benchmarks.run --merge <files_at>/results.tar.gz`.
 #
@@ -18,8 +19,12 @@
 #   BENCH_OPS=adaln,...  ops for benchmarks.run (default: all; adaln first)
 #   BENCH_FULL=1         all cases instead of --quick
 #   BENCH_FIRST=1        benchmarks before tests (tests then get what is left of TEST_TIMEOUT)
-#   PYTEST_ARGS="..."    default "-q -x"; TEST_PATHS="..." what pytest collects (default tests)
-#   BUILD_TIMEOUT=240 TEST_TIMEOUT=200 TOTAL_BUDGET=540 (seconds)
+#   PYTEST_ARGS="..."    default "-v -n 6 --timeout 200" with pytest-xdist and pytest-timeout (both in the
+#                        GPU image; 14 workers ran the GPU out of memory, 8 did not finish in 230 s), else
+#                        "-v"; each failure's traceback goes to $OUT/failures.log as it happens and each
+#                        outcome to $OUT/test_outcomes.txt (a run cut by its limit prints no summary)
+#   TEST_PATHS="..."     what pytest collects (default tests; test ids to re-run only those)
+#   BUILD_TIMEOUT=240 TEST_TIMEOUT=300 TOTAL_BUDGET=540 (seconds)
 #   DIT_FAST_COMMIT=sha  commit recorded in result rows when .git did not travel with the tree
 set -u
 cd "$(dirname "$0")/.."
@@ -147,15 +152,30 @@ pack() {
 
 note "gpu_check: started $(date -u +%FT%TZ), budget ${TOTAL_BUDGET}s, python $PY, out $OUT, dry run $DRY_RUN"
 
+default_pytest_args() {
+  if "$PY" -c "import xdist, pytest_timeout" >/dev/null 2>&1; then
+    echo "-v -n 6 --timeout 200"
+  else
+    echo "-v"
+  fi
+}
+
 run_tests() {
+  [[ ${SKIP_TESTS:-0} == 1 ]] && return 0
+  export DIT_FAST_FAILURE_LOG=${DIT_FAST_FAILURE_LOG:-$OUT/failures.log}
   # shellcheck disable=SC2086
-  [[ ${SKIP_TESTS:-0} == 1 ]] || stage tests "${TEST_TIMEOUT:-200}" 0 "$PY" -m pytest ${TEST_PATHS:-tests} ${PYTEST_ARGS:--q -x} -p no:cacheprovider
+  stage tests "${TEST_TIMEOUT:-300}" 0 "$PY" -m pytest ${TEST_PATHS:-tests} ${PYTEST_ARGS:-$(default_pytest_args)} \
+    -p no:cacheprovider
+  # one line per finished test, whether or not the run reached its summary
+  grep -oE "(PASSED|FAILED|SKIPPED|ERROR) tests/\S+" "$OUT/tests.log" 2>/dev/null | sort >"$OUT/test_outcomes.txt"
+  note "tests: $(grep -c ^PASSED "$OUT/test_outcomes.txt") passed, $(grep -c ^FAILED "$OUT/test_outcomes.txt") failed," \
+    "$(grep -c ^SKIPPED "$OUT/test_outcomes.txt") skipped, $(grep -c ^ERROR "$OUT/test_outcomes.txt") errors"
 }
 
 run_bench() {
   [[ ${SKIP_BENCH:-0} == 1 ]] && return 0
   local reserve=25
-  [[ ${BENCH_FIRST:-0} == 1 && ${SKIP_TESTS:-0} != 1 ]] && reserve=$((25 + ${TEST_TIMEOUT:-200}))
+  [[ ${BENCH_FIRST:-0} == 1 && ${SKIP_TESTS:-0} != 1 ]] && reserve=$((25 + ${TEST_TIMEOUT:-300}))
   BENCH_LIMIT=$(($(left) - reserve))
   QUICK=--quick
   [[ ${BENCH_FULL:-0} == 1 ]] && QUICK=
@@ -183,7 +203,8 @@ note "gpu_check: done in $(elapsed)s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 # The tool's reply carries the end of the output: put what matters last.
 echo
 echo "----- tests (tail) -----"
-tail -n 8 "$OUT/tests.log" 2>/dev/null
+tail -n 3 "$OUT/tests.log" 2>/dev/null
+grep ^FAILED "$OUT/test_outcomes.txt" 2>/dev/null | head -40
 echo "----- bench (tail) -----"
 tail -n 50 "$OUT/bench.log" 2>/dev/null
 echo "----- adaLN targets -----"
