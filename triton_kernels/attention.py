@@ -75,6 +75,18 @@ def _rotate(x, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BL
 
 
 @triton.jit
+def _program_coords(LEN, BLOCK: tl.constexpr, GROUPS, HEADS, GROUP_STRIDE):
+    """(tile, b, h, first token of the group) of this program. Programs walk the tiles of one group
+    fastest, then groups, heads and the batch; b and h are int64 (their offsets pass 2^31 elements)."""
+    pid = tl.program_id(0)
+    num_tiles = tl.cdiv(LEN, BLOCK)
+    rest = pid // num_tiles
+    h = ((rest // GROUPS) % HEADS).to(tl.int64)
+    b = (rest // GROUPS // HEADS).to(tl.int64)
+    return pid % num_tiles, b, h, (rest % GROUPS) * GROUP_STRIDE
+
+
+@triton.jit
 def _tile_ptrs(base, pos, TOKEN_STRIDE, stride_s, offs_d, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """Pointers (R, BLOCK_D) to the tokens at positions pos of a group, from the group's base pointer.
 
@@ -269,14 +281,7 @@ def _attn_fwd_kernel(
     OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
     ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(LQ, BLOCK_M)
-    m_blk = pid % num_m
-    rest = pid // num_m
-    g = rest % GROUPS
-    h = ((rest // GROUPS) % HEADS).to(tl.int64)  # int64: batch and head offsets pass 2^31 elements
-    b = (rest // GROUPS // HEADS).to(tl.int64)
-    g_off = g * GROUP_STRIDE  # first token of the group
+    m_blk, b, h, g_off = _program_coords(LQ, BLOCK_M, GROUPS, HEADS, GROUP_STRIDE)
 
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -446,14 +451,7 @@ def _attn_bwd_dkdv_kernel(
     OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
     ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(LK, BLOCK_N)
-    n_blk = pid % num_n
-    rest = pid // num_n
-    g = rest % GROUPS
-    h = ((rest // GROUPS) % HEADS).to(tl.int64)
-    b = (rest // GROUPS // HEADS).to(tl.int64)
-    g_off = g * GROUP_STRIDE
+    n_blk, b, h, g_off = _program_coords(LK, BLOCK_N, GROUPS, HEADS, GROUP_STRIDE)
 
     offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -579,14 +577,7 @@ def _attn_bwd_dq_kernel(
     OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
     ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(LQ, BLOCK_M)
-    m_blk = pid % num_m
-    rest = pid // num_m
-    g = rest % GROUPS
-    h = ((rest // GROUPS) % HEADS).to(tl.int64)
-    b = (rest // GROUPS // HEADS).to(tl.int64)
-    g_off = g * GROUP_STRIDE
+    m_blk, b, h, g_off = _program_coords(LQ, BLOCK_M, GROUPS, HEADS, GROUP_STRIDE)
 
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
