@@ -203,10 +203,10 @@ def num_warps_for(block_c: int) -> int:
     return 4
 
 
-def _backward_chunks(num_groups: int, tokens_per_group: int, device: torch.device) -> int:
+def _backward_chunks(num_groups: int, tokens_per_group: int, device: torch.device, programs_per_sm: int = 4) -> int:
     """Enough programs to fill the GPU about four times over, never more than one per token."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4  # the interpreter runs programs one by one: fewer partial rows, same coverage
     return max(1, min(tokens_per_group, triton.cdiv(target, num_groups)))
@@ -216,8 +216,9 @@ def _dummy(x):
     return x.new_empty(0)
 
 
-def adaln_forward(x, gate, branch, shift, scale, weight, bias, eps, has_norm=True):
-    """Returns (h, out, mean, rstd); h is None without a residual, out/mean/rstd None without norm."""
+def adaln_forward(x, gate, branch, shift, scale, weight, bias, eps, has_norm=True, num_warps=None):
+    """Returns (h, out, mean, rstd); h is None without a residual, out/mean/rstd None without norm.
+    num_warps: None picks num_warps_for(BLOCK_C); benchmarks/tune_adaln.py sweeps it."""
     x = x.contiguous()
     B, N, C = x.shape
     has_residual = gate is not None
@@ -248,13 +249,14 @@ def adaln_forward(x, gate, branch, shift, scale, weight, bias, eps, has_norm=Tru
         HAS_NORM=has_norm,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
-        num_warps=num_warps_for(block_c),
+        num_warps=num_warps or num_warps_for(block_c),
     )
     return h, out, mean, rstd
 
 
-def adaln_backward(dout, dh, x_normed, gate, branch, scale, weight, bias, mean, rstd, num_groups):
-    """Gradients of adaln_forward.
+def adaln_backward(dout, dh, x_normed, gate, branch, scale, weight, bias, mean, rstd, num_groups,
+                   num_warps=None, programs_per_sm=4):
+    """Gradients of adaln_forward. num_warps / programs_per_sm: launch shape (tune_adaln.py sweeps them).
 
     ``x_normed`` is the tensor that was normalised (h with a residual, else x). Returns
     (dx, dbranch, dgate, dshift, dscale, dweight, dbias); entries that do not apply are None.
@@ -266,7 +268,7 @@ def adaln_backward(dout, dh, x_normed, gate, branch, scale, weight, bias, mean, 
     B, N, C = like.shape
     G = num_groups
     tokens_per_group = N // G
-    chunks = _backward_chunks(B * G, tokens_per_group, like.device)
+    chunks = _backward_chunks(B * G, tokens_per_group, like.device, programs_per_sm)
     rows_per_chunk = triton.cdiv(tokens_per_group, chunks)
     chunks = triton.cdiv(tokens_per_group, rows_per_chunk)
     dtype = like.dtype
@@ -297,7 +299,7 @@ def adaln_backward(dout, dh, x_normed, gate, branch, scale, weight, bias, mean, 
         HAS_NORM=has_norm,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
-        num_warps=num_warps_for(block_c),
+        num_warps=num_warps or num_warps_for(block_c),
     )
 
     return (dx, dbranch, *adaln_partials.reduce(partials, B, G, C, dtype, weight, bias))
