@@ -236,8 +236,14 @@ def test_triton_kernel_compiles_for_sm90():
                  "PAIRS_T": "i32", "PAIRS_TH": "i32", "HEADS_PER_PROGRAM": "i32", "INVERSE": "constexpr",
                  "ACCURATE_TRIG": "constexpr", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
     constexprs = {"INVERSE": True, "ACCURATE_TRIG": True, "BLOCK_S": 32, "BLOCK_D": 128}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+    # what a launch at D = 128 specializes: 16-byte aligned pointers, D and strides multiples of 16
+    aligned = ("X_ptr", "OUT_ptr", "INV_FREQ_ptr", "D", "stride_xb", "stride_xs", "stride_xh")
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32))
     ptx = compiled.asm["ptx"]
     assert compiled.asm["cubin"]
     assert "sin.approx" not in ptx and "cos.approx" not in ptx  # accurate trig: angles reach hundreds of radians
+    # x read and written in 16-byte vectors: the pairs are swapped in registers, not reloaded one by one
+    assert "ld.global.v4" in ptx and "st.global.v4" in ptx
+    assert "ld.global.b16" not in ptx and "ld.global.u16" not in ptx, "2-byte loads of x"

@@ -45,35 +45,32 @@ def _rope_3d_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = (tokens < S)[:, None] & (cols < D)[None, :]
 
-    # position of each token on each axis, then the one each column's pair rotates with
+    # position of each token on each axis, then the one each pair rotates with
     t = tokens // (H * W)
     h = (tokens // W) % H
     w = tokens % W
-    pair = cols // 2
+    pair = tl.arange(0, BLOCK_D // 2)
     pos = tl.where(pair[None, :] < PAIRS_T, t[:, None], tl.where(pair[None, :] < PAIRS_TH, h[:, None], w[:, None]))
-    inv_freq = tl.load(INV_FREQ_ptr + pair, mask=cols < D, other=0.0)
-    angle = pos.to(tl.float32) * inv_freq[None, :]  # (BLOCK_S, BLOCK_D), one angle per column
+    inv_freq = tl.load(INV_FREQ_ptr + pair, mask=pair < D // 2, other=0.0)  # padding pairs: angle 0
+    angle = pos.to(tl.float32) * inv_freq[None, :]  # (BLOCK_S, BLOCK_D / 2): one per pair, for every head
     if ACCURATE_TRIG:
         cos = libdevice.cos(angle)
         sin = libdevice.sin(angle)
     else:  # the CPU interpreter evaluates tl.cos / tl.sin with numpy, accurately
         cos = tl.cos(angle)
         sin = tl.sin(angle)
-    # out[2p] = x[2p] cos - x[2p+1] sin,  out[2p+1] = x[2p+1] cos + x[2p] sin:
-    # every column reads its partner column (cols ^ 1, same cache lines) with a signed sin
-    is_even = (cols % 2 == 0)[None, :]
-    signed_sin = tl.where(is_even, -sin, sin)
     if INVERSE:
-        signed_sin = -signed_sin
-    partner = cols ^ 1
+        sin = -sin
 
+    # out[2p] = x[2p] cos - x[2p+1] sin,  out[2p+1] = x[2p+1] cos + x[2p] sin. The pairs are split
+    # apart in registers (each thread holds whole pairs), so x is read and written in 16-byte vectors;
+    # reading each column's partner again (cols ^ 1) compiled to one 2-byte load per element.
     x_rows = b * stride_xb + tokens.to(tl.int64) * stride_xs  # (BLOCK_S,)
     out_rows = (b * S + tokens.to(tl.int64)) * HEADS * D
     for head in range(first_head, tl.minimum(first_head + HEADS_PER_PROGRAM, HEADS)):
-        x_base = X_ptr + (x_rows + head * stride_xh)[:, None]
-        x = tl.load(x_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x_partner = tl.load(x_base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        out = x * cos + x_partner * signed_sin
+        x = tl.load(X_ptr + (x_rows + head * stride_xh)[:, None] + cols[None, :], mask=mask, other=0.0)
+        even, odd = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_S, BLOCK_D // 2, 2)))
+        out = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_S, BLOCK_D))
         tl.store(OUT_ptr + (out_rows + head * D)[:, None] + cols[None, :], out.to(OUT_ptr.dtype.element_ty), mask=mask)
 
 
