@@ -232,13 +232,14 @@ def test_triton_kernel_compiles_for_sm90():
     fn = kernels._rope_3d_kernel
     fn = triton.JITFunction(getattr(fn, "fn", fn))  # under TRITON_INTERPRET the decorator wrapped it
     signature = {"X_ptr": "*bf16", "OUT_ptr": "*bf16", "INV_FREQ_ptr": "*fp32", "S": "i32", "HEADS": "i32",
-                 "D": "i32", "H": "i32", "W": "i32", "stride_xb": "i64", "stride_xs": "i32", "stride_xh": "i32",
-                 "PAIRS_T": "i32", "PAIRS_TH": "i32", "HEADS_PER_PROGRAM": "i32", "INVERSE": "constexpr",
-                 "ACCURATE_TRIG": "constexpr", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
-    constexprs = {"INVERSE": True, "ACCURATE_TRIG": True, "BLOCK_S": 32, "BLOCK_D": 128}
-    # what a launch at D = 128 specializes: 16-byte aligned pointers, D and strides multiples of 16
-    aligned = ("X_ptr", "OUT_ptr", "INV_FREQ_ptr", "D", "stride_xb", "stride_xs", "stride_xh")
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+                 "D": "constexpr", "H": "i32", "W": "i32", "stride_xb": "i64", "stride_xs": "i32",
+                 "stride_xh": "i32", "PAIRS_T": "i32", "PAIRS_TH": "i32", "HEADS_PER_PROGRAM": "i32",
+                 "INVERSE": "constexpr", "ACCURATE_TRIG": "constexpr", "BLOCK_S": "constexpr",
+                 "BLOCK_D": "constexpr", "ALIGNED": "constexpr"}
+    # D = 72 (Open-Sora, Latte): a head stride of 72 is not a multiple of 16 elements, so only the
+    # launcher's ALIGNED hint lets Triton use 16-byte vectors; pointers as a launch marks them
+    constexprs = {"D": 72, "INVERSE": True, "ACCURATE_TRIG": True, "BLOCK_S": 32, "BLOCK_D": 128, "ALIGNED": True}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("X_ptr", "OUT_ptr", "INV_FREQ_ptr")}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32))
     ptx = compiled.asm["ptx"]
@@ -247,3 +248,13 @@ def test_triton_kernel_compiles_for_sm90():
     # x read and written in 16-byte vectors: the pairs are swapped in registers, not reloaded one by one
     assert "ld.global.v4" in ptx and "st.global.v4" in ptx
     assert "ld.global.b16" not in ptx and "ld.global.u16" not in ptx, "2-byte loads of x"
+
+
+def test_aligned_hint_only_when_checked():
+    """The Triton kernel promises 16-byte alignment (ALIGNED) only for what the launcher checked."""
+    from dit_fast.triton_kernels.rope import _aligned_16
+
+    packed = torch.randn(2, 6, 3, 5, 72, dtype=torch.bfloat16)  # a fused qkv projection's output
+    assert _aligned_16(packed[:, :, 1], 72)  # strides 3*5*72, 72: multiples of 16 bytes
+    assert not _aligned_16(torch.randn(2 * 6 * 5 * 72 + 1, dtype=torch.bfloat16)[1:].view(2, 6, 5, 72), 72)
+    assert not _aligned_16(torch.randn(2, 6, 5, 76, dtype=torch.bfloat16)[..., :36], 36)  # 72-byte rows

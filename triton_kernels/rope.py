@@ -24,7 +24,7 @@ def _rope_3d_kernel(
     INV_FREQ_ptr,  # (D / 2,) fp32 frequency of each pair, axes t, h, w concatenated
     S,  # tokens per sample, T * H * W
     HEADS,
-    D,  # head dim (even)
+    D: tl.constexpr,  # head dim (even); a constant, so masks on it keep 16-byte vectors
     H,  # grid height
     W,  # grid width
     stride_xb,
@@ -37,6 +37,7 @@ def _rope_3d_kernel(
     ACCURATE_TRIG: tl.constexpr,  # libdevice sin/cos on GPU (tl.sin/tl.cos are approximate there)
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGNED: tl.constexpr,  # x, out and every stride of x multiples of 16 bytes (checked by the launcher)
 ):
     """RoFormer, https://arxiv.org/abs/2104.09864; 3D split as Wan2.1 / CogVideoX."""
     b = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2^31 at video sizes
@@ -68,10 +69,15 @@ def _rope_3d_kernel(
     x_rows = b * stride_xb + tokens.to(tl.int64) * stride_xs  # (BLOCK_S,)
     out_rows = (b * S + tokens.to(tl.int64)) * HEADS * D
     for head in range(first_head, tl.minimum(first_head + HEADS_PER_PROGRAM, HEADS)):
-        x = tl.load(X_ptr + (x_rows + head * stride_xh)[:, None] + cols[None, :], mask=mask, other=0.0)
+        x_ptrs = X_ptr + (x_rows + head * stride_xh)[:, None] + cols[None, :]
+        out_ptrs = OUT_ptr + (out_rows + head * D)[:, None] + cols[None, :]
+        if ALIGNED:  # a head stride such as 72 hides the alignment from Triton: say it (bytes)
+            x_ptrs = tl.multiple_of(x_ptrs, [16, 16])
+            out_ptrs = tl.multiple_of(out_ptrs, [16, 16])
+        x = tl.load(x_ptrs, mask=mask, other=0.0)
         even, odd = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_S, BLOCK_D // 2, 2)))
         out = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_S, BLOCK_D))
-        tl.store(OUT_ptr + (out_rows + head * D)[:, None] + cols[None, :], out.to(OUT_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, out.to(OUT_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,9 +118,17 @@ def rope_3d(x, grid, inv_freq, split, inverse=False):
         ACCURATE_TRIG=not _backend.triton_interpreting(),
         BLOCK_S=block_s,
         BLOCK_D=block_d,
+        ALIGNED=_aligned_16(x, D),
         num_warps=4,
     )
     return out
+
+
+def _aligned_16(x, head_dim: int) -> bool:
+    """x's pointer and (batch, token, head) strides, and the contiguous output's, multiples of 16 bytes."""
+    size = x.element_size()
+    return (head_dim * size) % 16 == 0 and x.data_ptr() % 16 == 0 and all(
+        (st * size) % 16 == 0 for st in x.stride()[:3])
 
 
 def _multiprocessors(device):
