@@ -19,6 +19,8 @@
 #   BENCH_OPS=adaln,...  ops for benchmarks.run (default: all; adaln first)
 #   BENCH_FULL=1         all cases instead of --quick
 #   BENCH_FIRST=1        benchmarks before tests (tests then get what is left of TEST_TIMEOUT)
+#   TUNE_ADALN=1         after the benchmarks, the adaLN launch-shape sweep (benchmarks/tune_adaln.py),
+#                        appended to bench.log
 #   PYTEST_ARGS="..."    default "-v -n 6 --timeout 200" with pytest-xdist and pytest-timeout (both in the
 #                        GPU image; 14 workers ran the GPU out of memory, 8 did not finish in 230 s), else
 #                        "-v"; each failure's traceback goes to $OUT/failures.log as it happens and each
@@ -197,6 +199,7 @@ else
   run_tests
   run_bench
 fi
+[[ ${TUNE_ADALN:-0} == 1 ]] && stage bench "${TUNE_TIMEOUT:-150}" 0 "$PY" -m benchmarks.tune_adaln
 pack
 note "gpu_check: done in $(elapsed)s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 
