@@ -131,7 +131,8 @@ def attention_divisible(fn, head_dim: int, heads: int = 16, seq_len: int = 16384
     for p in fn.params:
         if p.name.startswith("stride_"):
             values[p.name] = {"b": seq_len * heads * head_dim, "s": heads * head_dim, "h": head_dim}[p.name[-1]]
-    return [p.name for p in fn.params if not p.is_constexpr and (p.name.endswith("_ptr") or values.get(p.name, 1) % 16 == 0)]
+    return [p.name for p in fn.params
+            if not p.is_constexpr and (p.name.endswith("_ptr") or values.get(p.name, 1) % 16 == 0)]
 
 
 def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str], configs) -> List[dict]:

@@ -445,7 +445,8 @@ def test_kernels_compile_for_sm90_with_16_byte_loads():
     out = Path(tempfile.mkdtemp()) / "rows.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--kernels", "fwd", "dq",
                            "--head-dims", "72", "--variants", "dense", "--configs", "64,64,4,3", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [r["kernel"] for r in rows] == ["fwd", "dq"]

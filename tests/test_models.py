@@ -218,7 +218,8 @@ def test_triton_model_matches_torch_forward_and_grads():
         out = model(xi, *to(dev, t, y, text, mask))
         (out * torch.linspace(-1, 1, out.numel(), device=dev).reshape(out.shape)).sum().backward()
         outputs.append(out.detach().cpu())
-        grads.append({"x": xi.grad.cpu(), **{n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}})
+        grads.append({"x": xi.grad.cpu(),
+                      **{n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}})
     assert_close(outputs[1], outputs[0], name="forward")
     assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 30
     for name in grads[0]:

@@ -313,7 +313,8 @@ def _attn_fwd_kernel(
                 for start_n in range(lo, hi, BLOCK_N):
                     window_mask = (start_n + BLOCK_N > hi) | (_tile_inside_windows(
                         first, last, start_n, start_n + BLOCK_N - 1, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W) == 0)
-                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, window_mask, k_base, v_base, kpm_base,
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, window_mask,
+                                              k_base, v_base, kpm_base,
                                               ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
                                               BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False,
@@ -325,17 +326,20 @@ def _attn_fwd_kernel(
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, LK, False, k_base, v_base, kpm_base,
                                       ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                       GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64, ALIGNED)
+                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True,
+                                      OFFS_64, ALIGNED)
         if n_full < LK:
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, n_full, LK, False, k_base, v_base, kpm_base,
                                       ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
                                       GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64, ALIGNED)
+                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False,
+                                      OFFS_64, ALIGNED)
 
     # a fully masked row has l = 0 and acc = 0: it returns zeros, and lse = -inf
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_base = O_ptr + b * stride_ob + h * stride_oh + g_off64 * stride_os
-    tl.store(_tile_ptrs(o_base, offs_m, TOKEN_STRIDE, stride_os, offs_d, OFFS_64, ALIGNED), out.to(O_ptr.dtype.element_ty),
+    tl.store(_tile_ptrs(o_base, offs_m, TOKEN_STRIDE, stride_os, offs_d, OFFS_64, ALIGNED),
+             out.to(O_ptr.dtype.element_ty),
              mask=q_mask)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE_ptr + (b * HEADS + h) * SQ + tok_q, lse, mask=valid_m)
@@ -491,7 +495,8 @@ def _attn_bwd_dkdv_kernel(
                     dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, hi, window_mask, q_base, do_base, lse_base,
                                         delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
                                         GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                        BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64, ALIGNED)
+                                        BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False,
+                                        OFFS_64, ALIGNED)
     else:
         m_full = LQ - LQ % BLOCK_M
         for start_m in range(0, m_full, BLOCK_M):
@@ -633,7 +638,8 @@ def _attn_bwd_dq_kernel(
     if HAS_ROPE:
         dq = _rotate(dq, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
     dq_base = DQ_ptr + b * stride_dqb + h * stride_dqh + g_off64 * stride_dqs
-    tl.store(_tile_ptrs(dq_base, offs_m, TOKEN_STRIDE, stride_dqs, offs_d, OFFS_64, ALIGNED), dq.to(DQ_ptr.dtype.element_ty),
+    tl.store(_tile_ptrs(dq_base, offs_m, TOKEN_STRIDE, stride_dqs, offs_d, OFFS_64, ALIGNED),
+             dq.to(DQ_ptr.dtype.element_ty),
              mask=q_mask)
 
 
