@@ -41,7 +41,7 @@ SASS_COUNTS = {
     "hgmma": r"\bHGMMA\b",
     "hmma": r"\bHMMA\b",
     "ldg128": r"\bLDG\.E\.128\b",
-    "ldg_narrow": r"\bLDG\.E(\.U16|\.16|\.U8|\.S8)?(\.\w+)*\s",  # 1-2 byte loads (see _count)
+    "ldg_narrow": r"\bLDG\.E\.(U16|S16|U8|S8)\b",  # 1- and 2-byte loads (plain LDG.E is 4 bytes)
     "ldl_stl": r"\b(LDL|STL)\b",
     "mufu": r"\bMUFU\b",
     "int_div": r"\bI2F\.U32\.RP\b",
@@ -55,12 +55,7 @@ def _tool(name: str) -> str:
 
 
 def _count(sass: str) -> Dict[str, int]:
-    counts = {}
-    for key, pattern in SASS_COUNTS.items():
-        if key == "ldg_narrow":  # LDG without a width suffix is 4 bytes; count only 1-2 byte loads
-            counts[key] = len(re.findall(r"\bLDG\.E\.(U16|S16|U8|S8)\b", sass))
-        else:
-            counts[key] = len(re.findall(pattern, sass))
+    counts = {key: len(re.findall(pattern, sass)) for key, pattern in SASS_COUNTS.items()}
     counts["ldg_total"] = len(re.findall(r"\bLDG\b", sass))
     return counts
 

@@ -459,7 +459,7 @@ def test_kernels_compile_for_sm90_with_16_byte_loads():
 def test_aligned_hint_only_when_every_pointer_and_stride_is_16_byte_aligned():
     """The kernels promise Triton 16-byte alignment (ALIGNED) only when the launcher checked it: a wrong
     promise would make the GPU read misaligned vectors (the interpreter cannot show that)."""
-    from dit_fast.triton_kernels.attention import _aligned_16
+    from dit_fast.triton_kernels._layout import aligned_16 as _aligned_16
 
     def qkv(D, dtype=torch.bfloat16, offset=0, heads=3):
         flat = torch.randn(2 * 5 * heads * D + offset, dtype=dtype)

@@ -252,7 +252,10 @@ def test_triton_kernel_compiles_for_sm90():
 
 def test_aligned_hint_only_when_checked():
     """The Triton kernel promises 16-byte alignment (ALIGNED) only for what the launcher checked."""
-    from dit_fast.triton_kernels.rope import _aligned_16
+    from dit_fast.triton_kernels._layout import aligned_16
+
+    def _aligned_16(x, head_dim):  # what the RoPE launcher asks for its one input
+        return aligned_16([x], head_dim)
 
     packed = torch.randn(2, 6, 3, 5, 72, dtype=torch.bfloat16)  # a fused qkv projection's output
     assert _aligned_16(packed[:, :, 1], 72)  # strides 3*5*72, 72: multiples of 16 bytes

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from dit_fast import _backend
 from dit_fast.ops.rope import rope_split as _rope_split
+from dit_fast.triton_kernels._layout import aligned_16
 
 MAX_HEAD_DIM = 256
 
@@ -760,14 +761,6 @@ def _group_extent(tensors, lq, lk, token_stride) -> int:
     return (max(lq, lk) + 128) * token_stride * stride_s + q.shape[3]
 
 
-def _aligned_16(tensors, head_dim: int) -> bool:
-    """Every pointer and (batch, token, head) stride of the tensors a multiple of 16 bytes, outputs too
-    (fresh (B, S, heads, D) tensors: their strides are multiples of D)."""
-    size = tensors[0].element_size()
-    return (head_dim * size) % 16 == 0 and all(
-        t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:3]) for t in tensors)
-
-
 def _lastdim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -800,7 +793,7 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_sp
                  WINDOW=len(window) == 3,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  OFFS_64=FORCE_INT64_OFFSETS or _group_extent(tensors, lq, lk, token_stride) >= 2**31,
-                 ALIGNED=_aligned_16(tensors, D))
+                 ALIGNED=aligned_16(tensors, D))
     return kpm, rope_table, stride_mb, scalars, (B * heads * groups, lq, lk), flags
 
 

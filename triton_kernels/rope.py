@@ -15,6 +15,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from dit_fast import _backend
+from dit_fast.triton_kernels._layout import aligned_16
 
 
 @triton.jit
@@ -118,17 +119,10 @@ def rope_3d(x, grid, inv_freq, split, inverse=False):
         ACCURATE_TRIG=not _backend.triton_interpreting(),
         BLOCK_S=block_s,
         BLOCK_D=block_d,
-        ALIGNED=_aligned_16(x, D),
+        ALIGNED=aligned_16([x], D),
         num_warps=4,
     )
     return out
-
-
-def _aligned_16(x, head_dim: int) -> bool:
-    """x's pointer and (batch, token, head) strides, and the contiguous output's, multiples of 16 bytes."""
-    size = x.element_size()
-    return (head_dim * size) % 16 == 0 and x.data_ptr() % 16 == 0 and all(
-        (st * size) % 16 == 0 for st in x.stride()[:3])
 
 
 def _multiprocessors(device):
