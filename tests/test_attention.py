@@ -347,6 +347,7 @@ def test_bad_input_raises_clear_errors():
     _bad(ValueError, "window needs mode='full'", lambda: st(q, k, v, GRID, mode="spatial", window=(1, 3, 3)))
     _bad(ValueError, "mode must be one of", lambda: st(q, k, v, GRID, mode="diagonal"))
     _bad(ValueError, "rope must be None", lambda: st(q, k, v, GRID, rope="2d"))
+    _bad(TypeError, "rope_in_kernel must be True or False", lambda: st(q, k, v, GRID, rope="3d", rope_in_kernel="yes"))
     _bad(ValueError, "rope split", lambda: st(q, k, v, GRID, rope=RoPE3D(split=(10, 30, 30))))
     _bad(ValueError, "self-attention", lambda: st(q, k[:, :50], v[:, :50], GRID))
     _bad(ValueError, "mismatched batch, heads or head dim",

@@ -306,6 +306,8 @@ def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *,
     grid = _check_grid(grid, q, k)
     window = _check_mode_window(mode, window, grid)
     rope = as_rope(rope)
+    if not isinstance(rope_in_kernel, bool):
+        raise TypeError(f"rope_in_kernel must be True or False, got {rope_in_kernel!r}")
     split = list(rope_split(q.shape[-1], rope.split)) if rope is not None else []
     scale = _check_scale(scale, q.shape[-1])
     name = _resolve(backend, q)
