@@ -457,6 +457,31 @@ def test_kernels_compile_for_sm90_with_16_byte_loads():
         assert row["hgmma"] > 0, row  # Hopper's wgmma, not the older mma.sync path
 
 
+def test_quick_tuning_space_has_a_dkdv_config_without_spills():
+    """The dk/dv kernel holds two fp32 (BLOCK_N, D) accumulators: at D = 128 the 128 x 64 and 64 x 64
+    tiles spill to local memory on sm_90a. The quick space (the benchmarks' tuning) must offer one that
+    does not, or the measured backward is the spilled one."""
+    import json
+    import subprocess
+    import sys
+
+    from dit_fast.triton_kernels.attention import QUICK_SPACE
+
+    pytest.importorskip("triton.compiler")
+    config = (32, 128, 8, 2)
+    assert config in QUICK_SPACE
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = Path(tempfile.mkdtemp()) / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--kernels", "dkdv",
+                           "--head-dims", "128", "--variants", "dense", "--configs", ",".join(map(str, config)),
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert "error" not in row, row
+    assert row["ldl_stl"] == 0 and row["local_bytes"] == 0, row
+
+
 def test_aligned_hint_only_when_every_pointer_and_stride_is_16_byte_aligned():
     """The kernels promise Triton 16-byte alignment (ALIGNED) only when the launcher checked it: a wrong
     promise would make the GPU read misaligned vectors (the interpreter cannot show that)."""

@@ -123,6 +123,67 @@ def _window_allowed(tok_q, tok_k, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
 
 
 @triton.jit
+def _load_rows(base, offs, valid, TOKEN_STRIDE, stride_s, offs_d, D: tl.constexpr, EVEN: tl.constexpr,
+               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """The (len(offs), BLOCK_D) tile of the tokens at positions offs of a group; zero where not valid
+    and past D. EVEN: every row is inside the sequence (no row mask)."""
+    if EVEN:
+        mask = offs_d[None, :] < D
+    else:
+        mask = valid[:, None] & (offs_d[None, :] < D)
+    return tl.load(_tile_ptrs(base, offs, TOKEN_STRIDE, stride_s, offs_d, OFFS_64, ALIGNED), mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_key_tile(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE,
+                   GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
+                   EVEN: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """The key tile [start_n, start_n + BLOCK_N) of a group for the kernels that stream keys (forward,
+    dq): k (rotated with RoPE), v, their tokens and which are inside the sequence."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_n = offs_n < end_n
+    tok_k = g_off + offs_n * TOKEN_STRIDE
+    k = _load_rows(k_base, offs_n, valid_n, TOKEN_STRIDE, stride_ks, offs_d, D, EVEN, OFFS_64, ALIGNED)
+    v = _load_rows(v_base, offs_n, valid_n, TOKEN_STRIDE, stride_vs, offs_d, D, EVEN, OFFS_64, ALIGNED)
+    if HAS_ROPE:
+        k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
+    return k, v, tok_k, valid_n
+
+
+@triton.jit
+def _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK: tl.constexpr):
+    """Which keys the key padding mask lets through (HAS_MASK; else the valid ones). Called after the
+    score product: loaded beside k and v it changes the compiled kernels' registers (see
+    benchmarks/kernel_resources.py), for no measured gain."""
+    key_ok = valid_n
+    if HAS_MASK:
+        key_ok = tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0
+    return key_ok
+
+
+@triton.jit
+def _mask_scores(x, fill, tok_q, tok_k, valid, key_ok, window_mask, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W,
+                 HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, EVEN: tl.constexpr):
+    """x (scores, or probabilities) with ``fill`` where a query may not see a key. The other tensors
+    come broadcast to x's orientation: (queries, keys), or (keys, queries) in the dk/dv kernel.
+    valid: the streamed tile's tokens inside the sequence (only the streamed side needs it: rows of the
+    owned side past the end are never stored); key_ok: the key padding mask (HAS_MASK);
+    window_mask (runtime, WINDOW only): False for a full tile inside every query's window
+    (_tile_inside_windows), which then costs what a dense tile does."""
+    if ((not EVEN) and (not WINDOW)) or HAS_MASK:
+        allowed = valid
+        if HAS_MASK:
+            allowed = allowed & key_ok
+        x = tl.where(allowed, x, fill)
+    if WINDOW:
+        if window_mask:
+            x = tl.where(valid & _window_allowed(tok_q, tok_k, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W), x, fill)
+    return x
+
+
+@triton.jit
 def _tile_inside_windows(q_first, q_last, k_first, k_last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
     """True when every key k_first..k_last lies in the window of every query q_first..q_last: the tile
     pair needs no window mask. Window starts never decrease with the position, so along an axis the
@@ -213,31 +274,14 @@ def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, window_mask, k_base, v_ba
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
               HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
-    """One key tile of the forward. EVEN: the tile lies inside the sequence (no bounds masks).
-    window_mask (runtime, WINDOW only): apply the token window and bounds masks; False for a full tile
-    inside every query's window (_tile_inside_windows), which then costs what a dense tile does."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid_n = offs_n < end_n
-    tok_k = g_off + offs_n * TOKEN_STRIDE
-    if EVEN:
-        kv_mask = offs_d[None, :] < D
-    else:
-        kv_mask = valid_n[:, None] & (offs_d[None, :] < D)
-    k = tl.load(_tile_ptrs(k_base, offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
-    v = tl.load(_tile_ptrs(v_base, offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
-    if HAS_ROPE:
-        k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
+    """One key tile of the forward. EVEN: the tile lies inside the sequence (no bounds masks)."""
+    k, v, tok_k, valid_n = _load_key_tile(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
+                                          TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N,
+                                          BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-    if ((not EVEN) and (not WINDOW)) or HAS_MASK:
-        allowed = valid_n[None, :]
-        if HAS_MASK:
-            allowed = allowed & (tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0)[None, :]
-        s = tl.where(allowed, s, float("-inf"))
-    if WINDOW:
-        if window_mask:
-            s = tl.where(valid_n[None, :] & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
-                                                            WIN_T, WIN_H, WIN_W), s, float("-inf"))
+    key_ok = _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK)
+    s = _mask_scores(s, float("-inf"), tok_q[:, None], tok_k[None, :], valid_n[None, :], key_ok[None, :], window_mask,
+                     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, HAS_MASK, WINDOW, EVEN)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row with no visible key so far keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -392,19 +436,13 @@ def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, window_mask, q_base, 
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
                HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
-    """One query tile of the dk/dv backward. EVEN: the tile lies inside the sequence. window_mask: as
-    in _fwd_tile."""
+    """One query tile of the dk/dv backward. EVEN: the tile lies inside the sequence."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     valid_m = offs_m < end_m
     tok_q = g_off + offs_m * TOKEN_STRIDE
-    if EVEN:
-        q_mask = offs_d[None, :] < D
-    else:
-        q_mask = valid_m[:, None] & (offs_d[None, :] < D)
-    q = tl.load(_tile_ptrs(q_base, offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64, ALIGNED), mask=q_mask, other=0.0)
-    do = tl.load(_tile_ptrs(do_base, offs_m, TOKEN_STRIDE, stride_dos, offs_d, OFFS_64, ALIGNED), mask=q_mask,
-                 other=0.0)
+    q = _load_rows(q_base, offs_m, valid_m, TOKEN_STRIDE, stride_qs, offs_d, D, EVEN, OFFS_64, ALIGNED)
+    do = _load_rows(do_base, offs_m, valid_m, TOKEN_STRIDE, stride_dos, offs_d, D, EVEN, OFFS_64, ALIGNED)
     if HAS_ROPE:
         q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
     lse = tl.load(lse_base + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
@@ -413,15 +451,8 @@ def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, window_mask, q_base, 
     delta = tl.load(delta_base + tok_q, mask=valid_m, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
     p_t = tl.math.exp2(s_t - lse[None, :])
-    if ((not EVEN) and (not WINDOW)) or HAS_MASK:  # key rows past the end are never stored: mask queries only
-        allowed = valid_m[None, :]
-        if HAS_MASK:
-            allowed = allowed & kpm_k[:, None]
-        p_t = tl.where(allowed, p_t, 0.0)
-    if WINDOW:
-        if window_mask:
-            p_t = tl.where(valid_m[None, :] & _window_allowed(tok_q[None, :], tok_k[:, None], GRID_T, GRID_H, GRID_W,
-                                                              WIN_T, WIN_H, WIN_W), p_t, 0.0)
+    p_t = _mask_scores(p_t, 0.0, tok_q[None, :], tok_k[:, None], valid_m[None, :], kpm_k[:, None], window_mask,
+                       GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, HAS_MASK, WINDOW, EVEN)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -528,31 +559,15 @@ def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, window_mask, k_base, 
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
              HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
-    """One key tile of the dq backward. EVEN: the tile lies inside the sequence. window_mask: as in
-    _fwd_tile."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid_n = offs_n < end_n
-    tok_k = g_off + offs_n * TOKEN_STRIDE
-    if EVEN:
-        kv_mask = offs_d[None, :] < D
-    else:
-        kv_mask = valid_n[:, None] & (offs_d[None, :] < D)
-    k = tl.load(_tile_ptrs(k_base, offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
-    v = tl.load(_tile_ptrs(v_base, offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
-    if HAS_ROPE:
-        k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
+    """One key tile of the dq backward. EVEN: the tile lies inside the sequence."""
+    k, v, tok_k, valid_n = _load_key_tile(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
+                                          TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N,
+                                          BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    key_ok = _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK)
     p = tl.math.exp2(s - lse[:, None])
-    if ((not EVEN) and (not WINDOW)) or HAS_MASK:  # rows past the end are never stored: mask keys only
-        allowed = valid_n[None, :]
-        if HAS_MASK:
-            allowed = allowed & (tl.load(kpm_base + tok_k, mask=valid_n, other=0) != 0)[None, :]
-        p = tl.where(allowed, p, 0.0)
-    if WINDOW:
-        if window_mask:
-            p = tl.where(valid_n[None, :] & _window_allowed(tok_q[:, None], tok_k[None, :], GRID_T, GRID_H, GRID_W,
-                                                            WIN_T, WIN_H, WIN_W), p, 0.0)
+    p = _mask_scores(p, 0.0, tok_q[:, None], tok_k[None, :], valid_n[None, :], key_ok[None, :], window_mask,
+                     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, HAS_MASK, WINDOW, EVEN)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -676,7 +691,9 @@ def keep(config: triton.Config) -> bool:
 
 # DIT_FAST_ATTENTION_TUNE (read at import): "quick" times only QUICK_SPACE (two or three configurations
 # per sequence-length class), "single" runs one untimed configuration per class (the GPU tests).
-QUICK_SPACE = [(128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)]
+# (32, 128, 8, 2) is for the dk/dv kernel: the only one here whose dk, dv accumulators fit in registers at
+# D = 128 (sm_90a report, benchmarks/kernel_resources.py: 234 registers, no spills; 128 x 64 spills).
+QUICK_SPACE = [(128, 64, 8, 3), (64, 64, 4, 3), (32, 128, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
 SINGLE_SPACE = [(64, 64, 4, 2), (16, 16, 4, 2)]
 
 
