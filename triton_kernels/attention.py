@@ -135,21 +135,23 @@ def _load_rows(base, offs, valid, TOKEN_STRIDE, stride_s, offs_d, D: tl.constexp
 
 
 @triton.jit
-def _load_key_tile(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE,
-                   GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
-                   EVEN: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
-    """The key tile [start_n, start_n + BLOCK_N) of a group for the kernels that stream keys (forward,
-    dq): k (rotated with RoPE), v, their tokens and which are inside the sequence."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+def _load_streamed_tile(start, end, rot_base, other_base, ROPE_ptr, stride_rot, stride_other, g_off, TOKEN_STRIDE,
+                        GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
+                        EVEN: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """The tile [start, start + BLOCK) of a group that an inner loop streams: two operands' rows, the
+    first rotated with RoPE (k and v in the forward and dq kernels, q and dO in the dk/dv kernel),
+    their tokens, and which are inside the sequence."""
+    offs = start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    valid_n = offs_n < end_n
-    tok_k = g_off + offs_n * TOKEN_STRIDE
-    k = _load_rows(k_base, offs_n, valid_n, TOKEN_STRIDE, stride_ks, offs_d, D, EVEN, OFFS_64, ALIGNED)
-    v = _load_rows(v_base, offs_n, valid_n, TOKEN_STRIDE, stride_vs, offs_d, D, EVEN, OFFS_64, ALIGNED)
+    valid = offs < end
+    tok = g_off + offs * TOKEN_STRIDE
+    rot = _load_rows(rot_base, offs, valid, TOKEN_STRIDE, stride_rot, offs_d, D, EVEN, OFFS_64, ALIGNED)
+    other = _load_rows(other_base, offs, valid, TOKEN_STRIDE, stride_other, offs_d, D, EVEN, OFFS_64, ALIGNED)
     if HAS_ROPE:
-        k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
-    return k, v, tok_k, valid_n
+        rot = _rotate(rot, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False)
+        rot = rot.to(other.dtype)
+    return rot, other, tok, valid
 
 
 @triton.jit
@@ -275,9 +277,9 @@ def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, window_mask, k_base, v_ba
               HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One key tile of the forward. EVEN: the tile lies inside the sequence (no bounds masks)."""
-    k, v, tok_k, valid_n = _load_key_tile(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
-                                          TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N,
-                                          BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
+    k, v, tok_k, valid_n = _load_streamed_tile(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
+                                               TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N,
+                                               BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
     key_ok = _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK)
     s = _mask_scores(s, float("-inf"), tok_q[:, None], tok_k[None, :], valid_n[None, :], key_ok[None, :], window_mask,
@@ -437,14 +439,9 @@ def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, window_mask, q_base, 
                HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One query tile of the dk/dv backward. EVEN: the tile lies inside the sequence."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid_m = offs_m < end_m
-    tok_q = g_off + offs_m * TOKEN_STRIDE
-    q = _load_rows(q_base, offs_m, valid_m, TOKEN_STRIDE, stride_qs, offs_d, D, EVEN, OFFS_64, ALIGNED)
-    do = _load_rows(do_base, offs_m, valid_m, TOKEN_STRIDE, stride_dos, offs_d, D, EVEN, OFFS_64, ALIGNED)
-    if HAS_ROPE:
-        q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
+    q, do, tok_q, valid_m = _load_streamed_tile(start_m, end_m, q_base, do_base, ROPE_ptr, stride_qs, stride_dos,
+                                                g_off, TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D,
+                                                BLOCK_M, BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
     lse = tl.load(lse_base + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
     # rows without any visible key (lse = -inf) get p = 0, not exp2(-inf + inf) = NaN
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -560,9 +557,9 @@ def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, window_mask, k_base, 
              HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One key tile of the dq backward. EVEN: the tile lies inside the sequence."""
-    k, v, tok_k, valid_n = _load_key_tile(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
-                                          TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N,
-                                          BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
+    k, v, tok_k, valid_n = _load_streamed_tile(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
+                                               TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N,
+                                               BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     key_ok = _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK)
     p = tl.math.exp2(s - lse[:, None])
