@@ -135,13 +135,13 @@ def _load_rows(base, offs, valid, TOKEN_STRIDE, stride_s, offs_d, D: tl.constexp
 
 
 @triton.jit
-def _load_streamed_tile(start, end, rot_base, other_base, ROPE_ptr, stride_rot, stride_other, g_off, TOKEN_STRIDE,
+def _load_tile_pair(start, end, rot_base, other_base, ROPE_ptr, stride_rot, stride_other, g_off, TOKEN_STRIDE,
                         GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D: tl.constexpr,
                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
                         EVEN: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
-    """The tile [start, start + BLOCK) of a group that an inner loop streams: two operands' rows, the
-    first rotated with RoPE (k and v in the forward and dq kernels, q and dO in the dk/dv kernel),
-    their tokens, and which are inside the sequence."""
+    """Two operands' rows for the tile [start, start + BLOCK) of a group, the first rotated with RoPE
+    (k and v, or q and dO), their tokens, and which are inside the sequence. Serves the tiles a
+    kernel streams and the one it owns (dk/dv: k, v; dq: q, dO)."""
     offs = start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     valid = offs < end
@@ -277,7 +277,7 @@ def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, window_mask, k_base, v_ba
               HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One key tile of the forward. EVEN: the tile lies inside the sequence (no bounds masks)."""
-    k, v, tok_k, valid_n = _load_streamed_tile(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
+    k, v, tok_k, valid_n = _load_tile_pair(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
                                                TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N,
                                                BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
@@ -439,7 +439,7 @@ def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, window_mask, q_base, 
                HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One query tile of the dk/dv backward. EVEN: the tile lies inside the sequence."""
-    q, do, tok_q, valid_m = _load_streamed_tile(start_m, end_m, q_base, do_base, ROPE_ptr, stride_qs, stride_dos,
+    q, do, tok_q, valid_m = _load_tile_pair(start_m, end_m, q_base, do_base, ROPE_ptr, stride_qs, stride_dos,
                                                 g_off, TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D,
                                                 BLOCK_M, BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
     lse = tl.load(lse_base + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
@@ -494,10 +494,9 @@ def _attn_bwd_dkdv_kernel(
     g_off64 = g_off.to(tl.int64)
     k_base = K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
     v_base = V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
-    k = tl.load(_tile_ptrs(k_base, offs_n, TOKEN_STRIDE, stride_ks, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
-    v = tl.load(_tile_ptrs(v_base, offs_n, TOKEN_STRIDE, stride_vs, offs_d, OFFS_64, ALIGNED), mask=kv_mask, other=0.0)
-    if HAS_ROPE:
-        k = _rotate(k, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(v.dtype)
+    k, v, _, _ = _load_tile_pair(n_blk * BLOCK_N, LK, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
+                                 TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N, BLOCK_D,
+                                 HAS_ROPE, False, OFFS_64, ALIGNED)
     kpm_k = valid_k
     if HAS_MASK:
         kpm_k = tl.load(KPM_ptr + b * stride_mb + tok_k, mask=valid_k, other=0) != 0
@@ -557,7 +556,7 @@ def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, window_mask, k_base, 
              HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One key tile of the dq backward. EVEN: the tile lies inside the sequence."""
-    k, v, tok_k, valid_n = _load_streamed_tile(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
+    k, v, tok_k, valid_n = _load_tile_pair(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
                                                TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N,
                                                BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -605,11 +604,9 @@ def _attn_bwd_dq_kernel(
     g_off64 = g_off.to(tl.int64)
     q_base = Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs
     do_base = DO_ptr + b * stride_dob + h * stride_doh + g_off64 * stride_dos
-    q = tl.load(_tile_ptrs(q_base, offs_m, TOKEN_STRIDE, stride_qs, offs_d, OFFS_64, ALIGNED), mask=q_mask, other=0.0)
-    do = tl.load(_tile_ptrs(do_base, offs_m, TOKEN_STRIDE, stride_dos, offs_d, OFFS_64, ALIGNED), mask=q_mask,
-                 other=0.0)
-    if HAS_ROPE:
-        q = _rotate(q, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False).to(do.dtype)
+    q, do, _, _ = _load_tile_pair(m_blk * BLOCK_M, LQ, q_base, do_base, ROPE_ptr, stride_qs, stride_dos, g_off,
+                                  TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_M, BLOCK_D,
+                                  HAS_ROPE, False, OFFS_64, ALIGNED)
     lse = tl.load(LSE_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0)
