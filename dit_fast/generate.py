@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dit_fast.train import (TextToVideo, TrainConfig, atomic_save_safetensors, atomic_write_text, build_model,
-                            checkpoint_paths, make_flow)
+                            checkpoint_paths, make_flow, read_weights)
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 BUNDLED = os.path.join(ASSETS, "shapes_t2v.safetensors")
@@ -53,31 +53,22 @@ def load_model(checkpoint: Optional[str] = None, device: Union[str, torch.device
     backend: override the config's op backend (e.g. "auto" on a GPU).
     """
     path = BUNDLED if checkpoint is None else checkpoint
-    if not os.path.exists(path):
-        if checkpoint is None:
-            raise FileNotFoundError(f"the bundled model {BUNDLED} is missing from this installation "
-                                    f"(package data dit_fast/assets/*); pass --checkpoint")
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if os.path.isdir(path) or os.path.basename(path).startswith("ckpt_"):
-        weights, _ = checkpoint_paths(path)
-        prefix = "ema." if ema else "model."
-    else:
-        weights, prefix = path, ""
-    meta = _read_metadata(weights)
+    if checkpoint is None and not os.path.exists(path):
+        raise FileNotFoundError(f"the bundled model {BUNDLED} is missing from this installation "
+                                f"(package data dit_fast/assets/*); pass --checkpoint")
+    state, meta = read_weights(path, ema=ema)
     if "config" not in meta:
-        raise ValueError(f"{weights} has no 'config' in its safetensors metadata: not a dit_fast text-to-video "
+        raise ValueError(f"{path} has no 'config' in its safetensors metadata: not a dit_fast text-to-video "
                          f"checkpoint")
     cfg = TrainConfig.from_dict(json.loads(meta["config"]))
     if backend is not None:
         cfg.backend = backend
     vocabulary = json.loads(meta["vocabulary"]) if "vocabulary" in meta else None
     model = build_model(cfg, vocabulary)
-    tensors = load_file(weights)
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     buffers = {k for k, _ in model.named_buffers()}
     missing = [k for k in model.state_dict() if k not in state and k not in buffers]
     if missing:
-        raise ValueError(f"{weights} lacks {len(missing)} weights, e.g. {missing[:3]}")
+        raise ValueError(f"{path} lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.load_state_dict(state, strict=False)
     return model.to(device).eval(), cfg
 

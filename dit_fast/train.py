@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # --------------------------------------------------------------------------------------------
@@ -83,6 +84,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     bf16: bool = False
     seed: int = 0
+    # start from another run's weights (its EMA) instead of random ones; see load_initial_weights
+    init_from: str = ""
     # rectified flow
     timestep_sampling: str = "logit_normal"  # "uniform" | "logit_normal"
     shift: float = 2.0  # timestep shift, training and sampling (dit_fast.diffusion.rectified_flow)
@@ -338,6 +341,8 @@ class Trainer:
                                           seed=cfg.data_seed, two_object_prob=cfg.two_object_prob)
         torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.device)
+        if cfg.init_from:
+            load_initial_weights(self.model, cfg.init_from)
         self.ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()}
         self.optimizer = _make_optimizer(cfg, self.model)
         self.flow = make_flow(cfg)
@@ -487,6 +492,42 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.losses = list(state["losses"])
+
+
+def read_weights(path: str, ema: bool = True) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(state dict, safetensors metadata) of a model: a training directory or ``ckpt_<step>.safetensors``
+    (its EMA weights, or the live ones with ema=False), or an exported model file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path) or os.path.basename(path).startswith("ckpt_"):
+        weights, _ = checkpoint_paths(path)
+        prefix = "ema." if ema else "model."
+    else:
+        weights, prefix = path, ""
+    with safe_open(weights, framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(weights)
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta
+
+
+def load_initial_weights(model: "TextToVideo", path: str) -> None:
+    """Initialise ``model`` from another run's weights (``read_weights``). Every weight must be there
+    with its shape, except that the temporal patch may differ (pt -> 1 or 1 -> pt, through
+    ``dit_fast.models.checkpoint.convert_temporal_patch``); positional tables are the model's own."""
+    from dit_fast.models.checkpoint import convert_temporal_patch
+
+    state, _ = read_weights(path)
+    state = convert_temporal_patch(state, model.dit.patch_size, prefix="dit.")
+    buffers = {k for k, _ in model.named_buffers()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and k not in buffers]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{path} does not fit this model (checkpoint vs model shapes): {wrong[:3]}")
+    model.load_state_dict({k: v for k, v in state.items() if k not in buffers}, strict=False)
 
 
 def checkpoint_paths(path: str) -> Tuple[str, str]:

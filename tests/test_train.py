@@ -231,3 +231,62 @@ def test_text_conditioning_path_learns(tmp_path):
     assert (v[0] - v[1]).abs().max() > 1e-4
     gate_rows = model.dit.blocks[0].adaLN_modulation[-1].bias[-model.dit.hidden_size:]
     assert gate_rows.abs().max() > 0
+
+
+def test_init_from_another_temporal_patch_keeps_the_function(tmp_path):
+    """A run with patch (1, 8, 8) started from a (2, 8, 8) run: on a clip that is still across each
+    pair of frames, and with the positional tables left out, the new DiT returns for both frames of a
+    pair the mean of what the old one returned for them (patch embedding summed over its frame taps,
+    final layer averaged over its frame rows; attention over duplicated tokens is unchanged)."""
+    src = Trainer(tiny(tmp_path / "src"), resume=None, progress_bar=False)
+    src.train()
+    dst = Trainer(tiny(tmp_path / "dst", patch=(1, 8, 8), init_from=str(tmp_path / "src")), resume=None,
+                  progress_bar=False)
+    old_dit = train_mod.build_model(src.cfg).dit
+    missing, _ = old_dit.load_state_dict({k[4:]: v for k, v in src.ema.items() if k.startswith("dit.")}, strict=False)
+    assert missing == ["pos_embed"]
+    new_dit = dst.model.dit
+    for name, p in new_dit.named_parameters():  # everything but the converted layers is the source EMA
+        if not name.startswith(("x_embedder.proj.", "final_layer.linear.")):
+            assert torch.equal(p, src.ema["dit." + name]), name
+    for m in (old_dit, new_dit):
+        m.pos_embed.zero_()
+        m.eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 2, 16, 16).repeat_interleave(2, dim=2)  # (B, C, T=4, H, W), frames 2k == 2k + 1
+    t = torch.rand(2)
+    text = torch.randn(2, 5, 16)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        old = old_dit(x, t, text=text, text_mask=mask)  # (B, C, 4, H, W)
+        new = new_dit(x, t, text=text, text_mask=mask)
+    pair_mean = old.reshape(2, 3, 2, 2, 16, 16).mean(dim=3).repeat_interleave(2, dim=2)
+    torch.testing.assert_close(new, pair_mean, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(old, pair_mean, atol=1e-3)  # the old model does tell the two frames apart
+
+
+def test_convert_temporal_patch_round_trip_and_errors():
+    from dit_fast.models.checkpoint import convert_temporal_patch
+
+    torch.manual_seed(0)
+    state = {"x_embedder.proj.weight": torch.randn(8, 3, 1, 4, 4), "final_layer.linear.weight": torch.randn(48, 8),
+             "final_layer.linear.bias": torch.randn(48), "pos_embed": torch.randn(1, 4, 8), "other": torch.randn(2)}
+    inflated = convert_temporal_patch(state, (2, 4, 4))
+    assert inflated["x_embedder.proj.weight"].shape == (8, 3, 2, 4, 4)
+    assert inflated["final_layer.linear.weight"].shape == (96, 8) and "pos_embed" not in inflated
+    back = convert_temporal_patch(inflated, (1, 4, 4))
+    for k in ("x_embedder.proj.weight", "final_layer.linear.weight", "final_layer.linear.bias", "other"):
+        torch.testing.assert_close(back[k], state[k])
+    with pytest.raises(ValueError, match="spatial patch differs"):
+        convert_temporal_patch(state, (1, 2, 2))
+    with pytest.raises(ValueError, match="only pt -> 1 and 1 -> pt"):
+        convert_temporal_patch(inflated, (4, 4, 4))
+
+
+def test_init_from_a_different_model_is_a_clear_error(tmp_path):
+    Trainer(tiny(tmp_path / "src", steps=3), resume=None, progress_bar=False).train()
+    with pytest.raises(ValueError, match="does not fit this model"):
+        Trainer(tiny(tmp_path / "dst", hidden_size=48, init_from=str(tmp_path / "src")), resume=None,
+                progress_bar=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Trainer(tiny(tmp_path / "dst2", init_from=str(tmp_path / "nowhere")), resume=None, progress_bar=False)

@@ -121,3 +121,36 @@ def load_dit_checkpoint(checkpoint, name: Optional[str] = None, strict: bool = T
         state["x_embedder.proj.weight"] = state["x_embedder.proj.weight"].unsqueeze(2)  # (D, C, 1, p, p)
     model.load_state_dict(state, strict=strict)
     return model.eval()
+
+
+def convert_temporal_patch(state: Mapping[str, torch.Tensor], patch_size, prefix: str = "") -> dict:
+    """A DiTVideo state dict re-cut for another temporal patch: pt -> 1 or 1 -> pt, spatial patch equal.
+
+    Lets a model trained with patch (pt, p, p) start a run with patch (1, p, p), or the reverse (as
+    Open-Sora and Latte start video models from image ones). The patch embedding sums its pt frame taps
+    (a one-frame token of a clip that is still across pt frames embeds as before) or splits one tap
+    evenly over pt; the final layer averages or repeats its pt frames' rows. ``pos_embed`` is dropped:
+    the model recomputes it for its own grid. Keys are ``prefix + "x_embedder.proj.weight"`` and so on.
+    """
+    new_pt, ph, pw = (int(v) for v in patch_size)
+    conv = state[prefix + "x_embedder.proj.weight"]  # (D, C, pt, ph, pw)
+    if conv.dim() != 5:
+        raise ValueError(f"{prefix}x_embedder.proj.weight must be (D, C, pt, ph, pw), got {tuple(conv.shape)}")
+    old_pt = conv.shape[2]
+    if tuple(conv.shape[3:]) != (ph, pw):
+        raise ValueError(f"spatial patch differs: checkpoint {tuple(conv.shape[2:])}, requested {(new_pt, ph, pw)}")
+    out = {k: v for k, v in state.items() if k != prefix + "pos_embed"}
+    if old_pt == new_pt:
+        return out
+    if 1 not in (old_pt, new_pt):
+        raise ValueError(f"temporal patch {old_pt} -> {new_pt}: only pt -> 1 and 1 -> pt are supported")
+    w, b = state[prefix + "final_layer.linear.weight"], state[prefix + "final_layer.linear.bias"]  # rows (pt, ph, pw, C)
+    if old_pt > 1:
+        out[prefix + "x_embedder.proj.weight"] = conv.sum(dim=2, keepdim=True)
+        out[prefix + "final_layer.linear.weight"] = w.reshape(old_pt, -1, w.shape[-1]).mean(dim=0)
+        out[prefix + "final_layer.linear.bias"] = b.reshape(old_pt, -1).mean(dim=0)
+    else:
+        out[prefix + "x_embedder.proj.weight"] = conv.repeat(1, 1, new_pt, 1, 1) / new_pt
+        out[prefix + "final_layer.linear.weight"] = w.repeat(new_pt, 1)
+        out[prefix + "final_layer.linear.bias"] = b.repeat(new_pt)
+    return out
