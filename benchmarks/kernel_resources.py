@@ -10,6 +10,7 @@ a loop counts once. Compare variants of one kernel with it; time them on a GPU.
 
     python -m benchmarks.kernel_resources                          # attention kernels, default variants
     python -m benchmarks.kernel_resources --head-dims 72 128 --kernels fwd --variants dense rope window
+    python -m benchmarks.kernel_resources --head-dims 128 --variants tiled rope_tiled   # window_tile
     python -m benchmarks.kernel_resources --json out.json
 
 Run without TRITON_INTERPRET (the script clears it for the compile).
@@ -93,10 +94,12 @@ def resources(fn, signature: Dict[str, str], constexprs: Dict[str, object], num_
 # ---------------------------------------------------------------------------------------------
 
 VARIANTS = {  # flags of one masking mode
-    "dense": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=False),
-    "rope": dict(HAS_ROPE=True, HAS_MASK=False, WINDOW=False),
-    "window": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=True),
-    "padding": dict(HAS_ROPE=False, HAS_MASK=True, WINDOW=False),
+    "dense": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=False, TILED=False),
+    "rope": dict(HAS_ROPE=True, HAS_MASK=False, WINDOW=False, TILED=False),
+    "window": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=True, TILED=False),
+    "padding": dict(HAS_ROPE=False, HAS_MASK=True, WINDOW=False, TILED=False),
+    "tiled": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=False, TILED=True),  # window_tile (3D-tile order)
+    "rope_tiled": dict(HAS_ROPE=True, HAS_MASK=False, WINDOW=False, TILED=True),
 }
 
 
