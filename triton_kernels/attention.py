@@ -356,7 +356,7 @@ def _attn_fwd_kernel(
     D: tl.constexpr,  # head dim: a compile-time constant, so masks on it keep 16-byte vector loads
     sm_scale,
     LQ_BUCKET, LK_BUCKET,  # autotune keys: next power of two of LQ / LK
-    TILE_T, TILE_H, TILE_W,  # 3D tile of the TILED order, in tokens (last: the other variants' code is unchanged)
+    TILE_T, TILE_H, TILE_W,  # 3D tile of the TILED order, in tokens (last: other variants compile as before)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -496,7 +496,7 @@ def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, window_mask, q_base, 
                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
                HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, TILED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One query tile of the dk/dv backward. EVEN: the tile lies inside the sequence."""
     q, do, tok_q, valid_m = _load_tile_pair(start_m, end_m, q_base, do_base, ROPE_ptr, stride_qs, stride_dos,
@@ -636,7 +636,7 @@ def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, window_mask, k_base, 
              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
              HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, TILED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One key tile of the dq backward. EVEN: the tile lies inside the sequence."""
     k, v, tok_k, valid_n = _load_tile_pair(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
