@@ -98,9 +98,11 @@ VARIANTS = {  # flags of one masking mode
     "rope": dict(HAS_ROPE=True, HAS_MASK=False, WINDOW=False, TILED=False),
     "window": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=True, TILED=False),
     "padding": dict(HAS_ROPE=False, HAS_MASK=True, WINDOW=False, TILED=False),
-    "tiled": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=False, TILED=True),  # window_tile (3D-tile order)
-    "rope_tiled": dict(HAS_ROPE=True, HAS_MASK=False, WINDOW=False, TILED=True),
+    # window_tile: 3D-tile order, tiles of 4 x 8 x 8 (the benchmark's; the tile is a compile-time constant)
+    "tiled": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=False, TILED=True, TILE_T=4, TILE_H=8, TILE_W=8),
+    "rope_tiled": dict(HAS_ROPE=True, HAS_MASK=False, WINDOW=False, TILED=True, TILE_T=4, TILE_H=8, TILE_W=8),
 }
+TILE_ONE = dict(TILE_T=1, TILE_H=1, TILE_W=1)  # the tile of the variants that are not TILED
 
 
 def attention_signature(fn, dtype: str) -> Dict[str, str]:
@@ -144,7 +146,7 @@ def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str]
         for d in head_dims:
             for variant in variants:
                 for bm, bn, warps, stages in configs:
-                    flags = dict(VARIANTS[variant], BLOCK_M=bm, BLOCK_N=bn, ALIGNED=True,
+                    flags = dict(TILE_ONE, **VARIANTS[variant], BLOCK_M=bm, BLOCK_N=bn, ALIGNED=True,
                                  BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION="tf32", OFFS_64=False)
                     constexprs = {k: v for k, v in flags.items() if k in {p.name for p in fn.params}}
                     if any(p.name == "D" and p.is_constexpr for p in fn.params):

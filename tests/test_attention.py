@@ -218,13 +218,17 @@ def test_window_reference_mask_is_the_shifted_3d_window():
 
 # ---- tile-granular windows (Sliding Tile Attention) ----------------------------------------------
 
-# grid, window_tile, window and the rest. Tiles are partial at the grid's edges in each case.
+# grid, window_tile, window and the rest. Tiles are partial at the grid's edges in each case; the
+# interpreter's 16-token blocks make a tile of V tokens V // 16 blocks.
 TILED_CASES = {
     # (3, 5, 7) in (1, 4, 4) tiles: a 3 x 2 x 2 tile grid; the window (1, 4, 8) is 1 x 1 x 2 tiles
     "partial": dict(grid=(3, 5, 7), window_tile=(1, 4, 4), window=(1, 4, 8), D=72),
     # (5, 6, 9) in (2, 4, 2) tiles: 3 x 2 x 5 tiles, window 2 x 1 x 2 tiles, shifted at every border
     "rope": dict(grid=(5, 6, 9), window_tile=(2, 4, 2), window=(4, 4, 4), D=64, rope="3d"),
-    "rope_in_kernel": dict(grid=(5, 6, 9), window_tile=(2, 4, 2), window=(2, 4, 6), D=72,
+    # 48-token tiles, three blocks each: (5, 6, 9) in (3, 4, 4) is 2 x 2 x 3 tiles, window 1 x 1 x 2
+    "three_blocks": dict(grid=(5, 6, 9), window_tile=(3, 4, 4), window=(3, 4, 8), D=72),
+    # 32-token tiles: 3 x 2 x 3 tiles of (2, 4, 4), window 1 x 1 x 2 tiles
+    "rope_in_kernel": dict(grid=(5, 6, 9), window_tile=(2, 4, 4), window=(2, 4, 8), D=72,
                            rope=RoPE3D(theta=100.0), rope_in_kernel=True),
 }
 
@@ -246,7 +250,8 @@ def test_tile_window_matches_reference(case, dtype):
 @pytest.mark.skipif(HAS_GPU, reason="counts Python calls of the kernels' helpers, which only the CPU interpreter "
                     "makes; on a GPU the tile window correctness tests cover the compiled kernels")
 @pytest.mark.parametrize("grid,window_tile,window", [((4, 8, 12), (1, 4, 4), (2, 4, 8)),
-                                                     ((3, 5, 7), (1, 4, 4), (1, 4, 8))])
+                                                     ((3, 5, 7), (1, 4, 4), (1, 4, 8)),
+                                                     ((3, 5, 7), (2, 4, 4), (2, 4, 8))])
 def test_tile_window_visits_only_the_kept_tiles(monkeypatch, grid, window_tile, window):
     """Forward, dk/dv and dq each visit exactly (query tiles) x (kept key tiles per query tile) tile pairs,
     V // 16 x V // 16 blocks of 16 tokens per pair, and never test the token window."""

@@ -30,7 +30,10 @@ Masking modes, all served by the same three kernels:
             divide V (_prune), so a query block lies in one tile and a key tile is V // BLOCK_N whole
             blocks: the forward and dq loop over exactly the kept key tiles, the dk/dv kernel over the
             query tiles whose window holds its key tile, with no window mask (only the holes of
-            partial edge tiles are masked). The work is (kept tiles) x V^2 per query tile.
+            partial edge tiles are masked). The work is (kept tiles) x V^2 per query tile. The tile
+            is a compile-time constant (one compile per tile shape): the token gather then divides
+            by constants (sm_90a, D = 128: forward 222 registers instead of 254, no spills at 64 x 64;
+            benchmarks/kernel_resources.py --variants tiled).
   HAS_MASK  boolean key padding mask (B, Sk); a query with no visible key returns zeros (lse = -inf).
   HAS_ROPE  3D rotary embedding of q and k inside the kernels (dit_fast/ops/rope.py's convention:
             interleaved pairs, pair j of axis a rotated by pos_a * theta^(-2i / d_a), cos and sin gathered
@@ -356,7 +359,6 @@ def _attn_fwd_kernel(
     D: tl.constexpr,  # head dim: a compile-time constant, so masks on it keep 16-byte vector loads
     sm_scale,
     LQ_BUCKET, LK_BUCKET,  # autotune keys: next power of two of LQ / LK
-    TILE_T, TILE_H, TILE_W,  # 3D tile of the TILED order, in tokens (last: other variants compile as before)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -364,6 +366,7 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     TILED: tl.constexpr,  # positions in 3D-tile order, window counted in tiles (see _tile_order_tokens)
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,  # TILED's 3D tile, in tokens (1 otherwise)
     DOT_PRECISION: tl.constexpr,
     OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
     ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
@@ -534,7 +537,7 @@ def _attn_bwd_dkdv_kernel(
     stride_mb,
     HEADS, GROUPS, SQ, LQ, LK, GROUP_STRIDE, TOKEN_STRIDE,
     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-    D: tl.constexpr, sm_scale, LQ_BUCKET, LK_BUCKET, TILE_T, TILE_H, TILE_W,
+    D: tl.constexpr, sm_scale, LQ_BUCKET, LK_BUCKET,
     BLOCK_M: tl.constexpr,  # query tile (inner loop)
     BLOCK_N: tl.constexpr,  # key tile (owned by the program)
     BLOCK_D: tl.constexpr,
@@ -542,6 +545,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     TILED: tl.constexpr,  # positions in 3D-tile order, window counted in tiles (see _tile_order_tokens)
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,  # TILED's 3D tile, in tokens (1 otherwise)
     DOT_PRECISION: tl.constexpr,
     OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
     ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
@@ -666,7 +670,7 @@ def _attn_bwd_dq_kernel(
     stride_mb,
     HEADS, GROUPS, SQ, LQ, LK, GROUP_STRIDE, TOKEN_STRIDE,
     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-    D: tl.constexpr, sm_scale, LQ_BUCKET, LK_BUCKET, TILE_T, TILE_H, TILE_W,
+    D: tl.constexpr, sm_scale, LQ_BUCKET, LK_BUCKET,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -674,6 +678,7 @@ def _attn_bwd_dq_kernel(
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     TILED: tl.constexpr,  # positions in 3D-tile order, window counted in tiles (see _tile_order_tokens)
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,  # TILED's 3D tile, in tokens (1 otherwise)
     DOT_PRECISION: tl.constexpr,
     OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
     ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
@@ -810,8 +815,9 @@ def _prune(configs, named_args, **kwargs):
     whole number of key blocks); every space holds 16 x 16 and the launcher checks V % 16 == 0."""
     lq, lk = named_args["LQ_BUCKET"], named_args["LK_BUCKET"]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    if kwargs.get("TILED", named_args.get("TILED", False)):
-        volume = named_args["TILE_T"] * named_args["TILE_H"] * named_args["TILE_W"]
+    args = {**named_args, **kwargs}
+    if args.get("TILED", False):
+        volume = args["TILE_T"] * args["TILE_H"] * args["TILE_W"]
         configs = [c for c in configs if volume % c.kwargs["BLOCK_M"] == 0 and volume % c.kwargs["BLOCK_N"] == 0]
 
     def fits(block, length):
@@ -925,11 +931,11 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, window_tile, rope_t
         kpm, stride_mb = q.new_empty(0, dtype=torch.uint8), 0
     scalars = (heads, groups, Sq, lq, lk, group_stride, token_stride, T, H, W, wt, wh, ww, dt2, dth2, D)
     flags = dict(BLOCK_D=block_d, HAS_ROPE=has_rope, HAS_MASK=key_padding_mask is not None,
-                 WINDOW=len(window) == 3 and not tiled, TILED=tiled,
+                 WINDOW=len(window) == 3 and not tiled, TILED=tiled, TILE_T=tt, TILE_H=th, TILE_W=tw,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  OFFS_64=FORCE_INT64_OFFSETS or _group_extent(tensors, lq, lk, token_stride) >= 2**31,
                  ALIGNED=aligned_16(tensors, D))
-    return kpm, rope_table, stride_mb, scalars, (tt, th, tw), (B * heads * groups, lq, lk), flags
+    return kpm, rope_table, stride_mb, scalars, (B * heads * groups, lq, lk), flags
 
 
 def attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, scale):
@@ -938,7 +944,7 @@ def attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile
     B, Sq, heads, D = q.shape
     out = torch.empty((B, Sq, heads, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, heads, Sq), device=q.device, dtype=torch.float32)
-    kpm, rope_table, stride_mb, scalars, tile, (programs, lq, lk), flags = _common_args(
+    kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
         q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, (q, k, v))
     _attn_fwd[lambda meta: (programs * triton.cdiv(lq, meta["BLOCK_M"]),)](
         q, k, v, out, lse, kpm, rope_table,
@@ -946,7 +952,7 @@ def attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk), *tile, **flags)
+        stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk), **flags)
     return out, lse
 
 
@@ -964,11 +970,11 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, wi
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    kpm, rope_table, stride_mb, scalars, tile, (programs, lq, lk), flags = _common_args(
+    kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
         q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, (q, k, v, dout))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    tail = (stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk), *tile)
+    tail = (stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk))
     _attn_bwd_dkdv[lambda meta: (programs * triton.cdiv(lk, meta["BLOCK_N"]),)](
         q, k, v, dout, lse, delta, dk, dv, kpm, rope_table, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), *tail, **flags)
