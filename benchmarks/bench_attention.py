@@ -11,20 +11,23 @@ Cases (bf16, non-causal) and their baselines, as in issue 3:
   window     ours with window=(wt, wh, ww) at ~25 % of the keys kept vs our own dense kernel and
              FlexAttention (torch.compile'd flex_attention) with a block mask built from the same
              token mask.
+  tile_window  ours with window_tile (Sliding Tile Attention's tile-granular window) at 25 % of the
+             tiles kept vs our own dense kernel and FlexAttention with the equivalent block mask,
+             run on tokens already in 3D-tile order so that its 128-token blocks align with the tiles.
 Variants: fwd and fwd+bwd. TFLOP/s = 4 * B * heads * Sq * Sk_kept * D forward, x 2.5 for the backward
 (fwd+bwd = 3.5 x fwd), Sk_kept = keys each query sees (S for dense, H * W spatial, T temporal,
-wt * wh * ww for the window). Medians of many repetitions after warm-up (benchmarks/common.py:
-CUDA events, L2 flushed before each). Every ours-provider row carries the relative error of its
-forward against the reference at a small shape of the same case.
+wt * wh * ww for the window, token-exact or in whole tiles). Medians of many repetitions after
+warm-up (benchmarks/common.py: CUDA events, L2 flushed before each). Every ours-provider row carries
+the relative error of its forward against the reference at a small shape of the same case.
 
-    python -m benchmarks.bench_attention [--quick] [--cases dense,rope,spatial,temporal,window]
+    python -m benchmarks.bench_attention [--quick] [--cases dense,rope,spatial,temporal,window,tile_window]
     python -m benchmarks.run --ops attention
 
 --quick also sets DIT_FAST_ATTENTION_TUNE=quick (unless set) before the kernels are imported: the
 autotuner then times 2 configurations per shape class instead of ~11 (compiling every one of them
 takes minutes per kernel variant).
 
-Without a CUDA GPU it prints that GPU numbers need a GPU and exits 0.
+Without a CUDA GPU it prints that GPU numbers need a GPU, runs a tiny CPU smoke of the baselines and exits 0.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 from benchmarks import common
 
 OP = "attention"
-KINDS = ("dense", "rope", "spatial", "temporal", "window")
+KINDS = ("dense", "rope", "spatial", "temporal", "window", "tile_window")
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
 
 
@@ -59,6 +62,7 @@ class Case:
     grid: Tuple[int, int, int]
     window: Optional[Tuple[int, int, int]] = None
     dtype: torch.dtype = torch.bfloat16
+    window_tile: Optional[Tuple[int, int, int]] = None  # tile_window: the 3D tile, grid a multiple of it
 
     @property
     def S(self) -> int:
@@ -71,8 +75,8 @@ class Case:
             return H * W
         if self.kind == "temporal":
             return T
-        if self.kind == "window":
-            return self.window[0] * self.window[1] * self.window[2]  # exactly w per axis (shifted windows)
+        if self.kind in ("window", "tile_window"):  # exactly w per axis (shifted windows; whole tiles)
+            return self.window[0] * self.window[1] * self.window[2]
         return self.S
 
     @property
@@ -80,6 +84,8 @@ class Case:
         shape = {"B": self.B, "heads": self.heads, "S": self.S, "D": self.D, "grid": list(self.grid)}
         if self.window:
             shape["window"] = list(self.window)
+        if self.window_tile:
+            shape["window_tile"] = list(self.window_tile)
         return shape
 
     def flops(self) -> float:
@@ -103,6 +109,10 @@ def cases(quick: bool) -> List[Case]:
     # window: 1/2 of the frames x 1/2 of the rows = 25 % of the keys per query. The kernel skips
     # frames and rows (a 128-token tile is two whole rows of W = 64), so it visits ~27 % of the key tiles
     out += [Case("window", v, 1, 24, 128, (16, 32, 64), window=(8, 16, 64)) for v in variants]
+    # tile window: 4 x 4 x 4 tiles of 4 x 8 x 8 = 256 tokens; each query tile keeps 2 x 2 x 4 = 16 of the
+    # 64 key tiles (25 %), every block of them whole (no mask)
+    out += [Case("tile_window", v, 1, 24, 128, (16, 32, 32), window=(8, 16, 32), window_tile=(4, 8, 8))
+            for v in variants]
     return out
 
 
@@ -183,13 +193,64 @@ def flex_window(case: Case, device):
     return _flex_cache[key]
 
 
+def tile_order(grid, window_tile) -> torch.Tensor:
+    """(S,) the raster token at each position of the 3D-tile order (grid a multiple of the tile)."""
+    (T, H, W), (tt, th, tw) = grid, window_tile
+    raster = torch.arange(T * H * W).view(T // tt, tt, H // th, th, W // tw, tw)
+    return raster.permute(0, 2, 4, 1, 3, 5).reshape(-1)
+
+
+def tile_window_mask_mod(case: Case):
+    """Flex mask_mod of the tile window on token indices in 3D-tile order (see tile_order)."""
+    (T, H, W), (tt, th, tw) = case.grid, case.window_tile
+    tiles_h, tiles_w, volume = H // th, W // tw, tt * th * tw
+    size = [w // t for w, t in zip(case.window, case.window_tile)]  # the window in tiles
+    count = [T // tt, tiles_h, tiles_w]
+
+    def coords(idx):
+        tile = idx // volume
+        return tile // (tiles_h * tiles_w), (tile // tiles_w) % tiles_h, tile % tiles_w
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = None
+        for q_a, k_a, w, n in zip(coords(q_idx), coords(kv_idx), size, count):
+            start = torch.clamp(q_a - (w - 1) // 2, 0, n - w)
+            axis = (k_a >= start) & (k_a < start + w)
+            keep = axis if keep is None else keep & axis
+        return keep
+
+    return mask_mod
+
+
+def flex_tile_window(case: Case, device):
+    """FlexAttention with the block mask of the tile window, on (B, S, heads, D) tokens taken to be in
+    3D-tile order already. Fair to Flex: Sliding Tile Attention (FastVideo) permutes the tokens to tile
+    order once, outside attention, and there Flex's 128-token blocks align with the 256-token tiles, so
+    its block mask is exact (every block full or empty, no mask_mod on a partial block). Ours reads the
+    raster layout and gathers tiles itself. The permutes are not timed; rel_error adds them."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    key = ("tile", case.grid, case.window, case.window_tile, str(device))
+    if key not in _flex_cache:
+        block_mask = create_block_mask(tile_window_mask_mod(case), None, None, case.S, case.S, device=device)
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def fn(q, k, v):
+            qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+            return compiled(qh, kh, vh, block_mask=block_mask).transpose(1, 2)
+
+        _flex_cache[key] = fn
+    return _flex_cache[key]
+
+
 def ours(case: Case, dense: bool = False, rope_in_kernel: bool = False):
     from dit_fast import ops
 
     if case.kind == "dense" or dense:
         return lambda q, k, v: ops.attention(q, k, v, backend="triton")
     kwargs = {"rope": dict(rope="3d", rope_in_kernel=rope_in_kernel), "spatial": dict(mode="spatial"),
-              "temporal": dict(mode="temporal"), "window": dict(window=case.window)}[case.kind]
+              "temporal": dict(mode="temporal"), "window": dict(window=case.window),
+              "tile_window": dict(window=case.window, window_tile=case.window_tile)}[case.kind]
     return lambda q, k, v: ops.spacetime_attention(q, k, v, case.grid, backend="triton", **kwargs)
 
 
@@ -198,7 +259,8 @@ def providers(case: Case) -> List[str]:
             "rope": ["rope+sdpa"],
             "spatial": ["permute+sdpa"],
             "temporal": ["permute+sdpa"],
-            "window": ["ours-dense", "flex"]}[case.kind]
+            "window": ["ours-dense", "flex"],
+            "tile_window": ["ours-dense", "flex"]}[case.kind]
     # rope: ours-triton rotates q and k in one pass each, then attends; ours-triton-fused rotates inside
     return ["ours-triton"] + (["ours-triton-fused"] if case.kind == "rope" else []) + base
 
@@ -217,6 +279,8 @@ def implementation(case: Case, provider: str, device):
         return permute_sdpa(case)
     if provider == "rope+sdpa":
         return rope_then_sdpa(case)
+    if provider == "flex" and case.kind == "tile_window":
+        return flex_tile_window(case, device)
     if provider == "flex":
         return flex_window(case, device)
     raise ValueError(f"unknown provider {provider!r}")
@@ -226,12 +290,15 @@ def reference(case: Case):
     from dit_fast.ops.attention import spacetime_attention_reference
 
     kwargs = {"dense": {}, "rope": dict(rope="3d"), "spatial": dict(mode="spatial"),
-              "temporal": dict(mode="temporal"), "window": dict(window=case.window)}[case.kind]
+              "temporal": dict(mode="temporal"), "window": dict(window=case.window),
+              "tile_window": dict(window=case.window, window_tile=case.window_tile)}[case.kind]
     return lambda q, k, v: spacetime_attention_reference(q, k, v, case.grid, **kwargs)
 
 
 def small_case(case: Case) -> Case:
     """The same kind at a shape the mask-materialising reference handles: for the error column."""
+    if case.kind == "tile_window":  # 2 x 2 x 4 tiles of 2 x 4 x 4, 1 x 1 x 2 kept
+        return Case(case.kind, "fwd", 1, 2, case.D, (4, 8, 16), (2, 4, 8), case.dtype, window_tile=(2, 4, 4))
     T, H, W = case.grid
     grid = (min(T, 4), min(H, 12), min(W, 20))
     window = None if case.window is None else tuple(min(w, n) for w, n in zip(case.window, grid))
@@ -248,7 +315,12 @@ def rel_error(case: Case, provider: str, device) -> float:
     """||out - ref|| / ||ref|| of the forward at small_case(case), reference in fp32."""
     small = small_case(case)
     q, k, v = make_inputs(small, device, requires_grad=False, seed=2)
-    got = implementation(small, provider, device)(q, k, v).float()
+    fn = implementation(small, provider, device)
+    if provider == "flex" and small.kind == "tile_window":  # Flex runs on tokens in tile order
+        order = tile_order(small.grid, small.window_tile).to(device)
+        got = torch.empty_like(q).index_copy_(1, order, fn(q[:, order], k[:, order], v[:, order])).float()
+    else:
+        got = fn(q, k, v).float()
     ref = reference(small)(q.float(), k.float(), v.float())
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
@@ -322,6 +394,8 @@ TARGETS = {  # (kind, variant) -> (baseline providers, the fastest of which is t
     ("temporal", "fwd+bwd"): (("permute+sdpa",), 1.3),
     ("window", "fwd"): (("ours-dense",), 3.0),
     ("window", "fwd+bwd"): (("ours-dense",), 3.0),
+    ("tile_window", "fwd"): (("ours-dense",), 3.0),
+    ("tile_window", "fwd+bwd"): (("ours-dense",), 3.0),
 }
 
 
@@ -335,7 +409,7 @@ def _finish(rows: List[dict]) -> List[dict]:
         if ours_row is None or (kind, variant) not in TARGETS:
             continue
         names, goal = TARGETS[(kind, variant)]
-        targets = [(names, goal)] + ([(("flex",), 1.3)] if kind == "window" else [])
+        targets = [(names, goal)] + ([(("flex",), 1.3)] if kind in ("window", "tile_window") else [])
         for base_names, g in targets:
             base = [by[n]["median_ms"] for n in base_names if n in by]
             if not base:
@@ -352,6 +426,8 @@ def _finish(rows: List[dict]) -> List[dict]:
 
 def smoke() -> None:
     """Tiny CPU check: the baselines compute what the package's reference computes (fp32)."""
+    from dit_fast.ops.attention import spacetime_mask
+
     for kind in ("spatial", "temporal"):
         case = Case(kind, "fwd", 2, 2, 16, (3, 4, 5), dtype=torch.float32)
         q, k, v = make_inputs(case, "cpu", requires_grad=False)
@@ -361,7 +437,16 @@ def smoke() -> None:
     q, k, v = make_inputs(case, "cpu", requires_grad=False)
     err = float((rope_then_sdpa(case)(q, k, v) - reference(case)(q, k, v)).abs().max())
     assert err < 1e-5, f"rope+sdpa baseline differs from the reference by {err:.2e}"
-    print("[attention] smoke: permute+sdpa and rope+sdpa baselines match dit_fast's reference (fp32, tiny shapes)")
+    case = Case("tile_window", "fwd", 1, 1, 16, (4, 8, 16), (2, 4, 8), torch.float32, window_tile=(2, 4, 4))
+    order = tile_order(case.grid, case.window_tile)
+    idx = torch.arange(case.S)
+    flex_mask = tile_window_mask_mod(case)(0, 0, idx[:, None], idx[None, :])  # (S, S) in tile order
+    raster = torch.empty_like(flex_mask)
+    raster[order[:, None], order[None, :]] = flex_mask
+    want = spacetime_mask(case.grid, "full", case.window, window_tile=case.window_tile)
+    assert torch.equal(raster, want), "flex tile-window mask differs from the reference's window_tile mask"
+    print("[attention] smoke: permute+sdpa and rope+sdpa baselines and the flex tile-window mask match "
+          "dit_fast's reference (fp32, tiny shapes)")
 
 
 def main(argv=None) -> int:
@@ -374,6 +459,7 @@ def main(argv=None) -> int:
     if torch.device(args.device).type != "cuda" or not torch.cuda.is_available():
         print(f"{common.GPU_MESSAGE}: attention is timed on a CUDA device only (torch {torch.__version__} "
               "sees none here). Exiting without numbers.")
+        smoke()
         return 0
     run(args.device, quick=args.quick, kinds=tuple(args.cases.split(",")), write=not args.no_write)
     return 0

@@ -10,6 +10,7 @@ a loop counts once. Compare variants of one kernel with it; time them on a GPU.
 
     python -m benchmarks.kernel_resources                          # attention kernels, default variants
     python -m benchmarks.kernel_resources --head-dims 72 128 --kernels fwd --variants dense rope window
+    python -m benchmarks.kernel_resources --head-dims 128 --variants tiled rope_tiled   # window_tile
     python -m benchmarks.kernel_resources --json out.json
 
 Run without TRITON_INTERPRET (the script clears it for the compile).
@@ -93,11 +94,15 @@ def resources(fn, signature: Dict[str, str], constexprs: Dict[str, object], num_
 # ---------------------------------------------------------------------------------------------
 
 VARIANTS = {  # flags of one masking mode
-    "dense": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=False),
-    "rope": dict(HAS_ROPE=True, HAS_MASK=False, WINDOW=False),
-    "window": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=True),
-    "padding": dict(HAS_ROPE=False, HAS_MASK=True, WINDOW=False),
+    "dense": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=False, TILED=False),
+    "rope": dict(HAS_ROPE=True, HAS_MASK=False, WINDOW=False, TILED=False),
+    "window": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=True, TILED=False),
+    "padding": dict(HAS_ROPE=False, HAS_MASK=True, WINDOW=False, TILED=False),
+    # window_tile: 3D-tile order, tiles of 4 x 8 x 8 (the benchmark's; the tile is a compile-time constant)
+    "tiled": dict(HAS_ROPE=False, HAS_MASK=False, WINDOW=False, TILED=True, TILE_T=4, TILE_H=8, TILE_W=8),
+    "rope_tiled": dict(HAS_ROPE=True, HAS_MASK=False, WINDOW=False, TILED=True, TILE_T=4, TILE_H=8, TILE_W=8),
 }
+TILE_ONE = dict(TILE_T=1, TILE_H=1, TILE_W=1)  # the tile of the variants that are not TILED
 
 
 def attention_signature(fn, dtype: str) -> Dict[str, str]:
@@ -141,7 +146,7 @@ def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str]
         for d in head_dims:
             for variant in variants:
                 for bm, bn, warps, stages in configs:
-                    flags = dict(VARIANTS[variant], BLOCK_M=bm, BLOCK_N=bn, ALIGNED=True,
+                    flags = dict(TILE_ONE, **VARIANTS[variant], BLOCK_M=bm, BLOCK_N=bn, ALIGNED=True,
                                  BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION="tf32", OFFS_64=False)
                     constexprs = {k: v for k, v in flags.items() if k in {p.name for p in fn.params}}
                     if any(p.name == "D" and p.is_constexpr for p in fn.params):

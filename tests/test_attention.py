@@ -216,6 +216,124 @@ def test_window_reference_mask_is_the_shifted_3d_window():
     assert full.all()
 
 
+# ---- tile-granular windows (Sliding Tile Attention) ----------------------------------------------
+
+# grid, window_tile, window and the rest. Tiles are partial at the grid's edges in each case; the
+# interpreter's 16-token blocks make a tile of V tokens V // 16 blocks.
+TILED_CASES = {
+    # (3, 5, 7) in (1, 4, 4) tiles: a 3 x 2 x 2 tile grid; the window (1, 4, 8) is 1 x 1 x 2 tiles
+    "partial": dict(grid=(3, 5, 7), window_tile=(1, 4, 4), window=(1, 4, 8), D=72),
+    # (5, 6, 9) in (2, 4, 2) tiles: 3 x 2 x 5 tiles, window 2 x 1 x 2 tiles, shifted at every border
+    "rope": dict(grid=(5, 6, 9), window_tile=(2, 4, 2), window=(4, 4, 4), D=64, rope="3d"),
+    # 48-token tiles, three blocks each: (5, 6, 9) in (3, 4, 4) is 2 x 2 x 3 tiles, window 1 x 1 x 2
+    "three_blocks": dict(grid=(5, 6, 9), window_tile=(3, 4, 4), window=(3, 4, 8), D=72),
+    # 32-token tiles: 3 x 2 x 3 tiles of (2, 4, 4), window 1 x 1 x 2 tiles
+    "rope_in_kernel": dict(grid=(5, 6, 9), window_tile=(2, 4, 4), window=(2, 4, 8), D=72,
+                           rope=RoPE3D(theta=100.0), rope_in_kernel=True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", list(TILED_CASES))
+def test_tile_window_matches_reference(case, dtype):
+    kwargs = dict(TILED_CASES[case])
+    grid, D = kwargs.pop("grid"), kwargs.pop("D")
+    S = grid[0] * grid[1] * grid[2]
+    inputs = _qkv(1, S, S, 2, D, torch.float32)
+
+    def fn(q, k, v, backend):
+        return ops.spacetime_attention(q, k, v, grid, return_lse=True, backend=backend, **kwargs)
+
+    _check_against_reference(fn, inputs, dtype)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="counts Python calls of the kernels' helpers, which only the CPU interpreter "
+                    "makes; on a GPU the tile window correctness tests cover the compiled kernels")
+@pytest.mark.parametrize("grid,window_tile,window", [((4, 8, 12), (1, 4, 4), (2, 4, 8)),
+                                                     ((3, 5, 7), (1, 4, 4), (1, 4, 8)),
+                                                     ((3, 5, 7), (2, 4, 4), (2, 4, 8))])
+def test_tile_window_visits_only_the_kept_tiles(monkeypatch, grid, window_tile, window):
+    """Forward, dk/dv and dq each visit exactly (query tiles) x (kept key tiles per query tile) tile pairs,
+    V // 16 x V // 16 blocks of 16 tokens per pair, and never test the token window."""
+    from dit_fast.triton_kernels import attention as kernels
+
+    names = ("_fwd_tile", "_dkdv_tile", "_dq_tile", "_window_allowed")
+    counters = {name: _CountCalls(getattr(kernels, name)) for name in names}
+    for name, counter in counters.items():
+        monkeypatch.setattr(kernels, name, counter)
+    S = grid[0] * grid[1] * grid[2]
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, S, S, 1, 16, torch.float32))
+    out = ops.spacetime_attention(q, k, v, grid, window=window, window_tile=window_tile, backend="triton")
+    torch.autograd.grad(out.sum(), (q, k, v))
+    tiles = [-(-n // t) for n, t in zip(grid, window_tile)]
+    kept = [w // t for w, t in zip(window, window_tile)]
+    blocks = window_tile[0] * window_tile[1] * window_tile[2] // 16  # 16-token blocks per tile
+    pairs = tiles[0] * tiles[1] * tiles[2] * kept[0] * kept[1] * kept[2]
+    want = pairs * blocks * blocks
+    assert {name: counters[name].calls for name in names} == {
+        "_fwd_tile": want, "_dkdv_tile": want, "_dq_tile": want, "_window_allowed": 0}
+    assert kept[0] * kept[1] * kept[2] < tiles[0] * tiles[1] * tiles[2]  # fewer than dense
+
+
+def test_tile_window_reference_mask_counts_the_window_in_tiles():
+    """The reference mask: a query sees whole key tiles, the window of tiles around its own tile,
+    centred and shifted inside the tile grid; tiles of one token give back the token window."""
+    pos = [(t, h, w) for t in range(5) for h in range(6) for w in range(9)]
+    mask = spacetime_mask((5, 6, 9), "full", (4, 4, 4), window_tile=(2, 4, 2))
+    # query (4, 0, 8): tile (2, 0, 4) of a 3 x 2 x 5 tile grid; window 2 x 1 x 2 tiles, shifted in at t and w
+    seen = {pos[j] for j in mask[pos.index((4, 0, 8))].nonzero().flatten().tolist()}
+    assert seen == {(t, h, w) for t in (2, 3, 4) for h in range(4) for w in (6, 7, 8)}
+    # every query of one tile sees the same keys
+    tile_of = [(t // 2, h // 4, w // 2) for t, h, w in pos]
+    for i in range(len(pos)):
+        j = tile_of.index(tile_of[i])
+        assert torch.equal(mask[i], mask[j])
+    mask = spacetime_mask((3, 5, 7), "full", (1, 4, 8), window_tile=(1, 4, 4))
+    pos = [(t, h, w) for t in range(3) for h in range(5) for w in range(7)]
+    seen = {pos[j] for j in mask[pos.index((1, 4, 0))].nonzero().flatten().tolist()}
+    assert seen == {(1, 4, w) for w in range(7)}  # the partial last row of tiles: h = 4 only
+    assert torch.equal(spacetime_mask((3, 5, 7), "full", (2, 3, 5), window_tile=(1, 1, 1)),
+                       spacetime_mask((3, 5, 7), "full", (2, 3, 5)))
+
+
+def test_tile_window_configs_divide_the_tile():
+    """TILED: the autotuner only keeps blocks that divide the tile's volume (a query block inside one
+    tile, a key tile a whole number of key blocks)."""
+    import triton
+
+    from dit_fast.triton_kernels.attention import SPACE, _prune
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in SPACE]
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for tile, allowed in (((2, 4, 4), {16, 32}), ((3, 4, 4), {16}), ((4, 8, 8), {16, 32, 64, 128})):
+        named = dict(LQ_BUCKET=16384, LK_BUCKET=16384, Q_ptr=q, TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2])
+        kept = _prune(configs, named, TILED=True, BLOCK_D=128)
+        assert kept and all(c.kwargs["BLOCK_M"] in allowed and c.kwargs["BLOCK_N"] in allowed for c in kept), tile
+    named = dict(LQ_BUCKET=16384, LK_BUCKET=16384, Q_ptr=q, TILE_T=1, TILE_H=1, TILE_W=1)
+    assert any(c.kwargs["BLOCK_M"] == 128 for c in _prune(configs, named, TILED=False, BLOCK_D=128))
+
+
+def test_tile_window_bad_input_raises_clear_errors():
+    q, k, v = _qkv(1, 105, 105, 2, 64, torch.float32)
+    st = ops.spacetime_attention
+    _bad(ValueError, r"window_tile \(1, 4, 4\) needs a window", lambda: st(q, k, v, GRID, window_tile=(1, 4, 4)))
+    for bad in ((1, 4), (1, 0, 4), (1, 4.0, 4), "144"):
+        _bad(ValueError, "window_tile must be three positive ints",
+             lambda: st(q, k, v, GRID, window=(1, 4, 8), window_tile=bad))
+    _bad(ValueError, r"window \(1, 4, 6\) must be a multiple of window_tile \(1, 4, 4\)",
+         lambda: st(q, k, v, GRID, window=(1, 4, 6), window_tile=(1, 4, 4)))
+    _bad(ValueError, r"window \(1, 4, 12\) is \(1, 1, 3\) tiles of \(1, 4, 4\), larger than the grid \(3, 5, 7\) "
+         r"in tiles \(3, 2, 2\)", lambda: st(q, k, v, GRID, window=(1, 4, 12), window_tile=(1, 4, 4)))
+    _bad(ValueError, r"window \(1, 12, 4\) is \(1, 3, 1\) tiles", lambda: st(q, k, v, GRID, window=(1, 12, 4),
+                                                                             window_tile=(1, 4, 4)))
+    _bad(ValueError, r"window_tile \(1, 3, 4\) has 12 tokens: the kernels need a multiple of 16",
+         lambda: st(q, k, v, GRID, window=(1, 3, 4), window_tile=(1, 3, 4)))
+    _bad(ValueError, "window_tile needs mode='full', got mode='spatial'",
+         lambda: st(q, k, v, GRID, mode="spatial", window_tile=(1, 4, 4)))
+    _bad(ValueError, "window_tile needs mode='full', got mode='temporal'",
+         lambda: st(q, k, v, GRID, mode="temporal", window=(2, 1, 1), window_tile=(1, 4, 4)))
+
+
 # ---- cross attention with a key padding mask ----------------------------------------------------
 
 
@@ -307,14 +425,14 @@ def test_cross_attention_module_with_context_mask():
 def test_opcheck_forward_and_backward():
     grid = [2, 2, 3]
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, 12, 12, 1, 16, torch.float32))
-    fwd_args = (q, k, v, None, grid, "full", [2, 1, 3], 10000.0, [4, 6, 6], 0.25, "triton")
+    fwd_args = (q, k, v, None, grid, "full", [2, 1, 3], [], 10000.0, [4, 6, 6], 0.25, "triton")
     torch.library.opcheck(torch.ops.dit_fast.attention_fwd.default, fwd_args)
     out, lse = torch.ops.dit_fast.attention_fwd(*fwd_args)
     mask = torch.tensor([[True] * 10 + [False] * 2], device=DEVICE)
-    cross_args = (q.detach(), k.detach(), v.detach(), mask, [], "full", [], 0.0, [], 0.25, "triton")
+    cross_args = (q.detach(), k.detach(), v.detach(), mask, [], "full", [], [], 0.0, [], 0.25, "triton")
     torch.library.opcheck(torch.ops.dit_fast.attention_fwd.default, cross_args)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, None, grid,
-                "spatial", [], 10000.0, [4, 6, 6], 0.25, "triton")
+                "spatial", [], [], 10000.0, [4, 6, 6], 0.25, "triton")
     torch.library.opcheck(torch.ops.dit_fast.attention_bwd.default, bwd_args)
 
 

@@ -19,7 +19,21 @@ Masking modes, all served by the same three kernels:
             frames and rows, not with S^2; a tile inside one row (W wider than the tile) also skips
             the columns outside its windows. Inside visited tiles the exact token mask is applied.
             A raster-order tile spanning several rows visits whole rows: together their windows
-            cover every column (3D-tile token orders, as Sliding Tile Attention uses, avoid that).
+            cover every column (TILED below avoids that).
+  TILED     tile-granular window (full mode; Sliding Tile Attention, https://arxiv.org/abs/2502.04507):
+            the grid is cut into 3D tiles of TILE_T x TILE_H x TILE_W = V tokens (partial at the edges)
+            and WIN_T, WIN_H, WIN_W count tiles: the query tile at tile coordinate a sees the key tiles
+            from clamp(a - (WIN - 1) // 2, 0, tiles - WIN) along each axis (the WINDOW rule on the
+            tile grid), every token of them. A program's positions enumerate tokens in 3D-tile order
+            (_tile_order_tokens: position p is offset p % V of tile p // V) and its rows are gathered
+            through their raster tokens, so q, k, v, out, lse stay in raster layout, in place. Blocks
+            divide V (_prune), so a query block lies in one tile and a key tile is V // BLOCK_N whole
+            blocks: the forward and dq loop over exactly the kept key tiles, the dk/dv kernel over the
+            query tiles whose window holds its key tile, with no window mask (only the holes of
+            partial edge tiles are masked). The work is (kept tiles) x V^2 per query tile. The tile
+            is a compile-time constant (one compile per tile shape): the token gather then divides
+            by constants (sm_90a, D = 128: forward 222 registers instead of 254, no spills at 64 x 64;
+            benchmarks/kernel_resources.py --variants tiled).
   HAS_MASK  boolean key padding mask (B, Sk); a query with no visible key returns zeros (lse = -inf).
   HAS_ROPE  3D rotary embedding of q and k inside the kernels (dit_fast/ops/rope.py's convention:
             interleaved pairs, pair j of axis a rotated by pos_a * theta^(-2i / d_a), cos and sin gathered
@@ -135,17 +149,43 @@ def _load_rows(base, offs, valid, TOKEN_STRIDE, stride_s, offs_d, D: tl.constexp
 
 
 @triton.jit
+def _tile_grid(GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W):
+    """Tokens per 3D tile and tiles per axis (edge tiles partial when an axis is not a multiple)."""
+    return (TILE_T * TILE_H * TILE_W, tl.cdiv(GRID_T, TILE_T), tl.cdiv(GRID_H, TILE_H),
+            tl.cdiv(GRID_W, TILE_W))
+
+
+@triton.jit
+def _tile_order_tokens(start, BLOCK: tl.constexpr, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W):
+    """Raster tokens of the positions start..start + BLOCK - 1 in 3D-tile order (TILED), and which lie
+    inside the grid. Position p is offset p % V of tile p // V (V tokens per tile; tiles over the tile
+    grid and offsets inside a tile both in (t, h, w) raster order). A block never crosses a tile
+    (BLOCK divides V), so the tile coordinates are scalars. Partial edge tiles leave holes: positions
+    outside the grid, masked on load, score and store."""
+    V, TILES_T, TILES_H, TILES_W = _tile_grid(GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+    a, b, c = _grid_position(start // V, TILES_H, TILES_W)
+    dt, dh, dw = _grid_position(start % V + tl.arange(0, BLOCK), TILE_H, TILE_W)
+    t, h, w = a * TILE_T + dt, b * TILE_H + dh, c * TILE_W + dw
+    return (t * GRID_H + h) * GRID_W + w, (t < GRID_T) & (h < GRID_H) & (w < GRID_W)
+
+
+@triton.jit
 def _load_tile_pair(start, end, rot_base, other_base, ROPE_ptr, stride_rot, stride_other, g_off, TOKEN_STRIDE,
-                        GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D: tl.constexpr,
-                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
-                        EVEN: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+                    GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2, D: tl.constexpr,
+                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr, TILED: tl.constexpr,
+                    EVEN: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """Two operands' rows for the tile [start, start + BLOCK) of a group, the first rotated with RoPE
     (k and v, or q and dO), their tokens, and which are inside the sequence. Serves the tiles a
-    kernel streams and the one it owns (dk/dv: k, v; dq: q, dO)."""
+    kernel streams and the one it owns (dk/dv: k, v; dq: q, dO). TILED: start is a position in
+    3D-tile order and the rows are gathered through their tokens (full mode: group offset 0, token
+    stride 1)."""
     offs = start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     valid = offs < end
     tok = g_off + offs * TOKEN_STRIDE
+    if TILED:
+        tok, valid = _tile_order_tokens(start, BLOCK, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+        offs = tok
     rot = _load_rows(rot_base, offs, valid, TOKEN_STRIDE, stride_rot, offs_d, D, EVEN, OFFS_64, ALIGNED)
     other = _load_rows(other_base, offs, valid, TOKEN_STRIDE, stride_other, offs_d, D, EVEN, OFFS_64, ALIGNED)
     if HAS_ROPE:
@@ -272,14 +312,15 @@ def _query_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, window_mask, k_base, v_base, kpm_base, ROPE_ptr,
               stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
-              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
-              HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
+              HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, TILED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One key tile of the forward. EVEN: the tile lies inside the sequence (no bounds masks)."""
     k, v, tok_k, valid_n = _load_tile_pair(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
-                                               TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N,
-                                               BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
+                                           TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
+                                           ROPE_DTH2, D, BLOCK_N, BLOCK_D, HAS_ROPE, TILED, EVEN, OFFS_64, ALIGNED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
     key_ok = _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK)
     s = _mask_scores(s, float("-inf"), tok_q[:, None], tok_k[None, :], valid_n[None, :], key_ok[None, :], window_mask,
@@ -310,10 +351,10 @@ def _attn_fwd_kernel(
     stride_mb,  # key padding mask batch stride
     HEADS, GROUPS,  # groups: frames (spatial), columns (temporal), 1 otherwise
     SQ,  # total query tokens (LSE row length)
-    LQ, LK,  # query / key tokens per group
+    LQ, LK,  # query / key positions per group: tokens, or (TILED) tiles x tokens per tile, holes included
     GROUP_STRIDE, TOKEN_STRIDE,  # token of (group g, position i) = g * GROUP_STRIDE + i * TOKEN_STRIDE
     GRID_T, GRID_H, GRID_W,
-    WIN_T, WIN_H, WIN_W,
+    WIN_T, WIN_H, WIN_W,  # window: in tokens (WINDOW), in tiles (TILED)
     ROPE_DT2, ROPE_DTH2,  # RoPE pair boundaries: d_t / 2 and (d_t + d_h) / 2
     D: tl.constexpr,  # head dim: a compile-time constant, so masks on it keep 16-byte vector loads
     sm_scale,
@@ -324,6 +365,8 @@ def _attn_fwd_kernel(
     HAS_ROPE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
+    TILED: tl.constexpr,  # positions in 3D-tile order, window counted in tiles (see _tile_order_tokens)
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,  # TILED's 3D tile, in tokens (1 otherwise)
     DOT_PRECISION: tl.constexpr,
     OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
     ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
@@ -334,6 +377,9 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     valid_m = offs_m < LQ
     tok_q = g_off + offs_m * TOKEN_STRIDE
+    if TILED:  # rows gathered through their tokens (full mode: group offset 0, token stride 1)
+        tok_q, valid_m = _tile_order_tokens(m_blk * BLOCK_M, BLOCK_M, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+        offs_m = tok_q
     q_mask = valid_m[:, None] & (offs_d[None, :] < D)
     g_off64 = g_off.to(tl.int64)
     q_base = Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs
@@ -363,24 +409,40 @@ def _attn_fwd_kernel(
                     acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, hi, window_mask,
                                               k_base, v_base, kpm_base,
                                               ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
-                                              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                              BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False,
-                                              OFFS_64, ALIGNED)
+                                              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                              ROPE_DT2, ROPE_DTH2, BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED,
+                                              DOT_PRECISION, False, OFFS_64, ALIGNED)
+    elif TILED:
+        # every token of the WIN_T x WIN_H x WIN_W key tiles around the query's tile, no window mask; the
+        # WIN_W tiles of a (t, h) tile row are one run of positions, V // BLOCK_N blocks per tile
+        V, TILES_T, TILES_H, TILES_W = _tile_grid(GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+        qa, qb, qc = _grid_position((m_blk * BLOCK_M) // V, TILES_H, TILES_W)
+        ka0, kb0 = _window_start(qa, WIN_T, TILES_T), _window_start(qb, WIN_H, TILES_H)
+        kc0 = _window_start(qc, WIN_W, TILES_W)
+        for ka in range(ka0, ka0 + WIN_T):
+            for kb in range(kb0, kb0 + WIN_H):
+                lo = ((ka * TILES_H + kb) * TILES_W + kc0) * V
+                for start_n in range(lo, lo + WIN_W * V, BLOCK_N):
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, LK, False, k_base, v_base, kpm_base,
+                                              ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                              GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                              ROPE_DT2, ROPE_DTH2, BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED,
+                                              DOT_PRECISION, False, OFFS_64, ALIGNED)
     else:
         # whole tiles without bounds masks, then the partial last tile
         n_full = LK - LK % BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, LK, False, k_base, v_base, kpm_base,
                                       ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
-                                      GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True,
-                                      OFFS_64, ALIGNED)
+                                      GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                      ROPE_DT2, ROPE_DTH2, BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED,
+                                      DOT_PRECISION, True, OFFS_64, ALIGNED)
         if n_full < LK:
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, tok_q, n_full, LK, False, k_base, v_base, kpm_base,
                                       ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
-                                      GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                      BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False,
-                                      OFFS_64, ALIGNED)
+                                      GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                      ROPE_DT2, ROPE_DTH2, BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED,
+                                      DOT_PRECISION, False, OFFS_64, ALIGNED)
 
     # a fully masked row has l = 0 and acc = 0: it returns zeros, and lse = -inf
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -434,14 +496,16 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, window_mask, q_base, do_base, lse_base, delta_base,
                ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
-               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
-               HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
+               HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, TILED: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One query tile of the dk/dv backward. EVEN: the tile lies inside the sequence."""
     q, do, tok_q, valid_m = _load_tile_pair(start_m, end_m, q_base, do_base, ROPE_ptr, stride_qs, stride_dos,
-                                                g_off, TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D,
-                                                BLOCK_M, BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
+                                            g_off, TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W,
+                                            ROPE_DT2, ROPE_DTH2, D, BLOCK_M, BLOCK_D, HAS_ROPE, TILED, EVEN, OFFS_64,
+                                            ALIGNED)
     lse = tl.load(lse_base + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
     # rows without any visible key (lse = -inf) get p = 0, not exp2(-inf + inf) = NaN
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -480,6 +544,8 @@ def _attn_bwd_dkdv_kernel(
     HAS_ROPE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
+    TILED: tl.constexpr,  # positions in 3D-tile order, window counted in tiles (see _tile_order_tokens)
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,  # TILED's 3D tile, in tokens (1 otherwise)
     DOT_PRECISION: tl.constexpr,
     OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
     ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
@@ -490,13 +556,16 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     valid_k = offs_n < LK
     tok_k = g_off + offs_n * TOKEN_STRIDE
+    if TILED:  # rows gathered through their tokens (full mode: group offset 0, token stride 1)
+        tok_k, valid_k = _tile_order_tokens(n_blk * BLOCK_N, BLOCK_N, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+        offs_n = tok_k
     kv_mask = valid_k[:, None] & (offs_d[None, :] < D)
     g_off64 = g_off.to(tl.int64)
     k_base = K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
     v_base = V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
     k, v, _, _ = _load_tile_pair(n_blk * BLOCK_N, LK, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
-                                 TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N, BLOCK_D,
-                                 HAS_ROPE, False, OFFS_64, ALIGNED)
+                                 TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
+                                 D, BLOCK_N, BLOCK_D, HAS_ROPE, TILED, False, OFFS_64, ALIGNED)
     kpm_k = valid_k
     if HAS_MASK:
         kpm_k = tl.load(KPM_ptr + b * stride_mb + tok_k, mask=valid_k, other=0) != 0
@@ -522,21 +591,38 @@ def _attn_bwd_dkdv_kernel(
                         start_m, start_m + BLOCK_M - 1, first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W) == 0)
                     dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, hi, window_mask, q_base, do_base, lse_base,
                                         delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
-                                        GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                        BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False,
-                                        OFFS_64, ALIGNED)
+                                        GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                        ROPE_DT2, ROPE_DTH2, BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED,
+                                        DOT_PRECISION, False, OFFS_64, ALIGNED)
+    elif TILED:
+        # every token of the query tiles whose window of tiles contains this key tile: along each axis the
+        # tiles _first_query.._last_query; those of a (t, h) tile row are one run of positions
+        V, TILES_T, TILES_H, TILES_W = _tile_grid(GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+        ka, kb, kc = _grid_position((n_blk * BLOCK_N) // V, TILES_H, TILES_W)
+        qc0, qc1 = _first_query(kc, WIN_W, TILES_W), _last_query(kc, WIN_W, TILES_W)
+        for qa in range(_first_query(ka, WIN_T, TILES_T), _last_query(ka, WIN_T, TILES_T) + 1):
+            for qb in range(_first_query(kb, WIN_H, TILES_H), _last_query(kb, WIN_H, TILES_H) + 1):
+                row = (qa * TILES_H + qb) * TILES_W
+                for start_m in range((row + qc0) * V, (row + qc1 + 1) * V, BLOCK_M):
+                    dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, LQ, False, q_base, do_base, lse_base,
+                                        delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                        GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
+                                        ROPE_DTH2, BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION,
+                                        False, OFFS_64, ALIGNED)
     else:
         m_full = LQ - LQ % BLOCK_M
         for start_m in range(0, m_full, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, LQ, False, q_base, do_base, lse_base,
                                 delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
-                                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64, ALIGNED)
+                                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                ROPE_DT2, ROPE_DTH2, BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION,
+                                True, OFFS_64, ALIGNED)
         if m_full < LQ:
             dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, m_full, LQ, False, q_base, do_base, lse_base,
                                 delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
-                                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64, ALIGNED)
+                                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                ROPE_DT2, ROPE_DTH2, BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION,
+                                False, OFFS_64, ALIGNED)
 
     dk = dk * sm_scale
     if HAS_ROPE:
@@ -551,14 +637,15 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, window_mask, k_base, v_base, kpm_base, ROPE_ptr,
              stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
-             GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+             GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
-             HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
+             HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, TILED: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
     """One key tile of the dq backward. EVEN: the tile lies inside the sequence."""
     k, v, tok_k, valid_n = _load_tile_pair(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
-                                               TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_N,
-                                               BLOCK_D, HAS_ROPE, EVEN, OFFS_64, ALIGNED)
+                                           TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
+                                           ROPE_DTH2, D, BLOCK_N, BLOCK_D, HAS_ROPE, TILED, EVEN, OFFS_64, ALIGNED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     key_ok = _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK)
     p = tl.math.exp2(s - lse[:, None])
@@ -590,6 +677,8 @@ def _attn_bwd_dq_kernel(
     HAS_ROPE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
+    TILED: tl.constexpr,  # positions in 3D-tile order, window counted in tiles (see _tile_order_tokens)
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,  # TILED's 3D tile, in tokens (1 otherwise)
     DOT_PRECISION: tl.constexpr,
     OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
     ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
@@ -600,13 +689,16 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     valid_m = offs_m < LQ
     tok_q = g_off + offs_m * TOKEN_STRIDE
+    if TILED:  # rows gathered through their tokens (full mode: group offset 0, token stride 1)
+        tok_q, valid_m = _tile_order_tokens(m_blk * BLOCK_M, BLOCK_M, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+        offs_m = tok_q
     q_mask = valid_m[:, None] & (offs_d[None, :] < D)
     g_off64 = g_off.to(tl.int64)
     q_base = Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs
     do_base = DO_ptr + b * stride_dob + h * stride_doh + g_off64 * stride_dos
     q, do, _, _ = _load_tile_pair(m_blk * BLOCK_M, LQ, q_base, do_base, ROPE_ptr, stride_qs, stride_dos, g_off,
-                                  TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_M, BLOCK_D,
-                                  HAS_ROPE, False, OFFS_64, ALIGNED)
+                                  TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
+                                  ROPE_DTH2, D, BLOCK_M, BLOCK_D, HAS_ROPE, TILED, False, OFFS_64, ALIGNED)
     lse = tl.load(LSE_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0)
@@ -629,20 +721,35 @@ def _attn_bwd_dq_kernel(
                         first, last, start_n, start_n + BLOCK_N - 1, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W) == 0)
                     dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, hi, window_mask, k_base, v_base, kpm_base,
                                   ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
-                                  GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                                  BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64, ALIGNED)
+                                  GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                  ROPE_DT2, ROPE_DTH2, BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED,
+                                  DOT_PRECISION, False, OFFS_64, ALIGNED)
+    elif TILED:  # the forward's key tiles (see _attn_fwd_kernel)
+        V, TILES_T, TILES_H, TILES_W = _tile_grid(GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+        qa, qb, qc = _grid_position((m_blk * BLOCK_M) // V, TILES_H, TILES_W)
+        ka0, kb0 = _window_start(qa, WIN_T, TILES_T), _window_start(qb, WIN_H, TILES_H)
+        kc0 = _window_start(qc, WIN_W, TILES_W)
+        for ka in range(ka0, ka0 + WIN_T):
+            for kb in range(kb0, kb0 + WIN_H):
+                lo = ((ka * TILES_H + kb) * TILES_W + kc0) * V
+                for start_n in range(lo, lo + WIN_W * V, BLOCK_N):
+                    dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, LK, False, k_base, v_base, kpm_base,
+                                  ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                  GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
+                                  ROPE_DTH2, BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION,
+                                  False, OFFS_64, ALIGNED)
     else:
         n_full = LK - LK % BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, LK, False, k_base, v_base, kpm_base,
                           ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
-                          GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, True, OFFS_64, ALIGNED)
+                          GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
+                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION, True, OFFS_64, ALIGNED)
         if n_full < LK:
             dq = _dq_tile(dq, q, do, lse, delta, tok_q, n_full, LK, False, k_base, v_base, kpm_base,
                           ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
-                          GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
-                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, DOT_PRECISION, False, OFFS_64, ALIGNED)
+                          GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
+                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION, False, OFFS_64, ALIGNED)
 
     dq = dq * sm_scale
     if HAS_ROPE:
@@ -659,7 +766,9 @@ def _attn_bwd_dq_kernel(
 # interpreter (CPU tests) runs one tiny configuration.
 # ---------------------------------------------------------------------------------------------
 
-TUNING_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_ROPE", "HAS_MASK", "WINDOW", "DOT_PRECISION"]
+# TILED adds the tile's shape: a configuration's blocks must divide its volume (see _prune)
+TUNING_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_ROPE", "HAS_MASK", "WINDOW", "TILED", "TILE_T", "TILE_H",
+              "TILE_W", "DOT_PRECISION"]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the query tile, BLOCK_N the key tile, in
@@ -701,9 +810,15 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Short groups (temporal attention over T frames) use short tiles; long sequences large ones."""
+    """Short groups (temporal attention over T frames) use short tiles; long sequences large ones.
+    TILED: only blocks that divide the 3D tile's volume V (a query block inside one tile, a key tile a
+    whole number of key blocks); every space holds 16 x 16 and the launcher checks V % 16 == 0."""
     lq, lk = named_args["LQ_BUCKET"], named_args["LK_BUCKET"]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    args = {**named_args, **kwargs}
+    if args.get("TILED", False):
+        volume = args["TILE_T"] * args["TILE_H"] * args["TILE_W"]
+        configs = [c for c in configs if volume % c.kwargs["BLOCK_M"] == 0 and volume % c.kwargs["BLOCK_N"] == 0]
 
     def fits(block, length):
         return block <= max(16, length) and (length < 64 or block >= 32)
@@ -722,8 +837,8 @@ _attn_bwd_dq = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRU
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers. Arguments are validated by dit_fast.ops.attention; grid, window and rope_split are
-# lists ([] when absent), as the custom ops pass them. They return plain tensors; autograd lives in
+# Launchers. Arguments are validated by dit_fast.ops.attention; grid, window, window_tile and rope_split
+# are lists ([] when absent), as the custom ops pass them. They return plain tensors; autograd lives in
 # dit_fast/ops/attention.py.
 # ---------------------------------------------------------------------------------------------
 
@@ -780,7 +895,14 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split, tensors):
+def tile_order_length(grid, window_tile) -> int:
+    """Positions of the 3D-tile order (TILED): tiles x tokens per tile, the holes of partial edge tiles
+    included."""
+    tiles = [triton.cdiv(n, t) for n, t in zip(grid, window_tile)]
+    return tiles[0] * tiles[1] * tiles[2] * window_tile[0] * window_tile[1] * window_tile[2]
+
+
+def _common_args(q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, tensors):
     B, Sq, heads, D = q.shape
     Sk = k.shape[1]
     groups, lq, group_stride, token_stride = group_layout(mode, grid, Sq)
@@ -789,6 +911,14 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_sp
     has_rope = len(rope_split) == 3
     T, H, W = grid if len(grid) == 3 else (1, 1, 1)
     wt, wh, ww = window if len(window) == 3 else (1, 1, 1)
+    tiled = len(window_tile) == 3
+    tt, th, tw = window_tile if tiled else (1, 1, 1)
+    if tiled:  # positions enumerate 3D tiles; the window is counted in tiles
+        if (tt * th * tw) % 16:
+            raise ValueError(f"window_tile {tuple(window_tile)} has {tt * th * tw} tokens: the kernels need a "
+                             "multiple of 16")
+        lq = lk = tile_order_length(grid, window_tile)
+        wt, wh, ww = wt // tt, wh // th, ww // tw
     if has_rope:
         rope_table = rope_tables(max(T, H, W), D, rope_theta, rope_split, q.device)
         dt2, dth2 = rope_split[0] // 2, (rope_split[0] + rope_split[1]) // 2
@@ -801,21 +931,21 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, rope_theta, rope_sp
         kpm, stride_mb = q.new_empty(0, dtype=torch.uint8), 0
     scalars = (heads, groups, Sq, lq, lk, group_stride, token_stride, T, H, W, wt, wh, ww, dt2, dth2, D)
     flags = dict(BLOCK_D=block_d, HAS_ROPE=has_rope, HAS_MASK=key_padding_mask is not None,
-                 WINDOW=len(window) == 3,
+                 WINDOW=len(window) == 3 and not tiled, TILED=tiled, TILE_T=tt, TILE_H=th, TILE_W=tw,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  OFFS_64=FORCE_INT64_OFFSETS or _group_extent(tensors, lq, lk, token_stride) >= 2**31,
                  ALIGNED=aligned_16(tensors, D))
     return kpm, rope_table, stride_mb, scalars, (B * heads * groups, lq, lk), flags
 
 
-def attention_forward(q, k, v, key_padding_mask, grid, mode, window, rope_theta, rope_split, scale):
+def attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, scale):
     """Returns (out (B, Sq, heads, D) contiguous, lse (B, heads, Sq) fp32, natural log)."""
     q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
     B, Sq, heads, D = q.shape
     out = torch.empty((B, Sq, heads, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, heads, Sq), device=q.device, dtype=torch.float32)
     kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
-        q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split, (q, k, v))
+        q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, (q, k, v))
     _attn_fwd[lambda meta: (programs * triton.cdiv(lq, meta["BLOCK_M"]),)](
         q, k, v, out, lse, kpm, rope_table,
         q.stride(0), q.stride(1), q.stride(2),
@@ -826,8 +956,8 @@ def attention_forward(q, k, v, key_padding_mask, grid, mode, window, rope_theta,
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window, rope_theta, rope_split,
-                       scale):
+def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window, window_tile, rope_theta,
+                       rope_split, scale):
     """Returns (dq, dk, dv), contiguous (B, S, heads, D) in the input dtype."""
     q, k, v, dout = (_lastdim_contiguous(t) for t in (q, k, v, dout))
     B, Sq, heads, D = q.shape
@@ -841,7 +971,7 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, wi
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
-        q, k, key_padding_mask, grid, mode, window, rope_theta, rope_split, (q, k, v, dout))
+        q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, (q, k, v, dout))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     tail = (stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk))

@@ -1,13 +1,18 @@
 """Attention over video tokens: reference, input checks, torch.library registration, public functions.
 
     attention(q, k, v, key_padding_mask=...)            dense self / cross attention (Sq != Sk)
-    spacetime_attention(q, k, v, grid, mode=..., window=..., rope=...)
+    spacetime_attention(q, k, v, grid, mode=..., window=..., window_tile=..., rope=...)
         mode="full"      every token attends to every token of the video
         mode="spatial"   each token attends within its own frame
         mode="temporal"  each token attends to the tokens at its (h, w) in every frame
         window=(wt, wh, ww)  3D local attention (mode="full"): along each axis a token at p sees the w
                          positions starting at clamp(p - (w - 1) // 2, 0, n - w), a centred window shifted
                          inside the grid at the borders (so w = n means the whole axis)
+        window_tile=(tt, th, tw)  with window: the window counted in 3D tiles (Sliding Tile Attention).
+                         The grid is cut into tiles of tt x th x tw tokens (partial at the edges); the
+                         tile at tile coordinate a sees the key tiles starting at clamp(a - (W - 1) // 2,
+                         0, n_tiles - W), W = w // t tiles, along each axis, and every token of them.
+                         w must be a multiple of t, W <= ceil(n / t), tt * th * tw a multiple of 16
         rope="3d" | RoPE3D(theta, split)  3D rotary embedding of q and k (dit_fast/ops/rope.py's
                          convention), fused into the kernels
 
@@ -47,9 +52,22 @@ def window_span(pos: Tensor, size: int, length: int) -> Tensor:
 
 
 def spacetime_mask(grid: Sequence[int], mode: str = "full", window: Optional[Sequence[int]] = None,
-                   device=None) -> Tensor:
-    """(S, S) bool: True where query token i may attend to key token j."""
+                   device=None, window_tile: Optional[Sequence[int]] = None) -> Tensor:
+    """(S, S) bool: True where query token i may attend to key token j.
+
+    window_tile=(tt, th, tw): the window is counted in 3D tiles (Sliding Tile Attention): a key is
+    visible when its tile lies in the window of (wt // tt, wh // th, ww // tw) tiles around the query's
+    tile, by the same centred-and-shifted rule on the tile grid (ceil(T / tt), ceil(H / th), ceil(W / tw))."""
     pos = grid_positions(grid, device)  # (S, 3) = (t, h, w) per token
+    if window_tile is not None:
+        tile = torch.tensor(window_tile, device=pos.device)
+        tiles = [-(-n // t) for n, t in zip(grid, window_tile)]  # tiles per axis, edge tiles partial
+        q_tile, k_tile = (pos // tile)[:, None, :], (pos // tile)[None, :, :]  # (S, 1, 3), (1, S, 3)
+        mask = torch.ones(pos.shape[0], pos.shape[0], dtype=torch.bool, device=pos.device)
+        for axis, (size, t, n) in enumerate(zip(window, window_tile, tiles)):
+            start = window_span(q_tile[..., axis], size // t, n)  # first key tile of the query tile's window
+            mask = mask & (k_tile[..., axis] >= start) & (k_tile[..., axis] < start + size // t)
+        return mask
     q, k = pos[:, None, :], pos[None, :, :]  # (S, 1, 3), (1, S, 3)
     if mode == "spatial":
         mask = q[..., 0] == k[..., 0]  # same frame
@@ -93,13 +111,14 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[floa
 
 def spacetime_attention_reference(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *, mode: str = "full",
                                   window: Optional[Sequence[int]] = None, rope=None,
-                                  scale: Optional[float] = None, return_lse: bool = False):
+                                  scale: Optional[float] = None, return_lse: bool = False,
+                                  window_tile: Optional[Sequence[int]] = None):
     """spacetime_attention spelled out: RoPE on q and k, then SDPA with the explicit (S, S) mask."""
     rope = as_rope(rope)
     if rope is not None:
         q = apply_rope_3d_reference(q, grid, rope.theta, rope.split)
         k = apply_rope_3d_reference(k, grid, rope.theta, rope.split)
-    mask = None if mode == "full" and window is None else spacetime_mask(grid, mode, window, q.device)
+    mask = None if mode == "full" and window is None else spacetime_mask(grid, mode, window, q.device, window_tile)
     return attention_reference(q, k, v, scale=scale, mask=mask, return_lse=return_lse)
 
 
@@ -171,9 +190,11 @@ def _check_grid(grid, q, k):
     return [int(n) for n in grid]
 
 
-def _check_mode_window(mode, window, grid):
+def _check_mode_window(mode, window, grid, window_tile=None):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if window_tile is not None and mode != "full":
+        raise ValueError(f"window_tile needs mode='full', got mode={mode!r}")
     if window is None:
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 3 or not all(
@@ -182,9 +203,34 @@ def _check_mode_window(mode, window, grid):
     if mode != "full":
         raise ValueError(f"window needs mode='full' (got mode={mode!r}); a spatial window is window=(1, wh, ww), "
                          f"a temporal one window=(wt, 1, 1)")
-    if any(w > n for w, n in zip(window, grid)):
+    if window_tile is None and any(w > n for w, n in zip(window, grid)):
         raise ValueError(f"window {tuple(window)} is larger than the grid {tuple(grid)} along some axis")
     return [int(w) for w in window]
+
+
+def _check_window_tile(window_tile, window, grid):
+    """window_tile=(tt, th, tw): the window counted in 3D tiles (run after _check_mode_window)."""
+    if window_tile is None:
+        return None
+    if not isinstance(window_tile, (tuple, list)) or len(window_tile) != 3 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in window_tile):
+        raise ValueError(f"window_tile must be three positive ints (tt, th, tw), got {window_tile!r}")
+    if window is None:
+        raise ValueError(f"window_tile {tuple(window_tile)} needs a window (wt, wh, ww) in tokens, a multiple of "
+                         "the tile along each axis")
+    if any(w % t for w, t in zip(window, window_tile)):
+        raise ValueError(f"window {tuple(window)} must be a multiple of window_tile {tuple(window_tile)} along "
+                         "each axis")
+    tiles = tuple(-(-n // t) for n, t in zip(grid, window_tile))
+    in_tiles = tuple(w // t for w, t in zip(window, window_tile))
+    if any(w > n for w, n in zip(in_tiles, tiles)):
+        raise ValueError(f"window {tuple(window)} is {in_tiles} tiles of {tuple(window_tile)}, larger than the grid "
+                         f"{tuple(grid)} in tiles {tiles} along some axis")
+    volume = window_tile[0] * window_tile[1] * window_tile[2]
+    if volume % 16:
+        raise ValueError(f"window_tile {tuple(window_tile)} has {volume} tokens: the kernels need a multiple of 16 "
+                         "(e.g. (1, 4, 4), (2, 4, 8), (4, 8, 8))")
+    return [int(t) for t in window_tile]
 
 
 def _resolve(backend, q):
@@ -211,15 +257,16 @@ def _launchers(backend: str):
 
 @torch.library.custom_op("dit_fast::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], grid: List[int],
-                   mode: str, window: List[int], rope_theta: float, rope_split: List[int], scale: float,
-                   backend: str) -> Tuple[Tensor, Tensor]:
+                   mode: str, window: List[int], window_tile: List[int], rope_theta: float, rope_split: List[int],
+                   scale: float, backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (out (B, Sq, heads, D), lse (B, heads, Sq) fp32)."""
-    return _launchers(backend).attention_forward(q, k, v, key_padding_mask, grid, mode, window, rope_theta,
-                                                 rope_split, scale)
+    return _launchers(backend).attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile,
+                                                 rope_theta, rope_split, scale)
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, key_padding_mask, grid, mode, window, rope_theta, rope_split, scale, backend):
+def _attention_fwd_fake(q, k, v, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, scale,
+                        backend):
     B, Sq, heads, D = q.shape
     return q.new_empty(B, Sq, heads, D), q.new_empty(B, heads, Sq, dtype=torch.float32)
 
@@ -227,25 +274,25 @@ def _attention_fwd_fake(q, k, v, key_padding_mask, grid, mode, window, rope_thet
 @torch.library.custom_op("dit_fast::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    key_padding_mask: Optional[Tensor], grid: List[int], mode: str, window: List[int],
-                   rope_theta: float, rope_split: List[int], scale: float,
+                   window_tile: List[int], rope_theta: float, rope_split: List[int], scale: float,
                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv), contiguous."""
     return _launchers(backend).attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window,
-                                                  rope_theta, rope_split, scale)
+                                                  window_tile, rope_theta, rope_split, scale)
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window, rope_theta, rope_split,
-                        scale, backend):
+def _attention_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window, window_tile, rope_theta,
+                        rope_split, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, grid, mode, window, rope_theta, rope_split, scale, backend = inputs
+    q, k, v, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, scale, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.args = (grid, mode, window, rope_theta, rope_split, scale, backend)
+    ctx.args = (grid, mode, window, window_tile, rope_theta, rope_split, scale, backend)
 
 
 def _backward(ctx, dout, _dlse):
@@ -253,7 +300,7 @@ def _backward(ctx, dout, _dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.dit_fast.attention_bwd(dout, q, k, v, out, lse, key_padding_mask, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -281,19 +328,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     if name == "torch":
         full_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Sk)
         return attention_reference(q, k, v, scale=scale, mask=full_mask, return_lse=return_lse)
-    out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, mask, [], "full", [], 0.0, [], scale, name)
+    out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, mask, [], "full", [], [], 0.0, [], scale, name)
     return (out, lse) if return_lse else out
 
 
 def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *, mode: str = "full",
-                        window: Optional[Sequence[int]] = None, rope: Union[None, str, RoPE3D] = None,
-                        scale: Optional[float] = None, return_lse: bool = False, rope_in_kernel: bool = False,
+                        window: Optional[Sequence[int]] = None, window_tile: Optional[Sequence[int]] = None,
+                        rope: Union[None, str, RoPE3D] = None, scale: Optional[float] = None,
+                        return_lse: bool = False, rope_in_kernel: bool = False,
                         backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Self-attention over the tokens of a video grid (T, H, W) in (t, h, w) raster order.
 
     q, k, v: (B, S, heads, D) with S = T * H * W. mode: "full", "spatial" (within each frame) or
     "temporal" (within each (h, w) column). window=(wt, wh, ww): 3D local attention, wt <= T,
-    wh <= H, ww <= W (see the module docstring for the exact window). rope: None, "3d" or
+    wh <= H, ww <= W (see the module docstring for the exact window). window_tile=(tt, th, tw):
+    the window in whole 3D tiles of tt x th x tw tokens instead (Sliding Tile Attention; mode "full"):
+    each query tile sees every token of the (wt // tt) x (wh // th) x (ww // tw) key tiles around it,
+    centred and shifted inside the tile grid; wt a multiple of tt (and so on), the window at most the
+    grid in tiles (ceil(T / tt), ...), tt * th * tw a multiple of 16. The kernels then visit only the
+    kept tiles, with no token mask inside them. rope: None, "3d" or
     RoPE3D(theta, split): rotary embedding of q and k. Returns (B, S, heads, D), and with
     return_lse also the log-sum-exp (B, heads, S) fp32.
 
@@ -304,7 +357,8 @@ def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *,
     """
     _check_qkv(q, k, v)
     grid = _check_grid(grid, q, k)
-    window = _check_mode_window(mode, window, grid)
+    window = _check_mode_window(mode, window, grid, window_tile)
+    window_tile = _check_window_tile(window_tile, window, grid)
     rope = as_rope(rope)
     if not isinstance(rope_in_kernel, bool):
         raise TypeError(f"rope_in_kernel must be True or False, got {rope_in_kernel!r}")
@@ -314,12 +368,12 @@ def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *,
     if name == "torch":
         rope_ref = RoPE3D(rope.theta, tuple(split)) if rope is not None else None
         return spacetime_attention_reference(q, k, v, grid, mode=mode, window=window, rope=rope_ref, scale=scale,
-                                             return_lse=return_lse)
+                                             return_lse=return_lse, window_tile=window_tile)
     if rope is not None and not rope_in_kernel:  # one rotation pass each; its op differentiates it
         rope_backend = "auto" if backend == "auto" else name
         q = apply_rope_3d(q, grid, theta=rope.theta, split=split, backend=rope_backend)
         k = apply_rope_3d(k, grid, theta=rope.theta, split=split, backend=rope_backend)
         rope, split = None, []
-    out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, None, grid, mode, window or [],
+    out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, None, grid, mode, window or [], window_tile or [],
                                                 float(rope.theta) if rope is not None else 0.0, split, scale, name)
     return (out, lse) if return_lse else out
