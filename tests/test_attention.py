@@ -391,6 +391,18 @@ def test_modules_keep_dit_parameter_names():
                                     "proj.weight", "proj.bias"}
 
 
+def test_spacetime_attention_module_passes_the_tile_window():
+    grid, dim, heads = (3, 5, 7), 32, 2
+    module = dnn.SpacetimeAttention(dim, heads, window=(1, 4, 8), window_tile=(1, 4, 4), backend="torch")
+    x = torch.randn(2, 105, dim)
+    q, k, v = module.qkv(x).reshape(2, 105, 3, heads, dim // heads).unbind(2)
+    expected = module.proj(spacetime_attention_reference(q, k, v, grid, window=(1, 4, 8),
+                                                             window_tile=(1, 4, 4)).reshape(2, 105, dim))
+    torch.testing.assert_close(module(x, grid), expected)
+    token_window = spacetime_attention_reference(q, k, v, grid, window=(1, 4, 7)).reshape(2, 105, dim)
+    assert not torch.allclose(module(x, grid), module.proj(token_window), atol=1e-4)  # the tile rule is in use
+
+
 def test_spacetime_attention_module_loads_a_timm_style_attention_state_dict():
     """DiT / timm's Attention: qkv -> (B, N, 3, heads, D) -> SDPA -> proj. Same weights, same output."""
     dim, heads = 64, 4
@@ -503,7 +515,7 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 GPU_CASES = [("full", 64), ("full", 72), ("full", 96), ("full", 128), ("spatial", 72), ("temporal", 72),
              ("window", 128), ("rope", 72), ("rope", 128), ("rope_window", 64), ("rope_in_kernel", 128),
-             ("rope_window_in_kernel", 64)]
+             ("rope_window_in_kernel", 64), ("tile_window", 128), ("tile_window", 72), ("rope_tile_window", 64)]
 
 
 @gpu
@@ -514,7 +526,10 @@ def test_gpu_large_shapes(case, D):
               "window": dict(window=(3, 9, 15)), "rope": dict(rope="3d"),
               "rope_window": dict(rope="3d", window=(3, 15, 15)),
               "rope_in_kernel": dict(rope="3d", rope_in_kernel=True),
-              "rope_window_in_kernel": dict(rope="3d", window=(3, 15, 15), rope_in_kernel=True)}[case]
+              "rope_window_in_kernel": dict(rope="3d", window=(3, 15, 15), rope_in_kernel=True),
+              # partial edge tiles on h and w (30 = 3 x 8 + 6, 45 = 5 x 8 + 5)
+              "tile_window": dict(window=(2, 16, 24), window_tile=(1, 8, 8)),
+              "rope_tile_window": dict(rope="3d", window=(2, 8, 16), window_tile=(2, 4, 8), rope_in_kernel=True)}[case]
     S = grid[0] * grid[1] * grid[2]
     inputs = _qkv(2, S, S, 4, D, torch.float32)
 

@@ -17,16 +17,18 @@ class SpacetimeAttention(nn.Module):
     """Multi-head self-attention over video tokens: qkv projection, optional qk-norm, attention, projection.
 
     forward(x, grid): x (B, S, C) with S = T * H * W tokens in (t, h, w) raster order. ``mode``,
-    ``window`` and ``rope`` are those of ``dit_fast.ops.spacetime_attention``.
+    ``window``, ``window_tile`` and ``rope`` are those of ``dit_fast.ops.spacetime_attention``.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False, mode: str = "full",
-                 window: Optional[Sequence[int]] = None, rope=None, backend: str = "auto"):
+                 window: Optional[Sequence[int]] = None, rope=None, backend: str = "auto",
+                 window_tile: Optional[Sequence[int]] = None):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim = {dim} must be divisible by num_heads = {num_heads}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.mode, self.window, self.rope, self.backend = mode, window, rope, backend
+        self.window_tile = window_tile
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -37,13 +39,13 @@ class SpacetimeAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, S, 3, self.num_heads, self.head_dim)  # (B, S, 3, heads, D), timm's order
         q, k, v = qkv.unbind(2)  # each (B, S, heads, D): strided views, read in place by the kernels
         q, k = self.q_norm(q), self.k_norm(k)
-        x = spacetime_attention(q, k, v, grid, mode=self.mode, window=self.window, rope=self.rope,
-                                backend=self.backend)  # (B, S, heads, D)
+        x = spacetime_attention(q, k, v, grid, mode=self.mode, window=self.window,
+                                window_tile=self.window_tile, rope=self.rope, backend=self.backend)  # (B, S, heads, D)
         return self.proj(x.reshape(B, S, C))
 
     def extra_repr(self):
         return (f"dim={self.dim}, num_heads={self.num_heads}, mode={self.mode!r}, window={self.window}, "
-                f"rope={self.rope!r}")
+                f"window_tile={self.window_tile}, rope={self.rope!r}")
 
 
 class CrossAttention(nn.Module):
