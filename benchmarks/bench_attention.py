@@ -165,24 +165,12 @@ def rope_then_sdpa(case: Case):
 _flex_cache: Dict[tuple, Callable] = {}
 
 
-def flex_window(case: Case, device):
-    """FlexAttention with a block mask from the same token-level window mask as ours."""
+def _compiled_flex(key, mask_mod, S: int, device):
+    """A cached (B, S, heads, D) -> (B, S, heads, D) FlexAttention with the block mask of mask_mod."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    T, H, W = case.grid
-    wt, wh, ww = case.window
-    key = (case.grid, case.window, str(device))
     if key not in _flex_cache:
-        def start(p, w, n):
-            return torch.clamp(p - (w - 1) // 2, 0, n - w)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            qt, qh, qw = q_idx // (H * W), (q_idx // W) % H, q_idx % W
-            kt, kh, kw = kv_idx // (H * W), (kv_idx // W) % H, kv_idx % W
-            st, sh, sw = start(qt, wt, T), start(qh, wh, H), start(qw, ww, W)
-            return ((kt >= st) & (kt < st + wt) & (kh >= sh) & (kh < sh + wh) & (kw >= sw) & (kw < sw + ww))
-
-        block_mask = create_block_mask(mask_mod, None, None, case.S, case.S, device=device)
+        block_mask = create_block_mask(mask_mod, None, None, S, S, device=device)
         compiled = torch.compile(flex_attention, dynamic=False)
 
         def fn(q, k, v):
@@ -191,6 +179,23 @@ def flex_window(case: Case, device):
 
         _flex_cache[key] = fn
     return _flex_cache[key]
+
+
+def flex_window(case: Case, device):
+    """FlexAttention with a block mask from the same token-level window mask as ours."""
+    T, H, W = case.grid
+    wt, wh, ww = case.window
+
+    def start(p, w, n):
+        return torch.clamp(p - (w - 1) // 2, 0, n - w)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qt, qh, qw = q_idx // (H * W), (q_idx // W) % H, q_idx % W
+        kt, kh, kw = kv_idx // (H * W), (kv_idx // W) % H, kv_idx % W
+        st, sh, sw = start(qt, wt, T), start(qh, wh, H), start(qw, ww, W)
+        return ((kt >= st) & (kt < st + wt) & (kh >= sh) & (kh < sh + wh) & (kw >= sw) & (kw < sw + ww))
+
+    return _compiled_flex((case.grid, case.window, str(device)), mask_mod, case.S, device)
 
 
 def tile_order(grid, window_tile) -> torch.Tensor:
@@ -228,19 +233,8 @@ def flex_tile_window(case: Case, device):
     order once, outside attention, and there Flex's 128-token blocks align with the 256-token tiles, so
     its block mask is exact (every block full or empty, no mask_mod on a partial block). Ours reads the
     raster layout and gathers tiles itself. The permutes are not timed; rel_error adds them."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     key = ("tile", case.grid, case.window, case.window_tile, str(device))
-    if key not in _flex_cache:
-        block_mask = create_block_mask(tile_window_mask_mod(case), None, None, case.S, case.S, device=device)
-        compiled = torch.compile(flex_attention, dynamic=False)
-
-        def fn(q, k, v):
-            qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-            return compiled(qh, kh, vh, block_mask=block_mask).transpose(1, 2)
-
-        _flex_cache[key] = fn
-    return _flex_cache[key]
+    return _compiled_flex(key, tile_window_mask_mod(case), case.S, device)
 
 
 def ours(case: Case, dense: bool = False, rope_in_kernel: bool = False):

@@ -170,6 +170,16 @@ def _tile_order_tokens(start, BLOCK: tl.constexpr, GRID_T, GRID_H, GRID_W, TILE_
 
 
 @triton.jit
+def _key_tiles(q_start, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W):
+    """TILED: tokens per tile, tiles along h and w, and the first key tile (t, h, w) of the window of
+    the query tile holding position q_start; the window is WIN_T x WIN_H x WIN_W tiles from there."""
+    V, TILES_T, TILES_H, TILES_W = _tile_grid(GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+    qa, qb, qc = _grid_position(q_start // V, TILES_H, TILES_W)
+    return (V, TILES_H, TILES_W, _window_start(qa, WIN_T, TILES_T), _window_start(qb, WIN_H, TILES_H),
+            _window_start(qc, WIN_W, TILES_W))
+
+
+@triton.jit
 def _load_tile_pair(start, end, rot_base, other_base, ROPE_ptr, stride_rot, stride_other, g_off, TOKEN_STRIDE,
                     GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2, D: tl.constexpr,
                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr, TILED: tl.constexpr,
@@ -415,10 +425,8 @@ def _attn_fwd_kernel(
     elif TILED:
         # every token of the WIN_T x WIN_H x WIN_W key tiles around the query's tile, no window mask; the
         # WIN_W tiles of a (t, h) tile row are one run of positions, V // BLOCK_N blocks per tile
-        V, TILES_T, TILES_H, TILES_W = _tile_grid(GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
-        qa, qb, qc = _grid_position((m_blk * BLOCK_M) // V, TILES_H, TILES_W)
-        ka0, kb0 = _window_start(qa, WIN_T, TILES_T), _window_start(qb, WIN_H, TILES_H)
-        kc0 = _window_start(qc, WIN_W, TILES_W)
+        V, TILES_H, TILES_W, ka0, kb0, kc0 = _key_tiles(m_blk * BLOCK_M, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H,
+                                                        WIN_W, TILE_T, TILE_H, TILE_W)
         for ka in range(ka0, ka0 + WIN_T):
             for kb in range(kb0, kb0 + WIN_H):
                 lo = ((ka * TILES_H + kb) * TILES_W + kc0) * V
@@ -725,10 +733,8 @@ def _attn_bwd_dq_kernel(
                                   ROPE_DT2, ROPE_DTH2, BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED,
                                   DOT_PRECISION, False, OFFS_64, ALIGNED)
     elif TILED:  # the forward's key tiles (see _attn_fwd_kernel)
-        V, TILES_T, TILES_H, TILES_W = _tile_grid(GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
-        qa, qb, qc = _grid_position((m_blk * BLOCK_M) // V, TILES_H, TILES_W)
-        ka0, kb0 = _window_start(qa, WIN_T, TILES_T), _window_start(qb, WIN_H, TILES_H)
-        kc0 = _window_start(qc, WIN_W, TILES_W)
+        V, TILES_H, TILES_W, ka0, kb0, kc0 = _key_tiles(m_blk * BLOCK_M, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H,
+                                                        WIN_W, TILE_T, TILE_H, TILE_W)
         for ka in range(ka0, ka0 + WIN_T):
             for kb in range(kb0, kb0 + WIN_H):
                 lo = ((ka * TILES_H + kb) * TILES_W + kc0) * V
