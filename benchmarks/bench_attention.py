@@ -237,14 +237,21 @@ def flex_tile_window(case: Case, device):
     return _compiled_flex(key, tile_window_mask_mod(case), case.S, device)
 
 
+def case_kwargs(case: Case) -> dict:
+    """The spacetime_attention keywords of the case's kind (ours and the reference alike)."""
+    return {"dense": {}, "rope": dict(rope="3d"), "spatial": dict(mode="spatial"),
+            "temporal": dict(mode="temporal"), "window": dict(window=case.window),
+            "tile_window": dict(window=case.window, window_tile=case.window_tile)}[case.kind]
+
+
 def ours(case: Case, dense: bool = False, rope_in_kernel: bool = False):
     from dit_fast import ops
 
     if case.kind == "dense" or dense:
         return lambda q, k, v: ops.attention(q, k, v, backend="triton")
-    kwargs = {"rope": dict(rope="3d", rope_in_kernel=rope_in_kernel), "spatial": dict(mode="spatial"),
-              "temporal": dict(mode="temporal"), "window": dict(window=case.window),
-              "tile_window": dict(window=case.window, window_tile=case.window_tile)}[case.kind]
+    kwargs = case_kwargs(case)
+    if case.kind == "rope":
+        kwargs["rope_in_kernel"] = rope_in_kernel
     return lambda q, k, v: ops.spacetime_attention(q, k, v, case.grid, backend="triton", **kwargs)
 
 
@@ -283,9 +290,7 @@ def implementation(case: Case, provider: str, device):
 def reference(case: Case):
     from dit_fast.ops.attention import spacetime_attention_reference
 
-    kwargs = {"dense": {}, "rope": dict(rope="3d"), "spatial": dict(mode="spatial"),
-              "temporal": dict(mode="temporal"), "window": dict(window=case.window),
-              "tile_window": dict(window=case.window, window_tile=case.window_tile)}[case.kind]
+    kwargs = case_kwargs(case)
     return lambda q, k, v: spacetime_attention_reference(q, k, v, case.grid, **kwargs)
 
 

@@ -341,7 +341,9 @@ class Trainer:
                                           seed=cfg.data_seed, two_object_prob=cfg.two_object_prob)
         torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.device)
-        if cfg.init_from:
+        if resume == "auto":
+            resume = cfg.out_dir if os.path.exists(os.path.join(cfg.out_dir, "latest")) else None
+        if cfg.init_from and not resume:  # a resumed run's checkpoint holds the weights already
             load_initial_weights(self.model, cfg.init_from)
         self.ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()}
         self.optimizer = _make_optimizer(cfg, self.model)
@@ -349,8 +351,6 @@ class Trainer:
         self.step = 0
         self.losses: List[float] = []
         self.progress_bar = progress_bar and self.dist.is_main
-        if resume == "auto":
-            resume = cfg.out_dir if os.path.exists(os.path.join(cfg.out_dir, "latest")) else None
         if resume:
             self.load_checkpoint(resume)
         self.ddp = None

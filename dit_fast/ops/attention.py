@@ -59,15 +59,6 @@ def spacetime_mask(grid: Sequence[int], mode: str = "full", window: Optional[Seq
     visible when its tile lies in the window of (wt // tt, wh // th, ww // tw) tiles around the query's
     tile, by the same centred-and-shifted rule on the tile grid (ceil(T / tt), ceil(H / th), ceil(W / tw))."""
     pos = grid_positions(grid, device)  # (S, 3) = (t, h, w) per token
-    if window_tile is not None:
-        tile = torch.tensor(window_tile, device=pos.device)
-        tiles = [-(-n // t) for n, t in zip(grid, window_tile)]  # tiles per axis, edge tiles partial
-        q_tile, k_tile = (pos // tile)[:, None, :], (pos // tile)[None, :, :]  # (S, 1, 3), (1, S, 3)
-        mask = torch.ones(pos.shape[0], pos.shape[0], dtype=torch.bool, device=pos.device)
-        for axis, (size, t, n) in enumerate(zip(window, window_tile, tiles)):
-            start = window_span(q_tile[..., axis], size // t, n)  # first key tile of the query tile's window
-            mask = mask & (k_tile[..., axis] >= start) & (k_tile[..., axis] < start + size // t)
-        return mask
     q, k = pos[:, None, :], pos[None, :, :]  # (S, 1, 3), (1, S, 3)
     if mode == "spatial":
         mask = q[..., 0] == k[..., 0]  # same frame
@@ -76,7 +67,13 @@ def spacetime_mask(grid: Sequence[int], mode: str = "full", window: Optional[Seq
     else:
         mask = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool, device=device)
     if window is not None:
-        for axis, (size, length) in enumerate(zip(window, grid)):
+        lengths = list(grid)
+        if window_tile is not None:  # the same window rule, on tile coordinates and in tiles
+            tile = torch.tensor(window_tile, device=pos.device)
+            q, k = q // tile, k // tile
+            window = [w // t for w, t in zip(window, window_tile)]
+            lengths = [-(-n // t) for n, t in zip(grid, window_tile)]  # tiles per axis, edge tiles partial
+        for axis, (size, length) in enumerate(zip(window, lengths)):
             start = window_span(q[..., axis], size, length)  # (S, 1)
             mask = mask & (k[..., axis] >= start) & (k[..., axis] < start + size)
     return mask
