@@ -553,4 +553,5 @@ def checkpoint_paths(path: str) -> Tuple[str, str]:
 
 def cleanup_distributed(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()

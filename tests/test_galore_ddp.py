@@ -6,7 +6,6 @@ training on the whole batch.
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,12 +15,6 @@ import torch.multiprocessing as mp
 from dit_fast.optim import GaLoreAdamW
 
 STEPS = 6
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -40,11 +33,11 @@ def _data(step):
     return torch.randn(16, 37, generator=g), torch.randn(16, 29, generator=g)
 
 
-def _worker(rank, world, port, out_dir, refreshes):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank, world, out_dir, refreshes):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A FileStore rendezvous: no free-port race and no TCP store thread in rank 0 to outlive the group.
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=world)
     try:
         for refresh in refreshes:  # one process group for every case: spawning is the slow part
             model = torch.nn.parallel.DistributedDataParallel(_model())
@@ -57,6 +50,8 @@ def _worker(rank, world, port, out_dir, refreshes):
                 opt.step()
             torch.save({"params": [p.detach().clone() for p in model.module.parameters()],
                         "opt": opt.state_dict()}, os.path.join(out_dir, f"{refresh}_rank{rank}.pt"))
+            del model, opt  # DDP's reducer holds gloo work: release it while the group is alive
+        dist.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -69,7 +64,7 @@ def ddp_results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out), REFRESHES), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(out), REFRESHES), nprocs=2, join=True)
     return out
 
 
