@@ -47,6 +47,10 @@ SASS_COUNTS = {
     "mufu": r"\bMUFU\b",
     "int_div": r"\bI2F\.U32\.RP\b",
     "shfl": r"\bSHFL\b",
+    # fp32 CUDA-core work beside the matrix units: the softmax's scale, rescale and exponent per score
+    "fmul": r"\bFMUL\b",
+    "ffma": r"\bFFMA\b",
+    "fadd": r"\bFADD\b",
 }
 
 
@@ -165,7 +169,7 @@ def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str]
 
 COLUMNS = ["kernel", "head_dim", "variant", "block_m", "block_n", "num_warps", "num_stages", "regs", "local_bytes",
            "shared_bytes", "hgmma", "hmma", "ldg128", "ldg_narrow", "ldg_total", "ldl_stl", "mufu", "int_div",
-           "sass_lines"]
+           "fmul", "ffma", "fadd", "sass_lines"]
 
 
 def _format(row: dict) -> str:

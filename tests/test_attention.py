@@ -591,10 +591,12 @@ def test_kernels_compile_for_sm90_with_16_byte_loads():
         assert row["hgmma"] > 0, row  # Hopper's wgmma, not the older mma.sync path
 
 
-def test_quick_tuning_space_has_a_dkdv_config_without_spills():
-    """The dk/dv kernel holds two fp32 (BLOCK_N, D) accumulators: at D = 128 the 128 x 64 and 64 x 64
-    tiles spill to local memory on sm_90a. The quick space (the benchmarks' tuning) must offer one that
-    does not, or the measured backward is the spilled one."""
+@pytest.mark.parametrize("kernel, config", [("dkdv", (32, 128, 8, 2)), ("fwd", (128, 128, 8, 2))])
+def test_quick_tuning_space_configs_compile_without_spills(kernel, config):
+    """The quick space (the benchmarks' tuning) holds configurations chosen for one kernel each, on
+    their sm_90a report: the dk/dv kernel's two fp32 (BLOCK_N, D) accumulators spill at 128 x 64 and
+    64 x 64 (D = 128), so 32 x 128 is there; the forward's 128 x 128 tile halves its rescale work per
+    score. Each must compile for sm_90a without spills, or the measured kernel is the spilled one."""
     import json
     import subprocess
     import sys
@@ -602,11 +604,10 @@ def test_quick_tuning_space_has_a_dkdv_config_without_spills():
     from dit_fast.triton_kernels.attention import QUICK_SPACE
 
     pytest.importorskip("triton.compiler")
-    config = (32, 128, 8, 2)
     assert config in QUICK_SPACE
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = Path(tempfile.mkdtemp()) / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--kernels", "dkdv",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--kernels", kernel,
                            "--head-dims", "128", "--variants", "dense", "--configs", ",".join(map(str, config)),
                            "--json", str(out)], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parent.parent)

@@ -331,14 +331,15 @@ def _fwd_tile(acc, m_i, l_i, q, tok_q, start_n, end_n, window_mask, k_base, v_ba
     k, v, tok_k, valid_n = _load_tile_pair(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
                                            TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
                                            ROPE_DTH2, D, BLOCK_N, BLOCK_D, HAS_ROPE, TILED, EVEN, OFFS_64, ALIGNED)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
     key_ok = _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK)
     s = _mask_scores(s, float("-inf"), tok_q[:, None], tok_k[None, :], valid_n[None, :], key_ok[None, :], window_mask,
                      GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, HAS_MASK, WINDOW, EVEN)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # the scale (> 0) goes on the row max, and into the exponent's FMA: no multiply per score
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
     # a row with no visible key so far keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(tl.fma(s, qk_scale, -m_safe[:, None]))
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -518,8 +519,8 @@ def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, window_mask, q_base, 
     # rows without any visible key (lse = -inf) get p = 0, not exp2(-inf + inf) = NaN
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(delta_base + tok_q, mask=valid_m, other=0.0)
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-    p_t = tl.math.exp2(s_t - lse[None, :])
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M), unscaled
+    p_t = tl.math.exp2(tl.fma(s_t, qk_scale, -lse[None, :]))  # one FMA per score, whatever Triton's fusion default
     p_t = _mask_scores(p_t, 0.0, tok_q[None, :], tok_k[:, None], valid_m[None, :], kpm_k[:, None], window_mask,
                        GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, HAS_MASK, WINDOW, EVEN)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -654,9 +655,9 @@ def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, window_mask, k_base, 
     k, v, tok_k, valid_n = _load_tile_pair(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
                                            TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
                                            ROPE_DTH2, D, BLOCK_N, BLOCK_D, HAS_ROPE, TILED, EVEN, OFFS_64, ALIGNED)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled
     key_ok = _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK)
-    p = tl.math.exp2(s - lse[:, None])
+    p = tl.math.exp2(tl.fma(s, qk_scale, -lse[:, None]))  # one FMA per score, whatever Triton's fusion default
     p = _mask_scores(p, 0.0, tok_q[:, None], tok_k[None, :], valid_n[None, :], key_ok[None, :], window_mask,
                      GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, HAS_MASK, WINDOW, EVEN)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -802,7 +803,9 @@ def keep(config: triton.Config) -> bool:
 # per sequence-length class), "single" runs one untimed configuration per class (the GPU tests).
 # (32, 128, 8, 2) is for the dk/dv kernel: the only one here whose dk, dv accumulators fit in registers at
 # D = 128 (sm_90a report, benchmarks/kernel_resources.py: 234 registers, no spills; 128 x 64 spills).
-QUICK_SPACE = [(128, 64, 8, 3), (64, 64, 4, 3), (32, 128, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
+# (128, 128, 8, 2) is for the forward: spill-free at D = 128 (255 registers, 160 KB of shared memory), and
+# its wider key tile halves the accumulator rescale per score (the dk/dv and dq kernels spill there).
+QUICK_SPACE = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
 SINGLE_SPACE = [(64, 64, 4, 2), (16, 16, 4, 2)]
 
 
