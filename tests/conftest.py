@@ -2,7 +2,8 @@
 
 On a machine without a GPU the Triton kernels run in Triton's CPU interpreter. TRITON_INTERPRET must
 be set before any kernel is defined, so it is set here, before dit_fast is imported. The interpreter's
-bf16 ``tl.dot`` is patched in tests/triton_interpreter.py (the harness, never the kernels).
+bf16 ``tl.dot`` and its leaking device-call patches are fixed in tests/triton_interpreter.py (the
+harness, never the kernels).
 """
 
 import os
@@ -20,7 +21,7 @@ os.environ.setdefault("DIT_FAST_ATTENTION_TUNE", "single")
 
 from tests import triton_interpreter  # noqa: E402
 
-triton_interpreter.patch_bf16_dot()
+triton_interpreter.patch_interpreter()
 
 import dit_fast  # noqa: E402,F401
 

@@ -326,3 +326,18 @@ def test_module_triton_backend_matches_torch():
     out = module(x, shift, scale)
     module.backend = "torch"
     torch.testing.assert_close(out, module(x, shift, scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="a harness check of Triton's CPU interpreter")
+def test_interpreter_leaves_triton_language_unpatched():
+    """A kernel run in the interpreter (with device-function calls) leaves triton.language as it was.
+
+    Regression: Triton 3.9 leaves tl.core's builtins patched after a device call, and every later
+    sm_90a compile check in the same process failed (tests/triton_interpreter.py restores them)."""
+    import triton.language as tl
+
+    before = dict(vars(tl.core))
+    x = torch.randn(2, 37, 6)
+    ops.layernorm_modulate(x, torch.randn(2, 6), torch.randn(2, 6), backend="triton")
+    changed = [name for name, value in vars(tl.core).items() if before.get(name, value) is not value]
+    assert not changed, f"triton.language.core left patched after an interpreted kernel: {changed[:8]}"

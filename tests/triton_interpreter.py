@@ -5,9 +5,49 @@ patterns straight to ``np.matmul``: a bf16 ``tl.dot`` multiplies integers, not n
 operands to fp32 before the product. Its fp32 -> bf16 cast (``x.to(tl.bfloat16)``, or a store of fp32
 into a bf16 tensor) truncates, where the GPU rounds to nearest even: we round to nearest even too.
 Only the test harness is patched; kernels stay as on GPU.
+
+A third fix: a jit function called from inside a kernel (a device function) makes the interpreter
+patch ``triton.language`` for that call (``InterpretedFunction.__call__`` -> ``_patch_lang``) and
+never undo it. Where the device function's module sees ``triton.language.core`` and the kernel's
+does not, 64 builtins of ``tl.core`` stay replaced by interpreter lambdas for the rest of the
+process, and a later real compile in the same process (the sm_90a compile checks) fails inside
+``InterpreterBuilder.cast_impl`` with "'value' object has no attribute 'dtype'". We restore the
+scope when the device call returns (``restore_device_call_patches``).
 """
 
 import os
+
+
+def patch_interpreter():
+    """Every harness fix below, once; a no-op outside the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    patch_bf16_dot()
+    restore_device_call_patches()
+
+
+def restore_device_call_patches():
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    cls = interpreter.InterpretedFunction
+    if getattr(cls.__call__, "_dit_fast_restores", False):
+        return
+
+    def __call__(self, *args, **kwargs):  # a device function call, as Triton's, then undo the patch
+        scope = interpreter._patch_lang(self.fn)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+        finally:
+            if scope is not None:  # Triton versions whose _patch_lang returns no scope never restore
+                scope.restore()
+
+    __call__._dit_fast_restores = True
+    cls.__call__ = __call__
 
 
 def patch_bf16_dot():

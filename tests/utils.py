@@ -34,3 +34,32 @@ def assert_close_to_reference(name, actual, reference_fp64, torch_same_dtype, fa
     err = (actual.detach().double() - reference_fp64.detach().double()).abs()
     ok = bool((err <= atol).all()) and not bool(actual.isnan().any())
     assert ok, f"{name} ({dtype}):\n" + describe_mismatch(actual, reference_fp64, atol)
+
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def compile_in_subprocess(args, python=None, timeout=600):
+    """Rows of ``python -m benchmarks.kernel_resources *args --json`` run in a clean process.
+
+    The sm_90a compile report needs Triton's real compiler: the process runs without
+    TRITON_INTERPRET (which is read when kernels are defined). ``python``: another interpreter, e.g. a
+    venv with Triton 3.6 (the GPU machine's version), with this checkout on its PYTHONPATH.
+    Returns the list of row dicts; fails the test with the child's stderr if it exits non-zero.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        proc = subprocess.run([python or sys.executable, "-m", "benchmarks.kernel_resources", *map(str, args),
+                               "--json", out], env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=REPO_ROOT)
+        assert proc.returncode == 0, f"kernel_resources {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}"
+        with open(out) as f:
+            return json.load(f)
