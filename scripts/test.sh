@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The README's test command (CI runs it too): install with the test extras, run the whole suite.
+# The README's test command (CI runs it too): install with the test extras, run the whole suite on
+# every core (pytest-xdist; DIT_FAST_TEST_WORKERS overrides), each test under a time limit so that a
+# hung collective fails its test instead of the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 # galore-torch, for the trajectory comparison: pure Python; --no-deps because it declares
 # transformers and bitsandbytes, which the comparison does not use
 python -m pip install -q --no-deps galore-torch
-python -m pytest tests -q "$@"
+workers=${DIT_FAST_TEST_WORKERS:-$(python -c "import os; print(min(4, len(os.sched_getaffinity(0))))")}
+python -m pytest tests -q -n "$workers" --timeout 900 "$@"
