@@ -1,19 +1,28 @@
-"""Loading facebookresearch/DiT image checkpoints into DiTVideo (patch (1, p, p)).
+"""Reading checkpoints, validating them against a model, and loading facebookresearch/DiT image checkpoints.
 
     model = load_dit_checkpoint("DiT-XL-2-256x256.pt", backend="triton")
     out = model(x[:, :, None], t, y)[:, :, 0]        # == DiT(x, t, y)
 
-The config (size, patch, input size, classes, learn_sigma) is read from the tensor shapes; the 2D
-patch-embedding weight (D, C, p, p) becomes the 3D one (D, C, 1, p, p). Files load with
-``weights_only=True`` (or safetensors): no pickled code runs.
+    tensors, meta = read_safetensors("ckpt_0001000.safetensors")   # CheckpointError on a bad file
+    check_state_dict(model, tensors, "ckpt_0001000.safetensors")   # CheckpointError naming key and shape
+
+Every failure to read or fit a checkpoint (missing, empty, truncated, not a checkpoint, a directory, a
+wrong key, shape or dtype) is one error type, ``CheckpointError`` (a ValueError; a missing file is also
+a FileNotFoundError), whose message names the file, the key and what was expected. Files load with
+``weights_only=True`` (or safetensors): no pickled code runs, and a file that would need it is refused.
+
+For DiT checkpoints the config (size, patch, input size, classes, learn_sigma) is read from the tensor
+shapes; the 2D patch-embedding weight (D, C, p, p) becomes the 3D one (D, C, 1, p, p).
 """
 
 import argparse
 import math
 import os
-from typing import Mapping, Optional
+import pickle
+from typing import Collection, Dict, Mapping, Optional, Tuple
 
 import torch
+from torch import nn
 
 from dit_fast.models.dit_video import DiT_models, DiTVideo
 
@@ -21,57 +30,194 @@ from dit_fast.models.dit_video import DiT_models, DiTVideo
 DIT_SIZES = {(28, 1152): ("XL", 16), (24, 1024): ("L", 16), (12, 768): ("B", 12), (12, 384): ("S", 6)}
 
 
-def _read(checkpoint) -> Mapping[str, torch.Tensor]:
-    """A state dict from a path (.pt/.pth with weights_only=True, or .safetensors) or a dict."""
+#################################################################################
+#                        Reading and validating checkpoints                     #
+#################################################################################
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit: the message names the file, the key and what was
+    expected."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist (both a CheckpointError and a FileNotFoundError)."""
+
+
+def _existing_file(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory, expected a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
+    return path
+
+
+def read_safetensors(path, device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file; CheckpointError if it is not a complete one."""
+    from safetensors import SafetensorError, safe_open
+
+    path = _existing_file(path)
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:  # truncated, empty, random bytes
+        raise CheckpointError(f"checkpoint {path!r} is not a readable safetensors file "
+                              f"(truncated or corrupt?): {e}") from None
+    return tensors, meta
+
+
+def read_torch_file(path, map_location="cpu", safe_globals: Collection[type] = ()):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never pickled code.
+
+    ``safe_globals``: extra classes the file may hold (DiT's training checkpoints carry an
+    argparse.Namespace). Anything else is refused with a CheckpointError.
+    """
+    path = _existing_file(path)
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False, i.e. running the file's code: never do that here
+        reason = str(e)
+        detail = next((line.strip().rstrip(".") for line in reason.splitlines()
+                       if "GLOBAL" in line or "Unsupported operand" in line), "")
+        raise CheckpointError(f"checkpoint {path!r} was refused: it is not a plain tensor file (it would need "
+                              f"to run pickled code, or it is corrupt){': ' + detail if detail else ''}. "
+                              "Re-save its tensors as .safetensors or with torch.save(state_dict)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {path!r} is not a readable torch file (truncated or corrupt?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def read_state_dict(checkpoint, safe_globals: Collection[type] = ()) -> Dict[str, torch.Tensor]:
+    """A {name: tensor} dict from a path (.safetensors, or .pt / .pth read weights-only) or a mapping.
+
+    CheckpointError if the file cannot be read or is not a flat mapping from str to tensors.
+    """
     if isinstance(checkpoint, (str, os.PathLike)):
         path = os.fspath(checkpoint)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            checkpoint = load_file(path)
+            state = read_safetensors(path)[0]
         else:
-            # DiT's training checkpoints also hold {"args": argparse.Namespace}: allow that class only
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, Mapping):
+            state = read_torch_file(path, safe_globals=safe_globals)
+    else:
+        path, state = "<state dict>", checkpoint
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(state).__name__}, expected a state dict "
+                              "(a mapping of names to tensors)")
+    return state
+
+
+def _check_entries(state: Mapping, path: str) -> None:
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"checkpoint {path!r} has a non-str key {key!r}, expected parameter names")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path!r}: {key!r} is a {type(value).__name__}, expected a tensor")
+
+
+def check_state_dict(model: nn.Module, state: Mapping, path: str = "<state dict>", *,
+                     ignore: Collection[str] = (), strict: bool = True) -> None:
+    """Checks that ``state`` fits ``model`` before ``model.load_state_dict``: CheckpointError otherwise.
+
+    Every model key (except those in ``ignore``: e.g. positional buffers the model recomputes) must be
+    present, with no extra keys (``strict=False`` allows both), each a tensor of the model's shape and
+    of its kind (a floating-point weight from a floating-point tensor, any precision; an integer or bool
+    buffer from the same dtype). ``path`` names the file in the messages.
+    """
+    _check_entries(state, path)
+    own = model.state_dict()
+    ignore = set(ignore)
+    if strict:
+        missing = [k for k in own if k not in state and k not in ignore]
+        unexpected = [k for k in state if k not in own and k not in ignore]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} key(s) the model expects, e.g. {missing[:3]}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} key(s) the model does not have, e.g. {unexpected[:3]}")
+            raise CheckpointError(f"checkpoint {path!r} does not fit this model: {'; '.join(parts)}")
+    for key, value in state.items():
+        if key not in own or key in ignore:
+            continue
+        expected = own[key]
+        if tuple(value.shape) != tuple(expected.shape):
+            raise CheckpointError(f"checkpoint {path!r} does not fit this model: {key!r} has shape "
+                                  f"{tuple(value.shape)}, the model expects {tuple(expected.shape)}")
+        if expected.is_floating_point():
+            if not value.is_floating_point():
+                raise CheckpointError(f"checkpoint {path!r}: {key!r} is {value.dtype}, expected a floating-point "
+                                      f"tensor (the model holds {expected.dtype})")
+        elif value.dtype != expected.dtype:
+            raise CheckpointError(f"checkpoint {path!r}: {key!r} is {value.dtype}, expected {expected.dtype}")
+
+
+#################################################################################
+#                          facebookresearch/DiT checkpoints                     #
+#################################################################################
+
+def _read(checkpoint) -> Mapping[str, torch.Tensor]:
+    """A DiT state dict from a path (.pt/.pth with weights_only=True, or .safetensors) or a dict."""
+    if not isinstance(checkpoint, (str, os.PathLike, Mapping)):
         raise TypeError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
+    path = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
+    # DiT's training checkpoints also hold {"args": argparse.Namespace}: allow that class only
+    checkpoint = read_state_dict(checkpoint, safe_globals=[argparse.Namespace])
     for key in ("ema", "model", "state_dict"):  # DiT's training checkpoints: prefer the EMA weights
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             checkpoint = checkpoint[key]
             break
+    _check_entries(checkpoint, path)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
     if "x_embedder.proj.weight" not in state:
-        raise ValueError("checkpoint is not a DiT state dict: it has no 'x_embedder.proj.weight' "
-                         f"(first keys: {list(state)[:5]})")
+        raise CheckpointError(f"checkpoint {path!r} is not a DiT state dict: it has no 'x_embedder.proj.weight' "
+                              f"(first keys: {list(state)[:5]})")
     return state
 
 
-def infer_dit_config(state: Mapping[str, torch.Tensor]) -> dict:
-    """DiTVideo keyword arguments read from the shapes of a DiT state dict."""
-    proj = state["x_embedder.proj.weight"]  # (D, C, p, p) or (D, C, pt, ph, pw)
+def _entry(state: Mapping, key: str, dims: Tuple[int, ...], path: str) -> torch.Tensor:
+    """state[key], which must be a tensor with one of ``dims`` dimensions, or CheckpointError."""
+    if key not in state:
+        raise CheckpointError(f"checkpoint {path!r} is not a DiT state dict: it has no {key!r}")
+    value = state[key]
+    if not isinstance(value, torch.Tensor) or value.dim() not in dims or 0 in value.shape:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise CheckpointError(f"checkpoint {path!r}: {key!r} has shape {shape}, expected a non-empty "
+                              f"{' or '.join(map(str, dims))}-dimensional tensor")
+    return value
+
+
+def infer_dit_config(state: Mapping[str, torch.Tensor], path: str = "<state dict>") -> dict:
+    """DiTVideo keyword arguments read from the shapes of a DiT state dict; CheckpointError if unreadable."""
+    proj = _entry(state, "x_embedder.proj.weight", (4, 5), path)  # (D, C, p, p) or (D, C, pt, ph, pw)
     hidden_size, in_channels = proj.shape[:2]
     patch = tuple(proj.shape[2:]) if proj.dim() == 5 else (1, *proj.shape[2:])
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.endswith("attn.qkv.weight")})
     if depth == 0:
-        raise ValueError("checkpoint has no blocks.<i>.attn.qkv.weight")
-    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / hidden_size
-    out_features = state["final_layer.linear.weight"].shape[0]
+        raise CheckpointError(f"checkpoint {path!r} has no blocks.<i>.attn.qkv.weight")
+    mlp_ratio = _entry(state, "blocks.0.mlp.fc1.weight", (2,), path).shape[0] / hidden_size
+    out_features = _entry(state, "final_layer.linear.weight", (2,), path).shape[0]
     out_channels = out_features // (patch[0] * patch[1] * patch[2])
-    if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(f"final_layer.linear has {out_features} outputs; expected patch volume x {in_channels} "
-                         f"or x {2 * in_channels} channels")
+    if out_features % (patch[0] * patch[1] * patch[2]) or out_channels not in (in_channels, 2 * in_channels):
+        raise CheckpointError(f"checkpoint {path!r}: final_layer.linear has {out_features} outputs; expected "
+                              f"patch volume x {in_channels} or x {2 * in_channels} channels")
     config = dict(hidden_size=hidden_size, in_channels=in_channels, patch_size=patch, depth=depth,
                   mlp_ratio=mlp_ratio, learn_sigma=out_channels == 2 * in_channels)
     if "pos_embed" in state:
-        num_patches = state["pos_embed"].shape[1]
+        num_patches = _entry(state, "pos_embed", (3,), path).shape[1]
         side = math.isqrt(num_patches)
         if side * side != num_patches:
-            raise ValueError(f"pos_embed has {num_patches} positions, not a square grid; pass input_size=")
+            raise CheckpointError(f"checkpoint {path!r}: pos_embed has {num_patches} positions, not a square "
+                                  "grid; pass input_size=")
         config["input_size"] = (patch[0], side * patch[1], side * patch[2])
     if "y_embedder.embedding_table.weight" in state:
-        rows = state["y_embedder.embedding_table.weight"].shape[0]
+        rows = _entry(state, "y_embedder.embedding_table.weight", (2,), path).shape[0]
         config["num_classes"] = rows - 1  # DiT always keeps one extra row for the CFG "null" class
         config["class_dropout_prob"] = 0.1
     else:
@@ -102,13 +248,15 @@ def load_dit_checkpoint(checkpoint, name: Optional[str] = None, strict: bool = T
     from the tensor shapes. model_kwargs go to DiTVideo (e.g. ``backend="triton"``) and win over both.
     Guidance applies to 3 channels, as DiT's ``forward_with_cfg``.
     """
+    path = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
     state = _read(checkpoint)
-    config = infer_dit_config(state)
+    config = infer_dit_config(state, path)
     if name is not None:
         named = _named_size(name)
         for key in ("depth", "hidden_size", "patch_size"):
             if named[key] != config[key]:
-                raise ValueError(f"checkpoint has {key}={config[key]} but {name} has {key}={named[key]}")
+                raise CheckpointError(f"checkpoint {path!r} has {key}={config[key]} but {name} has "
+                                      f"{key}={named[key]}")
         config.update(named)
     if "num_heads" not in config and "num_heads" not in model_kwargs:
         raise ValueError(f"depth {config['depth']} x width {config['hidden_size']} is not one of DiT's sizes; "
@@ -119,6 +267,7 @@ def load_dit_checkpoint(checkpoint, name: Optional[str] = None, strict: bool = T
     if state["x_embedder.proj.weight"].dim() == 4:
         state = dict(state)
         state["x_embedder.proj.weight"] = state["x_embedder.proj.weight"].unsqueeze(2)  # (D, C, 1, p, p)
+    check_state_dict(model, state, path, strict=strict)
     model.load_state_dict(state, strict=strict)
     return model.eval()
 
