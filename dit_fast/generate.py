@@ -13,6 +13,7 @@ safetensors file of weights whose metadata holds the config and the vocabulary).
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -20,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dit_fast.models.checkpoint import check_state_dict
 from dit_fast.train import (TextToVideo, TrainConfig, atomic_save_safetensors, atomic_write_text, build_model,
                             checkpoint_paths, make_flow, read_weights)
 
@@ -32,6 +34,10 @@ BUNDLED_JSON = os.path.join(ASSETS, "shapes_t2v.json")
 # for the patch (1, 8, 8) model, CFG 1 / 1.5 / 2 gave 89% / 87% / 77%; guidance rounds squares).
 DEFAULT_STEPS = 50
 DEFAULT_CFG = 1.0
+VIDEO_FORMATS = (".gif", ".mp4")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+MAX_FPS = 100  # a GIF's frame delay is in hundredths of a second
+MAX_SCALE = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,10 +71,7 @@ def load_model(checkpoint: Optional[str] = None, device: Union[str, torch.device
         cfg.backend = backend
     vocabulary = json.loads(meta["vocabulary"]) if "vocabulary" in meta else None
     model = build_model(cfg, vocabulary)
-    buffers = {k for k, _ in model.named_buffers()}
-    missing = [k for k in model.state_dict() if k not in state and k not in buffers]
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} weights, e.g. {missing[:3]}")
+    check_state_dict(model, state, path, optional=[k for k, _ in model.named_buffers()])
     model.load_state_dict(state, strict=False)
     return model.to(device).eval(), cfg
 
@@ -116,14 +119,20 @@ def generate(model: TextToVideo, cfg: TrainConfig, prompts: Sequence[str], seed:
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
-    frames = cfg.num_frames if frames is None else int(frames)
+    frames = cfg.num_frames if frames is None else frames
     pt = cfg.patch[0]
-    if frames < 1 or frames % pt:
-        raise ValueError(f"frames must be a positive multiple of the temporal patch {pt}, got {frames}")
+    if not _is_int(frames) or frames < 1 or frames % pt:
+        raise ValueError(f"frames must be a positive multiple of the temporal patch {pt}, got {frames!r}")
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be a finite number >= 0 (1: no guidance), got {cfg_scale!r}")
+    seeds = [seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
+    if len(seeds) != len(prompts) or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(f"seed(s) must be {len(prompts)} integer(s) in [0, 2**63 - 1], got {seeds}")
     device = next(model.parameters()).device
     ids, mask = model.tokenizer(prompts, device=device)  # raises on unknown words, listing the vocabulary
     shape = (len(prompts), 3, frames, cfg.size, cfg.size)
-    seeds = [seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
     noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
     flow = make_flow(cfg)
     x = flow.sample(model, shape, steps=steps, model_kwargs={"ids": ids, "mask": mask}, cfg_scale=cfg_scale,
@@ -141,23 +150,84 @@ def to_uint8_frames(video: torch.Tensor, scale: int = 1) -> List:
     return [frame.permute(1, 2, 0).numpy() for frame in v.unbind(1)]
 
 
-def save_video(video: torch.Tensor, path: str, fps: int = 8, scale: int = 4) -> str:
-    """Write a (3, T, H, W) clip as .gif (imageio) or .mp4 (needs imageio-ffmpeg: pip install dit_fast[video])."""
-    import imageio.v2 as imageio
+def check_output_path(path, formats: Sequence[str] = VIDEO_FORMATS) -> str:
+    """``path`` if a file of one of ``formats`` can be written there, else ValueError saying why.
 
-    ext = os.path.splitext(path)[1].lower()
-    frames = to_uint8_frames(video, scale)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if ext == ".gif":
-        imageio.mimsave(path, frames, duration=1.0 / fps, loop=0)
-    elif ext == ".mp4":
+    Checks the name (not empty, one of the extensions), that it is not a directory, that the nearest
+    existing parent is a writable directory (not a file), and for .mp4 that imageio-ffmpeg is
+    installed: all before any work is done. Creates nothing.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"output path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    expected = " or ".join(formats)
+    name = os.path.basename(path)
+    if not name or name in (".", ".."):
+        raise ValueError(f"expected a file name ending in {expected}, got {path!r}")
+    ext = os.path.splitext(name)[1].lower()
+    if ext not in formats:
+        raise ValueError(f"expected a file name ending in {expected}, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, expected a file name ending in {expected}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot write {path!r}: {parent!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path!r}: the directory {parent!r} is not writable")
+    if ext == ".mp4":
         try:
             import imageio_ffmpeg  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError("writing .mp4 needs imageio-ffmpeg: pip install 'dit_fast[video]' "
-                               "(or write a .gif)") from e
-        # H.264 wants sizes that are multiples of 16: pad through macro_block_size
-        imageio.mimsave(path, frames, fps=fps, macro_block_size=16)
-    else:
-        raise ValueError(f"output must end in .gif or .mp4, got {path!r}")
+        except ImportError:
+            raise ValueError(f"writing {path!r} needs imageio-ffmpeg: pip install 'dit_fast[video]' "
+                             "(or write a .gif)") from None
     return path
+
+
+def save_video(video: torch.Tensor, path: str, fps: int = 8, scale: int = 4) -> str:
+    """Write a (3, T, H, W) clip as .gif or .mp4 (needs imageio-ffmpeg: pip install dit_fast[video]).
+
+    fps: frames per second (a GIF stores each frame's delay in hundredths of a second: 1000 / fps ms,
+    rounded down to 10 ms). scale: nearest-neighbour upscaling. Missing parent directories are
+    created, and removed again if the write fails.
+    """
+    check_output_path(path)
+    if not _is_int(fps) or not 1 <= fps <= MAX_FPS:
+        raise ValueError(f"fps must be an integer in [1, {MAX_FPS}], got {fps!r}")
+    if not _is_int(scale) or not 1 <= scale <= MAX_SCALE:
+        raise ValueError(f"scale must be an integer in [1, {MAX_SCALE}], got {scale!r}")
+    frames = to_uint8_frames(video, scale)
+    created = []  # the directories made here, deepest last
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        created.insert(0, parent)
+        parent = os.path.dirname(parent)
+    existed = os.path.exists(path)
+    try:
+        for d in created:
+            os.mkdir(d)
+        if os.path.splitext(path)[1].lower() == ".gif":
+            from PIL import Image
+
+            # PIL's duration is in milliseconds, per frame (imageio's meaning of `duration` changed
+            # between its plugins: seconds, then milliseconds; writing through PIL avoids both)
+            first, *rest = [Image.fromarray(f) for f in frames]
+            first.save(path, format="GIF", save_all=True, append_images=rest, duration=1000 // fps, loop=0)
+        else:
+            import imageio.v2 as imageio
+
+            # H.264 wants sizes that are multiples of 16: pad through macro_block_size
+            imageio.mimsave(path, frames, fps=fps, macro_block_size=16)
+    except BaseException:
+        if not existed and os.path.exists(path):
+            os.remove(path)
+        for d in reversed(created):
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
+    return path
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -42,8 +42,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from dit_fast.models.checkpoint import (CheckpointError, CheckpointNotFoundError, check_state_dict, read_safetensors,
+                                        read_torch_file)
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -481,14 +483,18 @@ class Trainer:
     def load_checkpoint(self, path: str) -> None:
         """Restore model, EMA, optimizer, step and loss history from a run directory (its ``latest``)."""
         weights, state_path = checkpoint_paths(path)
-        tensors = load_file(weights, device=str(self.device))
+        tensors, _ = read_safetensors(weights, device=str(self.device))
         model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        check_state_dict(self.model, model_sd, weights)
         self.model.load_state_dict(model_sd, strict=True)
+        check_state_dict(self.model, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, weights,
+                         optional=[k for k, _ in self.model.named_buffers()])  # EMA: every parameter
         for k in self.ema:
-            if f"ema.{k}" not in tensors:
-                raise KeyError(f"{weights} has no EMA entry for {k!r}")
             self.ema[k] = tensors[f"ema.{k}"].float().clone()
-        state = torch.load(state_path, map_location=self.device, weights_only=True)
+        state = read_torch_file(state_path, map_location=self.device)
+        if not isinstance(state, dict) or not {"step", "optimizer", "losses"} <= state.keys():
+            raise CheckpointError(f"checkpoint {state_path!r} is not a training state: expected a dict with "
+                                  f"'step', 'optimizer' and 'losses'")
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.losses = list(state["losses"])
@@ -498,15 +504,13 @@ def read_weights(path: str, ema: bool = True) -> Tuple[Dict[str, torch.Tensor], 
     """(state dict, safetensors metadata) of a model: a training directory or ``ckpt_<step>.safetensors``
     (its EMA weights, or the live ones with ema=False), or an exported model file."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist")
     if os.path.isdir(path) or os.path.basename(path).startswith("ckpt_"):
         weights, _ = checkpoint_paths(path)
         prefix = "ema." if ema else "model."
     else:
         weights, prefix = path, ""
-    with safe_open(weights, framework="pt") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(weights)
+    tensors, meta = read_safetensors(weights)
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta
 
 
@@ -519,15 +523,9 @@ def load_initial_weights(model: "TextToVideo", path: str) -> None:
     state, _ = read_weights(path)
     state = convert_temporal_patch(state, model.dit.patch_size, prefix="dit.")
     buffers = {k for k, _ in model.named_buffers()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and k not in buffers]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
-    if wrong:
-        raise ValueError(f"{path} does not fit this model (checkpoint vs model shapes): {wrong[:3]}")
-    model.load_state_dict({k: v for k, v in state.items() if k not in buffers}, strict=False)
+    state = {k: v for k, v in state.items() if k not in buffers}
+    check_state_dict(model, state, path, optional=buffers)
+    model.load_state_dict(state, strict=False)
 
 
 def checkpoint_paths(path: str) -> Tuple[str, str]:
@@ -535,19 +533,22 @@ def checkpoint_paths(path: str) -> Tuple[str, str]:
     if os.path.isdir(path):
         latest = os.path.join(path, "latest")
         if not os.path.exists(latest):
-            raise FileNotFoundError(f"{path} has no 'latest' file: not a dit_fast training directory")
+            raise CheckpointNotFoundError(f"{path} has no 'latest' file: not a dit_fast training directory")
         with open(latest) as f:
-            step = int(f.read().strip())
+            text = f.read().strip()
+        if not text.isdigit():
+            raise CheckpointError(f"{latest!r} holds {text[:20]!r}, expected the step of the latest checkpoint")
+        step = int(text)
         directory = path
     elif path.endswith(".safetensors") and os.path.basename(path).startswith("ckpt_"):
         directory, step = os.path.dirname(path), int(os.path.basename(path)[5:12])
     else:
-        raise ValueError(f"expected a training directory or a ckpt_<step>.safetensors file, got {path!r}")
+        raise CheckpointError(f"expected a training directory or a ckpt_<step>.safetensors file, got {path!r}")
     weights = os.path.join(directory, f"ckpt_{step:07d}.safetensors")
     state = os.path.join(directory, f"state_{step:07d}.pt")
     for p in (weights, state):
         if not os.path.exists(p):
-            raise FileNotFoundError(f"checkpoint file {p} is missing")
+            raise CheckpointNotFoundError(f"checkpoint file {p} is missing")
     return weights, state
 
 

@@ -122,20 +122,19 @@ def _check_entries(state: Mapping, path: str) -> None:
 
 
 def check_state_dict(model: nn.Module, state: Mapping, path: str = "<state dict>", *,
-                     ignore: Collection[str] = (), strict: bool = True) -> None:
+                     optional: Collection[str] = (), strict: bool = True) -> None:
     """Checks that ``state`` fits ``model`` before ``model.load_state_dict``: CheckpointError otherwise.
 
-    Every model key (except those in ``ignore``: e.g. positional buffers the model recomputes) must be
-    present, with no extra keys (``strict=False`` allows both), each a tensor of the model's shape and
-    of its kind (a floating-point weight from a floating-point tensor, any precision; an integer or bool
-    buffer from the same dtype). ``path`` names the file in the messages.
+    Every model key must be present (except those in ``optional``: e.g. positional buffers the model
+    recomputes), with no extra keys (``strict=False`` allows both), each a tensor of the model's shape
+    and of its kind (a floating-point weight from a floating-point tensor, any precision; an integer
+    or bool buffer from the same dtype). ``path`` names the file in the messages.
     """
     _check_entries(state, path)
     own = model.state_dict()
-    ignore = set(ignore)
     if strict:
-        missing = [k for k in own if k not in state and k not in ignore]
-        unexpected = [k for k in state if k not in own and k not in ignore]
+        missing = [k for k in own if k not in state and k not in optional]
+        unexpected = [k for k in state if k not in own]
         if missing or unexpected:
             parts = []
             if missing:
@@ -144,7 +143,7 @@ def check_state_dict(model: nn.Module, state: Mapping, path: str = "<state dict>
                 parts.append(f"{len(unexpected)} key(s) the model does not have, e.g. {unexpected[:3]}")
             raise CheckpointError(f"checkpoint {path!r} does not fit this model: {'; '.join(parts)}")
     for key, value in state.items():
-        if key not in own or key in ignore:
+        if key not in own:
             continue
         expected = own[key]
         if tuple(value.shape) != tuple(expected.shape):
