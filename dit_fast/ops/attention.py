@@ -79,23 +79,45 @@ def spacetime_mask(grid: Sequence[int], mode: str = "full", window: Optional[Seq
     return mask
 
 
+def _hide_masked(k: Tensor, v: Tensor, mask: Tensor):
+    """Masked keys must not influence anything, not even through 0 * NaN.
+
+    A matrix product cannot skip a masked (query, key) pair: a probability of exactly 0 times a
+    non-finite key or value is NaN. So every key row holding a non-finite k or v value is zeroed
+    (torch.where, a select) before the products, and the queries that can see such a key are
+    reported, to return NaN themselves: garbage a query may see still shows, garbage hidden from it
+    never does. k, v: (B, Sk, heads, D); mask broadcastable to (B, heads, Sq, Sk).
+    Returns (k, v, sees_bad (B, heads, Sq, 1) bool)."""
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, Sk, heads)
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    k, v = torch.where(bad[..., None], zero, k), torch.where(bad[..., None], zero, v)
+    bad_keys = bad.transpose(1, 2)[..., None].to(torch.float32)  # (B, heads, Sk, 1)
+    sees_bad = (mask.to(torch.float32) @ bad_keys) > 0  # (B, heads, Sq, 1): a visible bad key
+    return k, v, sees_bad
+
+
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
                         mask: Optional[Tensor] = None, return_lse: bool = False):
     """softmax(scale * q k^T, masked) v with SDPA. q: (B, Sq, heads, D), k and v: (B, Sk, heads, D).
 
     mask: bool, broadcastable to (B, heads, Sq, Sk), True = attend. A query with no visible key gets
-    zeros (and lse = -inf). Returns out (B, Sq, heads, D), or (out, lse (B, heads, Sq) fp32).
+    zeros (and lse = -inf). A masked key has no influence at all, forward or backward, whatever its
+    values (NaN, inf: see _hide_masked); a query that sees a non-finite key or value returns NaN
+    (its whole row, and its lse). Returns out (B, Sq, heads, D), or (out, lse (B, heads, Sq) fp32).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    sees_bad = None
+    if mask is not None:
+        k, v, sees_bad = _hide_masked(k, v, mask)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, D)
     if mask is None:
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
-        has_key = None
     else:
         has_key = mask.any(dim=-1, keepdim=True)  # (..., Sq, 1)
         # rows with no key attend to everything, then are zeroed: no NaN forward or backward
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask | ~has_key, scale=scale)
         out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        out = torch.where(sees_bad, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     out = out.transpose(1, 2)
     if not return_lse:
         return out
@@ -103,7 +125,44 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[floa
     scores = (qh.to(compute) @ kh.to(compute).transpose(-1, -2)) * scale  # (B, heads, Sq, Sk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return out, torch.logsumexp(scores, dim=-1).float().detach()
+    lse = torch.logsumexp(scores, dim=-1).float().detach()
+    if mask is not None:
+        lse = torch.where(sees_bad[..., 0], float("nan"), lse)
+    return out, lse
+
+
+def attention_backward_reference(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, *,
+                                 scale: Optional[float] = None, mask: Optional[Tensor] = None):
+    """The attention backward spelled out, from the forward's out and lse (flash attention's recompute).
+
+    q: (B, Sq, heads, D); k, v: (B, Sk, heads, D); out, dout: (B, Sq, heads, D); lse: (B, heads, Sq),
+    natural log, -inf for a query without a visible key; mask as in attention_reference (None: every
+    key visible). out and lse may come from a merge over several key shards (ring attention): then
+    this returns the gradients through the keys given here, and dq summed over the shards is the full
+    dq. With s = scale * q k^T:
+
+        P = exp(s - lse), 0 where masked       dV = P^T dO          dP = dO V^T
+        dS = P * (dP - rowsum(dO * O))         dQ = scale dS K      dK = scale dS^T Q
+
+    Computed in float32 (float64 inputs: float64); returns (dq, dk, dv) in the dtypes and layout of
+    q, k, v. Masked keys get zero gradients and pass nothing on, whatever their values (_hide_masked).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if mask is not None:
+        k, v, _ = _hide_masked(k, v, mask)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qh, kh, vh, oh, doh = (t.transpose(1, 2).to(compute) for t in (q, k, v, out, dout))  # (B, heads, S, D)
+    lse = lse.to(compute)[..., None]  # (B, heads, Sq, 1)
+    lse = torch.where(lse == float("-inf"), float("inf"), lse)  # no visible key: P = 0, not exp(-inf + inf)
+    p = torch.exp(scale * (qh @ kh.transpose(-1, -2)) - lse)  # (B, heads, Sq, Sk)
+    if mask is not None:
+        p = torch.where(mask, p, torch.zeros((), dtype=compute, device=p.device))
+    dv = p.transpose(-1, -2) @ doh  # (B, heads, Sk, D)
+    dp = doh @ vh.transpose(-1, -2)  # (B, heads, Sq, Sk)
+    ds = p * (dp - (doh * oh).sum(-1, keepdim=True))
+    dq = scale * (ds @ kh)
+    dk = scale * (ds.transpose(-1, -2) @ qh)
+    return tuple(g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
 
 
 def spacetime_attention_reference(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *, mode: str = "full",
