@@ -16,6 +16,7 @@ import types
 from torch import nn
 
 from dit_fast import ops
+from dit_fast.integrations import DIFFUSERS_MODELS, is_diffusers_model
 from dit_fast.ops.attention import attention
 
 
@@ -75,14 +76,32 @@ def _attention_forward(self, x):
     return self.proj(out.reshape(B, N, C))  # (B, N, C)
 
 
+def _check_not_patched(model: nn.Module) -> None:
+    from dit_fast.models.dit_video import DiTVideo
+
+    if isinstance(model, DiTVideo):
+        raise ValueError("dit_fast.patch: a DiTVideo is dit_fast's own model and already runs on its fused ops; "
+                         "there is nothing to patch")
+    done = getattr(model, "_dit_fast_patched", None)
+    if done is not None:
+        raise ValueError(f"dit_fast.patch: this {type(model).__name__} is already patched ({done}); patch a fresh "
+                         "model (patching twice would wrap the patched code again)")
+
+
 def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replaces, in place, the norms, modulation and attention of a DiT-style model with dit_fast's ops.
 
     Returns ``model``. Parameters, buffers and the state dict are untouched; outputs stay equal up to
-    floating-point rounding. Raises ValueError when no DiT block is found.
+    floating-point rounding. A diffusers video transformer (Wan, HunyuanVideo, LTX-Video, CogVideoX,
+    Mochi) is patched by ``dit_fast.integrations.diffusers`` (imported only then). Raises ValueError
+    when no DiT block is found, for an unsupported diffusers model, a model patched before, or a DiTVideo.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_not_patched(model)
+    if is_diffusers_model(model):  # imported only for diffusers models: `import dit_fast` never imports diffusers
+        from dit_fast.integrations import diffusers as diffusers_integration
+        return diffusers_integration.patch(model, backend=backend)
     counts = {"blocks": 0, "final_layers": 0, "attention": 0}
     for module in model.modules():
         if _is_dit_block(module):
@@ -99,6 +118,7 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
         module._dit_fast_backend = backend
     if counts["blocks"] == 0:
         raise ValueError(f"dit_fast.patch found no DiT block (a module with norm1, attn, norm2, mlp and "
-                         f"adaLN_modulation) in {type(model).__name__}")
+                         f"adaLN_modulation) in {type(model).__name__}; it patches facebookresearch/DiT-style "
+                         f"models and diffusers' {', '.join(DIFFUSERS_MODELS)}")
     model._dit_fast_patched = counts
     return model

@@ -1,0 +1,75 @@
+"""dit_fast inside diffusers: an attention backend and in-place model patches for the video DiTs.
+
+    import dit_fast.integrations.diffusers            # registers the "dit_fast" attention backend
+    pipe.transformer.set_attention_backend("dit_fast")  # diffusers' dispatcher -> dit_fast.ops.attention
+    dit_fast.patch(pipe.transformer)                   # or: RoPE, attention and fused adaLN, in place
+
+Importing this package checks the installed diffusers against ``TESTED_DIFFUSERS`` (the range the
+tests run on; the integration reaches into diffusers' dispatcher internals, which change between
+minor releases) and raises ImportError outside it. ``DIT_FAST_ALLOW_UNTESTED_DIFFUSERS=1`` turns
+that error into a warning. ``import dit_fast`` never imports this package.
+
+Layout: backend.py (the registered attention backend, its fallback and context parallelism),
+_processor.py (the processor skeleton and adaLN helpers every model module shares), one module per
+model family (wan.py, hunyuan_video.py, ltx.py, cogvideox.py, mochi.py), each with ``patch(model,
+backend)``; the registry from class name to module is ``dit_fast.integrations.DIFFUSERS_MODELS``.
+"""
+
+import importlib
+import os
+import warnings
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from dit_fast.integrations import DIFFUSERS_MODELS, diffusers_model_name
+
+TESTED_DIFFUSERS = ">=0.42.1,<0.43"  # keep equal to pyproject's `diffusers` extra (a test checks)
+ALLOW_ENV = "DIT_FAST_ALLOW_UNTESTED_DIFFUSERS"
+INSTALL_HINT = f"pip install 'dit_fast[diffusers]' (diffusers{TESTED_DIFFUSERS})"
+
+
+def check_diffusers_version(version: str) -> None:
+    """ImportError naming the tested range when ``version`` is outside it (a warning with $ALLOW_ENV=1)."""
+    try:
+        inside = Version(version) in SpecifierSet(TESTED_DIFFUSERS)
+    except InvalidVersion:
+        inside = False
+    if inside:
+        return
+    message = (f"dit_fast.integrations.diffusers is tested with diffusers{TESTED_DIFFUSERS} but diffusers "
+               f"{version} is installed: {INSTALL_HINT}")
+    if os.environ.get(ALLOW_ENV, "") == "1":
+        warnings.warn(message + f" ({ALLOW_ENV}=1: continuing untested)", RuntimeWarning, stacklevel=3)
+        return
+    raise ImportError(message + f", or set {ALLOW_ENV}=1 to try it anyway")
+
+
+try:
+    import diffusers as _diffusers
+except ImportError as _exc:
+    raise ImportError(f"dit_fast.integrations.diffusers needs diffusers, which is not installed ({_exc}): "
+                      f"{INSTALL_HINT}") from _exc
+check_diffusers_version(getattr(_diffusers, "__version__", "unknown"))
+
+from dit_fast.integrations.diffusers.backend import (BACKEND_NAME, backend_member,  # noqa: E402
+                                                     dit_fast_attention, register_backend)
+
+register_backend()
+
+SUPPORTED_MODELS = tuple(DIFFUSERS_MODELS)
+
+
+def patch(model, backend: str = "auto"):
+    """Patches a supported diffusers video transformer in place (what ``dit_fast.patch`` calls); returns it."""
+    name = diffusers_model_name(model)
+    if name is None:
+        raise ValueError(f"dit_fast.patch does not know the diffusers model {type(model).__name__}; supported: "
+                         f"{', '.join(SUPPORTED_MODELS)} (any other model that calls diffusers' dispatcher can "
+                         f"still use model.set_attention_backend({BACKEND_NAME!r}))")
+    module = importlib.import_module(f"{__name__}.{DIFFUSERS_MODELS[name]}")
+    return module.patch(model, backend=backend)
+
+
+__all__ = ["BACKEND_NAME", "SUPPORTED_MODELS", "TESTED_DIFFUSERS", "backend_member", "check_diffusers_version",
+           "dit_fast_attention", "patch", "register_backend"]

@@ -1,0 +1,289 @@
+"""The "dit_fast" attention backend of diffusers' dispatcher (``diffusers.models.attention_dispatch``).
+
+diffusers keys its backends by the closed enum ``AttentionBackendName``; ``register_backend`` adds the
+member ``DIT_FAST = "dit_fast"`` to it (idempotent) and registers ``dit_fast_attention`` with
+``supports_context_parallel=True``. Then ``model.set_attention_backend("dit_fast")``, diffusers'
+``attention_backend("dit_fast")`` context and ``enable_parallelism(...)`` route attention here.
+
+What runs on dit_fast.ops.attention (any head count, head dim a multiple of 8 in [16, 256], short
+cross-attention keys, fp32 / fp16 / bf16):
+  * no mask, or a mask that is a key-padding mask: bool (True = attend), or float with only 0
+    (attend) and <= -9000 (masked: LTX's -10000) entries, constant over heads and queries, every
+    query with at least one visible key. The masked keys' float weights, exp(<= -9000 + score
+    spread), are exactly 0 in fp32, so the result is the same as the additive mask's;
+  * ``return_lse``: the log-sum-exp in diffusers' layout (B, Sq, heads), fp32;
+  * context parallelism: Ulysses and ring through diffusers' templated CP functions, with forward /
+    backward ops on dit_fast.parallel.attention_parts (LSE-carrying blocks). Under ring attention a
+    key-padding mask (LTX's split text) is handled by gathering the (short) masked keys instead:
+    diffusers' ring merge turns a fully masked first block into a NaN LSE.
+Everything else (dropout, causal, grouped-query heads, float biases, per-head or per-query masks,
+rows with no visible key, float64, other head dims) runs diffusers' native attention, with one
+RuntimeWarning per reason: never a silently different result.
+"""
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from diffusers.models import attention_dispatch as _dispatch
+
+from dit_fast.ops.attention import MAX_HEAD_DIM, attention
+
+BACKEND_NAME = "dit_fast"
+MEMBER_NAME = "DIT_FAST"
+MASKED_AT_OR_BELOW = -9000.0  # float mask entries treated as "masked" (bf16 rounds LTX's -10000 to -9984)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REQUIRED = ("AttentionBackendName", "_AttentionBackendRegistry", "_native_attention",
+             "_templated_context_parallel_attention")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: one member added to diffusers' closed enum, one registry entry.
+# ---------------------------------------------------------------------------------------------
+
+
+def _extend_str_enum(enum_cls, name: str, value: str):
+    """Adds ``name = value`` to a (str, Enum) class after its creation; returns the member (idempotent).
+
+    Enum has no public way to do this; the member is built as Enum builds its own (str.__new__ then
+    _name_ / _value_) and entered in the three tables lookups read: _member_map_ (by name,
+    __members__), _value2member_map_ (``Enum(value)``) and _member_names_ (iteration).
+    """
+    existing = enum_cls._value2member_map_.get(value)
+    if existing is not None:
+        return existing
+    member = str.__new__(enum_cls, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    if hasattr(next(iter(enum_cls)), "_sort_order_"):
+        member._sort_order_ = len(enum_cls._member_names_)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(name)
+    type.__setattr__(enum_cls, name, member)  # EnumType.__setattr__ refuses new member names
+    return member
+
+
+def backend_member():
+    """``AttentionBackendName.DIT_FAST`` (after ``register_backend``)."""
+    return _dispatch.AttentionBackendName(BACKEND_NAME)
+
+
+def register_backend():
+    """Registers ``dit_fast_attention`` as diffusers' "dit_fast" backend; safe to call again. Returns the member."""
+    missing = [n for n in _REQUIRED if not hasattr(_dispatch, n)]
+    if missing:
+        raise ImportError(f"diffusers.models.attention_dispatch lacks {missing}: this diffusers is not one the "
+                          "dit_fast backend was written for")
+    member = _extend_str_enum(_dispatch.AttentionBackendName, MEMBER_NAME, BACKEND_NAME)
+    if member.name != MEMBER_NAME or _dispatch.AttentionBackendName(BACKEND_NAME) is not member:
+        raise RuntimeError(f"could not add {MEMBER_NAME} to diffusers' AttentionBackendName")
+    registry = _dispatch._AttentionBackendRegistry
+    if registry._backends.get(member) is not dit_fast_attention:
+        registry.register(member, constraints=[_dispatch._check_device, _dispatch._check_shape],
+                          supports_context_parallel=True)(dit_fast_attention)
+    return member
+
+
+# ---------------------------------------------------------------------------------------------
+# What the kernels can run; everything else goes to diffusers' native attention, warned once.
+# ---------------------------------------------------------------------------------------------
+
+_warned = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(f"dit_fast attention backend: {reason}; such calls run diffusers' native attention "
+                  "(this warning is shown once per reason)", RuntimeWarning, stacklevel=4)
+
+
+def _unsupported(query, key, value, dropout_p, is_causal) -> Optional[str]:
+    """Why the kernels cannot run this call, or None."""
+    if dropout_p:
+        return "dropout_p > 0"
+    if is_causal:
+        return "is_causal=True"
+    if not all(isinstance(t, Tensor) and t.dim() == 4 for t in (query, key, value)):
+        return "q, k, v are not all (B, S, heads, D) tensors"
+    if not query.dtype == key.dtype == value.dtype or query.dtype not in KERNEL_DTYPES:
+        return f"dtypes {query.dtype}, {key.dtype}, {value.dtype} (the kernels take one of fp32, fp16, bf16)"
+    if key.shape[2] != query.shape[2]:
+        return f"grouped-query attention ({query.shape[2]} query heads, {key.shape[2]} key heads)"
+    if key.shape != value.shape or key.shape[0] != query.shape[0] or key.shape[3] != query.shape[3]:
+        return f"shapes q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}"
+    head_dim = query.shape[3]
+    if head_dim % 8 or not 16 <= head_dim <= MAX_HEAD_DIM:
+        return f"head dim {head_dim} (the kernels take multiples of 8 in [16, {MAX_HEAD_DIM}])"
+    if query.shape[1] == 0 or key.shape[1] == 0:
+        return "an empty sequence"
+    return None
+
+
+def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q: int,
+                     seq_k: int) -> Tuple[Optional[Tensor], Optional[str]]:
+    """``attn_mask`` as a (B, Sk) bool key-padding mask (True = attend): (mask, None), or (None, why not).
+
+    The mask is read as SDPA reads it, broadcast to (B, heads, Sq, Sk), except that a (B, Sk) mask
+    is a key-padding mask, as in diffusers' native backend. Costs one host sync when a mask is given.
+    """
+    if attn_mask is None:
+        return None, None
+    m = attn_mask
+    if m.dim() == 2 and tuple(m.shape) == (batch, seq_k):
+        m = m[:, None, None, :]
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.dim() != 4 or m.shape[-1] != seq_k or any(
+            s not in (1, full) for s, full in zip(m.shape[:3], (batch, heads, seq_q))):
+        return None, f"a mask of shape {tuple(attn_mask.shape)} for q ({batch}, {seq_q}, {heads}, D), {seq_k} keys"
+    checks = []
+    if m.dtype == torch.bool:
+        visible = m
+    elif m.is_floating_point():
+        visible = m == 0
+        checks.append(("a float mask with entries other than 0 and <= -9000 (additive biases)",
+                       (visible | (m <= MASKED_AT_OR_BELOW)).all()))
+    else:
+        return None, f"a mask of dtype {m.dtype}"
+    if visible.shape[1] > 1:
+        checks.append(("a per-head mask", (visible == visible[:, :1]).all()))
+    if visible.shape[2] > 1:
+        checks.append(("a per-query mask", (visible == visible[:, :, :1]).all()))
+    kpm = visible[:, 0, 0, :].expand(batch, seq_k)  # (B, Sk)
+    checks.append(("a query with every key masked (the native result there is NaN or a uniform average, "
+                   "dit_fast's zeros)", kpm.any(dim=1).all()))
+    passed = torch.stack([ok for _, ok in checks]).tolist()  # one host sync for every check
+    for (reason, _), ok in zip(checks, passed):
+        if not ok:
+            return None, reason
+    return kpm.contiguous(), None
+
+
+def _native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, parallel_config,
+            reason):
+    _warn_once(reason)
+    if return_lse:
+        raise ValueError(f"dit_fast attention backend: {reason}, and diffusers' native attention, the fallback, "
+                         "has no return_lse")
+    return _dispatch._native_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                       is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                                       _parallel_config=parallel_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend.
+# ---------------------------------------------------------------------------------------------
+
+
+def dit_fast_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                       dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                       enable_gqa: bool = False, return_lse: bool = False, _parallel_config=None):
+    """diffusers' backend signature: q (B, Sq, heads, D), k / v (B, Sk, heads, D) -> out (B, Sq, heads, D).
+
+    With ``return_lse`` also the log-sum-exp (B, Sq, heads) fp32. The dit_fast backend of the call is
+    "auto" (so ``dit_fast.use_backend`` and $DIT_FAST_BACKEND choose it).
+    """
+    reason = _unsupported(query, key, value, dropout_p, is_causal)
+    kpm = None
+    if reason is None:
+        kpm, reason = key_padding_mask(attn_mask, query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+    if reason is not None:
+        return _native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+                       _parallel_config, reason)
+    if _parallel_config is not None and _parallel_config.context_parallel_config is not None:
+        return _context_parallel(query, key, value, kpm, scale, return_lse, _parallel_config)
+    result = attention(query, key, value, scale=scale, key_padding_mask=kpm, return_lse=return_lse)
+    if return_lse:
+        out, lse = result
+        return out, lse.transpose(1, 2)  # (B, Sq, heads): diffusers' layout
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Context parallelism: diffusers' Ulysses / ring templates call these ops (lse in (B, S, heads)).
+# ---------------------------------------------------------------------------------------------
+
+
+def _cp_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """One block: (out (B, Sq, heads, D), lse (B, Sq, heads) fp32); saves what the backward op needs."""
+    from dit_fast.parallel.attention_parts import attention_block_forward
+
+    kpm = None if attn_mask is None else attn_mask.bool()  # (B, Sk): Ulysses gathers it along Sk
+    out, lse = attention_block_forward(query, key, value, key_padding_mask=kpm, scale=scale)
+    lse = lse.transpose(1, 2).contiguous()  # (B, Sq, heads)
+    if _save_ctx:
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.dit_fast_mask = kpm
+        ctx.dit_fast_scale = scale
+    return (out, lse) if return_lse else out
+
+
+def _cp_backward_op(ctx, grad_out, *args, query=None, key=None, value=None, out=None, lse=None, **kwargs):
+    """(dq, dk, dv) of one block; ring attention passes the rotated k / v and the merged out / lse."""
+    from dit_fast.parallel.attention_parts import attention_block_backward
+
+    saved_q, saved_k, saved_v, saved_out, saved_lse = ctx.saved_tensors
+    query = saved_q if query is None else query
+    key = saved_k if key is None else key
+    value = saved_v if value is None else value
+    out = saved_out if out is None else out.to(saved_out.dtype)
+    lse = saved_lse if lse is None else lse
+    return attention_block_backward(query, key, value, out, lse.transpose(1, 2).float(), grad_out.to(query.dtype),
+                                    key_padding_mask=ctx.dit_fast_mask, scale=ctx.dit_fast_scale)
+
+
+def _context_parallel(query, key, value, kpm, scale, return_lse, parallel_config):
+    cp = parallel_config.context_parallel_config
+    if kpm is not None and cp.ring_degree > 1:
+        if cp.ulysses_degree > 1:
+            raise NotImplementedError("dit_fast attention backend: a key-padding mask under ring and Ulysses degrees "
+                                      "both > 1; use one of them for this model")
+        return _gathered_keys_attention(query, key, value, kpm, scale, return_lse, cp._ring_mesh.get_group())
+    mask = None if kpm is None else kpm.to(torch.uint8)  # gloo gathers no bool tensors
+    result = _dispatch._templated_context_parallel_attention(
+        query, key, value, mask, 0.0, False, scale, False, return_lse, forward_op=_cp_forward_op,
+        backward_op=_cp_backward_op, _parallel_config=parallel_config)
+    return result
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gathers (B, S_local, ...) along S over ``group``; the backward sums the gradients of all ranks
+    and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        ctx.rank, ctx.world = dist.get_rank(group), dist.get_world_size(group)
+        ctx.local = x.shape[1]
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[:, ctx.rank * ctx.local:(ctx.rank + 1) * ctx.local], None
+
+
+def _gathered_keys_attention(query, key, value, kpm, scale, return_lse, group):
+    """Ring degree > 1 with a key-padding mask: every rank attends to all keys (gathered once)."""
+    key = _GatherSequence.apply(key, group)  # (B, Sk, heads, D)
+    value = _GatherSequence.apply(value, group)
+    kpm = _GatherSequence.apply(kpm.to(torch.uint8), group).bool()  # (B, Sk)
+    result = attention(query, key, value, scale=scale, key_padding_mask=kpm, return_lse=return_lse)
+    if return_lse:
+        out, lse = result
+        return out, lse.transpose(1, 2)
+    return result
+
+
+__all__ = ["BACKEND_NAME", "backend_member", "dit_fast_attention", "key_padding_mask", "register_backend"]

@@ -1,0 +1,67 @@
+"""Mochi (``MochiTransformer3DModel``): processors.
+
+Attention (MochiAttnProcessor2_0, which loops over the batch and calls SDPA on each sample's valid
+text tokens): per-head RMSNorm (norm_q / norm_k / norm_added_*), Mochi's RoPE with the model's tables
+(learned per-head frequencies mixing the three axes: not apply_rope_3d's convention), then one
+batched joint attention over [video; text] with the text padding as a key-padding mask on dit_fast's
+kernels. Padded text queries get zeros, as in Mochi when the valid tokens come first (tokenizer
+padding); a mask with holes is run by Mochi's own processor (warned once).
+Blocks: Mochi's adaLN is RMSNorm-based (MochiRMSNormZero, MochiModulatedRMSNorm with tanh gates),
+which the LayerNorm adaLN ops do not compute: the blocks stay diffusers' own.
+"""
+
+import warnings
+
+import torch
+from diffusers.models.attention_processor import MochiAttention, MochiAttnProcessor2_0
+
+from dit_fast.integrations.diffusers import _processor as P
+
+_warned = []
+
+
+class MochiProcessor(P.DitFastProcessor):
+    """MochiAttnProcessor2_0 as one batched attention on dit_fast's kernels."""
+
+    def __call__(self, attn: MochiAttention, hidden_states, encoder_hidden_states, attention_mask,
+                 image_rotary_emb=None):
+        text_mask = attention_mask.bool()  # (B, L), True = a prompt token
+        n_valid = text_mask.sum(dim=1, keepdim=True)  # (B, 1)
+        is_prefix = (text_mask == (torch.arange(text_mask.shape[1], device=text_mask.device) < n_valid)).all()
+        if not bool(is_prefix):  # Mochi packs the valid tokens first: its output layout differs from ours
+            if not _warned:
+                _warned.append(True)
+                warnings.warn("dit_fast Mochi processor: a text mask whose prompt tokens are not a prefix runs "
+                              "Mochi's own processor (warned once)", RuntimeWarning, stacklevel=2)
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))  # (B, N, heads, D)
+        key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)))
+        encoder_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)))
+        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if image_rotary_emb is not None:
+            cos, sin = image_rotary_emb  # (N, heads, D / 2) per pair
+            query, key = P.rotate_pairs(query, cos, sin), P.rotate_pairs(key, cos, sin)
+
+        n_video = query.shape[1]
+        query = torch.cat([query, encoder_query], dim=1)  # (B, N + L, heads, D)
+        key = torch.cat([key, encoder_key], dim=1)
+        value = torch.cat([value, encoder_value], dim=1)
+        video_keys = torch.ones(text_mask.shape[0], n_video, dtype=torch.bool, device=text_mask.device)
+        key_mask = torch.cat([video_keys, text_mask], dim=1)  # (B, N + L)
+        hidden_states = self.attend(query, key, value, key_mask[:, None, None, :])
+        hidden_states = hidden_states * key_mask[:, :, None, None].to(hidden_states.dtype)  # padded queries: 0
+        hidden_states, encoder_hidden_states = hidden_states.flatten(2, 3).split_with_sizes(
+            (n_video, hidden_states.shape[1] - n_video), dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if hasattr(attn, "to_add_out"):
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+def patch(model, backend: str = "auto"):
+    attention = [m for m in model.modules() if type(getattr(m, "processor", None)) is MochiAttnProcessor2_0]
+    processors = P.set_processors(attention, lambda attn: MochiProcessor(attn.processor, backend))
+    return P.finish(model, {"processors": processors, "blocks": 0})
