@@ -22,6 +22,7 @@ import warnings
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from dit_fast import _backend
 from dit_fast.integrations import DIFFUSERS_MODELS, diffusers_model_name
 
 TESTED_DIFFUSERS = ">=0.42.1,<0.43"  # keep equal to pyproject's `diffusers` extra (a test checks)
@@ -62,6 +63,7 @@ SUPPORTED_MODELS = tuple(DIFFUSERS_MODELS)
 
 def patch(model, backend: str = "auto"):
     """Patches a supported diffusers video transformer in place (what ``dit_fast.patch`` calls); returns it."""
+    _backend._check_name(backend, "backend")
     name = diffusers_model_name(model)
     if name is None:
         raise ValueError(f"dit_fast.patch does not know the diffusers model {type(model).__name__}; supported: "

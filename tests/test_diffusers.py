@@ -1,0 +1,512 @@
+"""dit_fast in diffusers: the "dit_fast" attention backend and dit_fast.patch on diffusers' video DiTs.
+
+Tiny models from configs (3 heads, head dim 24 or 48, a 3 x 3 x 5 token grid, padded text), every
+parameter perturbed so that no zero-initialised gate hides a branch. The patched model (and a model
+on set_attention_backend("dit_fast")) must equal diffusers' own output: on dit_fast's torch path to
+fp32 rounding (relative error <= 1e-5), on the Triton kernels (CPU interpreter here) within the
+tolerance rule of tests/utils.py against a float64 run of diffusers' model. Triton cases are few and
+one block deep: the interpreter is slow.
+"""
+
+import copy
+import importlib
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="diffusers is a test extra (pip install -e '.[test]')")
+
+import dit_fast  # noqa: E402
+import dit_fast.integrations.diffusers as dd  # noqa: E402
+from dit_fast.integrations.diffusers import backend as dd_backend  # noqa: E402
+from dit_fast.models import DiT_models  # noqa: E402
+from tests.utils import REPO_ROOT, assert_close_to_reference  # noqa: E402
+
+import diffusers  # noqa: E402
+from diffusers.models import attention_dispatch  # noqa: E402
+from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+KERNEL_DEVICE = "cuda" if HAS_GPU else "cpu"
+B, TEXT = 2, 7
+VIDEO = (3, 6, 10)  # (F, H, W) latents; 2 x 2 spatial patches -> a 3 x 3 x 5 grid, 45 tokens (partial tiles)
+GRID_TOKENS = 45
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models and inputs (also used by tests/test_diffusers_parallel.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def perturb_(model, seed=0, std=0.1):
+    """Adds noise to every parameter: zero-initialised gates, tables and norms all become non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model.eval()
+
+
+def text_mask(dtype=torch.bool):
+    mask = torch.ones(B, TEXT, dtype=dtype)
+    mask[1, 4:] = 0  # the second prompt is padded
+    return mask
+
+
+def build(name, layers=2, seed=0):
+    """(model, inputs(dtype, generator) -> forward kwargs) for one tiny model of a supported family."""
+    from diffusers import (CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel,
+                           MochiTransformer3DModel, WanTransformer3DModel)
+
+    def video(g, dtype):
+        return torch.randn(B, 4, *VIDEO, generator=g).to(dtype)
+
+    def text(g, dtype, dim=16, length=TEXT):
+        return torch.randn(B, length, dim, generator=g).to(dtype)
+
+    t = torch.tensor([10.0, 700.0])
+    if name.startswith("wan"):
+        extra = dict(image_dim=12, added_kv_proj_dim=72) if name == "wan_i2v" else {}
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=24,
+                                      in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=40,
+                                      num_layers=layers, rope_max_seq_len=32, **extra)
+
+        def inputs(dtype, g):
+            kw = dict(hidden_states=video(g, dtype), encoder_hidden_states=text(g, dtype), timestep=t)
+            if name == "wan_per_token":  # Wan 2.2 TI2V: one timestep per token
+                kw["timestep"] = torch.randint(0, 1000, (B, GRID_TOKENS), generator=g).float()
+            if name == "wan_i2v":  # 512 text tokens (hard-coded in Wan's processor) after 5 image tokens
+                kw["encoder_hidden_states"] = text(g, dtype, length=512)
+                kw["encoder_hidden_states_image"] = text(g, dtype, dim=12, length=5)
+            return kw
+    elif name.startswith("hunyuan_video"):
+        extra = dict(image_condition_type="token_replace") if name == "hunyuan_video_i2v" else {}
+        model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=3,
+                                               attention_head_dim=24, num_layers=layers // 2 or 1,
+                                               num_single_layers=layers // 2 or 1, num_refiner_layers=1,
+                                               mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=16,
+                                               pooled_projection_dim=8, rope_axes_dim=(8, 8, 8), **extra)
+
+        def inputs(dtype, g):
+            return dict(hidden_states=video(g, dtype), timestep=t, encoder_hidden_states=text(g, dtype),
+                        encoder_attention_mask=text_mask(torch.long),
+                        pooled_projections=torch.randn(B, 8, generator=g).to(dtype),
+                        guidance=torch.tensor([3000.0, 4500.0]))
+    elif name == "ltx":
+        model = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=3, attention_head_dim=24,
+                                           cross_attention_dim=72, num_layers=layers, caption_channels=16)
+
+        def inputs(dtype, g):
+            return dict(hidden_states=torch.randn(B, GRID_TOKENS, 4, generator=g).to(dtype),
+                        encoder_hidden_states=text(g, dtype), timestep=t, encoder_attention_mask=text_mask(torch.long),
+                        num_frames=3, height=3, width=5)
+    elif name == "cogvideox":
+        model = CogVideoXTransformer3DModel(num_attention_heads=3, attention_head_dim=48, in_channels=4,
+                                            out_channels=4, time_embed_dim=16, text_embed_dim=16, num_layers=layers,
+                                            sample_width=10, sample_height=6, sample_frames=9, patch_size=2,
+                                            max_text_seq_length=TEXT, use_rotary_positional_embeddings=True)
+        cos, sin = get_3d_rotary_pos_embed(48, crops_coords=((0, 0), (3, 5)), grid_size=(3, 5), temporal_size=3)
+
+        def inputs(dtype, g):
+            return dict(hidden_states=torch.randn(B, 3, 4, 6, 10, generator=g).to(dtype),
+                        encoder_hidden_states=text(g, dtype), timestep=t,
+                        image_rotary_emb=(cos.to(dtype), sin.to(dtype)))
+    elif name == "mochi":
+        model = MochiTransformer3DModel(patch_size=2, num_attention_heads=3, attention_head_dim=24, num_layers=layers,
+                                        pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=8,
+                                        max_sequence_length=TEXT)
+
+        def inputs(dtype, g):
+            return dict(hidden_states=video(g, dtype), encoder_hidden_states=text(g, dtype), timestep=t,
+                        encoder_attention_mask=text_mask(torch.long))
+    else:
+        raise ValueError(name)
+    return perturb_(model, seed), inputs
+
+
+MODELS = ("wan", "wan_per_token", "wan_i2v", "hunyuan_video", "hunyuan_video_i2v", "ltx", "cogvideox", "mochi")
+
+
+def run(model, kwargs, device="cpu"):
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else tuple(x.to(device) for x in v) if isinstance(v, tuple) else v
+              for k, v in kwargs.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="In CPU autocast")  # Mochi's RoPE asks CPU autocast for fp32
+        return model.to(device)(**kwargs, return_dict=False)[0]
+
+
+def rel_err(actual, expected):
+    return ((actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max()
+            / expected.detach().double().abs().max().clamp_min(1e-30)).item()
+
+
+def patched_copy(model, backend="auto"):
+    other = copy.deepcopy(model)
+    assert dit_fast.patch(other, backend=backend) is other
+    return other
+
+
+class Calls:
+    """Counts the dit_fast ops the integration reaches (a test that passed through diffusers' own code would
+    see none)."""
+
+    def __init__(self, monkeypatch):
+        from dit_fast import ops
+        self.counts = {}
+        for module, name in ((ops, "apply_rope_3d"), (ops, "layernorm_modulate"), (ops, "gated_residual"),
+                             (ops, "residual_layernorm_modulate"), (dd_backend, "attention")):
+            monkeypatch.setattr(module, name, self._counting(name, getattr(module, name)))
+
+    def _counting(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+
+# which fused ops each patched family must reach in a forward
+EXPECTED_OPS = {
+    "wan": {"apply_rope_3d", "layernorm_modulate", "gated_residual", "residual_layernorm_modulate", "attention"},
+    "hunyuan_video": {"apply_rope_3d", "layernorm_modulate", "gated_residual", "residual_layernorm_modulate",
+                      "attention"},
+    "hunyuan_video_i2v": {"apply_rope_3d", "attention"},
+    "ltx": {"gated_residual", "attention"},
+    "cogvideox": {"layernorm_modulate", "gated_residual", "attention"},
+    "mochi": {"attention"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_active_backend():
+    """set_attention_backend also sets diffusers' process-wide active backend: put it back after each test."""
+    registry = attention_dispatch._AttentionBackendRegistry
+    active = registry._active_backend
+    yield
+    registry.set_active_backend(active)
+
+
+# ---------------------------------------------------------------------------------------------
+# dit_fast.patch: equal to diffusers' own model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_patched_model_equals_diffusers_torch_path(name, monkeypatch):
+    model, inputs = build(name)
+    kwargs = inputs(torch.float32, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = run(model, kwargs)
+        patched = patched_copy(model)
+        calls = Calls(monkeypatch)
+        with dit_fast.use_backend("torch"), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback to diffusers' attention
+            actual = run(patched, kwargs)
+    assert rel_err(actual, expected) <= 1e-5
+    family = name if name in EXPECTED_OPS else name.split("_per_token")[0].split("_i2v")[0]
+    assert EXPECTED_OPS[family] <= set(calls.counts), calls.counts
+    assert set(patched.state_dict()) == set(model.state_dict())
+
+
+def _loss_weights(out, seed=5):
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+
+
+def _grads(model, kwargs, device="cpu", dtype=torch.float32):
+    model = model.to(device).train()
+    model.zero_grad()
+    x = kwargs["hidden_states"].to(device).requires_grad_(True)
+    out = run(model, {**kwargs, "hidden_states": x}, device)
+    (out.to(torch.float64) * _loss_weights(out).double()).sum().backward()
+    grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach().cpu(), x.grad.detach().cpu(), grads
+
+
+@pytest.mark.parametrize("name", ["wan", "wan_per_token", "hunyuan_video"])
+def test_patched_backward_equals_diffusers_torch_path(name):
+    model, inputs = build(name)
+    kwargs = inputs(torch.float32, torch.Generator().manual_seed(2))
+    out_ref, dx_ref, grads_ref = _grads(model, kwargs)
+    with dit_fast.use_backend("torch"):
+        out, dx, grads = _grads(patched_copy(model), kwargs)
+    assert rel_err(out, out_ref) <= 1e-5
+    assert rel_err(dx, dx_ref) <= 1e-5
+    assert grads.keys() == grads_ref.keys()
+    for key, ref in grads_ref.items():
+        assert rel_err(grads[key], ref) <= 1e-5, key
+    # the perturbed gates let every block's attention receive a gradient
+    attn_grads = [k for k in grads if k.endswith("to_q.weight")]
+    assert attn_grads and all(grads[k].abs().max() > 0 for k in attn_grads)
+
+
+def _fp64_reference(model, kwargs):
+    """diffusers' model in float64 (the oracle) and in float32 (PyTorch's own error)."""
+    as64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+            for k, v in kwargs.items()}
+    if "image_rotary_emb" in kwargs:
+        as64["image_rotary_emb"] = tuple(x.double() for x in kwargs["image_rotary_emb"])
+    return copy.deepcopy(model).double(), as64
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan_video", "ltx", "cogvideox", "mochi"])
+def test_patched_model_on_triton_kernels(name):
+    """The Triton kernels (interpreter on CPU) within the tolerance rule; the backward too for Wan and
+    HunyuanVideo."""
+    model, inputs = build(name, layers=1 if name != "hunyuan_video" else 2)
+    kwargs = inputs(torch.float32, torch.Generator().manual_seed(3))
+    model64, kwargs64 = _fp64_reference(model, kwargs)
+    backward = name in ("wan", "hunyuan_video")
+    if not backward:
+        with torch.no_grad():
+            ref64, ref32 = run(model64, kwargs64), run(model, kwargs)
+            with dit_fast.use_backend("triton"):
+                out = run(patched_copy(model), kwargs, KERNEL_DEVICE).cpu()
+        assert_close_to_reference(name, out, ref64, ref32)
+        return
+    ref64, dx64, grads64 = _grads(model64, kwargs64, dtype=torch.float64)
+    ref32, dx32, grads32 = _grads(model, kwargs)
+    with dit_fast.use_backend("triton"):
+        out, dx, grads = _grads(patched_copy(model), kwargs, KERNEL_DEVICE)
+    assert_close_to_reference(name, out, ref64, ref32)
+    assert_close_to_reference(f"{name} d(input)", dx, dx64, dx32)
+    for key in grads64:
+        assert_close_to_reference(f"{name} d({key})", grads[key], grads64[key], grads32[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# set_attention_backend("dit_fast") / attention_backend("dit_fast")
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan_video", "ltx"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_set_attention_backend(name, backend, monkeypatch):
+    model, inputs = build(name, layers=2 if backend == "torch" else 1)
+    kwargs = inputs(torch.float32, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = run(model, kwargs)
+        if backend == "triton":
+            model64, kwargs64 = _fp64_reference(model, kwargs)
+            expected64 = run(model64, kwargs64)
+        ours = copy.deepcopy(model)
+        ours.set_attention_backend("dit_fast")
+        calls = Calls(monkeypatch)
+        with dit_fast.use_backend(backend), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # LTX's -10000 text mask runs on our kernels
+            actual = run(ours, kwargs, "cpu" if backend == "torch" else KERNEL_DEVICE).cpu()
+    assert calls.counts.get("attention", 0) > 0
+    if backend == "torch":
+        assert rel_err(actual, expected) <= 1e-5
+    else:
+        assert_close_to_reference(name, actual, expected64, expected)
+
+
+def test_attention_backend_context_routes_to_dit_fast(monkeypatch):
+    calls = Calls(monkeypatch)
+    q, k, v = (torch.randn(2, 9, 3, 16) for _ in range(3))
+    with attention_dispatch.attention_backend("dit_fast"):
+        out = attention_dispatch.dispatch_attention_fn(q, k, v)
+    assert calls.counts == {"attention": 1}
+    expected = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    assert rel_err(out, expected.transpose(1, 2)) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend function: masks, return_lse, fallbacks
+# ---------------------------------------------------------------------------------------------
+
+
+def _qkv(heads=3, sq=37, sk=19, d=24, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, sq, heads, d, generator=g).to(dtype), torch.randn(2, sk, heads, d, generator=g).to(dtype),
+            torch.randn(2, sk, heads, d, generator=g).to(dtype))
+
+
+def _sdpa(q, k, v, mask=None, **kw):
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                                           **kw)
+    return out.transpose(1, 2)
+
+
+def _padding(sk=19):
+    keep = torch.ones(2, sk, dtype=torch.bool)
+    keep[1, 11:] = False
+    return keep
+
+
+MASKS = {
+    "bool (B, 1, 1, Sk)": lambda: _padding()[:, None, None, :],
+    "bool (B, Sk)": lambda: _padding(),
+    "LTX additive (B, heads, 1, Sk)": lambda: ((1 - _padding().float()) * -10000.0)[:, None, None, :].repeat(1, 3, 1, 1),
+    "bf16-rounded -9984": lambda: ((1 - _padding().float()) * -9984.0)[:, None, None, :],
+    "bool broadcast over batch (1, 1, Sq, Sk)": lambda: _padding()[1][None, None, None, :].expand(1, 1, 37, 19),
+}
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backend_key_padding_masks_run_on_dit_fast(mask, backend, monkeypatch):
+    q, k, v = (t.to(KERNEL_DEVICE if backend == "triton" else "cpu") for t in _qkv())
+    m = MASKS[mask]().to(q.device)
+    calls = Calls(monkeypatch)
+    with dit_fast.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = dd.dit_fast_attention(q, k, v, attn_mask=m)
+    assert calls.counts == {"attention": 1}
+    native_mask = m[:, None, None, :] if m.dim() == 2 else m
+    assert rel_err(out, _sdpa(q, k, v, native_mask)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backend_return_lse_in_diffusers_layout(backend):
+    q, k, v = (t.to(KERNEL_DEVICE if backend == "triton" else "cpu") for t in _qkv(sq=21, sk=40))
+    mask = _padding(40)[:, None, None, :].to(q.device)
+    with dit_fast.use_backend(backend):
+        out, lse = dd.dit_fast_attention(q, k, v, attn_mask=mask, scale=0.3, return_lse=True)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 0.3
+    expected = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1).transpose(1, 2)  # (B, Sq, heads)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 21, 3)
+    assert rel_err(lse, expected) <= 1e-5
+    assert rel_err(out, _sdpa(q, k, v, mask, scale=0.3)) <= 1e-5
+
+
+FALLBACKS = {  # reason (in the warning) -> call
+    "dropout_p": lambda q, k, v: dict(dropout_p=0.5),
+    "is_causal": lambda q, k, v: dict(is_causal=True),
+    "additive biases": lambda q, k, v: dict(attn_mask=torch.randn(2, 1, q.shape[1], k.shape[1])),
+    "per-head mask": lambda q, k, v: dict(attn_mask=torch.rand(2, 3, 1, k.shape[1]) > 0.3),
+    "per-query mask": lambda q, k, v: dict(attn_mask=torch.rand(2, 1, q.shape[1], k.shape[1]) > 0.3),
+    "every key masked": lambda q, k, v: dict(attn_mask=torch.zeros(2, 1, 1, k.shape[1], dtype=torch.bool)),
+}
+
+
+@pytest.mark.parametrize("reason", list(FALLBACKS))
+def test_backend_falls_back_with_one_warning(reason, monkeypatch):
+    q, k, v = _qkv()
+    kwargs = FALLBACKS[reason](q, k, v)
+    calls = Calls(monkeypatch)
+    monkeypatch.setattr(dd_backend, "_warned", set())
+    for attempt in range(2):
+        torch.manual_seed(7)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = dd.dit_fast_attention(q, k, v, **kwargs)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if attempt == 0:
+            assert len(messages) == 1 and reason in messages[0], messages
+        else:
+            assert messages == []  # once per reason
+    assert calls.counts == {}  # never our kernels
+    torch.manual_seed(7)
+    expected = _sdpa(q, k, v, kwargs.get("attn_mask"), dropout_p=kwargs.get("dropout_p", 0.0),
+                     is_causal=kwargs.get("is_causal", False))
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
+
+
+def test_backend_falls_back_for_gqa_head_dim_and_float64(monkeypatch):
+    calls = Calls(monkeypatch)
+    monkeypatch.setattr(dd_backend, "_warned", set())
+    q, _, _ = _qkv(heads=4)
+    _, k, v = _qkv(heads=2)
+    with pytest.warns(RuntimeWarning, match="grouped-query"):
+        out = dd.dit_fast_attention(q, k, v, enable_gqa=True)
+    assert rel_err(out, _sdpa(q, k, v, enable_gqa=True)) <= 1e-6
+    q, k, v = _qkv(d=20)
+    with pytest.warns(RuntimeWarning, match="head dim 20"):
+        dd.dit_fast_attention(q, k, v)
+    q, k, v = _qkv(dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        dd.dit_fast_attention(q, k, v)
+    with pytest.raises(ValueError, match="return_lse"):
+        dd.dit_fast_attention(q, k, v, return_lse=True)
+    assert calls.counts == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration, versions, bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_backend_registration_is_idempotent():
+    names = attention_dispatch.AttentionBackendName
+    before = len(names)
+    member = dd.register_backend()
+    assert dd.register_backend() is member and len(names) == before
+    assert member is names("dit_fast") is names.DIT_FAST is names["DIT_FAST"]
+    assert member in names and "dit_fast" in {m.value for m in names.__members__.values()}
+    registry = attention_dispatch._AttentionBackendRegistry
+    assert registry._backends[member] is dd.dit_fast_attention
+    assert registry._is_context_parallel_available(member)
+
+
+def test_tested_range_matches_pyproject():
+    text = (REPO_ROOT / "pyproject.toml").read_text()
+    assert text.count(f'"diffusers{dd.TESTED_DIFFUSERS}"') == 2  # the test extra and the diffusers extra
+    assert diffusers.__version__ and dd.check_diffusers_version(diffusers.__version__) is None
+
+
+@pytest.mark.parametrize("version", ["0.41.0", "0.43.0", "0.43.0.dev0", "1.0", "not-a-version"])
+def test_diffusers_outside_tested_range_is_a_clear_error(version, monkeypatch):
+    monkeypatch.delenv(dd.ALLOW_ENV, raising=False)
+    with pytest.raises(ImportError, match=r"diffusers>=0\.42\.1,<0\.43"):
+        dd.check_diffusers_version(version)
+    monkeypatch.setenv(dd.ALLOW_ENV, "1")
+    with pytest.warns(RuntimeWarning, match="untested"):
+        dd.check_diffusers_version(version)
+
+
+def _forget_integration(monkeypatch):
+    """Makes the next import of dit_fast.integrations.diffusers run its module code again."""
+    for name in [n for n in sys.modules if n.startswith("dit_fast.integrations.diffusers")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(sys.modules["dit_fast.integrations"], "diffusers", raising=False)
+
+
+def test_import_checks_the_installed_version(monkeypatch):
+    monkeypatch.delenv(dd.ALLOW_ENV, raising=False)
+    monkeypatch.setattr(diffusers, "__version__", "0.40.0")
+    _forget_integration(monkeypatch)
+    with pytest.raises(ImportError, match="0.40.0 is installed"):
+        importlib.import_module("dit_fast.integrations.diffusers")
+
+
+def test_diffusers_missing_is_a_clear_error(monkeypatch):
+    _forget_integration(monkeypatch)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'dit_fast\[diffusers\]'"):
+        importlib.import_module("dit_fast.integrations.diffusers")
+    fake = type("WanTransformer3DModel", (torch.nn.Module,), {"__module__": "diffusers.models.fake"})()
+    with pytest.raises(ImportError, match="needs diffusers"):
+        dit_fast.patch(fake)
+
+
+def test_import_dit_fast_never_imports_diffusers():
+    code = ("import sys, torch, dit_fast\n"
+            "from tests import reference_dit as R\n"
+            "dit_fast.patch(R.DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, "
+            "num_classes=3))\n"
+            "assert 'diffusers' not in sys.modules, 'diffusers was imported'\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_patch_rejects_unknown_models_and_second_patches():
+    from diffusers.models.attention_processor import Attention
+
+    with pytest.raises(ValueError, match="WanTransformer3DModel, HunyuanVideoTransformer3DModel"):
+        dit_fast.patch(Attention(query_dim=16))  # a diffusers module, not a supported transformer
+    with pytest.raises(ValueError, match="no DiT block.*diffusers' WanTransformer3DModel"):
+        dit_fast.patch(torch.nn.Linear(2, 2))
+    model, _ = build("wan", layers=1)
+    dit_fast.patch(model)
+    with pytest.raises(ValueError, match="already patched"):
+        dit_fast.patch(model)
+    with pytest.raises(ValueError, match="DiTVideo is dit_fast's own model"):
+        dit_fast.patch(DiT_models["DiT-tiny"](input_size=(2, 4, 4)))
+    with pytest.raises(ValueError, match="unknown backend"):
+        dit_fast.patch(build("ltx", layers=1)[0], backend="fast")
