@@ -10,7 +10,9 @@ as long as you ask it to be.
 
 A clip is a black background and one object (or two, with ``two_object_prob``): one of
 ``COLORS`` x ``SHAPES``, moving by one of ``MOTIONS``. Captions read "a <color> <shape> <motion>",
-"<motion>" being "moving left/right/up/down" or "bouncing", and two objects are joined by "and".
+"<motion>" being "moving left/right/up/down" or "bouncing", and two objects are joined by "and"
+(only in datasets with ``two_object_prob`` > 0: the bundled model was trained on one object per clip,
+so its prompts have one; ``describe_prompts`` says so for ``dit-fast vocab``).
 ``HELD_OUT`` is a fixed set of (color, shape, motion) combinations that the "train" split never
 shows; the "heldout" split draws only those, to measure whether a model composes words it has
 learned separately (benchmarks/eval_prompt_following.py).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -69,39 +72,73 @@ def caption_for(objects: Sequence[Combo]) -> str:
     return " and ".join(f"a {c} {s} {motion_phrase(m)}" for c, s, m in objects)
 
 
-def parse_caption(caption: str) -> List[Combo]:
+GRAMMAR = "a <color> <shape> <motion>"
+
+
+def describe_prompts(two_objects: bool = False) -> str:
+    """What a prompt may say, one fact per line: the grammar, each slot's words, an example, and
+    whether two objects joined by "and" are understood (only by a model trained with two-object clips)."""
+    lines = [f"prompts read: {GRAMMAR}",
+             f"  <color>:  {' '.join(COLORS)}",
+             f"  <shape>:  {' '.join(SHAPES)}",
+             f"  <motion>: {', '.join(motion_phrase(m) for m in MOTIONS)}",
+             f"e.g. {caption_for([('red', 'circle', 'right')])!r}"]
+    if two_objects:
+        lines.append(f"two objects: {GRAMMAR} and {GRAMMAR}, e.g. "
+                     f"{caption_for([('red', 'circle', 'right'), ('blue', 'square', 'bouncing')])!r}")
+    else:
+        lines.append("one object per prompt: this model was trained without two-object clips, so 'and' is not "
+                     "understood")
+    return "\n".join(lines)
+
+
+def prompt_words(caption: str) -> List[str]:
+    """Lower-case words, punctuation dropped: the same split as ``dit_fast.models.text.Tokenizer``."""
+    return re.findall(r"[a-z0-9']+", caption.lower())
+
+
+def parse_caption(caption: str, max_objects: Optional[int] = None) -> List[Combo]:
     """The inverse of ``caption_for``; raises ValueError naming the word that does not fit.
 
-    An unknown word gets a message that lists the vocabulary.
+    An unknown word gets a message that lists what each slot of the grammar takes. ``max_objects``:
+    refuse captions with more objects (a model trained on one object per clip cannot draw two).
     """
-    words = caption.lower().split()
+    if not isinstance(caption, str):
+        raise TypeError(f"caption must be a str, got {type(caption).__name__}")
+    words = prompt_words(caption)
+    slots = (f"<color> is one of {', '.join(COLORS)}; <shape> one of {', '.join(SHAPES)}; <motion> one of "
+             f"{', '.join(motion_phrase(m) for m in MOTIONS)}")
     unknown = [w for w in words if w not in VOCABULARY]
     if unknown:
-        raise ValueError(
-            f"unknown word(s) {unknown} in prompt {caption!r}; the vocabulary is: {' '.join(VOCABULARY)} "
-            f"(prompts read like {caption_for([('red', 'circle', 'right')])!r})"
-        )
+        raise ValueError(f"unknown word(s) {unknown} in {caption!r}: prompts read {GRAMMAR!r}, where {slots} "
+                         f"(the vocabulary: {' '.join(VOCABULARY)})")
     objects: List[Combo] = []
     i = 0
     while i < len(words):
         if objects:
             if words[i] != "and":
-                raise ValueError(f"expected 'and' at word {i} of {caption!r}, got {words[i]!r}")
+                raise ValueError(f"expected 'and' or the end at word {i + 1} ({words[i]!r}) of {caption!r}: "
+                                 f"prompts read {GRAMMAR!r}")
             i += 1
         head = words[i : i + 3]
         if len(head) < 3 or head[0] != "a" or head[1] not in COLORS or head[2] not in SHAPES:
-            raise ValueError(f"expected 'a <color> <shape>' at word {i} of {caption!r}; colors: "
-                             f"{list(COLORS)}, shapes: {list(SHAPES)}")
+            raise ValueError(f"expected 'a <color> <shape>' at word {i + 1} of {caption!r}: prompts read "
+                             f"{GRAMMAR!r}, where {slots}")
         i += 3
         if i < len(words) and words[i] == "bouncing":
             motion, i = "bouncing", i + 1
         elif i + 1 < len(words) and words[i] == "moving" and words[i + 1] in DIRECTIONS:
             motion, i = words[i + 1], i + 2
         else:
-            raise ValueError(f"expected 'moving left|right|up|down' or 'bouncing' at word {i} of {caption!r}")
+            raise ValueError(f"expected <motion> (moving left|right|up|down, or bouncing) at word {i + 1} of "
+                             f"{caption!r}: prompts read {GRAMMAR!r}")
         objects.append((head[1], head[2], motion))
     if not objects:
-        raise ValueError("empty prompt")
+        raise ValueError(f"empty prompt {caption!r}: prompts read {GRAMMAR!r}, e.g. "
+                         f"{caption_for([('red', 'circle', 'right')])!r}")
+    if max_objects is not None and len(objects) > max_objects:
+        raise ValueError(f"{caption!r} asks for {len(objects)} objects; this model draws at most {max_objects} "
+                         f"(it was trained without two-object clips): prompts read {GRAMMAR!r}")
     return objects
 
 

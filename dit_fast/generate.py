@@ -76,6 +76,15 @@ def load_model(checkpoint: Optional[str] = None, device: Union[str, torch.device
     return model.to(device).eval(), cfg
 
 
+def read_config(checkpoint: Optional[str] = None) -> TrainConfig:
+    """The training config of a checkpoint (as ``load_model`` takes it), without building the model."""
+    _, meta = read_weights(BUNDLED if checkpoint is None else checkpoint)
+    if "config" not in meta:
+        raise ValueError(f"{checkpoint} has no 'config' in its safetensors metadata: not a dit_fast text-to-video "
+                         f"checkpoint")
+    return TrainConfig.from_dict(json.loads(meta["config"]))
+
+
 def export_model(run_dir: str, dest: str, extra: Optional[dict] = None) -> dict:
     """Write a run's EMA weights as a standalone model file ``dest`` (.safetensors) and ``dest``.json.
 

@@ -119,21 +119,117 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self, world_size: int = 1) -> None:
-        if self.prediction not in ("velocity", "x0"):
-            raise ValueError(f"prediction must be 'velocity' or 'x0', got {self.prediction!r}")
-        if self.optimizer not in ("adamw", "galore"):
-            raise ValueError(f"optimizer must be 'adamw' or 'galore', got {self.optimizer!r}")
-        if self.timestep_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', got {self.timestep_sampling!r}")
-        if self.batch_size % (world_size * self.grad_accum):
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by world_size * grad_accum "
-                             f"= {world_size} * {self.grad_accum}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        pt, ph, pw = self.patch
+        """ConfigError (a ValueError naming the field) for the first setting that cannot run.
+
+        Checks every field's type and range, then the ones that depend on each other (the patch
+        divides the clip, the heads divide the width, the batch splits over ranks and micro-batches).
+        Whether the device, the backend and the checkpoints exist is checked where they are used
+        (resolve_device, check_backend, Trainer).
+        """
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise ConfigError("out_dir", f"expected a directory path, got {self.out_dir!r}")
+        _check_out_dir(self.out_dir)
+        _check_int("num_frames", self.num_frames, 2, "motion needs two frames")
+        _check_int("size", self.size, 16, "the shapes need 16 pixels")
+        _check_float("two_object_prob", self.two_object_prob, 0.0, 1.0)
+        _check_int("data_seed", self.data_seed, 0)
+        patch = tuple(self.patch) if isinstance(self.patch, (tuple, list)) else ()
+        if len(patch) != 3 or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in patch):
+            raise ConfigError("patch", f"expected three positive ints (PT, PH, PW), got {self.patch!r}")
+        pt, ph, pw = patch
         if self.num_frames % pt or self.size % ph or self.size % pw:
-            raise ValueError(f"patch {self.patch} must divide (frames, size, size) = "
-                             f"({self.num_frames}, {self.size}, {self.size})")
+            raise ConfigError("patch", f"patch {patch} must divide (frames, size, size) = "
+                                       f"({self.num_frames}, {self.size}, {self.size})")
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("depth", self.depth, 1)
+        _check_int("num_heads", self.num_heads, 1)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("num_heads", f"num_heads {self.num_heads} must divide hidden_size {self.hidden_size}")
+        _check_float("mlp_ratio", self.mlp_ratio, 0.0, None, low_open=True)
+        _check_int("text_dim", self.text_dim, 4)
+        if self.text_dim % TEXT_HEADS:
+            raise ConfigError("text_dim", f"must be a multiple of the text encoder's {TEXT_HEADS} heads, "
+                                          f"got {self.text_dim}")
+        _check_float("text_dropout", self.text_dropout, 0.0, 1.0)
+        _check_choice("backend", self.backend, BACKEND_CHOICES)
+        _check_int("steps", self.steps, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("grad_accum", self.grad_accum, 1)
+        if self.batch_size % (world_size * self.grad_accum):
+            raise ConfigError("batch_size", f"batch_size {self.batch_size} must be divisible by world_size * "
+                                            f"grad_accum = {world_size} * {self.grad_accum}")
+        _check_float("lr", self.lr, 0.0, None, low_open=True)
+        _check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_int("warmup", self.warmup, 0)
+        _check_float("weight_decay", self.weight_decay, 0.0, None)
+        _check_float("grad_clip", self.grad_clip, 0.0, None)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_int("galore_rank", self.galore_rank, 1)
+        _check_int("galore_update_proj_gap", self.galore_update_proj_gap, 1)
+        _check_float("ema_decay", self.ema_decay, 0.0, 1.0)
+        if not isinstance(self.bf16, bool):
+            raise ConfigError("bf16", f"expected True or False, got {self.bf16!r}")
+        _check_int("seed", self.seed, 0)
+        if not isinstance(self.init_from, str):
+            raise ConfigError("init_from", f"expected a path or '', got {self.init_from!r}")
+        _check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        _check_float("shift", self.shift, 0.0, None, low_open=True)
+        _check_choice("prediction", self.prediction, PREDICTIONS)
+        _check_float("t_min", self.t_min, 0.0, 1.0, low_open=True)
+        _check_int("checkpoint_every", self.checkpoint_every, 1)
+        _check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        _check_int("log_every", self.log_every, 1)
+        if not isinstance(self.device, str):
+            raise ConfigError("device", f"expected a device name, got {self.device!r}")
+
+
+# The choices of the string fields (dit-fast train --help lists them).
+OPTIMIZERS = ("adamw", "galore")
+PREDICTIONS = ("velocity", "x0")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+BACKEND_CHOICES = ("torch", "triton", "cuda", "auto")
+TEXT_HEADS = 4  # TextToVideo's text encoder heads: text_dim must be a multiple
+# The fields that fix the shapes of the weights and the optimizer state: a run resumes only with the
+# same values (Trainer.load_checkpoint says which differ).
+ARCHITECTURE_FIELDS = ("num_frames", "size", "patch", "hidden_size", "depth", "num_heads", "mlp_ratio", "text_dim",
+                       "prediction", "optimizer", "galore_rank")
+
+
+class ConfigError(ValueError):
+    """A TrainConfig field (``field``) that cannot run; ``detail`` says what was expected."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"{field}: {detail}")
+        self.field, self.detail = field, detail
+
+
+def _check_int(name: str, value, low: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(name, f"expected an integer >= {low}{' (' + why + ')' if why else ''}, got {value!r}")
+
+
+def _check_float(name: str, value, low: float, high: Optional[float], low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        lo = f"> {low}" if low_open else f">= {low}"
+        span = f"a finite number {lo}" + (f" and <= {high}" if high is not None else "")
+        raise ConfigError(name, f"expected {span}, got {value!r}")
+
+
+def _check_choice(name: str, value, choices: Tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_out_dir(path: str) -> None:
+    """The run directory must be a directory or creatable: no file in its place or above it."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError("out_dir", f"{probe!r} is a file, expected {path!r} to be (or to be creatable as) a "
+                                     "directory")
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,12 +324,40 @@ def setup_distributed(device: torch.device) -> DistInfo:
 
 
 def resolve_device(name: str, dist_info: Optional[DistInfo] = None) -> torch.device:
+    """The torch.device for "auto", "cpu", "cuda" or "cuda:<index>"; ConfigError("device") if it cannot run here.
+
+    "auto" and an index-less "cuda" mean this process's GPU: LOCAL_RANK's under torchrun, else 0.
+    """
+    local = dist_info.local_rank if dist_info is not None else int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device("cuda", local)
-        return torch.device("cpu")
-    return torch.device(name)
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError("device", f"expected auto, cpu, cuda or cuda:<index>, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError("device", f"{name!r} asked for, but CUDA is not available ({why}); use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"{name!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                        f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """ConfigError("backend") if ops cannot run on ``backend`` on ``device`` ("auto" always can)."""
+    from dit_fast._backend import unavailable_reason
+
+    _check_choice("backend", backend, BACKEND_CHOICES)
+    if backend != "auto":
+        reason = unavailable_reason(backend, device)
+        if reason is not None:
+            raise ConfigError("backend", f"{backend!r} cannot run on {device}: {reason}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,19 +456,25 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: Optional[str] = "auto", progress_bar: bool = True):
         self.cfg = cfg
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
         self.device = resolve_device(cfg.device)
+        check_backend(cfg.backend, self.device)
         self.dist = setup_distributed(self.device)
-        cfg.validate(self.dist.world_size)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device)  # an indexed device: resolve_device gave it LOCAL_RANK's GPU
         from dit_fast.data import ShapesVideoDataset
 
         self.dataset = ShapesVideoDataset(num_frames=cfg.num_frames, size=cfg.size, split="train",
                                           seed=cfg.data_seed, two_object_prob=cfg.two_object_prob)
-        torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical initial weights on every rank
-        self.model = build_model(cfg).to(self.device)
+        field = "resume"
         if resume == "auto":
             resume = cfg.out_dir if os.path.exists(os.path.join(cfg.out_dir, "latest")) else None
+            field = "out_dir"
+        if resume:  # before building anything: a run with other shapes cannot continue
+            check_resume_config(cfg, resume, field)
+        self.resumed_from = resume
+        torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical initial weights on every rank
+        self.model = build_model(cfg).to(self.device)
         if cfg.init_from and not resume:  # a resumed run's checkpoint holds the weights already
             load_initial_weights(self.model, cfg.init_from)
         self.ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()}
@@ -473,8 +603,12 @@ class Trainer:
         return weights
 
     def _prune(self, out: str) -> None:
+        """Keep the newest ``keep_checkpoints``; checkpoints of later steps than this one are a replaced
+        run's (--no-resume into its directory) and go too, so that ``latest`` is never pruned."""
         steps = sorted(int(f[5:12]) for f in os.listdir(out) if f.startswith("ckpt_") and f.endswith(".safetensors"))
-        for s in steps[: max(len(steps) - self.cfg.keep_checkpoints, 0)]:
+        stale = [s for s in steps if s > self.step]
+        steps = [s for s in steps if s <= self.step]
+        for s in stale + steps[: max(len(steps) - self.cfg.keep_checkpoints, 0)]:
             for name in (f"ckpt_{s:07d}.safetensors", f"state_{s:07d}.pt"):
                 path = os.path.join(out, name)
                 if os.path.exists(path):
@@ -498,6 +632,30 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.losses = list(state["losses"])
+
+
+def check_resume_config(cfg: TrainConfig, resume: str, field: str = "resume") -> None:
+    """ConfigError(``field``) if the run at ``resume`` has other ``ARCHITECTURE_FIELDS`` than ``cfg``:
+    names each flag with the run's value and this config's, and says how to start fresh instead."""
+    weights, _ = checkpoint_paths(resume)
+    saved = json.loads(read_safetensors(weights)[1].get("config", "{}"))
+    here = dataclasses.asdict(cfg)
+    diffs = []
+    for name in ARCHITECTURE_FIELDS:
+        old, new = saved.get(name, here[name]), here[name]
+        if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, tuple) else new):
+            fmt = (lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+            diffs.append(f"--{name.replace('_', '-')} {fmt(old)} there, {fmt(new)} here")
+    if diffs:
+        fresh = ("start fresh with --no-resume (replaces its checkpoints) or another --out-dir"
+                 if field == "out_dir" else "drop --resume to start fresh")
+        raise ConfigError(field, f"cannot resume {resume!r} (step {_latest_step(weights)}): it was trained with "
+                                 f"other settings ({'; '.join(diffs)}); pass the run's values to continue it, or "
+                                 f"{fresh}")
+
+
+def _latest_step(weights: str) -> int:
+    return int(os.path.basename(weights)[5:12])
 
 
 def read_weights(path: str, ema: bool = True) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -530,6 +688,8 @@ def load_initial_weights(model: "TextToVideo", path: str) -> None:
 
 def checkpoint_paths(path: str) -> Tuple[str, str]:
     """(weights, state) of a run directory's latest checkpoint, or of ``ckpt_<step>.safetensors`` itself."""
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist")
     if os.path.isdir(path):
         latest = os.path.join(path, "latest")
         if not os.path.exists(latest):

@@ -1,5 +1,6 @@
 """`dit-fast generate` with the bundled model and with a checkpoint, export, and the error paths."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import imageio.v2 as imageio
 import pytest
 import torch
 
+import dit_fast
 from dit_fast.cli import main
 from dit_fast.data import VOCABULARY
 from dit_fast.generate import BUNDLED, BUNDLED_JSON, export_model, generate, load_model
@@ -60,22 +62,26 @@ def test_unknown_word_lists_vocabulary(tmp_path, capsys):
     code = main(["generate", "a purple circle moving right", "-o", str(out), "--steps", "2", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
-    assert "purple" in err and "vocabulary" in err
+    assert "purple" in err and "a <color> <shape> <motion>" in err and len(err.strip().splitlines()) == 1
     assert all(w in err for w in VOCABULARY)
 
 
-def test_checkpoint_frames_seed(tmp_path, tiny_run):
+def test_checkpoint_frames_seed(tmp_path, tiny_run, capsys):
     a, b, c = tmp_path / "a.gif", tmp_path / "b.gif", tmp_path / "c.gif"
     base = ["generate", "a blue square bouncing", "--checkpoint", tiny_run, "--steps", "3", "--device", "cpu",
             "--quiet", "--scale", "1"]
     assert main(base + ["-o", str(a), "--seed", "5"]) == 0
     assert main(base + ["-o", str(b), "--seed", "5"]) == 0
+    capsys.readouterr()
     assert main(base + ["-o", str(c), "--seed", "6", "--frames", "6"]) == 0
+    warning = capsys.readouterr().err.strip().splitlines()  # other than the training length: one line
+    assert len(warning) == 1 and "warning" in warning[0] and "--frames 6" in warning[0] and "4-frame" in warning[0]
     fa, fb, fc = _gif_frames(a), _gif_frames(b), _gif_frames(c)
     assert len(fa) == 4 and fa[0].shape[:2] == (16, 16)
     assert all((x == y).all() for x, y in zip(fa, fb))  # same seed, same video
     assert len(fc) == 6
     assert main(base + ["-o", str(tmp_path / "d.gif"), "--frames", "5"]) == 2  # not a multiple of pt = 2
+    assert "--frames" in capsys.readouterr().err
 
 
 def test_generate_api_seeds_are_per_prompt(tiny_run):
@@ -100,32 +106,79 @@ def test_export_round_trip(tmp_path, tiny_run):
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
 
 
-def test_bad_paths_and_formats(tmp_path, tiny_run):
+def test_load_model_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "nope.safetensors"))
-    with pytest.raises(ValueError, match=r"\.gif or \.mp4"):
-        main(["generate", "a red circle moving left", "--checkpoint", tiny_run, "--steps", "1", "--device", "cpu",
-              "--quiet", "-o", str(tmp_path / "x.png")])
-    try:
-        import imageio_ffmpeg  # noqa: F401
-        have_ffmpeg = True
-    except ImportError:
-        have_ffmpeg = False
+
+
+@pytest.mark.parametrize("fps", [4, 10])
+def test_gif_frame_delay_follows_fps(tmp_path, tiny_run, fps):
+    """A GIF stores each frame's delay (in 10 ms units): 1000 / fps ms, read back with PIL."""
+    from PIL import Image
+
+    out = tmp_path / "x.gif"
+    assert main(["generate", "a red circle moving left", "--checkpoint", tiny_run, "--steps", "1", "--device", "cpu",
+                 "--quiet", "--fps", str(fps), "-o", str(out)]) == 0
+    with Image.open(out) as im:
+        delays = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            delays.append(im.info["duration"])
+    assert delays == [1000 // fps] * 4
+
+
+def test_mp4_read_back_with_its_fps(tmp_path, tiny_run):
+    pytest.importorskip("imageio_ffmpeg", reason="the .mp4 writer needs imageio-ffmpeg (pip install 'dit_fast[video]')")
     mp4 = tmp_path / "x.mp4"
-    args = ["generate", "a red circle moving left", "--checkpoint", tiny_run, "--steps", "1", "--device", "cpu",
-            "--quiet", "-o", str(mp4)]
-    if have_ffmpeg:  # installed with the test extras: the .mp4 path is checked by reading it back
-        assert main(args) == 0
-        frames = imageio.mimread(mp4)
-        assert len(frames) == 4 and frames[0].shape == (64, 64, 3)  # 16 x 16 pixels at the default scale 4
-    else:
-        with pytest.raises(RuntimeError, match="imageio-ffmpeg"):
-            main(args)
+    assert main(["generate", "a red circle moving left", "--checkpoint", tiny_run, "--steps", "1", "--device", "cpu",
+                 "--quiet", "--fps", "5", "-o", str(mp4)]) == 0
+    reader = imageio.get_reader(mp4)
+    frames = [f for f in reader]
+    assert len(frames) == 4 and frames[0].shape == (64, 64, 3)  # 16 x 16 pixels at the default scale 4
+    assert reader.get_meta_data()["fps"] == pytest.approx(5)
+
+
+def test_failed_write_leaves_no_directories(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dit_fast.generate import save_video
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_video(torch.zeros(3, 2, 16, 16), str(tmp_path / "a" / "b" / "x.gif"))
+    assert os.listdir(tmp_path) == []
 
 
 def test_vocab_command(capsys):
+    """vocab says what the bundled model can draw: the grammar, every word of each slot, one object."""
+    from dit_fast.data import COLORS, SHAPES, describe_prompts
+
     assert main(["vocab"]) == 0
-    assert capsys.readouterr().out.split("\n")[0].split() == VOCABULARY
+    out = capsys.readouterr().out
+    assert out.startswith("prompts read: a <color> <shape> <motion>")
+    assert all(w in out for w in [*COLORS, *SHAPES, "moving left", "bouncing"])
+    assert "one object per prompt" in out
+    assert "two objects" in describe_prompts(two_objects=True)
+
+
+def test_help_shows_every_option_with_meaning_and_default(capsys):
+    from dit_fast.cli import TRAIN_HELP
+    from dit_fast.train import TrainConfig
+
+    assert set(TRAIN_HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+    for cmd in ("generate", "train", "export", "vocab"):
+        assert main([cmd, "--help"]) == 0
+        text = capsys.readouterr().out
+        if cmd == "generate":
+            assert "(default: 50)" in text and "(default: out.gif)" in text
+        if cmd == "train":
+            assert "{adamw,galore}" in text and "(default: 1000)" in text
+            assert all("--" + f.name.replace("_", "-") in text for f in dataclasses.fields(TrainConfig))
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dit-fast {dit_fast.__version__}"
 
 
 def test_eval_prompt_following_script(tmp_path, tiny_run):
@@ -147,3 +200,164 @@ def test_eval_prompt_following_script(tmp_path, tiny_run):
     assert all(0.0 <= v <= 1.0 for v in res["accuracy"].values())
     assert "eval_prompt_following.py" in res["command"] and res["device"].startswith("cpu")
     assert len(_gif_frames(gif)) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Every user mistake: exit 2, one line on stderr naming the argument, no traceback, nothing sampled,
+# trained or created. Paths: {d} is a directory of bad files (bad_files), {run} a finished tiny run.
+# --------------------------------------------------------------------------------------------
+
+GEN = ["generate", "a red circle moving right", "--steps", "2", "--device", "cpu", "--quiet", "-o", "{d}/out/x.gif"]
+TINY = ["--num-frames", "4", "--size", "16", "--patch", "2", "8", "8", "--hidden-size", "32", "--depth", "1",
+        "--num-heads", "2", "--text-dim", "16", "--batch-size", "4", "--steps", "3", "--checkpoint-every", "3",
+        "--warmup", "1", "--prediction", "x0", "--device", "cpu", "--quiet"]  # tiny_run's settings
+TRAIN = ["train", "--out-dir", "{d}/new_run", *TINY]
+
+MISTAKES = {
+    # generate: the output
+    "output parent is a file": (GEN + ["-o", "{d}/a_file/x.gif"], "--output"),
+    "output .png": (GEN + ["-o", "{d}/new_dir/x.png"], "--output"),
+    "output empty name": (GEN + ["-o", ""], "--output"),
+    "output a directory": (GEN + ["-o", "{d}"], "--output"),
+    "output dir/ only": (GEN + ["-o", "{d}/new_dir/"], "--output"),
+    "output .mp4 without imageio-ffmpeg": (GEN + ["-o", "{d}/new_dir/x.mp4"], "--output"),
+    # generate: the checkpoint
+    "checkpoint missing": (GEN + ["--checkpoint", "{d}/nowhere.safetensors"], "--checkpoint"),
+    "checkpoint random bytes": (GEN + ["--checkpoint", "{d}/random.safetensors"], "--checkpoint"),
+    "checkpoint truncated": (GEN + ["--checkpoint", "{d}/truncated.safetensors"], "--checkpoint"),
+    "checkpoint empty file": (GEN + ["--checkpoint", "{d}/empty.safetensors"], "--checkpoint"),
+    "checkpoint empty directory": (GEN + ["--checkpoint", "{d}/empty_dir"], "--checkpoint"),
+    # generate: device, backend, numbers
+    "device bogus": (GEN + ["--device", "bogus"], "--device"),
+    "device cuda without CUDA": (GEN + ["--device", "cuda"], "--device"),
+    "device cuda:7 without CUDA": (GEN + ["--device", "cuda:7"], "--device"),
+    "backend triton on CPU": (GEN + ["--backend", "triton"], "--backend"),
+    "backend cuda on CPU": (GEN + ["--backend", "cuda"], "--backend"),
+    "backend bogus": (GEN + ["--backend", "bogus"], "--backend"),
+    "fps 0": (GEN + ["--fps", "0"], "--fps"),
+    "fps text": (GEN + ["--fps", "fast"], "--fps"),
+    "threads -1": (GEN + ["--threads", "-1"], "--threads"),
+    "seed huge": (GEN + ["--seed", str(2**64)], "--seed"),
+    "seed negative": (GEN + ["--seed", "-1"], "--seed"),
+    "cfg nan": (GEN + ["--cfg", "nan"], "--cfg"),
+    "cfg inf": (GEN + ["--cfg", "inf"], "--cfg"),
+    "cfg negative": (GEN + ["--cfg", "-2"], "--cfg"),
+    "scale 0": (GEN + ["--scale", "0"], "--scale"),
+    "steps 0": (GEN + ["--steps", "0"], "--steps"),
+    "frames 0": (GEN + ["--frames", "0"], "--frames"),
+    "frames not a multiple of the patch": (GEN + ["--checkpoint", "{run}", "--frames", "3"], "--frames"),
+    # generate: the prompt
+    "prompt with two objects": (["generate", "a red circle moving right and a blue square bouncing", "-o",
+                                 "{d}/out/x.gif"], "prompt"),
+    "prompt out of grammar": (["generate", "red circle right", "-o", "{d}/out/x.gif"], "prompt"),
+    "prompt unknown word": (["generate", "a purple circle moving right", "-o", "{d}/out/x.gif"], "prompt"),
+    "prompt empty": (["generate", "", "-o", "{d}/out/x.gif"], "prompt"),
+    "prompt missing": (["generate"], "prompt"),
+    "unknown option": (GEN + ["--bogus"], "--bogus"),
+    # train
+    "train optimizer sgd": (TRAIN + ["--optimizer", "sgd"], "--optimizer"),
+    "train steps 0": (TRAIN + ["--steps", "0"], "--steps"),
+    "train patch 3 3 3": (TRAIN + ["--patch", "3", "3", "3"], "--patch"),
+    "train patch 0 8 8": (TRAIN + ["--patch", "0", "8", "8"], "--patch"),
+    "train lr -1": (TRAIN + ["--lr", "-1"], "--lr"),
+    "train lr nan": (TRAIN + ["--lr", "nan"], "--lr"),
+    "train num-heads 3": (TRAIN + ["--num-heads", "3"], "--num-heads"),
+    "train text-dim 6": (TRAIN + ["--text-dim", "6"], "--text-dim"),
+    "train batch not divisible": (TRAIN + ["--batch-size", "6", "--grad-accum", "4"], "--batch-size"),
+    "train ema-decay 2": (TRAIN + ["--ema-decay", "2"], "--ema-decay"),
+    "train warmup -1": (TRAIN + ["--warmup", "-1"], "--warmup"),
+    "train size 8": (TRAIN + ["--size", "8"], "--size"),
+    "train resume missing": (TRAIN + ["--resume", "{d}/nowhere"], "--resume"),
+    "train resume empty directory": (TRAIN + ["--resume", "{d}/empty_dir"], "--resume"),
+    "train resume and no-resume": (TRAIN + ["--resume", "{run}", "--no-resume"], "--resume"),
+    "train init-from missing": (TRAIN + ["--init-from", "{d}/nowhere"], "--init-from"),
+    "train init-from random bytes": (TRAIN + ["--init-from", "{d}/random.safetensors"], "--init-from"),
+    "train out-dir under a file": (["train", "--out-dir", "{d}/a_file/run", *TINY], "--out-dir"),
+    "train device bogus": (TRAIN + ["--device", "bogus"], "--device"),
+    "train device cuda without CUDA": (TRAIN + ["--device", "cuda"], "--device"),
+    "train backend triton on CPU": (TRAIN + ["--backend", "triton"], "--backend"),
+    "train threads -1": (TRAIN + ["--threads", "-1"], "--threads"),
+    "train resume with another architecture": (["train", "--out-dir", "{run}", *TINY, "--hidden-size", "48",
+                                                "--patch", "1", "8", "8"], "--out-dir"),
+    # export, vocab, the command itself
+    "export missing run": (["export", "{d}/nowhere", "{d}/m.safetensors"], "run_dir"),
+    "export empty directory": (["export", "{d}/empty_dir", "{d}/m.safetensors"], "run_dir"),
+    "export to .bin": (["export", "{run}", "{d}/m.bin"], "dest"),
+    "export under a file": (["export", "{run}", "{d}/a_file/m.safetensors"], "dest"),
+    "vocab checkpoint missing": (["vocab", "--checkpoint", "{d}/nowhere"], "--checkpoint"),
+    "no command": ([], "{generate,train,export,vocab,bench}"),
+    "unknown command": (["paint"], "paint"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "a_file").write_text("not a directory")
+    (d / "random.safetensors").write_bytes(os.urandom(4096))
+    (d / "truncated.safetensors").write_bytes(open(BUNDLED, "rb").read()[:5000])
+    (d / "empty.safetensors").write_bytes(b"")
+    (d / "empty_dir").mkdir()
+    return d
+
+
+def _tree(path):
+    return sorted((os.path.relpath(os.path.join(r, n), path), os.path.getsize(os.path.join(r, n)) if n in fs else -1)
+                  for r, ds, fs in os.walk(path) for n in ds + fs)
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_every_mistake_is_one_line_and_exit_2(name, bad_files, tiny_run, capsys, monkeypatch):
+    argv, argument = MISTAKES[name]
+    argv = [a.format(d=bad_files, run=tiny_run) for a in argv]
+    import dit_fast.generate
+    import dit_fast.train
+
+    def never(*a, **k):
+        raise AssertionError("sampled or trained before checking the arguments")
+
+    monkeypatch.setattr(dit_fast.generate, "generate", never)
+    monkeypatch.setattr(dit_fast.train.Trainer, "train", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton on CPU only through the interpreter (conftest sets it)
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if imageio-ffmpeg were not installed
+    before = _tree(bad_files), _tree(tiny_run)
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert argument in lines[0] and "error" in lines[0], lines[0]
+    assert (_tree(bad_files), _tree(tiny_run)) == before  # nothing created, nothing left behind
+
+
+def test_finished_run_says_it_is_done(tiny_run, capsys):
+    argv = ["train", "--out-dir", tiny_run, *TINY]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "already at step 3" in out and "--steps" in out
+
+
+def test_no_traceback_reaches_a_terminal(bad_files):
+    """The console entry point, as a user runs it: a file that is not a checkpoint, one line, exit 2."""
+    exe = shutil.which("dit-fast")
+    cmd = [exe] if exe else [sys.executable, "-m", "dit_fast.cli"]
+    res = subprocess.run(cmd + ["generate", "a red circle moving right", "--device", "cpu", "-o",
+                                str(bad_files / "new_dir" / "x.gif"), "--checkpoint",
+                                str(bad_files / "random.safetensors")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "--checkpoint" in res.stderr
+    assert not (bad_files / "new_dir").exists()
+
+
+def test_bench_hands_every_argument_to_the_benchmarks(monkeypatch):
+    """`dit-fast bench --help` is benchmarks/run.py's own help: main passes the arguments on unparsed."""
+    import subprocess as sp
+
+    from dit_fast.cli import bench_runner
+
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda cmd: calls.append(cmd) or 0)
+    assert main(["bench", "--help"]) == 0 and main(["bench", "--quick", "--ops", "rope"]) == 0
+    assert calls == [[sys.executable, bench_runner(), "--help"], [sys.executable, bench_runner(), "--quick", "--ops", "rope"]]
+    assert os.path.exists(bench_runner())

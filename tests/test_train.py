@@ -158,6 +158,67 @@ def test_config_errors(tmp_path):
         TrainConfig.from_dict({"hidden": 3})
 
 
+@pytest.mark.parametrize("field, value", [
+    ("steps", 0), ("patch", (3, 3, 3)), ("patch", (0, 8, 8)), ("patch", (2, 8)), ("lr", -1.0), ("lr", float("nan")),
+    ("num_heads", 3), ("num_heads", 0), ("hidden_size", 0), ("text_dim", 6), ("optimizer", "sgd"), ("depth", 0),
+    ("ema_decay", 2.0), ("warmup", -1), ("grad_accum", 0), ("size", 8), ("num_frames", 1), ("shift", 0.0),
+    ("t_min", 0.0), ("backend", "fast"), ("checkpoint_every", 0), ("galore_rank", 0), ("mlp_ratio", float("inf")),
+    ("two_object_prob", 1.5), ("bf16", "yes"), ("steps", 2.5),
+])
+def test_every_bad_setting_names_its_field(tmp_path, field, value):
+    """TrainConfig.validate: a ConfigError (a ValueError) naming the field, before anything is built."""
+    cfg = tiny(tmp_path, **{field: value})
+    with pytest.raises(train_mod.ConfigError) as e:
+        cfg.validate()
+    assert e.value.field == field and (repr(value) in str(e.value) or str(value) in str(e.value)), str(e.value)
+    with pytest.raises(ValueError):
+        Trainer(cfg, resume=None)
+
+
+def test_device_names(monkeypatch):
+    """An index-less "cuda" is the local rank's GPU (torch.cuda.set_device needs an index); a bad or
+    absent device is a ConfigError naming the device."""
+    resolve = train_mod.resolve_device
+    assert resolve("cpu") == torch.device("cpu")
+    with pytest.raises(train_mod.ConfigError, match="expected auto, cpu, cuda"):
+        resolve("bogus")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve("auto") == torch.device("cpu")
+    with pytest.raises(train_mod.ConfigError, match="CUDA is not available"):
+        resolve("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve("cuda") == resolve("auto") == torch.device("cuda", 2)
+    assert resolve("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(train_mod.ConfigError, match="4 GPU"):
+        resolve("cuda:4")
+
+
+def test_resume_with_other_settings_names_the_flags(tmp_path):
+    Trainer(tiny(tmp_path, steps=3), resume=None, progress_bar=False).train()
+    with pytest.raises(train_mod.ConfigError) as e:
+        Trainer(tiny(tmp_path, steps=6, hidden_size=48, optimizer="galore"), progress_bar=False)
+    msg = str(e.value)
+    assert e.value.field == "out_dir" and "step 3" in msg and "--no-resume" in msg
+    assert "--hidden-size 32 there, 48 here" in msg and "--optimizer adamw there, galore here" in msg
+    with pytest.raises(train_mod.ConfigError, match="--patch 2 8 8 there, 1 8 8 here") as e:
+        Trainer(tiny(tmp_path / "other", patch=(1, 8, 8)), resume=str(tmp_path), progress_bar=False)
+    assert e.value.field == "resume"
+    # the training-only settings may change (the bundled model's second phase changes the schedule)
+    assert Trainer(tiny(tmp_path, steps=6, lr=1e-4, min_lr_ratio=1.0), progress_bar=False).step == 3
+
+
+def test_fresh_run_over_a_longer_one_keeps_its_latest(tmp_path):
+    """--no-resume into a directory holding a run at step 6: the new run's checkpoints survive pruning
+    and the old run's later ones go, so ``latest`` always names files that exist."""
+    Trainer(tiny(tmp_path, steps=6), resume=None, progress_bar=False).train()
+    Trainer(tiny(tmp_path, steps=3), resume=None, progress_bar=False).train()
+    weights, state = checkpoint_paths(str(tmp_path))
+    assert weights.endswith("ckpt_0000003.safetensors") and os.path.exists(state)
+    assert not os.path.exists(tmp_path / "ckpt_0000006.safetensors")
+
+
 # --------------------------------------------------------------------------------------------
 # DDP: 2 processes, gloo, torch.multiprocessing.spawn (what torchrun sets up, minus the launcher)
 # --------------------------------------------------------------------------------------------
