@@ -91,6 +91,20 @@ def test_round_trip(backend, order):
 
 
 @pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+def test_defaults_are_each_others_inverse(backend):
+    """unpatchify_3d(patchify_3d(v, p), p, grid) == v with both orders left at their defaults (issue 11), and
+    patchify_3d(unpatchify_3d(t, p, grid), p) == t."""
+    shape, patch = CASES[1]
+    grid = token_grid(shape, patch)
+    video = torch.randn(shape, device=DEVICE)
+    tokens = ops.patchify_3d(video, patch, backend=backend)
+    assert_same("video -> tokens -> video", ops.unpatchify_3d(tokens, patch, grid, backend=backend), video)
+    tokens = torch.randn_like(tokens)
+    back = ops.patchify_3d(ops.unpatchify_3d(tokens, patch, grid, backend=backend), patch, backend=backend)
+    assert_same("tokens -> video -> tokens", back, tokens)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
 @pytest.mark.parametrize("shape, patch", CASES, ids=CASE_IDS)
 def test_cthw_tokens_times_weight_is_conv3d(backend, shape, patch):
     """tokens @ weight.reshape(D, -1).T + bias == Conv3d(kernel=patch, stride=patch), as tokens."""
@@ -115,10 +129,10 @@ def dit_unpatchify(x, c, p):
 
 @pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
 def test_thwc_unpatchify_is_dits(backend):
-    """With one frame and patch (1, p, p), the default unpatchify is DiT's final-layer unpatchify."""
+    """With one frame and patch (1, p, p), order="thwc" is DiT's final-layer unpatchify."""
     B, C, p, side = 2, 3, 2, 5
     tokens = torch.randn(B, side * side, p * p * C, device=DEVICE)
-    video = ops.unpatchify_3d(tokens, (1, p, p), (1, side, side), backend=backend)  # default order "thwc"
+    video = ops.unpatchify_3d(tokens, (1, p, p), (1, side, side), order="thwc", backend=backend)
     assert_same("DiT unpatchify", video[:, :, 0], dit_unpatchify(tokens, C, p))
 
 
@@ -163,7 +177,7 @@ def test_torch_compile_fullgraph(backend):
 
     def f(video):
         tokens = ops.patchify_3d(video, patch, backend=backend)  # (B, S, C pt ph pw)
-        return ops.unpatchify_3d(final(torch.tanh(embed(tokens))), patch, (3, 5, 7), backend=backend)
+        return ops.unpatchify_3d(final(torch.tanh(embed(tokens))), patch, (3, 5, 7), order="thwc", backend=backend)
 
     torch._dynamo.reset()
     video = torch.randn(shape, device=DEVICE, requires_grad=True)

@@ -22,7 +22,7 @@ from dit_fast.models.checkpoint import read_safetensors, read_torch_file
 
 
 def tiny_model(**kwargs):
-    defaults = dict(input_size=(1, 4, 4), patch_size=2, in_channels=3, hidden_size=16, depth=1, num_heads=2,
+    defaults = dict(input_size=(1, 4, 4), patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2,
                     num_classes=5, backend="torch")
     return DiTVideo(**{**defaults, **kwargs})
 
@@ -103,13 +103,13 @@ def test_state_dict_that_does_not_fit():
     sd["blocks.0.extra"] = torch.zeros(2)
     cases.append((sd, "blocks.0.extra", "does not have"))
     sd = _dit_state()
-    sd["blocks.0.mlp.fc2.weight"] = torch.zeros(16, 63)
-    cases.append((sd, "blocks.0.mlp.fc2.weight", r"\(16, 64\)"))
+    sd["blocks.0.mlp.fc2.weight"] = torch.zeros(32, 127)
+    cases.append((sd, "blocks.0.mlp.fc2.weight", r"\(32, 128\)"))
     sd = _dit_state()
     sd["blocks.0.attn.proj.weight"] = sd["blocks.0.attn.proj.weight"].to(torch.int64)  # loaded silently before
     cases.append((sd, "blocks.0.attn.proj.weight", "floating-point"))
     sd = _dit_state()
-    sd["blocks.0.attn.proj.bias"] = [0.0] * 16
+    sd["blocks.0.attn.proj.bias"] = [0.0] * 32
     cases.append((sd, "blocks.0.attn.proj.bias", "expected a tensor"))
     for state, key, expected in cases:
         with pytest.raises(CheckpointError, match=expected) as info:
@@ -139,9 +139,218 @@ def test_dit_checkpoint_that_does_not_fit(tmp_path):
     with pytest.raises(CheckpointError, match="blocks.0.mlp.fc1.weight"):
         load_dit_checkpoint(sd, num_heads=2)
     sd = _dit_state()
-    sd["y_embedder.embedding_table.weight"] = torch.zeros(5, 16)  # one row short of DiT's 5 classes + null
+    sd["y_embedder.embedding_table.weight"] = torch.zeros(5, 32)  # one row short of DiT's 5 classes + null
     sd["blocks.0.unknown"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match="blocks.0.unknown"):
         load_dit_checkpoint(sd, num_heads=2)
     with pytest.raises(CheckpointError, match="expected a tensor"):
         load_dit_checkpoint({**_dit_state(), "pos_embed": "abc"}, num_heads=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Constructors: a ValueError / TypeError naming the argument, never ZeroDivisionError or truncation.
+# ---------------------------------------------------------------------------------------------
+
+from dit_fast import ops  # noqa: E402
+from dit_fast.diffusion import GaussianDiffusion, RectifiedFlow, space_timesteps  # noqa: E402
+from dit_fast.models import TextEncoder, Tokenizer  # noqa: E402
+from dit_fast.models.embeddings import (CaptionEmbedder, LabelEmbedder, PatchEmbed3D, TimestepEmbedder,  # noqa: E402
+                                        get_3d_sincos_pos_embed)
+from dit_fast.nn import CrossAttention, GatedResidual, ModulatedLayerNorm, SpacetimeAttention  # noqa: E402
+from dit_fast.ops import RoPE3D  # noqa: E402
+
+SMALL = dict(input_size=(1, 4, 4), hidden_size=32, depth=1, num_heads=2, num_classes=5, backend="torch")
+
+BAD_CONSTRUCTORS = [
+    # nn
+    ("SpacetimeAttention(64, 0)", lambda: SpacetimeAttention(64, 0), ValueError, "num_heads must be an int >= 1"),
+    ("SpacetimeAttention(64, -2)", lambda: SpacetimeAttention(64, -2), ValueError, "num_heads"),
+    ("SpacetimeAttention(0, 2)", lambda: SpacetimeAttention(0, 2), ValueError, "dim must be"),
+    ("SpacetimeAttention(64.0, 2)", lambda: SpacetimeAttention(64.0, 2), TypeError, "dim must be an int"),
+    ("SpacetimeAttention(60, 3)", lambda: SpacetimeAttention(60, 3), ValueError, "head dim"),
+    ("SpacetimeAttention mode", lambda: SpacetimeAttention(64, 2, mode="local"), ValueError, "mode must be one of"),
+    ("SpacetimeAttention window", lambda: SpacetimeAttention(64, 2, window=(3, 0, 3)), ValueError, "window"),
+    ("SpacetimeAttention window_tile", lambda: SpacetimeAttention(64, 2, window_tile=(1.5, 2, 2)), TypeError,
+     "window_tile"),
+    ("SpacetimeAttention rope", lambda: SpacetimeAttention(64, 2, rope="2d"), ValueError, "rope must be"),
+    ("SpacetimeAttention rope split", lambda: SpacetimeAttention(64, 2, rope=RoPE3D(split=(8, 8, 8))), ValueError,
+     "rope split"),
+    ("SpacetimeAttention backend", lambda: SpacetimeAttention(64, 2, backend="fast"), ValueError, "backend"),
+    ("CrossAttention(64, 32, 0)", lambda: CrossAttention(64, 32, 0), ValueError, "num_heads"),
+    ("CrossAttention context_dim", lambda: CrossAttention(64, 0, 2), ValueError, "context_dim"),
+    ("ModulatedLayerNorm eps=0", lambda: ModulatedLayerNorm(16, eps=0), ValueError, "eps must be a positive"),
+    ("ModulatedLayerNorm eps=1e-300", lambda: ModulatedLayerNorm(16, eps=1e-300), ValueError, "float32"),
+    ("ModulatedLayerNorm hidden", lambda: ModulatedLayerNorm(-1), ValueError, "hidden_size"),
+    ("ModulatedLayerNorm affine", lambda: ModulatedLayerNorm(8, elementwise_affine="yes"), TypeError,
+     "elementwise_affine"),
+    ("GatedResidual backend", lambda: GatedResidual(backend=None), ValueError, "backend"),
+    # models
+    ("DiTVideo num_heads=0", lambda: DiTVideo(**{**SMALL, "num_heads": 0}), ValueError, "num_heads"),
+    ("DiTVideo patch_size=0", lambda: DiTVideo(**{**SMALL, "patch_size": 0}), ValueError, "patch_size"),
+    ("DiTVideo patch_size=-2", lambda: DiTVideo(**{**SMALL, "patch_size": -2}), ValueError, "patch_size"),
+    ("DiTVideo patch_size=2.5", lambda: DiTVideo(**{**SMALL, "patch_size": 2.5}), TypeError, "patch_size"),
+    ("DiTVideo patch_size float triple", lambda: DiTVideo(**{**SMALL, "patch_size": (1, 2.5, 2)}), TypeError,
+     "patch_size"),
+    ("DiTVideo input_size=0", lambda: DiTVideo(**{**SMALL, "input_size": 0}), ValueError, "input_size"),
+    ("DiTVideo input_size float", lambda: DiTVideo(**{**SMALL, "input_size": (1, 4.0, 4)}), TypeError, "input_size"),
+    ("DiTVideo depth=0", lambda: DiTVideo(**{**SMALL, "depth": 0}), ValueError, "depth"),
+    ("DiTVideo hidden_size=0", lambda: DiTVideo(**{**SMALL, "hidden_size": 0}), ValueError, "hidden_size"),
+    ("DiTVideo hidden_size % 4", lambda: DiTVideo(**{**SMALL, "hidden_size": 34}), ValueError, "hidden_size"),
+    ("DiTVideo mlp_ratio=0", lambda: DiTVideo(**{**SMALL, "mlp_ratio": 0}), ValueError, "mlp_ratio"),
+    ("DiTVideo in_channels=0", lambda: DiTVideo(**{**SMALL, "in_channels": 0}), ValueError, "in_channels"),
+    ("DiTVideo num_classes=-1", lambda: DiTVideo(**{**SMALL, "num_classes": -1}), ValueError, "num_classes"),
+    ("DiTVideo class_dropout_prob=2", lambda: DiTVideo(**{**SMALL, "class_dropout_prob": 2}), ValueError,
+     "class_dropout_prob"),
+    ("DiTVideo text_dim=0", lambda: DiTVideo(**{**SMALL, "text_dim": 0}), ValueError, "text_dim"),
+    ("DiTVideo learn_sigma", lambda: DiTVideo(**{**SMALL, "learn_sigma": "no"}), TypeError, "learn_sigma"),
+    ("DiTVideo cfg_channels", lambda: DiTVideo(**{**SMALL, "cfg_channels": 9}), ValueError, "cfg_channels"),
+    ("DiTVideo backend", lambda: DiTVideo(**{**SMALL, "backend": "bogus"}), ValueError, "backend"),
+    ("DiTVideo attention", lambda: DiTVideo(**{**SMALL, "attention": "local"}), ValueError, "attention"),
+    ("PatchEmbed3D patch", lambda: PatchEmbed3D((1, 0, 2), 3, 8), ValueError, "patch_size"),
+    ("TimestepEmbedder", lambda: TimestepEmbedder(0), ValueError, "hidden_size"),
+    ("LabelEmbedder dropout", lambda: LabelEmbedder(5, 8, -0.1), ValueError, "dropout_prob"),
+    ("CaptionEmbedder", lambda: CaptionEmbedder(0, 8), ValueError, "text_dim"),
+    ("get_3d_sincos_pos_embed grid", lambda: get_3d_sincos_pos_embed(8, (1, 0, 2)), ValueError, "grid"),
+    ("get_3d_sincos_pos_embed dim", lambda: get_3d_sincos_pos_embed(6, (1, 2, 2)), ValueError, "multiple of 4"),
+    ("Tokenizer max_length", lambda: Tokenizer(["a"], max_length=0), ValueError, "max_length"),
+    ("Tokenizer vocabulary", lambda: Tokenizer("abc"), TypeError, "vocabulary"),
+    ("TextEncoder heads", lambda: TextEncoder(5, text_dim=10, num_heads=4), ValueError, "num_heads"),
+    ("TextEncoder vocab", lambda: TextEncoder(0), ValueError, "vocab_size"),
+    # diffusion
+    ("RectifiedFlow num_timesteps=0", lambda: RectifiedFlow(num_timesteps=0), ValueError, "num_timesteps"),
+    ("RectifiedFlow num_timesteps=nan", lambda: RectifiedFlow(num_timesteps=float("nan")), ValueError,
+     "num_timesteps"),
+    ("RectifiedFlow shift=inf", lambda: RectifiedFlow(shift=float("inf")), ValueError, "shift"),
+    ("RectifiedFlow shift='x'", lambda: RectifiedFlow(shift="x"), ValueError, "shift"),
+    ("RectifiedFlow base_resolution", lambda: RectifiedFlow(base_resolution=0), ValueError, "base_resolution"),
+    ("RectifiedFlow shift_scale", lambda: RectifiedFlow(shift_scale=-1), ValueError, "shift_scale"),
+    ("GaussianDiffusion 'abc'", lambda: GaussianDiffusion(timestep_respacing="abc"), ValueError,
+     "timestep_respacing"),
+    ("GaussianDiffusion '0'", lambda: GaussianDiffusion(timestep_respacing="0"), ValueError, "timestep_respacing"),
+    ("GaussianDiffusion '1'", lambda: GaussianDiffusion(timestep_respacing="1"), ValueError, "at least 2"),
+    ("GaussianDiffusion '10,'", lambda: GaussianDiffusion(timestep_respacing="10,"), ValueError,
+     "timestep_respacing"),
+    ("GaussianDiffusion 'ddimx'", lambda: GaussianDiffusion(timestep_respacing="ddimx"), ValueError,
+     "timestep_respacing"),
+    ("GaussianDiffusion '2000'", lambda: GaussianDiffusion(timestep_respacing="2000"), ValueError,
+     "timestep_respacing"),
+    ("GaussianDiffusion num_timesteps=0", lambda: GaussianDiffusion(num_timesteps=0), ValueError, "num_timesteps"),
+    ("GaussianDiffusion num_timesteps=10", lambda: GaussianDiffusion(num_timesteps=10), ValueError,
+     "num_timesteps"),
+    ("GaussianDiffusion num_timesteps=1.5", lambda: GaussianDiffusion(num_timesteps=1.5), TypeError,
+     "num_timesteps"),
+    ("space_timesteps [0]", lambda: space_timesteps(100, [0]), ValueError, "timestep_respacing"),
+    # RoPE3D and apply_rope_3d
+    ("RoPE3D theta=0", lambda: RoPE3D(theta=0), ValueError, "theta"),
+    ("RoPE3D theta=1e-300", lambda: RoPE3D(theta=1e-300), ValueError, "theta"),
+    ("RoPE3D split", lambda: RoPE3D(split=(4.2, 6.4, 6.3)), ValueError, "split"),
+    ("apply_rope_3d split 'a'", lambda: ops.apply_rope_3d(torch.randn(1, 4, 2, 24), (1, 2, 2), split=("a", 8, 8),
+                                                          backend="torch"), ValueError, "split"),
+    ("apply_rope_3d split floats", lambda: ops.apply_rope_3d(torch.randn(1, 4, 2, 24), (1, 2, 2),
+                                                             split=(4.2, 6.4, 6.3), backend="torch"), ValueError,
+     "split"),
+    ("apply_rope_3d theta=1e-300", lambda: ops.apply_rope_3d(torch.randn(1, 4, 2, 24), (1, 2, 2), theta=1e-300,
+                                                             backend="torch"), ValueError, "theta"),
+    ("apply_rope_3d theta=0", lambda: ops.apply_rope_3d(torch.randn(1, 4, 2, 24), (1, 2, 2), theta=0,
+                                                        backend="torch"), ValueError, "theta"),
+    ("apply_rope_3d theta=inf", lambda: ops.apply_rope_3d(torch.randn(1, 4, 2, 24), (1, 2, 2), theta=float("inf"),
+                                                          backend="torch"), ValueError, "theta"),
+]
+
+
+@pytest.mark.parametrize("what, build, error, match", BAD_CONSTRUCTORS, ids=[c[0] for c in BAD_CONSTRUCTORS])
+def test_bad_constructor_arguments(what, build, error, match):
+    with pytest.raises(error, match=match) as info:
+        build()
+    assert type(info.value) in (ValueError, TypeError), f"{what}: {type(info.value).__name__}: {info.value}"
+
+
+def test_good_constructor_arguments_still_build():
+    SpacetimeAttention(72, 1, window=[3, 3, 3], rope="3d")
+    DiTVideo(**{**SMALL, "patch_size": 2, "text_dim": 16, "cfg_channels": 4})
+    GaussianDiffusion(timestep_respacing="ddim10"), GaussianDiffusion(timestep_respacing="5,5", num_timesteps=100)
+    RectifiedFlow(shift=3, num_timesteps=1.0)
+    assert RoPE3D(split=(8, 8, 8)).split == (8, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward arguments: labels and token ids out of range are a ValueError, not an IndexError.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_class_labels_out_of_range():
+    model = DiTVideo(**SMALL).eval()
+    x, t = torch.randn(2, 4, 1, 4, 4), torch.rand(2)
+    for labels in ([0, 7], [0, -1], [6, 1]):
+        with pytest.raises(ValueError, match=r"y must hold class labels in \[0, 5\)"):
+            model(x, t, torch.tensor(labels))
+    with pytest.raises(TypeError, match="y must hold int64"):
+        model(x, t, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="y must be"):
+        model(x, t, [0, 1])
+    with torch.no_grad():
+        model(x, t, torch.tensor([4, 5]))  # 5 = num_classes: DiT's null class, which DiT's sampler passes
+
+
+def test_class_labels_out_of_range_under_compile():
+    """Under torch.compile the check is an in-graph assert: fullgraph traces it, a bad label still fails."""
+    import torch._dynamo
+
+    model = DiTVideo(**SMALL).eval()
+    x, t = torch.randn(2, 4, 1, 4, 4), torch.rand(2)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, torch.tensor([1, 4])), model(x, t, torch.tensor([1, 4])))
+        with pytest.raises(RuntimeError, match="class labels outside"):
+            compiled(x, t, torch.tensor([1, 9]))
+
+
+def test_token_ids_out_of_range():
+    encoder = TextEncoder(5, text_dim=8, num_heads=2)
+    with pytest.raises(ValueError, match=r"ids must be token ids in \[0, vocab_size=5\)"):
+        encoder(torch.tensor([[1, 5]]))
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        encoder(torch.tensor([[1, 2]]), torch.ones(1, 3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite values that vanish or overflow in fp32: rejected instead of a NaN output.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [1e-300, 1e-40, 0.0, -1e-6, 1e300, float("inf"), float("nan"), True])
+def test_eps_outside_fp32_is_rejected(eps):
+    x = torch.randn(1, 3, 8)
+    x[0, 0] = 1.0  # a constant row: LN divides by sqrt(var + eps) = sqrt(eps)
+    shift, scale = torch.randn(1, 8), torch.randn(1, 8)
+    with pytest.raises(ValueError, match="eps must be a positive number within float32"):
+        ops.layernorm_modulate(x, shift, scale, eps=eps, backend="torch")
+    with pytest.raises(ValueError, match="eps"):
+        ops.residual_layernorm_modulate(x, shift, x, shift, scale, eps=eps, backend="torch")
+
+
+def test_eps_at_fp32_edges_gives_finite_output():
+    x = torch.ones(1, 3, 8)
+    shift, scale = torch.randn(1, 8), torch.randn(1, 8)
+    for eps in (torch.finfo(torch.float32).tiny, 1e-6, 1e30):
+        assert torch.isfinite(ops.layernorm_modulate(x, shift, scale, eps=eps, backend="torch")).all()
+
+
+@pytest.mark.parametrize("scale", [3e38, 1e30, 1e5, 1e-300, 1e-39, 0.0, float("inf")])
+def test_attention_scale_outside_fp32_is_rejected(scale):
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="scale must be a positive finite number in"):
+        ops.attention(q, q, q, scale=scale, backend="torch")
+
+
+def test_attention_scale_at_the_edges_gives_finite_output():
+    q = torch.randn(1, 4, 2, 16)
+    for scale in (1.2e-38, 1e4):
+        assert torch.isfinite(ops.attention(q, q, q, scale=scale, backend="torch")).all()
+
+
+def test_theta_at_the_edges_gives_finite_output():
+    x = torch.randn(1, 4 * 5 * 6, 2, 24)
+    for theta in (1.0, 1e300):
+        assert torch.isfinite(ops.apply_rope_3d(x, (4, 5, 6), theta=theta, backend="torch")).all()

@@ -15,7 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dit_fast._checks import check_bool, check_int
 from dit_fast.diffusion.guidance import draw, initial_noise, model_output, progress
+
+# linear_beta_schedule's largest beta is 0.02 * 1000 / T: T must exceed 20 for every beta to stay below 1
+MIN_TIMESTEPS = 21
 
 
 #################################################################################
@@ -24,27 +28,61 @@ from dit_fast.diffusion.guidance import draw, initial_noise, model_output, progr
 
 def linear_beta_schedule(num_timesteps: int = 1000) -> np.ndarray:
     """DiT's betas: linear from 1e-4 to 0.02, scaled so that any T matches the 1000-step schedule."""
+    num_timesteps = _check_num_timesteps(num_timesteps)
     scale = 1000 / num_timesteps
     return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
+def _check_num_timesteps(num_timesteps) -> int:
+    num_timesteps = check_int("num_timesteps", num_timesteps)
+    if num_timesteps < MIN_TIMESTEPS:
+        raise ValueError(f"num_timesteps must be >= {MIN_TIMESTEPS}: the linear schedule's largest beta, "
+                         f"0.02 * 1000 / num_timesteps, must stay below 1; got {num_timesteps}")
+    return num_timesteps
+
+
+def _section_counts(section_counts, num_timesteps: int) -> List[int]:
+    """The respacing's sections as a list of positive ints; ValueError naming timestep_respacing otherwise."""
+    given = section_counts
+    if isinstance(section_counts, str):
+        parts = section_counts.split(",")
+        if not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"timestep_respacing must be '' (all steps), 'N', 'N1,N2,...' or 'ddimN' with "
+                             f"positive ints N, got {given!r}")
+        section_counts = [int(p) for p in parts]
+    elif isinstance(section_counts, (list, tuple)):
+        section_counts = [check_int("timestep_respacing section", c) for c in section_counts]
+    else:
+        raise TypeError(f"timestep_respacing must be a str or a list of ints, got {type(given).__name__}")
+    if not section_counts or any(c < 1 for c in section_counts):
+        raise ValueError(f"timestep_respacing must keep at least one step in each section, got {given!r}")
+    if len(section_counts) > num_timesteps:
+        raise ValueError(f"timestep_respacing {given!r} has {len(section_counts)} sections for only "
+                         f"{num_timesteps} steps")
+    return section_counts
+
+
 def space_timesteps(num_timesteps: int, section_counts) -> List[int]:
     """improved-diffusion's respacing: "250" (evenly strided sections) or "ddimN" (stride for exactly N)."""
-    if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return sorted(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot create exactly {desired} steps with an integer stride from {num_timesteps}")
-        section_counts = [int(x) for x in section_counts.split(",")]
+    num_timesteps = check_int("num_timesteps", num_timesteps)
+    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
+        count = section_counts[len("ddim"):]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"timestep_respacing 'ddimN' needs a positive int N, got {section_counts!r}")
+        desired = int(count)
+        for stride in range(1, num_timesteps + 1):
+            if len(range(0, num_timesteps, stride)) == desired:
+                return sorted(range(0, num_timesteps, stride))
+        raise ValueError(f"timestep_respacing {section_counts!r}: cannot create exactly {desired} steps with an "
+                         f"integer stride from {num_timesteps}")
+    section_counts = _section_counts(section_counts, num_timesteps)
     size_per = num_timesteps // len(section_counts)
     extra = num_timesteps % len(section_counts)
     start_idx, all_steps = 0, []
     for i, section_count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
         if size < section_count:
-            raise ValueError(f"cannot divide section of {size} steps into {section_count}")
+            raise ValueError(f"timestep_respacing: cannot divide a section of {size} steps into {section_count}")
         frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
         cur_idx, taken = 0.0, []
         for _ in range(section_count):
@@ -93,8 +131,13 @@ class GaussianDiffusion:
     """
 
     def __init__(self, timestep_respacing: str = "", num_timesteps: int = 1000, learn_sigma: bool = True):
+        num_timesteps = _check_num_timesteps(num_timesteps)
+        check_bool("learn_sigma", learn_sigma)
         base_betas = linear_beta_schedule(num_timesteps)
         use_timesteps = space_timesteps(num_timesteps, timestep_respacing or [num_timesteps])
+        if len(use_timesteps) < 2:  # the posterior's clipped log variance starts from the second step
+            raise ValueError(f"timestep_respacing {timestep_respacing!r} keeps {len(use_timesteps)} step; "
+                             "sampling needs at least 2")
         alphas_cumprod = np.cumprod(1.0 - base_betas)
         last, betas = 1.0, []
         for i in use_timesteps:  # the respaced chain keeps alphas_cumprod at the kept steps

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from dit_fast._checks import check_choice, check_int, check_number
 from dit_fast.diffusion.guidance import draw, initial_noise, model_output, progress
 
 
@@ -38,10 +39,15 @@ class RectifiedFlow:
 
     def __init__(self, shift: Union[str, float] = "auto", num_timesteps: int = 1000, sample_t: str = "logit_normal",
                  base_resolution: int = 32 * 32, base_num_frames: int = 1, shift_scale: float = 1.0):
-        if sample_t not in ("logit_normal", "uniform"):
-            raise ValueError(f"sample_t must be 'logit_normal' or 'uniform', got {sample_t!r}")
-        if shift != "auto" and not (isinstance(shift, (int, float)) and shift > 0):
-            raise ValueError(f"shift must be 'auto' or a positive number, got {shift!r}")
+        check_choice("sample_t", sample_t, ("logit_normal", "uniform"))
+        if shift != "auto":
+            if isinstance(shift, str) or isinstance(shift, bool) or not isinstance(shift, (int, float)):
+                raise ValueError(f"shift must be 'auto' or a positive number, got {shift!r}")
+            check_number("shift", shift, 0, low_open=True)
+        check_number("num_timesteps", num_timesteps, 0, low_open=True)
+        check_int("base_resolution", base_resolution)
+        check_int("base_num_frames", base_num_frames)
+        check_number("shift_scale", shift_scale, 0, low_open=True)
         self.shift = shift
         self.num_timesteps = num_timesteps
         self.sample_t = sample_t
@@ -96,7 +102,7 @@ class RectifiedFlow:
 
     def timesteps(self, steps: int, shape: Sequence[int]) -> Tensor:
         """steps + 1 times from 1 to 0 (float64), evenly spaced then shifted."""
-        if not isinstance(steps, int) or steps < 1:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), self.shift_for(shape))
 

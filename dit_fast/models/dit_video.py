@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dit_fast import ops
+from dit_fast._checks import check_backend, check_bool, check_choice, check_int, check_int_triple, check_number
 from dit_fast.models.embeddings import (CaptionEmbedder, LabelEmbedder, PatchEmbed3D, TimestepEmbedder,
                                         get_3d_sincos_pos_embed)
 from dit_fast.nn.attention import CrossAttention, SpacetimeAttention
@@ -30,12 +31,7 @@ POSITIONS = ("sincos", "rope", "both")
 
 def _triple(value, name) -> Tuple[int, int, int]:
     """An int p means (1, p, p): one frame, or a 2D patch, as in image DiT."""
-    if isinstance(value, int):
-        return (1, value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 3 or any(v <= 0 for v in value):
-        raise ValueError(f"{name} must be an int or three positive ints (T, H, W), got {value}")
-    return value
+    return check_int_triple(name, value, scalar_means=lambda p: (1, p, p))
 
 
 #################################################################################
@@ -167,12 +163,29 @@ class DiTVideo(nn.Module):
         self.patch_size = _triple(patch_size, "patch_size")
         if any(s % p for s, p in zip(self.input_size, self.patch_size)):
             raise ValueError(f"input_size {self.input_size} must be divisible by patch_size {self.patch_size}")
-        if attention not in ATTENTION_LAYOUTS:
-            raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {attention!r}")
-        if pos not in POSITIONS:
-            raise ValueError(f"pos must be one of {POSITIONS}, got {pos!r}")
+        check_choice("attention", attention, ATTENTION_LAYOUTS)
+        check_choice("pos", pos, POSITIONS)
+        check_int("in_channels", in_channels)
+        check_int("hidden_size", hidden_size)
+        check_int("depth", depth)
+        check_int("num_heads", num_heads)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        if pos in ("sincos", "both") and hidden_size % 4:
+            raise ValueError(f"hidden_size must be a multiple of 4 for sin-cos positions (pos={pos!r}), got {hidden_size}")
+        if int(hidden_size * check_number("mlp_ratio", mlp_ratio, 0, low_open=True)) < 1:
+            raise ValueError(f"mlp_ratio {mlp_ratio} gives an MLP of width int({hidden_size} * {mlp_ratio}) = 0")
+        check_number("class_dropout_prob", class_dropout_prob, 0, 1, high_open=True)
+        check_int("num_classes", num_classes, low=0)
+        if text_dim is not None:
+            check_int("text_dim", text_dim)
+        for flag, value in (("per_frame_timesteps", per_frame_timesteps), ("adaln_single", adaln_single),
+                            ("learn_sigma", learn_sigma), ("qk_norm", qk_norm),
+                            ("gradient_checkpointing", gradient_checkpointing)):
+            check_bool(flag, value)
+        if cfg_channels is not None:
+            check_int("cfg_channels", cfg_channels, 1, in_channels)
+        check_backend(backend)
         self.in_channels = in_channels
         self.learn_sigma = learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -261,9 +274,13 @@ class DiTVideo(nn.Module):
         expected = [(B,), (B, G)] if self.per_frame_timesteps else [(B,)]
         if tuple(t.shape) not in expected:
             raise ValueError(f"t must have shape {' or '.join(map(str, expected))} for x {tuple(x.shape)}, got {tuple(t.shape)}")
-        if self.y_embedder is not None and (y is None or tuple(y.shape) != (B,)):
-            raise ValueError(f"y must be (B,) = ({B},) class labels for a class-conditional model, got "
-                             f"{None if y is None else tuple(y.shape)}")
+        if self.y_embedder is not None:
+            if not isinstance(y, Tensor) or tuple(y.shape) != (B,):
+                raise ValueError(f"y must be (B,) = ({B},) class labels for a class-conditional model, got "
+                                 f"{tuple(y.shape) if isinstance(y, Tensor) else y!r}")
+            if y.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"y must hold int64 class labels, got {y.dtype}")
+            self._check_labels(y)
         if self.text_embedder is not None:
             if text is None or text.dim() != 3 or text.shape[0] != B or text.shape[2] != self.text_dim:
                 raise ValueError(f"text must be (B, L, text_dim) = ({B}, L, {self.text_dim}), got "
@@ -271,6 +288,21 @@ class DiTVideo(nn.Module):
             if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
                 raise ValueError(f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
         return (T // self.patch_size[0], H // self.patch_size[1], W // self.patch_size[2])
+
+    def _check_labels(self, y: Tensor) -> None:
+        """Labels in [0, num_classes), or num_classes itself (DiT's null class) when the model has one.
+
+        Eager: a ValueError (costs one host sync). Under torch.compile the check is an in-graph async
+        assert instead (no graph break); an out-of-range label would otherwise index past the table.
+        """
+        high = self.num_classes + (1 if self.class_dropout_prob > 0 else 0)  # DiT passes y = num_classes for CFG
+        bad = (y < 0) | (y >= high)
+        if torch.compiler.is_compiling():
+            torch._assert_async(~bad.any(), "DiTVideo: y holds class labels outside [0, num_classes]")
+        elif bad.any():
+            raise ValueError(f"y must hold class labels in [0, {self.num_classes})"
+                             f"{f' (or {self.num_classes}: the null class)' if high > self.num_classes else ''}, "
+                             f"got {y[bad].tolist()[:8]}")
 
     def position_embedding(self, grid, device, dtype) -> Tensor:
         """(1, N, D) sin-cos table: the buffer for the training grid, computed for any other grid."""

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dit_fast._checks import check_backend, check_bool, check_int, check_int_triple, check_number
 from dit_fast.ops.patchify import patchify_3d
+from dit_fast.ops.rope import check_grid
 
 
 #################################################################################
@@ -28,8 +30,9 @@ class PatchEmbed3D(nn.Module):
     def __init__(self, patch_size: Sequence[int], in_channels: int, hidden_size: int, bias: bool = True,
                  backend: str = "auto"):
         super().__init__()
-        self.backend = backend
-        self.patch_size = tuple(int(p) for p in patch_size)
+        self.backend = check_backend(backend)
+        self.patch_size = check_int_triple("patch_size", patch_size)
+        check_int("in_channels", in_channels), check_int("hidden_size", hidden_size), check_bool("bias", bias)
         self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -58,6 +61,7 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
+        check_int("hidden_size", hidden_size), check_int("frequency_embedding_size", frequency_embedding_size, 2)
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -75,6 +79,8 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
+        check_int("num_classes", num_classes), check_int("hidden_size", hidden_size)
+        check_number("dropout_prob", dropout_prob, 0, 1, high_open=True)
         use_cfg_embedding = dropout_prob > 0
         self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
         self.num_classes = num_classes
@@ -97,6 +103,7 @@ class CaptionEmbedder(nn.Module):
 
     def __init__(self, text_dim: int, hidden_size: int):
         super().__init__()
+        check_int("text_dim", text_dim), check_int("hidden_size", hidden_size)
         self.fc1 = nn.Linear(text_dim, hidden_size)
         self.fc2 = nn.Linear(hidden_size, hidden_size)
         self.null_embedding = nn.Parameter(torch.randn(text_dim) / text_dim ** 0.5)
@@ -119,7 +126,7 @@ class CaptionEmbedder(nn.Module):
 
 def sincos_1d(embed_dim: int, pos: Tensor) -> Tensor:
     """DiT's 1D table: positions (M,) -> (M, embed_dim) as [sin, cos] in float64."""
-    if embed_dim % 2:
+    if check_int("embed_dim", embed_dim) % 2:
         raise ValueError(f"embed_dim must be even for a sin-cos table, got {embed_dim}")
     omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
     omega = 1.0 / 10000 ** omega  # (D/2,)
@@ -132,9 +139,9 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_hw: Sequence[int]) -> Tensor:
 
     As in DiT, the first half encodes the column (w) and the second half the row (h).
     """
-    if embed_dim % 4:
+    if check_int("embed_dim", embed_dim) % 4:
         raise ValueError(f"hidden size must be a multiple of 4 for 2D sin-cos positions, got {embed_dim}")
-    H, W = grid_hw
+    H, W = check_grid((1, *grid_hw), "grid_hw")[1:]
     h, w = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")  # (H, W) each
     return torch.cat([sincos_1d(embed_dim // 2, w), sincos_1d(embed_dim // 2, h)], dim=1)  # (H * W, D)
 
@@ -145,7 +152,7 @@ def get_3d_sincos_pos_embed(embed_dim: int, grid: Sequence[int]) -> Tensor:
     DiT's 2D table over (h, w) plus a 1D table over t shifted to be zero at t = 0 (Latte adds a
     temporal table the same way); frame 0, and so any single image, gets exactly DiT's embedding.
     """
-    T, H, W = grid
+    T, H, W = check_grid(grid)
     spatial = get_2d_sincos_pos_embed(embed_dim, (H, W))  # (H * W, D)
     t = torch.arange(T)
     temporal = sincos_1d(embed_dim, t) - sincos_1d(embed_dim, torch.zeros(1))  # (T, D), zero at t = 0

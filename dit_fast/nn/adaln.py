@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from dit_fast import ops
+from dit_fast._checks import check_backend, check_bool, check_fp32_positive, check_int
 
 
 class ModulatedLayerNorm(nn.Module):
@@ -15,10 +16,10 @@ class ModulatedLayerNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, elementwise_affine: bool = False, backend: str = "auto"):
         super().__init__()
-        self.hidden_size = hidden_size
-        self.eps = eps
-        self.backend = backend
-        if elementwise_affine:
+        self.hidden_size = check_int("hidden_size", hidden_size)
+        self.eps = check_fp32_positive("eps", eps)
+        self.backend = check_backend(backend)
+        if check_bool("elementwise_affine", elementwise_affine):
             self.weight = nn.Parameter(torch.ones(hidden_size))
             self.bias = nn.Parameter(torch.zeros(hidden_size))
         else:
@@ -38,7 +39,7 @@ class GatedResidual(nn.Module):
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def forward(self, x, gate, y):
         return ops.gated_residual(x, gate, y, backend=self.backend)

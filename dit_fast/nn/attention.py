@@ -10,7 +10,21 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from dit_fast.ops.attention import attention, spacetime_attention
+from dit_fast._checks import check_backend, check_bool, check_int, check_int_triple
+from dit_fast.ops.attention import MAX_HEAD_DIM, MODES, attention, spacetime_attention
+from dit_fast.ops.rope import as_rope
+
+
+def check_heads(dim: int, num_heads: int, name: str = "dim") -> int:
+    """The head dim of ``dim`` split over ``num_heads``: ValueError unless the attention ops take it."""
+    dim, num_heads = check_int(name, dim), check_int("num_heads", num_heads)
+    if dim % num_heads != 0:
+        raise ValueError(f"{name} = {dim} must be divisible by num_heads = {num_heads}")
+    head_dim = dim // num_heads
+    if head_dim % 8 or not 16 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{name} / num_heads = {dim} / {num_heads} = {head_dim} is not a supported head dim: "
+                         f"a multiple of 8 in [16, {MAX_HEAD_DIM}] (e.g. 64, 72, 96, 128)")
+    return head_dim
 
 
 class SpacetimeAttention(nn.Module):
@@ -24,11 +38,17 @@ class SpacetimeAttention(nn.Module):
                  window: Optional[Sequence[int]] = None, rope=None, backend: str = "auto",
                  window_tile: Optional[Sequence[int]] = None):
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim = {dim} must be divisible by num_heads = {num_heads}")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.mode, self.window, self.rope, self.backend = mode, window, rope, backend
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, check_heads(dim, num_heads)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        window = None if window is None else check_int_triple("window", window)
+        window_tile = None if window_tile is None else check_int_triple("window_tile", window_tile)
+        rope = as_rope(rope)
+        if rope is not None:
+            rope.resolved_split(self.head_dim)  # the head dim must split into three even parts
+        self.mode, self.window, self.rope, self.backend = mode, window, rope, check_backend(backend)
         self.window_tile = window_tile
+        check_bool("qkv_bias", qkv_bias), check_bool("qk_norm", qk_norm)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -58,10 +78,10 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, context_dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim = {dim} must be divisible by num_heads = {num_heads}")
-        self.dim, self.context_dim, self.num_heads, self.head_dim = dim, context_dim, num_heads, dim // num_heads
-        self.backend = backend
+        self.head_dim = check_heads(dim, num_heads)
+        self.dim, self.context_dim, self.num_heads = dim, check_int("context_dim", context_dim), num_heads
+        self.backend = check_backend(backend)
+        check_bool("qkv_bias", qkv_bias), check_bool("qk_norm", qk_norm)
         self.q_linear = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv_linear = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()

@@ -25,6 +25,7 @@ from dit_fast import _backend
 OP = "adaln"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_C = 16384  # widest row the kernels hold in registers (see triton_kernels/adaln.py)
+FP32_TINY, FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,8 +115,10 @@ def _check_affine(name, p, x):
 
 
 def _check_eps(eps):
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    # fp32 statistics: an eps outside float32's normal range is 0 (a constant row then gives NaN) or inf
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not FP32_TINY <= eps <= FP32_MAX:
+        raise ValueError(f"eps must be a positive number within float32's normal range [{FP32_TINY:.3g}, "
+                         f"{FP32_MAX:.3g}] (the statistics are float32), got {eps!r}")
 
 
 def _resolve(backend, x):

@@ -212,8 +212,9 @@ def _check_qkv(q, k, v):
 def _check_scale(scale, head_dim):
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    # scores are scaled in fp32: below float32's tiny the scale is 0; above 1e4, scale * log2(e) * q.k overflows
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1.1754944e-38 <= scale <= 1e4:
+        raise ValueError(f"scale must be a positive finite number in [1.18e-38, 1e4] or None, got {scale!r}")
     return float(scale)
 
 

@@ -1,17 +1,20 @@
 """3D patchify / unpatchify: video (B, C, T, H, W) <-> patch tokens (B, S, K).
 
-    patchify_3d(video, patch, order="cthw")          -> tokens (B, S, K)
-    unpatchify_3d(tokens, patch, grid, order="thwc")  -> video (B, C, T, H, W)
+    patchify_3d(video, patch)                        -> tokens (B, S, K)
+    unpatchify_3d(tokens, patch, grid)               -> video (B, C, T, H, W), the exact inverse
+    unpatchify_3d(tokens, patch, grid, order="thwc") -> from DiT's final-layer layout
 
 With patch = (pt, ph, pw), the token grid is (T', H', W') = (T / pt, H / ph, W / pw), S = T' H' W' in
 (t, h, w) raster order (the order dit_fast.ops.rope assumes), and K = C pt ph pw. Token s holds the
 patch video[:, :, t' pt : (t'+1) pt, h' ph : (h'+1) ph, w' pw : (w'+1) pw], its K features flattened
 in one of two orders:
   "cthw": (C, pt, ph, pw), exactly as ``Conv3d(C, D, kernel_size=patch, stride=patch).weight.reshape(D, -1)``,
-          so ``tokens @ weight.reshape(D, -1).T + bias`` is the Conv3d patch embedding (default of patchify);
+          so ``tokens @ weight.reshape(D, -1).T + bias`` is the Conv3d patch embedding (the default of both,
+          so that ``unpatchify_3d(patchify_3d(v, p), p, grid) == v``);
   "thwc": (pt, ph, pw, C), the layout of DiT's final layer, whose ``unpatchify`` reshapes to
-          (N, h, w, p, p, c) and permutes 'nhwpqc->nchpwq' (default of unpatchify).
-Both are pure permutations, so each is the other's exact inverse and the backward of one is the other.
+          (N, h, w, p, p, c) and permutes 'nhwpqc->nchpwq' (pass order="thwc", as DiTVideo does).
+Both are pure permutations: with the same order, each function is the other's exact inverse, and the
+backward of one is the other.
 
 Call flow as in dit_fast/ops/adaln.py: "torch" runs the references below; kernels run under the custom
 ops torch.ops.dit_fast.patchify_3d / unpatchify_3d -> dit_fast/triton_kernels/patchify.py or
@@ -49,7 +52,7 @@ def patchify_3d_reference(video: Tensor, patch: Sequence[int], order: str = "cth
     return x.reshape(B, (T // pt) * (H // ph) * (W // pw), C * pt * ph * pw)
 
 
-def unpatchify_3d_reference(tokens: Tensor, patch: Sequence[int], grid: Sequence[int], order: str = "thwc") -> Tensor:
+def unpatchify_3d_reference(tokens: Tensor, patch: Sequence[int], grid: Sequence[int], order: str = "cthw") -> Tensor:
     """(B, S, K) tokens of a (T', H', W') grid -> (B, C, T' pt, H' ph, W' pw), C = K / (pt ph pw)."""
     B, S, K = tokens.shape
     pt, ph, pw = patch
@@ -233,13 +236,13 @@ def patchify_3d(video: Tensor, patch: Sequence[int], *, order: str = "cthw", bac
 
 
 def unpatchify_3d(tokens: Tensor, patch: Sequence[int], grid: Optional[Sequence[int]] = None, *,
-                  video_shape: Optional[Sequence[int]] = None, order: str = "thwc",
+                  video_shape: Optional[Sequence[int]] = None, order: str = "cthw",
                   backend: str = "auto") -> Tensor:
-    """patch tokens (B, S, K) -> video (B, C, T, H, W), the exact inverse of ``patchify_3d``.
+    """patch tokens (B, S, K) -> video (B, C, T, H, W), the exact inverse of ``patchify_3d`` (same order).
 
     Give the token ``grid`` (T', H', W') = (T/pt, H/ph, W/pw), or ``video_shape`` (T, H, W) or
-    (B, C, T, H, W). ``order="thwc"`` (default) reads features as (pt, ph, pw, C), DiT's final-layer
-    layout; ``order="cthw"`` inverts the default ``patchify_3d``. C = K / (pt ph pw).
+    (B, C, T, H, W). ``order="cthw"`` (default, as ``patchify_3d``) reads features as (C, pt, ph, pw);
+    ``order="thwc"`` as (pt, ph, pw, C), DiT's final-layer layout. C = K / (pt ph pw).
     """
     patch = _check_triple("patch", patch)
     _check_order(order)

@@ -32,8 +32,26 @@ class RoPE3D:
     theta: float = 10000.0
     split: Optional[Tuple[int, int, int]] = None
 
+    def __post_init__(self):
+        check_theta(self.theta)
+        if self.split is not None:  # the sum is checked against the head dim when it is known
+            object.__setattr__(self, "split", _split_ints(self.split))
+
     def resolved_split(self, head_dim: int) -> Tuple[int, int, int]:
         return rope_split(head_dim, self.split)
+
+
+def _split_ints(split) -> Tuple[int, int, int]:
+    """Three even non-negative ints; floats and strings are refused, never truncated."""
+    try:
+        if isinstance(split, (str, bytes)) or any(isinstance(s, bool) for s in split):
+            raise TypeError
+        values = tuple(operator.index(s) for s in split)  # ints, numpy ints, 0-d integer tensors
+    except TypeError:
+        raise ValueError(f"rope split must be three even ints (d_t, d_h, d_w), got {split!r}") from None
+    if len(values) != 3 or any(s < 0 or s % 2 for s in values):
+        raise ValueError(f"rope split must be three even ints (d_t, d_h, d_w), got {split!r}")
+    return values
 
 
 def rope_split(head_dim: int, split: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
@@ -41,10 +59,19 @@ def rope_split(head_dim: int, split: Optional[Sequence[int]] = None) -> Tuple[in
     if split is None:
         d_hw = 2 * (head_dim // 6)
         split = (head_dim - 2 * d_hw, d_hw, d_hw)
-    split = tuple(int(s) for s in split)
-    if len(split) != 3 or sum(split) != head_dim or any(s < 0 or s % 2 for s in split):
+    split = _split_ints(split)
+    if sum(split) != head_dim:
         raise ValueError(f"rope split must be three even sizes summing to head_dim={head_dim}, got {split}")
     return split
+
+
+def check_theta(theta) -> float:
+    """RoPE's base: a finite number >= 1. Below 1 the frequencies theta ** (-2i / d) grow past 1 rad per
+    position (theta=1e-300 overflows float32 to inf, then NaN), and the fp32 angles lose all precision."""
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 <= theta < float("inf"):
+        raise ValueError(f"theta must be a positive finite number >= 1 (RoPE's base, 10000 by default), "
+                         f"got {theta!r}")
+    return float(theta)
 
 
 def as_rope(rope) -> Optional[RoPE3D]:
@@ -136,8 +163,7 @@ def _check_rope_inputs(x, grid, theta, split):
     if D % 2:
         raise ValueError(f"x has an odd head dim D = {D} (shape {tuple(x.shape)}); RoPE rotates pairs")
     split = rope_split(D, split)
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
-        raise ValueError(f"theta must be a positive number, got {theta!r}")
+    check_theta(theta)
     return grid, split
 
 
