@@ -126,12 +126,14 @@ def _unsupported(query, key, value, dropout_p, is_causal) -> Optional[str]:
     return None
 
 
-def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q: int,
-                     seq_k: int) -> Tuple[Optional[Tensor], Optional[str]]:
+def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q: int, seq_k: int,
+                     group=None) -> Tuple[Optional[Tensor], Optional[str]]:
     """``attn_mask`` as a (B, Sk) bool key-padding mask (True = attend): (mask, None), or (None, why not).
 
     The mask is read as SDPA reads it, broadcast to (B, heads, Sq, Sk), except that a (B, Sk) mask
     is a key-padding mask, as in diffusers' native backend. Costs one host sync when a mask is given.
+    ``group``: under context parallelism the keys (and the mask) are sharded over this process group:
+    the checks are combined over it (one all-reduce), so every rank takes the same path.
     """
     if attn_mask is None:
         return None, None
@@ -157,9 +159,16 @@ def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q:
     if visible.shape[2] > 1:
         checks.append(("a per-query mask", (visible == visible[:, :, :1]).all()))
     kpm = visible[:, 0, 0, :].expand(batch, seq_k)  # (B, Sk)
+    # each flag is 1 when its check passes; "some visible key" per batch row is negated so that one
+    # MIN all-reduce gives every flag's AND and every row's OR over the shards of the keys
+    flags = torch.cat([torch.stack([ok for _, ok in checks]).int() if checks else kpm.new_zeros(0, dtype=torch.int),
+                       -kpm.any(dim=1).int()])
+    if group is not None:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+    passed = flags.tolist()  # one host sync for every check
     checks.append(("a query with every key masked (the native result there is NaN or a uniform average, "
-                   "dit_fast's zeros)", kpm.any(dim=1).all()))
-    passed = torch.stack([ok for _, ok in checks]).tolist()  # one host sync for every check
+                   "dit_fast's zeros)", None))
+    passed = passed[:len(checks) - 1] + [all(f == -1 for f in passed[len(checks) - 1:])]
     for (reason, _), ok in zip(checks, passed):
         if not ok:
             return None, reason
@@ -191,13 +200,16 @@ def dit_fast_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opt
     "auto" (so ``dit_fast.use_backend`` and $DIT_FAST_BACKEND choose it).
     """
     reason = _unsupported(query, key, value, dropout_p, is_causal)
+    parallel = _parallel_config is not None and _parallel_config.context_parallel_config is not None
     kpm = None
     if reason is None:
-        kpm, reason = key_padding_mask(attn_mask, query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+        group = _parallel_config.context_parallel_config._flattened_mesh.get_group() if parallel else None
+        kpm, reason = key_padding_mask(attn_mask, query.shape[0], query.shape[2], query.shape[1], key.shape[1],
+                                       group)
     if reason is not None:
         return _native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
                        _parallel_config, reason)
-    if _parallel_config is not None and _parallel_config.context_parallel_config is not None:
+    if parallel:
         return _context_parallel(query, key, value, kpm, scale, return_lse, _parallel_config)
     result = attention(query, key, value, scale=scale, key_padding_mask=kpm, return_lse=return_lse)
     if return_lse:
@@ -241,12 +253,12 @@ def _cp_backward_op(ctx, grad_out, *args, query=None, key=None, value=None, out=
 
 
 def _context_parallel(query, key, value, kpm, scale, return_lse, parallel_config):
+    """Sequence-sharded q, k, v (and key mask) over the context-parallel mesh -> this rank's out."""
     cp = parallel_config.context_parallel_config
-    if kpm is not None and cp.ring_degree > 1:
-        if cp.ulysses_degree > 1:
-            raise NotImplementedError("dit_fast attention backend: a key-padding mask under ring and Ulysses degrees "
-                                      "both > 1; use one of them for this model")
-        return _gathered_keys_attention(query, key, value, kpm, scale, return_lse, cp._ring_mesh.get_group())
+    if key.shape[1] != query.shape[1] or (kpm is not None and cp.ring_degree > 1):
+        # Cross-attention (short text keys; diffusers' Ulysses backward assumes Sk = Sq) and masked ring
+        # attention (diffusers' ring merge gives a NaN LSE after a fully masked block): gather the keys.
+        return _gathered_keys_attention(query, key, value, kpm, scale, return_lse, cp._flattened_mesh.get_group())
     mask = None if kpm is None else kpm.to(torch.uint8)  # gloo gathers no bool tensors
     result = _dispatch._templated_context_parallel_attention(
         query, key, value, mask, 0.0, False, scale, False, return_lse, forward_op=_cp_forward_op,
@@ -275,10 +287,12 @@ class _GatherSequence(torch.autograd.Function):
 
 
 def _gathered_keys_attention(query, key, value, kpm, scale, return_lse, group):
-    """Ring degree > 1 with a key-padding mask: every rank attends to all keys (gathered once)."""
+    """Every rank attends with its own queries to all keys, gathered once over ``group`` (keys are sharded
+    over the flattened CP mesh in rank order, whatever the ring and Ulysses degrees)."""
     key = _GatherSequence.apply(key, group)  # (B, Sk, heads, D)
     value = _GatherSequence.apply(value, group)
-    kpm = _GatherSequence.apply(kpm.to(torch.uint8), group).bool()  # (B, Sk)
+    if kpm is not None:
+        kpm = _GatherSequence.apply(kpm.to(torch.uint8), group).bool()  # (B, Sk)
     result = attention(query, key, value, scale=scale, key_padding_mask=kpm, return_lse=return_lse)
     if return_lse:
         out, lse = result
