@@ -9,14 +9,22 @@ The backend of a call is, in order of precedence: the call's own ``backend=`` ar
 innermost ``use_backend(...)`` block, the ``DIT_FAST_BACKEND`` environment variable, then
 "auto". "auto" means the reference on CPU and, on a GPU, the fastest kernel backend measured
 on that device for that op and shape class (timed once, then cached for the process).
+
+Compile-safe by construction: torch.compile (Dynamo) traces the resolution below, so it is written
+in what Dynamo understands. The innermost block's name is one module global, ``_scoped`` (a str or
+None): Dynamo guards on its value, so entering or leaving a ``use_backend`` block between calls of
+a compiled model re-traces (or reuses the graph compiled for that backend) instead of running the
+old choice. Environment variables are read through ``_getenv``, which Dynamo evaluates once while
+tracing (``torch.compiler.assume_constant_result``): set them before compiling; eager calls read
+them on every call. Timing ("auto" on a GPU) happens only inside the custom ops, on real tensors,
+never while tracing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+import threading
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,7 +32,13 @@ BACKENDS = ("triton", "cuda", "torch")
 KERNEL_BACKENDS = ("triton", "cuda")
 ENV_VAR = "DIT_FAST_BACKEND"
 
-_scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("dit_fast_backend", default=None)
+# The active use_backend blocks, outermost first, as (block, name); process-wide (like torch.backends
+# flags), not per thread. _scoped is the innermost block's name (None outside every block): the one
+# value compiled code reads and guards on. Blocks leave by identity, so blocks of different threads
+# that overlap unwind to the right state.
+_scope_stack: List[tuple] = []
+_scoped: Optional[str] = None
+_scope_lock = threading.Lock()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -37,25 +51,62 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Run every dit_fast op inside the block on backend ``name`` unless a call names its own."""
-    token = _scoped_backend.set(_check_name(name, "use_backend"))
-    try:
-        yield
-    finally:
-        _scoped_backend.reset(token)
+def _set_scope(block, name: Optional[str]) -> None:
+    """Pushes (block, name), or with name None removes block; then recomputes _scoped."""
+    global _scoped
+    if name is not None:
+        _scope_stack.append((block, name))
+    else:
+        for i in range(len(_scope_stack) - 1, -1, -1):
+            if _scope_stack[i][0] is block:
+                del _scope_stack[i]
+                break
+    _scoped = _scope_stack[-1][1] if _scope_stack else None
+
+
+class use_backend:
+    """Run every dit_fast op inside the block on backend ``name`` unless a call names its own.
+
+    ``with dit_fast.use_backend("torch"): ...``; blocks nest (the innermost wins) and work inside a
+    torch.compile'd function too. The setting is process-wide, like ``torch.backends`` flags.
+    """
+
+    def __init__(self, name: str):
+        self.name = _check_name(name, "use_backend")
+
+    def __enter__(self):
+        if torch.compiler.is_compiling():  # traced: Dynamo replays the list and global updates
+            _set_scope(self, self.name)
+        else:
+            with _scope_lock:
+                _set_scope(self, self.name)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if torch.compiler.is_compiling():
+            _set_scope(self, None)
+        else:
+            with _scope_lock:
+                _set_scope(self, None)
+        return False
+
+
+@torch.compiler.assume_constant_result
+def _getenv(name: str) -> str:
+    """os.environ[name] stripped ("" if unset). Eager: read on every call; torch.compile: read once
+    while tracing and kept in the graph (Dynamo cannot guard on the environment)."""
+    return os.environ.get(name, "").strip()
 
 
 def requested_backend(backend: str = "auto") -> str:
-    """The backend a call asked for, after the context manager and the environment variable."""
+    """The backend a call asked for, after the ``use_backend`` block and the environment variable."""
     _check_name(backend, "backend")
     if backend != "auto":
         return backend
-    scoped = _scoped_backend.get()
+    scoped = _scoped
     if scoped is not None and scoped != "auto":
         return scoped
-    env = os.environ.get(ENV_VAR, "").strip()
+    env = _getenv(ENV_VAR)
     if env:
         return _check_name(env, ENV_VAR)
     return "auto"
@@ -70,7 +121,7 @@ except ImportError as _exc:  # Triton is optional: the reference and CUDA backen
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _getenv("TRITON_INTERPRET") == "1"
 
 
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:

@@ -1,0 +1,153 @@
+"""Backend resolution (dit_fast/_backend.py): precedence call > use_backend > $DIT_FAST_BACKEND > auto,
+nesting and unwinding of use_backend blocks (also across threads), bad names, and the GPU branch of
+"auto" traced by torch.compile. Compiled models and ops: tests/test_compile.py."""
+
+import threading
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import dit_fast
+from dit_fast import _backend
+from dit_fast._backend import BackendUnavailableError, requested_backend, resolve_backend, use_backend
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv("DIT_FAST_BACKEND", raising=False)
+    yield
+    assert _backend._scope_stack == [] and _backend._scoped is None, "a test left a use_backend block open"
+
+
+def test_precedence_call_block_environment_auto(monkeypatch):
+    assert requested_backend("auto") == "auto"
+    monkeypatch.setenv("DIT_FAST_BACKEND", "cuda")
+    assert requested_backend("auto") == "cuda"  # the environment beats auto
+    with use_backend("triton"):
+        assert requested_backend("auto") == "triton"  # the block beats the environment
+        assert requested_backend("torch") == "torch"  # the call beats the block
+        with use_backend("auto"):  # an inner "auto" block hands the choice back to the environment
+            assert requested_backend("auto") == "cuda"
+    assert requested_backend("auto") == "cuda"
+    monkeypatch.setenv("DIT_FAST_BACKEND", "  torch ")  # read on every eager call, stripped
+    assert requested_backend("auto") == "torch"
+
+
+def test_blocks_nest_and_unwind():
+    with use_backend("torch"):
+        with use_backend("triton"):
+            with use_backend("cuda"):
+                assert requested_backend() == "cuda"
+            assert requested_backend() == "triton"
+        assert requested_backend() == "torch"
+    assert requested_backend() == "auto"
+
+
+def test_blocks_unwind_after_an_exception():
+    with pytest.raises(RuntimeError, match="boom"):
+        with use_backend("torch"):
+            raise RuntimeError("boom")
+    assert requested_backend() == "auto"
+
+
+def test_blocks_leaving_out_of_order_unwind_to_the_right_state():
+    """Two overlapping blocks that leave in the order they entered (two threads, two generators): each
+    removes itself, so the state after both is the state before both."""
+    a, b = use_backend("torch"), use_backend("triton")
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert requested_backend() == "triton"  # b is still open
+    b.__exit__(None, None, None)
+    assert requested_backend() == "auto"
+
+
+def test_blocks_in_threads_leave_a_clean_state():
+    errors = []
+
+    def worker(name):
+        try:
+            for _ in range(200):
+                with use_backend(name):
+                    assert requested_backend() in ("torch", "triton")  # process-wide: some open block's name
+        except Exception as exc:  # reported below, with the thread's name
+            errors.append(f"{name}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("torch", "triton", "torch")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    assert requested_backend() == "auto"
+
+
+def test_bad_names_say_where_they_came_from(monkeypatch):
+    with pytest.raises(ValueError, match="use_backend: unknown backend 'fastest'"):
+        use_backend("fastest")
+    with pytest.raises(ValueError, match="backend: unknown backend 'gpu'"):
+        requested_backend("gpu")
+    monkeypatch.setenv("DIT_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="DIT_FAST_BACKEND: unknown backend 'bogus'"):
+        requested_backend("auto")
+    assert requested_backend("torch") == "torch"  # an explicit call never reads the environment
+
+
+def test_auto_resolves_to_the_reference_on_cpu_and_explicit_unavailable_raises():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, "op") == "torch"
+    with pytest.raises(BackendUnavailableError, match="op: backend 'cuda' cannot run: .*CUDA device"):
+        resolve_backend("cuda", cpu, "op")
+    with pytest.raises(BackendUnavailableError, match="op: no 'cuda' implementation"):
+        resolve_backend("cuda", cpu, "op", implemented=("triton",))
+    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="CUDA device"):
+        resolve_backend("auto", cpu, "op")
+
+
+def _as_number(name):
+    return float(("torch", "triton", "cuda", "auto").index(name))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_resolution_traces_with_fullgraph(device):
+    """The whole resolution, including the GPU branch of "auto" (availability checks, the extension's
+    state, the environment), traces without a graph break and gives the eager answer. Only the device
+    object is "cuda": no GPU is needed to trace the branch."""
+    dev = torch.device(device)
+
+    def f(x):
+        return x + _as_number(resolve_backend("auto", dev, "op"))
+
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    x = torch.zeros(2)
+    assert compiled(x).tolist() == f(x).tolist()
+    assert counter.frame_count == 1
+
+
+def test_use_backend_in_a_compiled_function_and_between_calls():
+    """Entering a block inside the traced code works, and a block around a compiled call is seen:
+    Dynamo guards on the innermost block's name, so the graph compiled for one name is not reused for
+    another, and leaving the block reuses the first graph."""
+
+    def f(x):
+        with use_backend("triton"):
+            inner = requested_backend()
+        return x + _as_number(inner) * 10 + _as_number(requested_backend())
+
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    x = torch.zeros(1)
+    assert compiled(x).item() == 10 + 3  # inside: triton; after the inner block: auto
+    with use_backend("torch"):
+        assert compiled(x).item() == 10 + 0
+    assert compiled(x).item() == 10 + 3
+    assert counter.frame_count == 2  # one graph per outer block name, the first reused
+    assert _backend._scope_stack == []
+
+
+def test_use_backend_is_exported():
+    assert dit_fast.use_backend is use_backend
