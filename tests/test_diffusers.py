@@ -340,7 +340,7 @@ def _padding(sk=19):
 MASKS = {
     "bool (B, 1, 1, Sk)": lambda: _padding()[:, None, None, :],
     "bool (B, Sk)": lambda: _padding(),
-    "LTX additive (B, heads, 1, Sk)": lambda: ((1 - _padding().float()) * -10000.0)[:, None, None, :].repeat(1, 3, 1, 1),
+    "LTX additive (B, heads, 1, Sk)": lambda: ((1 - _padding().float()) * -10000.0)[:, None, None].repeat(1, 3, 1, 1),
     "bf16-rounded -9984": lambda: ((1 - _padding().float()) * -9984.0)[:, None, None, :],
     "bool broadcast over batch (1, 1, Sq, Sk)": lambda: _padding()[1][None, None, None, :].expand(1, 1, 37, 19),
 }

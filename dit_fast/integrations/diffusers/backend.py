@@ -248,7 +248,8 @@ def _cp_backward_op(ctx, grad_out, *args, query=None, key=None, value=None, out=
     value = saved_v if value is None else value
     out = saved_out if out is None else out.to(saved_out.dtype)
     lse = saved_lse if lse is None else lse
-    return attention_block_backward(query, key, value, out, lse.transpose(1, 2).float(), grad_out.to(query.dtype),
+    lse = lse.transpose(1, 2).float().contiguous()  # (B, heads, Sq)
+    return attention_block_backward(query, key, value, out, lse, grad_out.to(query.dtype),
                                     key_padding_mask=ctx.dit_fast_mask, scale=ctx.dit_fast_scale)
 
 

@@ -126,9 +126,8 @@ def patch(model: HunyuanVideoTransformer3DModel, backend: str = "auto") -> Hunyu
     grid = P.record_grid(model, lambda args, kwargs: P.video_grid(P.input_of(args, kwargs, "hidden_states", 0),
                                                                   patch_size))
     attention = [m for m in model.modules() if isinstance(getattr(m, "processor", None), HunyuanVideoAttnProcessor2_0)]
-    processors = P.set_processors(
-        attention, lambda attn: HunyuanVideoProcessor(attn.processor, backend, grid, rope_theta=float(config.rope_theta),
-                                                      rope_split=tuple(config.rope_axes_dim)))
+    processors = P.set_processors(attention, lambda attn: HunyuanVideoProcessor(
+        attn.processor, backend, grid, rope_theta=float(config.rope_theta), rope_split=tuple(config.rope_axes_dim)))
     counts = {"processors": processors, "blocks": 0}
     for block in model.transformer_blocks:
         if type(block) is HunyuanVideoTransformerBlock:
