@@ -354,3 +354,36 @@ def test_theta_at_the_edges_gives_finite_output():
     x = torch.randn(1, 4 * 5 * 6, 2, 24)
     for theta in (1.0, 1e300):
         assert torch.isfinite(ops.apply_rope_3d(x, (4, 5, 6), theta=theta, backend="torch")).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Subpackages: reachable as attributes (the README writes dit_fast.optim.GaLoreAdamW), loaded lazily.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_import_is_lazy_and_subpackages_are_attributes():
+    """In a fresh process: `import dit_fast` loads neither the models, the optimizer, the samplers nor diffusers;
+    each subpackage then loads on first attribute access."""
+    code = """
+import sys, dit_fast
+heavy = [m for m in sys.modules if m == "diffusers" or m.startswith(("diffusers.", "dit_fast.models", "dit_fast.optim",
+         "dit_fast.diffusion", "dit_fast.integrations", "dit_fast.parallel", "dit_fast.train", "galore_torch"))]
+assert not heavy, heavy
+assert dit_fast.optim.GaLoreAdamW.__name__ == "GaLoreAdamW"
+assert dit_fast.models.DiTVideo.__name__ == "DiTVideo" and dit_fast.patch is dit_fast.models.patch
+assert dit_fast.diffusion.RectifiedFlow and dit_fast.parallel and dit_fast.integrations
+assert "diffusers" not in sys.modules
+from dit_fast import optim, models  # noqa: F401
+for name in ("optim", "models", "diffusion", "patch"):
+    assert name in dir(dit_fast), name
+try:
+    dit_fast.no_such_thing
+except AttributeError as e:
+    assert "no_such_thing" in str(e)
+else:
+    raise AssertionError("no AttributeError")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
