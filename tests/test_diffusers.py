@@ -242,6 +242,26 @@ def test_patched_backward_equals_diffusers_torch_path(name):
     assert attn_grads and all(grads[k].abs().max() > 0 for k in attn_grads)
 
 
+@pytest.mark.parametrize("name", ["wan", "wan_per_token", "hunyuan_video", "cogvideox"])
+def test_patched_model_in_bf16_within_tolerance(name):
+    """bf16 weights and activations: within the tolerance rule of diffusers' own bf16 error (the adaLN ops keep
+    statistics, modulation and residual in fp32; Wan's fp32 modulation is rounded to bf16 first)."""
+    model, inputs = build(name)
+    kwargs = inputs(torch.float32, torch.Generator().manual_seed(6))
+    model64, kwargs64 = _fp64_reference(model, kwargs)
+    as16 = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+            for k, v in kwargs.items()}
+    if "image_rotary_emb" in kwargs:
+        as16["image_rotary_emb"] = kwargs["image_rotary_emb"]  # fp32 tables, as the pipeline passes them
+    model16 = copy.deepcopy(model).bfloat16()
+    with torch.no_grad():
+        ref64, ref16 = run(model64, kwargs64), run(model16, as16)
+        with dit_fast.use_backend("torch"):
+            out = run(patched_copy(model16), as16)
+    assert out.dtype == torch.bfloat16
+    assert_close_to_reference(name, out, ref64, ref16)
+
+
 def _fp64_reference(model, kwargs):
     """diffusers' model in float64 (the oracle) and in float32 (PyTorch's own error)."""
     as64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
@@ -510,3 +530,6 @@ def test_patch_rejects_unknown_models_and_second_patches():
         dit_fast.patch(DiT_models["DiT-tiny"](input_size=(2, 4, 4)))
     with pytest.raises(ValueError, match="unknown backend"):
         dit_fast.patch(build("ltx", layers=1)[0], backend="fast")
+    pipeline = type("WanPipeline", (), {"transformer": model})()
+    with pytest.raises(TypeError, match="patch pipe.transformer"):
+        dit_fast.patch(pipeline)

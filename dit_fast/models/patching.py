@@ -97,7 +97,8 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
     when no DiT block is found, for an unsupported diffusers model, a model patched before, or a DiTVideo.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        hint = "; for a diffusers pipeline, patch pipe.transformer" if hasattr(model, "transformer") else ""
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}{hint}")
     _check_not_patched(model)
     if is_diffusers_model(model):  # imported only for diffusers models: `import dit_fast` never imports diffusers
         from dit_fast.integrations import diffusers as diffusers_integration
