@@ -437,6 +437,9 @@ def test_backend_falls_back_for_gqa_head_dim_and_float64(monkeypatch):
     q, k, v = _qkv(d=20)
     with pytest.warns(RuntimeWarning, match="head dim 20"):
         dd.dit_fast_attention(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the same kind of reason: warned already
+        dd.dit_fast_attention(*_qkv(d=36))
     q, k, v = _qkv(dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="float64"):
         dd.dit_fast_attention(q, k, v)

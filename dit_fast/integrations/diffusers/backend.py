@@ -18,9 +18,10 @@ cross-attention keys, fp32 / fp16 / bf16):
     diffusers' ring merge turns a fully masked first block into a NaN LSE.
 Everything else (dropout, causal, grouped-query heads, float biases, per-head or per-query masks,
 rows with no visible key, float64, other head dims) runs diffusers' native attention, with one
-RuntimeWarning per reason: never a silently different result.
+RuntimeWarning per kind of reason: never a silently different result.
 """
 
+import re
 import warnings
 from typing import Optional, Tuple
 
@@ -97,9 +98,10 @@ _warned = set()
 
 
 def _warn_once(reason: str) -> None:
-    if reason in _warned:
+    kind = re.sub(r"[\d(].*", "", reason).strip()  # "head dim 20 (...)" and "head dim 36 (...)" are one kind
+    if kind in _warned:
         return
-    _warned.add(reason)
+    _warned.add(kind)
     warnings.warn(f"dit_fast attention backend: {reason}; such calls run diffusers' native attention "
                   "(this warning is shown once per reason)", RuntimeWarning, stacklevel=4)
 
