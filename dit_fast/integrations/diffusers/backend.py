@@ -12,10 +12,12 @@ cross-attention keys, fp32 / fp16 / bf16):
     query with at least one visible key. The masked keys' float weights, exp(<= -9000 + score
     spread), are exactly 0 in fp32, so the result is the same as the additive mask's;
   * ``return_lse``: the log-sum-exp in diffusers' layout (B, Sq, heads), fp32;
-  * context parallelism: Ulysses and ring through diffusers' templated CP functions, with forward /
-    backward ops on dit_fast.parallel.attention_parts (LSE-carrying blocks). Under ring attention a
-    key-padding mask (LTX's split text) is handled by gathering the (short) masked keys instead:
-    diffusers' ring merge turns a fully masked first block into a NaN LSE.
+  * context parallelism: self-attention through diffusers' Ulysses / ring / unified templates, with
+    forward / backward ops on dit_fast.parallel.attention_parts (LSE-carrying blocks). Sharded
+    cross-attention keys (LTX's text) and masked ring attention are gathered over the CP mesh
+    instead, each rank attending with its own queries: diffusers' Ulysses backward assumes as many
+    keys as queries, and its ring merge turns a fully masked first block into a NaN LSE. Mask checks
+    are combined over the mesh (one all-reduce), so every rank takes the same path.
 Everything else (dropout, causal, grouped-query heads, float biases, per-head or per-query masks,
 rows with no visible key, float64, other head dims) runs diffusers' native attention, with one
 RuntimeWarning per kind of reason: never a silently different result.
