@@ -139,7 +139,29 @@ def attention_divisible(fn, head_dim: int, heads: int = 16, seq_len: int = 16384
             if not p.is_constexpr and (p.name.endswith("_ptr") or values.get(p.name, 1) % 16 == 0)]
 
 
+def _import_triton_kernels():
+    """dit_fast.triton_kernels, also where dit_fast is not installed (another venv's Triton with this
+    checkout on PYTHONPATH): setup.py maps the package to triton_kernels/, which PYTHONPATH cannot."""
+    import importlib
+    import importlib.util
+
+    try:
+        return importlib.import_module("dit_fast.triton_kernels")
+    except ModuleNotFoundError:
+        import dit_fast
+
+        root = Path(__file__).resolve().parent.parent / "triton_kernels"
+        spec = importlib.util.spec_from_file_location("dit_fast.triton_kernels", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        dit_fast.triton_kernels = module
+        return module
+
+
 def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str], configs) -> List[dict]:
+    _import_triton_kernels()
     from dit_fast.triton_kernels import attention as A
 
     fns = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}

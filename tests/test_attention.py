@@ -124,15 +124,25 @@ class _CountCalls:
         return self.fn(*args, **kwargs)
 
 
+def _count_calls(monkeypatch, names):
+    """{name: _CountCalls} for kernel helpers, patched in every kernel module that looks the name up."""
+    from dit_fast.triton_kernels import attention_bwd, attention_common, attention_fwd
+
+    modules = (attention_common, attention_fwd, attention_bwd)
+    counters = {}
+    for name in names:
+        counters[name] = _CountCalls(next(getattr(m, name) for m in modules if hasattr(m, name)))
+        for module in modules:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, counters[name])
+    return counters
+
+
 @pytest.mark.skipif(HAS_GPU, reason="counts tile visits through the CPU interpreter")
 def test_window_skips_the_tiles_outside_the_window(monkeypatch):
     """Work scales with the kept tiles: forward, dk/dv and dq visit ~1/3 of the dense tile pairs for a
     window keeping 1/4 of the keys (2 of 4 frames, 3 of 6 rows; 16-token tiles span two rows of 8)."""
-    from dit_fast.triton_kernels import attention as kernels
-
-    counters = {name: _CountCalls(getattr(kernels, name)) for name in ("_fwd_tile", "_dkdv_tile", "_dq_tile")}
-    for name, counter in counters.items():
-        monkeypatch.setattr(kernels, name, counter)
+    counters = _count_calls(monkeypatch, ("_fwd_tile", "_dkdv_tile", "_dq_tile"))
     grid = (4, 6, 8)
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, 192, 192, 1, 16, torch.float32))
     visits = {}
@@ -176,12 +186,8 @@ def test_window_interior_tiles_match_reference(dtype):
 def test_window_test_skipped_on_interior_tiles(monkeypatch):
     """The per-score window test runs only on tiles at a window's edge: interior tiles cost what dense
     ones do. Grid (4, 6, 8), window (2, 3, 8), 16-token tiles (2 rows of 8)."""
-    from dit_fast.triton_kernels import attention as kernels
-
     names = ("_fwd_tile", "_dkdv_tile", "_dq_tile", "_window_allowed")
-    counters = {name: _CountCalls(getattr(kernels, name)) for name in names}
-    for name, counter in counters.items():
-        monkeypatch.setattr(kernels, name, counter)
+    counters = _count_calls(monkeypatch, names)
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, 192, 192, 1, 16, torch.float32))
     out = ops.spacetime_attention(q, k, v, (4, 6, 8), window=(2, 3, 8), backend="triton")
     torch.autograd.grad(out.sum(), (q, k, v))
@@ -255,12 +261,8 @@ def test_tile_window_matches_reference(case, dtype):
 def test_tile_window_visits_only_the_kept_tiles(monkeypatch, grid, window_tile, window):
     """Forward, dk/dv and dq each visit exactly (query tiles) x (kept key tiles per query tile) tile pairs,
     V // 16 x V // 16 blocks of 16 tokens per pair, and never test the token window."""
-    from dit_fast.triton_kernels import attention as kernels
-
     names = ("_fwd_tile", "_dkdv_tile", "_dq_tile", "_window_allowed")
-    counters = {name: _CountCalls(getattr(kernels, name)) for name in names}
-    for name, counter in counters.items():
-        monkeypatch.setattr(kernels, name, counter)
+    counters = _count_calls(monkeypatch, names)
     S = grid[0] * grid[1] * grid[2]
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, S, S, 1, 16, torch.float32))
     out = ops.spacetime_attention(q, k, v, grid, window=window, window_tile=window_tile, backend="triton")

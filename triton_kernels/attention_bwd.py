@@ -1,0 +1,334 @@
+"""Attention backward kernels (the family and its flags: attention_common.py)."""
+
+import triton
+import triton.language as tl
+
+from dit_fast.triton_kernels.attention_common import (_first_query, _grid_position, _hidden_keys, _key_span,
+                                                      _key_tiles, _keys_kept, _last_query, _load_tile_pair,
+                                                      _mask_scores, _program_coords, _query_span, _rotate,
+                                                      _tile_grid, _tile_inside_windows, _tile_order_tokens,
+                                                      _tile_ptrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (flash attention 2). With s = scale * q.k, p = exp(s - lse), o = p v and dO given:
+#   dv = p^T dO                    dp = dO v^T
+#   ds = p * (dp - delta),  delta = rowsum(dO * o)  (precomputed once per query)
+#   dq = scale * ds k              dk = scale * ds^T q
+# Two kernels, no atomics: one per key tile accumulating dk, dv over the query tiles that can see
+# it (scores computed transposed, (keys, queries)), one per query tile accumulating dq over its key
+# tiles. With RoPE, q and k are the rotated ones and dq, dk are rotated back at the end:
+# q_rot = R q  =>  dq = R^T dq_rot.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O_ptr,  # forward output, (B, S, heads, D)
+    DO_ptr,  # its gradient, (B, S, heads, D)
+    DELTA_ptr,  # out: rowsum(dO * O), (B, heads, S) fp32
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    HEADS, S, D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(S, BLOCK_M)
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // HEADS
+    h = bh % HEADS
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < S)[:, None] & (offs_d < D)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O_ptr + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO_ptr + b * stride_dob + h * stride_doh + rows * stride_dos + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA_ptr + bh * S + offs_m, delta, mask=offs_m < S)
+
+
+@triton.jit
+def _seen_delta(delta, lse):
+    """delta of the query rows, 0 for a row that saw a non-finite key (lse NaN). Such a row's p is NaN on
+    every key it sees, and delta only matters through p; but on the keys hidden from it, p = 0 by a
+    select, and 0 * (dp - NaN) would carry the NaN to those keys' dk and to dq."""
+    return tl.where(lse != lse, 0.0, delta)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, end_m, window_mask, q_base, do_base, lse_base, delta_base,
+               ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+               GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
+               HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, TILED: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
+              OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """One query tile of the dk/dv backward. EVEN: the tile lies inside the sequence."""
+    q, do, tok_q, valid_m = _load_tile_pair(start_m, end_m, q_base, do_base, ROPE_ptr, stride_qs, stride_dos,
+                                            g_off, TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W,
+                                            ROPE_DT2, ROPE_DTH2, D, BLOCK_M, BLOCK_D, HAS_ROPE, TILED, EVEN, OFFS_64,
+                                            ALIGNED)
+    lse = tl.load(lse_base + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
+    # rows without any visible key (lse = -inf) get p = 0, not exp2(-inf + inf) = NaN
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(delta_base + tok_q, mask=valid_m, other=0.0)
+    if HAS_MASK or WINDOW:
+        delta = _seen_delta(delta, lse)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M), unscaled
+    p_t = tl.math.exp2(tl.fma(s_t, qk_scale, -lse[None, :]))  # one FMA per score, whatever Triton's fusion default
+    p_t = _mask_scores(p_t, 0.0, tok_q[None, :], tok_k[:, None], valid_m[None, :], kpm_k[:, None], window_mask,
+                       GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, HAS_MASK, WINDOW, EVEN)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q_ptr, K_ptr, V_ptr,  # (B, S, heads, D) inputs of the forward
+    DO_ptr,  # grad of the output, (B, Sq, heads, D)
+    LSE_ptr,  # (B, heads, Sq) fp32, from the forward
+    DELTA_ptr,  # rowsum(dO * O), (B, heads, Sq) fp32
+    DK_ptr, DV_ptr,  # out: (B, Sk, heads, D), contiguous
+    KPM_ptr, ROPE_ptr,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_mb,
+    HEADS, GROUPS, SQ, LQ, LK, GROUP_STRIDE, TOKEN_STRIDE,
+    GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+    D: tl.constexpr, sm_scale, LQ_BUCKET, LK_BUCKET,
+    BLOCK_M: tl.constexpr,  # query tile (inner loop)
+    BLOCK_N: tl.constexpr,  # key tile (owned by the program)
+    BLOCK_D: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    TILED: tl.constexpr,  # positions in 3D-tile order, window counted in tiles (see _tile_order_tokens)
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,  # TILED's 3D tile, in tokens (1 otherwise)
+    DOT_PRECISION: tl.constexpr,
+    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
+    ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
+):
+    n_blk, b, h, g_off = _program_coords(LK, BLOCK_N, GROUPS, HEADS, GROUP_STRIDE)
+
+    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_k = offs_n < LK
+    tok_k = g_off + offs_n * TOKEN_STRIDE
+    if TILED:  # rows gathered through their tokens (full mode: group offset 0, token stride 1)
+        tok_k, valid_k = _tile_order_tokens(n_blk * BLOCK_N, BLOCK_N, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+        offs_n = tok_k
+    kv_mask = valid_k[:, None] & (offs_d[None, :] < D)
+    g_off64 = g_off.to(tl.int64)
+    k_base = K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
+    v_base = V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
+    k, v, _, _ = _load_tile_pair(n_blk * BLOCK_N, LK, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
+                                 TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
+                                 D, BLOCK_N, BLOCK_D, HAS_ROPE, TILED, False, OFFS_64, ALIGNED)
+    kpm_k = valid_k
+    if HAS_MASK:
+        kpm_k = tl.load(KPM_ptr + b * stride_mb + tok_k, mask=valid_k, other=0) != 0
+    if HAS_MASK or WINDOW:  # masked keys reach nothing through 0 * NaN in k q^T, v dO^T
+        hide = _hidden_keys(k, v, kpm_k, True, HAS_MASK, WINDOW)[:, None]
+        k = tl.where(hide, tl.zeros_like(k), k)
+        v = tl.where(hide, tl.zeros_like(v), v)
+    q_base = Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs
+    do_base = DO_ptr + b * stride_dob + h * stride_doh + g_off64 * stride_dos
+    lse_base = LSE_ptr + (b * HEADS + h) * SQ
+    delta_base = DELTA_ptr + (b * HEADS + h) * SQ
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if WINDOW:
+        first = tl.minimum(n_blk * BLOCK_N, LK - 1)
+        last = tl.minimum(n_blk * BLOCK_N + BLOCK_N, LK) - 1
+        f_lo, f_hi, r_lo, runs, c_lo, c_hi = _query_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H,
+                                                         WIN_W)
+        for f in range(f_lo, f_hi + 1):
+            for run in range(0, runs):
+                lo = (f * GRID_H + r_lo + run) * GRID_W + c_lo
+                hi = lo - c_lo + c_hi + 1
+                for start_m in range(lo, hi, BLOCK_M):
+                    window_mask = (start_m + BLOCK_M > hi) | (_tile_inside_windows(
+                        start_m, start_m + BLOCK_M - 1, first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W) == 0)
+                    dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, hi, window_mask, q_base, do_base, lse_base,
+                                        delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                        GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                        ROPE_DT2, ROPE_DTH2, BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED,
+                                        DOT_PRECISION, False, OFFS_64, ALIGNED)
+    elif TILED:
+        # every token of the query tiles whose window of tiles contains this key tile: along each axis the
+        # tiles _first_query.._last_query; those of a (t, h) tile row are one run of positions
+        V, TILES_T, TILES_H, TILES_W = _tile_grid(GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+        ka, kb, kc = _grid_position((n_blk * BLOCK_N) // V, TILES_H, TILES_W)
+        qc0, qc1 = _first_query(kc, WIN_W, TILES_W), _last_query(kc, WIN_W, TILES_W)
+        for qa in range(_first_query(ka, WIN_T, TILES_T), _last_query(ka, WIN_T, TILES_T) + 1):
+            for qb in range(_first_query(kb, WIN_H, TILES_H), _last_query(kb, WIN_H, TILES_H) + 1):
+                row = (qa * TILES_H + qb) * TILES_W
+                for start_m in range((row + qc0) * V, (row + qc1 + 1) * V, BLOCK_M):
+                    dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, LQ, False, q_base, do_base, lse_base,
+                                        delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                        GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
+                                        ROPE_DTH2, BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION,
+                                        False, OFFS_64, ALIGNED)
+    else:
+        m_full = LQ - LQ % BLOCK_M
+        for start_m in range(0, m_full, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, start_m, LQ, False, q_base, do_base, lse_base,
+                                delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                ROPE_DT2, ROPE_DTH2, BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION,
+                                True, OFFS_64, ALIGNED)
+        if m_full < LQ:
+            dk, dv = _dkdv_tile(dk, dv, k, v, tok_k, kpm_k, m_full, LQ, False, q_base, do_base, lse_base,
+                                delta_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, D, qk_scale,
+                                GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                ROPE_DT2, ROPE_DTH2, BLOCK_M, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION,
+                                False, OFFS_64, ALIGNED)
+
+    dk = dk * sm_scale
+    if HAS_ROPE:
+        dk = _rotate(dk, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
+    out_base = b * stride_dkb + h * stride_dkh + g_off64 * stride_dks  # dk and dv share the layout
+    tl.store(_tile_ptrs(DK_ptr + out_base, offs_n, TOKEN_STRIDE, stride_dks, offs_d, OFFS_64, ALIGNED),
+             dk.to(DK_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile_ptrs(DV_ptr + out_base, offs_n, TOKEN_STRIDE, stride_dks, offs_d, OFFS_64, ALIGNED),
+             dv.to(DV_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, tok_q, start_n, end_n, window_mask, k_base, v_base, kpm_base, ROPE_ptr,
+             stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+             GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
+             HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, TILED: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, EVEN: tl.constexpr,
+              OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """One key tile of the dq backward. EVEN: the tile lies inside the sequence."""
+    k, v, tok_k, valid_n = _load_tile_pair(start_n, end_n, k_base, v_base, ROPE_ptr, stride_ks, stride_vs, g_off,
+                                           TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
+                                           ROPE_DTH2, D, BLOCK_N, BLOCK_D, HAS_ROPE, TILED, EVEN, OFFS_64, ALIGNED)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled
+    key_ok = _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK)
+    p = tl.math.exp2(tl.fma(s, qk_scale, -lse[:, None]))  # one FMA per score, whatever Triton's fusion default
+    p = _mask_scores(p, 0.0, tok_q[:, None], tok_k[None, :], valid_n[None, :], key_ok[None, :], window_mask,
+                     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, HAS_MASK, WINDOW, EVEN)
+    if HAS_MASK or WINDOW:  # masked keys reach nothing through 0 * NaN in dO v^T or ds k
+        hide = _hidden_keys(k, v, key_ok, window_mask, HAS_MASK, WINDOW)[:, None]
+        k = tl.where(hide, tl.zeros_like(k), k)
+        v = tl.where(hide, tl.zeros_like(v), v)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q_ptr, K_ptr, V_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+    DQ_ptr,  # out: (B, Sq, heads, D), contiguous
+    KPM_ptr, ROPE_ptr,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_mb,
+    HEADS, GROUPS, SQ, LQ, LK, GROUP_STRIDE, TOKEN_STRIDE,
+    GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
+    D: tl.constexpr, sm_scale, LQ_BUCKET, LK_BUCKET,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    TILED: tl.constexpr,  # positions in 3D-tile order, window counted in tiles (see _tile_order_tokens)
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,  # TILED's 3D tile, in tokens (1 otherwise)
+    DOT_PRECISION: tl.constexpr,
+    OFFS_64: tl.constexpr,  # int64 element offsets inside a group (see _tile_ptrs)
+    ALIGNED: tl.constexpr,  # every pointer and stride a multiple of 16 bytes (see _tile_ptrs)
+):
+    m_blk, b, h, g_off = _program_coords(LQ, BLOCK_M, GROUPS, HEADS, GROUP_STRIDE)
+
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_m = offs_m < LQ
+    tok_q = g_off + offs_m * TOKEN_STRIDE
+    if TILED:  # rows gathered through their tokens (full mode: group offset 0, token stride 1)
+        tok_q, valid_m = _tile_order_tokens(m_blk * BLOCK_M, BLOCK_M, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
+        offs_m = tok_q
+    q_mask = valid_m[:, None] & (offs_d[None, :] < D)
+    g_off64 = g_off.to(tl.int64)
+    q_base = Q_ptr + b * stride_qb + h * stride_qh + g_off64 * stride_qs
+    do_base = DO_ptr + b * stride_dob + h * stride_doh + g_off64 * stride_dos
+    q, do, _, _ = _load_tile_pair(m_blk * BLOCK_M, LQ, q_base, do_base, ROPE_ptr, stride_qs, stride_dos, g_off,
+                                  TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
+                                  ROPE_DTH2, D, BLOCK_M, BLOCK_D, HAS_ROPE, TILED, False, OFFS_64, ALIGNED)
+    lse = tl.load(LSE_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0)
+    if HAS_MASK or WINDOW:
+        delta = _seen_delta(delta, lse)
+    k_base = K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
+    v_base = V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
+    kpm_base = KPM_ptr + b * stride_mb
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if WINDOW:
+        first = tl.minimum(m_blk * BLOCK_M, LQ - 1)
+        last = tl.minimum(m_blk * BLOCK_M + BLOCK_M, LQ) - 1
+        f_lo, f_hi, r_lo, runs, c_lo, c_hi = _key_span(first, last, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W)
+        for f in range(f_lo, f_hi + 1):
+            for run in range(0, runs):
+                lo = (f * GRID_H + r_lo + run) * GRID_W + c_lo
+                hi = lo - c_lo + c_hi + 1
+                for start_n in range(lo, hi, BLOCK_N):
+                    window_mask = (start_n + BLOCK_N > hi) | (_tile_inside_windows(
+                        first, last, start_n, start_n + BLOCK_N - 1, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W) == 0)
+                    dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, hi, window_mask, k_base, v_base, kpm_base,
+                                  ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                  GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W,
+                                  ROPE_DT2, ROPE_DTH2, BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED,
+                                  DOT_PRECISION, False, OFFS_64, ALIGNED)
+    elif TILED:  # the forward's key tiles (see _attn_fwd_kernel)
+        V, TILES_H, TILES_W, ka0, kb0, kc0 = _key_tiles(m_blk * BLOCK_M, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H,
+                                                        WIN_W, TILE_T, TILE_H, TILE_W)
+        for ka in range(ka0, ka0 + WIN_T):
+            for kb in range(kb0, kb0 + WIN_H):
+                lo = ((ka * TILES_H + kb) * TILES_W + kc0) * V
+                for start_n in range(lo, lo + WIN_W * V, BLOCK_N):
+                    dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, LK, False, k_base, v_base, kpm_base,
+                                  ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                                  GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2,
+                                  ROPE_DTH2, BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION,
+                                  False, OFFS_64, ALIGNED)
+    else:
+        n_full = LK - LK % BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, tok_q, start_n, LK, False, k_base, v_base, kpm_base,
+                          ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                          GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
+                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION, True, OFFS_64, ALIGNED)
+        if n_full < LK:
+            dq = _dq_tile(dq, q, do, lse, delta, tok_q, n_full, LK, False, k_base, v_base, kpm_base,
+                          ROPE_ptr, stride_ks, stride_vs, g_off, TOKEN_STRIDE, D, qk_scale,
+                          GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2,
+                          BLOCK_N, BLOCK_D, HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION, False, OFFS_64, ALIGNED)
+
+    dq = dq * sm_scale
+    if HAS_ROPE:
+        dq = _rotate(dq, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, True)
+    dq_base = DQ_ptr + b * stride_dqb + h * stride_dqh + g_off64 * stride_dqs
+    tl.store(_tile_ptrs(dq_base, offs_m, TOKEN_STRIDE, stride_dqs, offs_d, OFFS_64, ALIGNED),
+             dq.to(DQ_ptr.dtype.element_ty),
+             mask=q_mask)
