@@ -64,10 +64,13 @@ def _extend_str_enum(enum_cls, name: str, value: str):
     member.__objclass__ = enum_cls
     if hasattr(next(iter(enum_cls)), "_sort_order_"):
         member._sort_order_ = len(enum_cls._member_names_)
-    enum_cls._member_map_[name] = member
+    if hasattr(enum_cls, "_add_member_"):  # Python 3.13+: the class attribute and _member_map_
+        enum_cls._add_member_(name, member)
+    else:
+        type.__setattr__(enum_cls, name, member)
+        enum_cls._member_map_[name] = member
     enum_cls._value2member_map_[value] = member
     enum_cls._member_names_.append(name)
-    type.__setattr__(enum_cls, name, member)  # EnumType.__setattr__ refuses new member names
     return member
 
 
