@@ -1,13 +1,18 @@
 """Build script for dit_fast.
 
 The Python package installs everywhere. The CUDA extension ``dit_fast._C`` is built from
-``csrc/`` only where nvcc is found and ``DIT_FAST_BUILD_CUDA`` allows it:
+``csrc/`` only where nvcc is found and it is wanted:
 
   DIT_FAST_BUILD_CUDA=0      never build it (Triton and PyTorch backends still work)
   DIT_FAST_BUILD_CUDA=1      build it, and fail the install if that is impossible
-  (unset)                    build it when nvcc is found, otherwise skip with a message; a failed
-                             build warns and installs without it
-  DIT_FAST_CUDA_ARCHS="90a;80"   architectures to compile for (default: sm_90a for H100/H200, sm_80)
+  DIT_FAST_CUDA_ARCHS="90a;80"   architectures to compile for (default: sm_90a for H100/H200, sm_80);
+                             setting it also asks for the build (a container built without a GPU)
+  (neither)                  build it when nvcc is found and a GPU is visible (nvidia-smi -L, or
+                             /dev/nvidia*), otherwise skip it with a line saying how to force it; a
+                             failed build warns and installs without it
+
+``python setup.py --cuda-plan`` prints that decision in one line without building anything (and
+without setuptools: scripts/install.sh says it before pip runs).
 
 The extension is torch-free: kernels take raw pointers, sizes and a cudaStream_t, and a
 pybind11 layer exposes them. Building therefore needs no torch headers (the CPU wheel's are
@@ -24,15 +29,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from setuptools import Extension, setup
-from setuptools.command.build_ext import build_ext
-
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+DEFAULT_ARCHS = "90a;80"
+YES, NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def cuda_archs():
-    archs = os.environ.get("DIT_FAST_CUDA_ARCHS", "90a;80")
+    archs = os.environ.get("DIT_FAST_CUDA_ARCHS", "").strip() or DEFAULT_ARCHS
     return [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
 
 
@@ -56,34 +60,64 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+def gpu_visible() -> bool:
+    """An NVIDIA GPU this process could use: nvidia-smi lists one (or, without nvidia-smi, a
+    /dev/nvidiaN node exists), and CUDA_VISIBLE_DEVICES does not hide them all. No torch needed."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+            return out.returncode == 0 and "GPU" in out.stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def cuda_build_plan():
+    """(nvcc or None, forced, one line saying what the install does with the CUDA extension and why)."""
+    mode = os.environ.get("DIT_FAST_BUILD_CUDA", "auto").strip().lower()
+    archs_asked = bool(os.environ.get("DIT_FAST_CUDA_ARCHS", "").strip())
+    forced = mode in YES
+    if mode in NO:
+        return None, False, "dit_fast: DIT_FAST_BUILD_CUDA=0, skipping the CUDA extension"
+    nvcc = find_nvcc()
+    if nvcc is None:
+        if forced:
+            raise RuntimeError("DIT_FAST_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        return None, False, ("dit_fast: CUDA toolkit is not available. Skipping compilation of CUDA extensions "
+                             "(the Triton and PyTorch backends work without it)")
+    if not list(CSRC.glob("*.cu")):
+        return None, False, "dit_fast: no CUDA sources in csrc/, nothing to build"
+    why = ("DIT_FAST_BUILD_CUDA=1" if forced else "DIT_FAST_CUDA_ARCHS is set" if archs_asked
+           else "a GPU is visible" if gpu_visible() else None)
+    if why is None:
+        return None, False, ("dit_fast: no GPU visible, skipping the CUDA extension (nvcc is here: "
+                             "DIT_FAST_BUILD_CUDA=1 or DIT_FAST_CUDA_ARCHS=\"90a;80\" builds it anyway)")
+    return nvcc, forced, (f"dit_fast: building the CUDA extension for sm_{', sm_'.join(cuda_archs())} ({why}; "
+                          f"a few minutes, one nvcc per file)")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--cuda-plan"]:
+    print(cuda_build_plan()[2])
+    sys.exit(0)
+
+from setuptools import Extension, setup  # noqa: E402  (after --cuda-plan, which must run without setuptools)
+from setuptools.command.build_ext import build_ext  # noqa: E402
+
+
 class BuildCudaExtension(build_ext):
     """Compiles csrc/*.cu and csrc/*.cpp with nvcc and links them into dit_fast/_C."""
 
     def run(self):
         # Decide once whether to build; when skipping, drop the extension so that setuptools
         # (editable installs included) does not look for a library that was never made.
-        self.nvcc = self._nvcc_if_building()
-        self.forced = os.environ.get("DIT_FAST_BUILD_CUDA", "auto").strip().lower() in ("1", "true", "yes", "on")
+        self.nvcc, self.forced, plan = cuda_build_plan()
+        print(plan)
         if self.nvcc is None:
             self.extensions = []
         super().run()
-
-    @staticmethod
-    def _nvcc_if_building():
-        mode = os.environ.get("DIT_FAST_BUILD_CUDA", "auto").strip().lower()
-        if mode in ("0", "false", "no", "off"):
-            print("dit_fast: DIT_FAST_BUILD_CUDA=0, skipping the CUDA extension")
-            return None
-        nvcc = find_nvcc()
-        if nvcc is None:
-            if mode in ("1", "true", "yes", "on"):
-                raise RuntimeError("DIT_FAST_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME)")
-            print("dit_fast: CUDA toolkit is not available. Skipping compilation of CUDA extensions")
-            return None
-        if not list(CSRC.glob("*.cu")):
-            print("dit_fast: no CUDA sources in csrc/, nothing to build")
-            return None
-        return nvcc
 
     def build_extension(self, ext):
         start = time.time()

@@ -361,3 +361,30 @@ def test_bench_hands_every_argument_to_the_benchmarks(monkeypatch):
     assert main(["bench", "--help"]) == 0 and main(["bench", "--quick", "--ops", "rope"]) == 0
     assert calls == [[sys.executable, bench_runner(), "--help"], [sys.executable, bench_runner(), "--quick", "--ops", "rope"]]
     assert os.path.exists(bench_runner())
+
+
+# --------------------------------------------------------------------------------------------
+# The demo's install: setup.py builds the CUDA extension only where a GPU is visible or it is asked for
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, plan", [
+    ({}, "no GPU visible, skipping the CUDA extension (nvcc is here: DIT_FAST_BUILD_CUDA=1"),
+    ({"DIT_FAST_CUDA_ARCHS": "90a"}, "building the CUDA extension for sm_90a (DIT_FAST_CUDA_ARCHS is set"),
+    ({"DIT_FAST_BUILD_CUDA": "1"}, "building the CUDA extension for sm_90a, sm_80 (DIT_FAST_BUILD_CUDA=1"),
+    ({"DIT_FAST_BUILD_CUDA": "0", "DIT_FAST_CUDA_ARCHS": "90a"}, "DIT_FAST_BUILD_CUDA=0, skipping"),
+], ids=["nothing asked", "archs asked", "forced", "off"])
+def test_cuda_build_plan(tmp_path, env, plan):
+    """`python setup.py --cuda-plan` (what scripts/install.sh prints first), with an nvcc and no visible GPU."""
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\nexit 1\n")
+    nvcc.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DIT_FAST_")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "setup.py", "--cuda-plan"], cwd=root, capture_output=True, text=True,
+                         env={**clean, "CUDA_HOME": str(tmp_path / "cuda"), "CUDA_VISIBLE_DEVICES": "", **env},
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1 and plan in lines[0], lines
