@@ -1,0 +1,486 @@
+"""Which implementation an attention call with backend "auto" runs on a GPU: ours or torch's own best.
+
+"auto" must never be slower than what a user would get from PyTorch alone, so on a GPU it times our
+Triton kernel against torch's fastest way to compute the same call, once per call class, and runs the
+winner:
+
+    impl            what runs                                                     for
+    "triton"        our kernel (torch.ops.dit_fast.attention_fwd)                 every call
+    "sdpa"          F.scaled_dot_product_attention (SDPA's own dispatch: cuDNN,   attention(), spacetime mode="full"
+                    flash, efficient); key padding as a boolean mask
+    "sdpa_grouped"  SDPA over frames (spatial: a view, no copy) or (h, w) columns mode="spatial" / "temporal"
+                    (temporal: permute + copy in and out)
+    "flex"          FlexAttention (torch.compile'd on a GPU) on tokens permuted   window= / window_tile=
+                    to 3D-tile order, with a block mask built once per
+                    (grid, window, window_tile, device)
+    "reference"     attention_reference (CPU, float64)
+
+A call class (the cache key) is: device, dtype, head dim, the power-of-two classes of B * heads, Sq and
+Sk, key padding or not, the grid, mode, window and tile exactly, return_lse, rope_in_kernel, and
+whether gradients are needed (then forward + backward is timed, else the forward).
+
+Consistency: the winner runs as ordinary PyTorch code, so autograd differentiates whichever forward
+ran (SDPA's or Flex's backward, or our registered one). With return_lse=True SDPA is not a candidate
+(it returns no log-sum-exp; computing one would materialise the (Sq, Sk) scores), Flex is (it returns
+one). rope_in_kernel=True asks for our fused kernel: it is the only candidate. Masked inputs, as in
+our kernels: a masked key or value never influences anything, whatever its values (NaN, inf). SDPA
+with key padding gets the padded rows zeroed first (a visible non-finite key or value then shows in
+its queries' outputs as SDPA computes it); Flex, whose partly masked blocks multiply masked values
+by 0, gets the non-finite rows zeroed and a NaN score bias on them (Flex turns a masked score into
+-inf, so only the queries that may see such a key return NaN).
+
+When nothing is timed: on CPU ("auto" is the reference), under torch.compile tracing (the graph gets
+the plan measured before compiling, else our kernel: call the model once eagerly, or attention_plan()
+for each shape, before compiling to have the winner compiled in), and during CUDA graph capture (our
+kernel, not cached).
+
+``dit_fast.ops.attention_plan(q, k, v, ...)`` (the function ``attention_plan`` below, re-exported by
+dit_fast.ops; this module is ``dit_fast.ops.attention_plan`` in sys.modules) says which implementation
+a call would run and why; the first choice of each class is also logged at DEBUG level on the
+"dit_fast" logger. Tests inject timings with ``set_timer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dit_fast import _backend
+
+log = logging.getLogger("dit_fast")
+
+IMPLS = ("triton", "sdpa", "sdpa_grouped", "flex", "reference")
+
+
+class Call(NamedTuple):
+    """The arguments of an attention call besides q, k, v and the key padding mask, after validation.
+    grid None: attention(); else spacetime_attention() (q, k already rotated unless rope_in_kernel)."""
+    scale: float
+    return_lse: bool = False
+    grid: Optional[Tuple[int, int, int]] = None
+    mode: str = "full"
+    window: Optional[Tuple[int, int, int]] = None
+    window_tile: Optional[Tuple[int, int, int]] = None
+    rope_in_kernel: bool = False
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What an attention call runs. impl: one of IMPLS; reason: why, in words; times_ms: the
+    measured candidates (fwd, or fwd+bwd when gradients are needed), None when nothing was timed."""
+    impl: str
+    reason: str
+    times_ms: Optional[Dict[str, float]] = None
+
+    def __str__(self) -> str:
+        return f"{self.impl} ({self.reason})"
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's candidates. Each takes (q, k, v) (B, S, heads, D), the key padding mask (B, Sk) or None,
+# and the Call; returns out (B, Sq, heads, D), or (out, lse (B, heads, Sq) fp32) with return_lse.
+# ---------------------------------------------------------------------------------------------
+
+
+def _heads_first(t: Tensor) -> Tensor:
+    return t.transpose(1, 2)  # (B, S, heads, D) -> (B, heads, S, D), a view
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) -> Tensor:
+    """Dense attention through SDPA's dispatch. With key padding the masked key rows are zeroed first
+    (SDPA's math path adds -inf to a NaN score: NaN; and 0 * NaN is NaN), and a query of a batch
+    without any visible key gets zeros, as in attention_reference and our kernel."""
+    if mask is None:
+        out = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), scale=call.scale)
+        return out.transpose(1, 2)
+    hide = ~mask[:, :, None, None]  # (B, Sk, 1, 1)
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    k, v = torch.where(hide, zero, k), torch.where(hide, zero, v)
+    has_key = mask.any(-1)[:, None, None, None]  # (B, 1, 1, 1)
+    attn_mask = mask[:, None, None, :] | ~has_key  # (B, 1, 1, Sk); no key: attend to the zeros, then zero
+    out = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), attn_mask=attn_mask,
+                                         scale=call.scale)  # (B, heads, Sq, D)
+    out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.transpose(1, 2)
+
+
+def sdpa_grouped(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) -> Tensor:
+    """Spatial: each frame is a batch entry (a view of the raster layout, no copy). Temporal: each
+    (h, w) column is one (a permute and a copy in, one out), as video DiTs write it."""
+    B, S, heads, D = q.shape
+    T, H, W = call.grid
+    if call.mode == "spatial":
+        def group(t):  # (B, S, heads, D) -> (B * T, heads, H * W, D)
+            return t.reshape(B * T, H * W, heads, D).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(group(q), group(k), group(v), scale=call.scale)
+        return out.transpose(1, 2).reshape(B, S, heads, D)
+
+    def group(t):  # (B, S, heads, D) -> (B * H * W, heads, T, D)
+        return t.reshape(B, T, H * W, heads, D).transpose(1, 2).reshape(B * H * W, T, heads, D).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(group(q), group(k), group(v), scale=call.scale)  # (B*H*W, heads, T, D)
+    return out.transpose(1, 2).reshape(B, H * W, T, heads, D).transpose(1, 2).reshape(B, S, heads, D)
+
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention
+    except ImportError:  # torch < 2.5
+        return None
+    return flex_attention
+
+
+_flex_layouts: Dict[tuple, tuple] = {}
+
+
+def flex_layout(grid: Sequence[int], window: Sequence[int], window_tile: Optional[Sequence[int]], device):
+    """(perm, inverse, block_mask) for a window: perm (S,) the raster token at each position of the
+    3D-tile order (tiles in raster order, tokens in raster order inside a tile, edge tiles partial),
+    inverse its inverse, and Flex's block mask of the window on tokens in that order. Tile order keeps
+    a window's keys in few 128-token blocks (Sliding Tile Attention's layout); the tile is window_tile,
+    or (2, 8, 8) (clamped to the grid) for a token window. Built once per (grid, window, tile, device)."""
+    key = (tuple(grid), tuple(window), None if window_tile is None else tuple(window_tile), str(device))
+    if key not in _flex_layouts:
+        _flex_layouts[key] = _build_flex_layout(grid, window, window_tile, device)
+    return _flex_layouts[key]
+
+
+def _build_flex_layout(grid, window, window_tile, device):
+    from dit_fast.ops.rope import grid_positions
+
+    fa = _flex_module()
+    T, H, W = grid
+    tile = tuple(window_tile) if window_tile is not None else (min(T, 2), min(H, 8), min(W, 8))
+    pos = grid_positions(grid, device)  # (S, 3) raster (t, h, w)
+    tiles = [-(-n // t) for n, t in zip(grid, tile)]
+    unit = pos // torch.tensor(tile, device=device)  # tile coordinates
+    tile_id = (unit[:, 0] * tiles[1] + unit[:, 1]) * tiles[2] + unit[:, 2]
+    perm = torch.sort(tile_id, stable=True).indices  # (S,)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=device)
+    if window_tile is not None:  # the window rule on tile coordinates, in tiles (spacetime_mask)
+        coords, sizes, lengths = unit[perm], [w // t for w, t in zip(window, tile)], tiles
+    else:
+        coords, sizes, lengths = pos[perm], list(window), list(grid)
+    coords = [coords[:, a].contiguous() for a in range(3)]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = None
+        for c, size, length in zip(coords, sizes, lengths):
+            start = torch.clamp(c[q_idx] - (size - 1) // 2, 0, length - size)
+            inside = (c[kv_idx] >= start) & (c[kv_idx] < start + size)
+            keep = inside if keep is None else keep & inside
+        return keep
+
+    S = perm.numel()
+    block_mask = fa.create_block_mask(mask_mod, None, None, S, S, device=device)
+    return perm, inverse, block_mask
+
+
+def _flex_call(qh, kh, vh, bias, block_mask, scale: float, return_lse: bool):
+    """flex_attention with a per-key score bias (0, or NaN on a non-finite key or value row)."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h, kv_idx]
+
+    fa = _flex_module()
+    if not return_lse:
+        return fa.flex_attention(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    if hasattr(fa, "AuxRequest"):  # torch >= 2.9; return_lse= is deprecated there
+        out, aux = fa.flex_attention(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                     return_aux=fa.AuxRequest(lse=True))
+        return out, aux.lse
+    return fa.flex_attention(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
+
+
+_compiled_flex: List[Callable] = []
+
+
+def _run_flex(qh, kh, vh, bias, block_mask, scale, return_lse):
+    if torch.compiler.is_compiling():  # inside a compiled model: Dynamo traces Flex itself
+        return _flex_call(qh, kh, vh, bias, block_mask, scale, return_lse)
+    if qh.device.type != "cuda":  # CPU: Flex's unfused eager path (tests), forward only
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            return _flex_call(qh, kh, vh, bias, block_mask, scale, return_lse)
+    if not _compiled_flex:  # Flex is only fast compiled; bias is an input, so no recompile per call
+        _compiled_flex.append(torch.compile(_flex_call, dynamic=False))
+    return _compiled_flex[0](qh, kh, vh, bias, block_mask, scale, return_lse)
+
+
+def flex(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call):
+    """FlexAttention for window / window_tile, on tokens gathered into 3D-tile order and back."""
+    perm, inverse, block_mask = flex_layout(call.grid, call.window, call.window_tile, q.device)
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))[:, perm]  # (B, S, heads), tile order
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    qp = q[:, perm]
+    kp, vp = torch.where(bad[..., None], zero, k[:, perm]), torch.where(bad[..., None], zero, v[:, perm])
+    bias = torch.where(bad, float("nan"), 0.0).transpose(1, 2).contiguous()  # (B, heads, S) fp32
+    result = _run_flex(_heads_first(qp), _heads_first(kp), _heads_first(vp), bias, block_mask, call.scale,
+                       call.return_lse)
+    out, lse = result if call.return_lse else (result, None)
+    out = out.transpose(1, 2)[:, inverse]  # (B, S, heads, D), raster order
+    return (out, lse[..., inverse].float().detach()) if call.return_lse else out
+
+
+TORCH_IMPLS: Dict[str, Callable] = {"sdpa": sdpa, "sdpa_grouped": sdpa_grouped, "flex": flex}
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing: candidates, timing, the cache.
+# ---------------------------------------------------------------------------------------------
+
+
+def candidates(call: Call) -> Tuple[Tuple[str, ...], str]:
+    """(implementations to time, a note on what was left out and why)."""
+    if call.rope_in_kernel:
+        return ("triton",), "rope_in_kernel=True asks for our fused kernel"
+    if call.grid is None or (call.mode == "full" and call.window is None):
+        torch_impl = "sdpa"
+    elif call.window is None:
+        torch_impl = "sdpa_grouped"
+    else:
+        torch_impl = "flex"
+        if _flex_module() is None:
+            return ("triton",), "FlexAttention needs torch >= 2.5"
+    if call.return_lse and torch_impl != "flex":
+        return ("triton",), "return_lse: SDPA gives no log-sum-exp, our kernel does"
+    return ("triton", torch_impl), ""
+
+
+def _default_timer(impl: str, fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds per call of fn: CUDA events on a GPU (_backend._time_ms), else perf_counter."""
+    if device.type == "cuda":
+        return _backend._time_ms(fn)
+    fn()
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - start) * 1000 / 3
+
+
+Timer = Callable[[str, Callable[[], object], torch.device], float]
+_timer: List[Timer] = [_default_timer]
+_plans: Dict[tuple, AttentionPlan] = {}
+
+
+def set_timer(timer: Optional[Timer] = None) -> Timer:
+    """Replaces how candidates are timed: timer(impl, fn, device) -> ms per call of fn (None: the default,
+    CUDA events). Returns the previous timer. Clears the cached plans. For tests and experiments."""
+    previous = _timer[0]
+    _timer[0] = timer or _default_timer
+    clear()
+    return previous
+
+
+def clear() -> None:
+    """Forgets every measured plan (the next call of each class measures again)."""
+    _plans.clear()
+
+
+def cached_plans() -> Dict[tuple, AttentionPlan]:
+    """A copy of the measured plans, by call class."""
+    return dict(_plans)
+
+
+def call_class(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) -> tuple:
+    """The cache key of a call (see the module docstring). Plain Python values: traceable by Dynamo."""
+    B, Sq, heads, D = q.shape
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (str(q.device), str(q.dtype), D, _backend.shape_class(B * heads), _backend.shape_class(Sq),
+            _backend.shape_class(k.shape[1]), mask is not None) + tuple(call[2:]) + (call.return_lse, needs_grad)
+
+
+def _device_label(device: str) -> str:
+    d = torch.device(device)
+    return torch.cuda.get_device_name(d) if d.type == "cuda" else d.type
+
+
+def _timed(impl: str, q, k, v, mask, call: Call, needs_grad: bool) -> Callable[[], object]:
+    """fn() running impl once on these inputs: the forward, or forward + backward of a random dout."""
+    if impl == "triton":
+        from dit_fast.ops.attention import attention, spacetime_attention
+
+        def run(q, k, v):
+            if call.grid is None:
+                return attention(q, k, v, scale=call.scale, key_padding_mask=mask, return_lse=call.return_lse,
+                                 backend="triton")
+            return spacetime_attention(q, k, v, list(call.grid), mode=call.mode, window=call.window,
+                                       window_tile=call.window_tile, scale=call.scale, return_lse=call.return_lse,
+                                       backend="triton")
+    else:
+        def run(q, k, v):
+            return TORCH_IMPLS[impl](q, k, v, mask, call)
+
+    if not needs_grad:
+        def forward():
+            with torch.no_grad():
+                return run(q, k, v)
+        return forward
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    dout = torch.randn_like(q)
+
+    def forward_backward():
+        for t in leaves:
+            t.grad = None
+        out = run(*leaves)
+        torch.autograd.backward(out[0] if isinstance(out, tuple) else out, dout)
+    return forward_backward
+
+
+def _measure(key: tuple, q, k, v, mask, call: Call) -> AttentionPlan:
+    names, note = candidates(call)
+    if len(names) == 1:
+        return AttentionPlan(names[0], note)
+    needs_grad = key[-1]
+    times: Dict[str, float] = {}
+    failed: Dict[str, str] = {}
+    for impl in names:
+        try:
+            times[impl] = float(_timer[0](impl, _timed(impl, q, k, v, mask, call, needs_grad), q.device))
+        except Exception as exc:  # a candidate that cannot run this call is left out, and said so
+            failed[impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("dit_fast attention auto: %s failed on %s and is left out: %s", impl, key, failed[impl])
+    if not times:
+        raise RuntimeError(f"attention auto: no implementation could run this call: {failed}")
+    best = min(times, key=times.get)
+    what = "fwd+bwd" if needs_grad else "fwd"
+    reason = "measured " + what + ": " + ", ".join(f"{n} {t:.3g} ms" for n, t in sorted(times.items(),
+                                                                                       key=lambda x: x[1]))
+    if failed:
+        reason += "; failed: " + ", ".join(f"{n} ({e})" for n, e in failed.items())
+    return AttentionPlan(best, reason, times)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _isolated(fn: Callable[[], AttentionPlan], device: torch.device) -> AttentionPlan:
+    """fn() in a fresh thread, whose autograd state is clean: the caller may be inside activation
+    checkpointing, whose saved-tensor hooks (thread-local) would capture the timed forward + backward
+    and break both. The caller's autocast state, CUDA device and stream are carried over."""
+    autocast = torch.is_autocast_enabled(device.type)
+    autocast_dtype = torch.get_autocast_dtype(device.type) if autocast else None
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    result: Dict[str, object] = {}
+
+    def run():
+        try:
+            with contextlib.ExitStack() as stack:
+                if stream is not None:
+                    stack.enter_context(torch.cuda.device(device))
+                    stack.enter_context(torch.cuda.stream(stream))
+                if autocast:
+                    stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype))
+                result["plan"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="dit_fast-attention-plan")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["plan"]
+
+
+def plan_for(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) -> AttentionPlan:
+    """The plan of an "auto" call on a GPU, measured on this call's inputs the first time its class is
+    seen (eager only: never while tracing or capturing a CUDA graph)."""
+    key = call_class(q, k, v, mask, call)
+    full_key = key + (_device_label(key[0]),)
+    plan = _plans.get(full_key)
+    if plan is not None:
+        return plan
+    if _capturing(q.device):
+        return AttentionPlan("triton", "CUDA graph capture: nothing can be timed (not cached)")
+    plan = _isolated(lambda: _measure(key, q, k, v, mask, call), q.device)
+    _plans[full_key] = plan
+    log.debug("dit_fast attention auto: %s for %s", plan, full_key)
+    return plan
+
+
+@torch.compiler.assume_constant_result
+def _compiled_choice(key: tuple) -> str:
+    """Evaluated by Dynamo once while tracing (never timed): the measured winner, else our kernel."""
+    plan = _plans.get(key + (_device_label(key[0]),))
+    if plan is None:
+        log.debug("dit_fast attention auto: triton for %s (traced by torch.compile before any measurement; "
+                  "run the call once eagerly before compiling to compile the measured winner)", key)
+        return "triton"
+    return plan.impl
+
+
+def auto(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) -> Tuple[str, object]:
+    """For the public functions, with backend "auto" resolved on a GPU: ("triton", None) when our kernel
+    should run, else (impl, the result of torch's winner)."""
+    if torch.compiler.is_compiling():
+        impl = _compiled_choice(call_class(q, k, v, mask, call))
+    else:
+        impl = plan_for(q, k, v, mask, call).impl
+    if impl == "triton":
+        return impl, None
+    return impl, TORCH_IMPLS[impl](q, k, v, mask, call)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public: dit_fast.ops.attention_plan
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_plan(q: Tensor, k: Tensor, v: Tensor, grid: Optional[Sequence[int]] = None, *, mode: str = "full",
+                   window: Optional[Sequence[int]] = None, window_tile: Optional[Sequence[int]] = None,
+                   rope=None, rope_in_kernel: bool = False, key_padding_mask: Optional[Tensor] = None,
+                   scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto") -> AttentionPlan:
+    """Which implementation ``attention(q, k, v, ...)`` (grid None) or ``spacetime_attention(q, k, v, grid,
+    ...)`` with the same arguments would run here, and why. On a GPU with backend "auto" this measures
+    the candidates if the call's class was not measured yet, exactly as the call would (and caches
+    the result, so the call then runs the winner without timing again). Gradients are taken to be
+    needed when q, k or v requires grad and grad mode is on, as for the call."""
+    import sys
+
+    from dit_fast.ops.rope import as_rope
+
+    A = sys.modules["dit_fast.ops.attention"]  # the module (dit_fast.ops.attention is the function)
+
+    A._check_qkv(q, k, v)
+    if grid is None:
+        for name, value in (("mode", mode != "full"), ("window", window), ("window_tile", window_tile),
+                            ("rope", rope), ("rope_in_kernel", rope_in_kernel)):
+            if value not in (None, False):
+                raise ValueError(f"{name} needs a grid (spacetime_attention); attention() takes only the key "
+                                 "padding mask")
+        mask = A._check_key_padding_mask(key_padding_mask, q, k)
+        call = Call(A._check_scale(scale, q.shape[-1]), bool(return_lse))
+    else:
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask is an attention() argument; spacetime_attention takes none")
+        grid = A._check_grid(grid, q, k)
+        window = A._check_mode_window(mode, window, grid, window_tile)
+        window_tile = A._check_window_tile(window_tile, window, grid)
+        as_rope(rope)
+        mask = None
+        call = Call(A._check_scale(scale, q.shape[-1]), bool(return_lse), tuple(grid), mode,
+                    None if window is None else tuple(window), None if window_tile is None else tuple(window_tile),
+                    bool(rope_in_kernel) and rope is not None)
+    requested = _backend.requested_backend(backend)
+    name = A._resolve(backend, q)
+    if name == "torch":
+        if requested == "torch":
+            return AttentionPlan("reference", "backend 'torch' requested (call, use_backend or DIT_FAST_BACKEND)")
+        if q.dtype not in A.FLOAT_DTYPES:
+            return AttentionPlan("reference", f"{q.dtype}: only the reference takes it")
+        return AttentionPlan("reference", f"auto on {q.device.type}: the PyTorch reference")
+    if name != "auto":
+        return AttentionPlan(name, f"backend {name!r} requested (call, use_backend or DIT_FAST_BACKEND)")
+    return plan_for(q, k, v, mask, call)
