@@ -195,10 +195,10 @@ def test_float64_under_auto_runs_the_reference(auto_on_cpu):
 
 def test_a_failing_candidate_is_left_out_and_said(auto_on_cpu, caplog):
     auto_on_cpu(triton=2.0, sdpa=RuntimeError("no kernel for this shape"))
-    with caplog.at_level(logging.WARNING, logger="dit_fast"):
+    with caplog.at_level(logging.INFO, logger="dit_fast"):
         plan = ops.attention_plan(*qkv())
     assert plan.impl == "triton" and "failed: sdpa (RuntimeError: no kernel for this shape)" in plan.reason
-    assert "sdpa failed" in caplog.text
+    assert "sdpa cannot run" in caplog.text
     auto_on_cpu(triton=RuntimeError("a"), sdpa=RuntimeError("b"))
     with pytest.raises(RuntimeError, match="no implementation could run this call"):
         ops.attention(*qkv())
@@ -211,6 +211,35 @@ def test_first_choice_is_logged_at_debug(auto_on_cpu, caplog):
         ops.attention(*qkv())
     lines = [r.getMessage() for r in caplog.records if "attention auto" in r.getMessage()]
     assert len(lines) == 1 and "sdpa (measured fwd" in lines[0]
+
+
+def test_gpu_candidates_add_cudnn_forced_sdpa():
+    cuda = torch.device("cuda")
+    assert P.candidates(P.Call(0.1), cuda)[0] == ("triton", "sdpa", "sdpa:cudnn")
+    spatial = P.Call(0.1, grid=(2, 2, 2), mode="spatial")
+    assert P.candidates(spatial, cuda)[0] == ("triton", "sdpa_grouped", "sdpa_grouped:cudnn")
+    assert P.candidates(spatial, torch.device("cpu"))[0] == ("triton", "sdpa_grouped")
+    window = P.Call(0.1, grid=(2, 2, 2), window=(1, 2, 2))
+    assert P.candidates(window, cuda)[0] == ("triton", "flex")
+
+
+def test_a_forced_sdpa_backend_runs_forward_and_backward():
+    """run_torch("sdpa:math") forces SDPA's math backend (on a GPU: ":cudnn"); the same function is
+    what a compiled graph holds, traced with fullgraph."""
+    q, k, v = qkv(S=12, grad=True)
+    call = P.Call(0.25, grid=(3, 2, 2), mode="temporal")
+    dout = torch.randn(2, 12, 2, 16)
+    got = P.run_torch("sdpa_grouped:math", q, k, v, None, call)
+    want = A.spacetime_attention_reference(q, k, v, (3, 2, 2), mode="temporal", scale=0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: P.run_torch("sdpa:math", q, k, v, None, P.Call(0.25)),
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), A.attention_reference(q, k, v, scale=0.25), rtol=1e-5,
+                               atol=1e-5)
+    torch._dynamo.reset()
 
 
 def test_nothing_is_timed_or_cached_during_cuda_graph_capture(auto_on_cpu, monkeypatch):
