@@ -2,8 +2,8 @@
 
     results = run_distributed(fn, world_size, tmp_path, *args, timeout_s=60)
 
-runs ``fn(rank, world_size, *args)`` in ``world_size`` fresh (spawned) processes joined by a gloo
-process group and returns the values they returned, by rank. Rules it enforces:
+runs ``fn(rank, world_size, *args)`` in ``world_size`` new processes joined by a gloo process group
+and returns the values they returned, by rank. Rules it enforces:
 
 * rendezvous through ``init_method=file://<tmp>/store`` (a FileStore): no free-port race, no TCP store
   thread in rank 0 to outlive the group;
@@ -14,10 +14,15 @@ process group and returns the values they returned, by rank. Rules it enforces:
   ``destroy_process_group``, also after an exception;
 * an exception in any rank fails the test with every failing rank's traceback.
 
-``fn`` must be a module-level function (it is pickled by name) and return something ``torch.load``
-reads with ``weights_only=True``: tensors, numbers, strings, and lists / tuples / dicts of them.
-Spawning costs seconds per process (each imports torch and dit_fast): batch several cases into one
-call. Under ``TRITON_INTERPRET=1`` the children patch the interpreter as tests/conftest.py does.
+``fn`` must be a module-level function and return something ``torch.load`` reads with
+``weights_only=True``: tensors, numbers, strings, and lists / tuples / dicts of them.
+
+Start method: "fork" by default (start_method="auto"): the children inherit the imported torch and
+dit_fast, where a spawned child spends 8-15 s importing them again on this 2-core machine (dit_fast
+imports torch._dynamo). The children only use the CPU, one thread each. "spawn" when the parent has
+initialized CUDA (a forked child cannot use it, and should not inherit it), or when asked. Batch
+several cases into one call either way. Under ``TRITON_INTERPRET=1`` the children patch the
+interpreter as tests/conftest.py does (a no-op when inherited).
 """
 
 import datetime
@@ -53,12 +58,15 @@ def _worker(rank: int, fn: Callable, world_size: int, tmp: str, timeout_s: float
         torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
 
 
-def run_distributed(fn: Callable, world_size: int, tmp_path, *args, timeout_s: float = 60.0) -> List[Any]:
+def run_distributed(fn: Callable, world_size: int, tmp_path, *args, timeout_s: float = 60.0,
+                    start_method: str = "auto") -> List[Any]:
     """fn(rank, world_size, *args) on world_size gloo processes; returns their values by rank."""
+    if start_method == "auto":
+        start_method = "spawn" if torch.cuda.is_initialized() else "fork"
     tmp = os.path.join(str(tmp_path), f"dist_{fn.__name__}_{time.monotonic_ns()}")
     os.makedirs(tmp)
     context = mp.start_processes(_worker, args=(fn, world_size, tmp, timeout_s, args), nprocs=world_size,
-                                 join=False, start_method="spawn")
+                                 join=False, start_method=start_method)
     deadline = time.monotonic() + 2 * timeout_s + 60
     try:
         while not context.join(timeout=1.0):

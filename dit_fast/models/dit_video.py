@@ -136,6 +136,10 @@ class FinalLayer(nn.Module):
 class DiTVideo(nn.Module):
     """Diffusion model with a Transformer backbone over spacetime patches of (B, C, T, H, W) inputs."""
 
+    # Set by dit_fast.parallel.sequence_parallel(model, mesh): forward then embeds, transforms and decodes
+    # only this rank's chunk of the tokens (None: one process holds every token).
+    sequence_parallel_plan = None
+
     def __init__(
         self,
         input_size=(1, 32, 32),
@@ -318,14 +322,21 @@ class DiTVideo(nn.Module):
         """x: (B, C, T, H, W); t: (B,) or per frame (B, T / pt); y: (B,) labels; text: (B, L, text_dim)."""
         grid = self._check_inputs(x, t, y, text, text_mask)
         drop_ids = self._drop_ids(x.shape[0], x.device, force_drop_ids)
-        x = self.x_embedder(x)                              # (B, N, D), N = T * H * W / (pt * ph * pw)
+        sp = self.sequence_parallel_plan
+        if sp is None:
+            x = self.x_embedder(x)                          # (B, N, D), N = T * H * W / (pt * ph * pw)
+        else:
+            x = sp.embed_patches(self.x_embedder, x, grid)  # (B, n, D): this rank's chunk of the N tokens
         if self.pos_embed is not None:
-            x = x + self.position_embedding(grid, x.device, x.dtype)  # (B, N, D)
+            pos = self.position_embedding(grid, x.device, x.dtype)  # (1, N, D)
+            x = x + (pos if sp is None else sp.shard_tokens(pos, grid))  # (B, N or n, D)
         c = self.t_embedder(t)                             # (B, D) or per frame (B, G, D)
         if self.y_embedder is not None:
             y = self.y_embedder(y, drop_ids)               # (B, D)
             c = c + (y if c.dim() == 2 else y[:, None])    # (B, [G,] D)
         block_c = self.t_block(c) if self.adaln_single else c  # (B, [G,] 6D or 9D) shared, or (B, [G,] D)
+        if sp is not None:  # per-frame conditioning: the rows of this rank's frames (or tokens)
+            c, block_c = sp.shard_groups(c, grid), sp.shard_groups(block_c, grid)
         context = context_mask = None
         if self.text_embedder is not None:
             context, context_mask = self.text_embedder(text, text_mask, drop_ids)  # (B, L, D), (B, L)
@@ -337,6 +348,10 @@ class DiTVideo(nn.Module):
             else:
                 x, gate, branch = block(x, gate, branch, block_c, grid, context, context_mask)  # (B, N, D)
         x = self.final_layer(x, gate, branch, c)           # (B, N, pt * ph * pw * out_channels)
+        if sp is not None:
+            x = sp.gather_tokens(x, grid)                  # (B, N, ...) on every rank, or this rank's tokens
+            if not sp.gather_output:
+                return x
         return self.unpatchify(x, grid)                    # (B, out_channels, T, H, W)
 
     def _drop_ids(self, batch, device, force_drop_ids):

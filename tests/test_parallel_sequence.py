@@ -1,0 +1,288 @@
+"""Sequence-parallel DiTVideo (dit_fast.parallel.sequence_parallel) equals one process: forward, the input's
+gradient and every parameter's, on 2 and 4 gloo processes (Ulysses, ring, USP 2 x 2), for full 3D attention,
+spatial/temporal blocks, 3D windows, tile windows, 3D RoPE, text cross-attention, per-frame conditioning and
+gradient checkpointing, with token counts that divide the ranks and ones that do not.
+
+Spawning a process costs seconds here, so each group of processes runs many cases (tests/dist_utils.py);
+the single-process references run in the test process. Gradients: each rank back-propagates the same
+loss through the gathered output, then reduce_gradients sums the parameter gradients over the ranks;
+the input gradients of the ranks (each its own frames) are summed here.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dit_fast.models.dit_video import DiT_tiny
+from dit_fast.ops.patchify import patchify_3d
+from dit_fast.parallel import ParallelDims, reduce_gradients, sequence_parallel
+from dit_fast.parallel import comm
+from dit_fast.parallel.ring import pair_mask, rope_on_tokens
+from dit_fast.parallel.sequence import TokenShard
+from tests.dist_utils import run_distributed
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available in this torch build")
+
+# name -> the model (DiT_tiny keywords), optional attention window / tile applied to every block, backend
+CONFIGS = {
+    # 4 frames: whole frames per rank (2 or 4 ranks), no padding
+    "full": dict(model=dict(input_size=(4, 4, 6))),
+    "st_rope_frames": dict(model=dict(input_size=(4, 4, 6), attention="spatial_temporal", pos="rope",
+                                      per_frame_timesteps=True)),
+    "window_frame_local": dict(model=dict(input_size=(4, 6, 6)), window=(1, 3, 3)),
+    # 27 tokens: 14 + 13 (one padded) on 2 ranks, 7 x 4 (one padded) on 4; frames cut across ranks
+    "st_padded": dict(model=dict(input_size=(3, 6, 6), attention="spatial_temporal", pos="both")),
+    "window_rope_padded": dict(model=dict(input_size=(3, 6, 6), pos="rope"), window=(2, 3, 3)),
+    "tile_window": dict(model=dict(input_size=(3, 8, 8)), window=(2, 4, 4), window_tile=(1, 4, 4)),
+    # 20 tokens, 5 frames: per-frame conditioning becomes one row per token; text keys replicated
+    "text_adaln_single_ckpt": dict(model=dict(input_size=(5, 4, 4), text_dim=24, adaln_single=True, qk_norm=True,
+                                              num_classes=0, per_frame_timesteps=True, gradient_checkpointing=True)),
+    "heads4": dict(model=dict(input_size=(3, 6, 6), hidden_size=64, num_heads=4, attention="spatial_temporal")),
+    # the Triton attention kernels (interpreter here): full attention, padded chunks (key padding masks on the ring)
+    "triton_padded": dict(model=dict(input_size=(3, 4, 6), depth=1), attention_backend="triton"),
+}
+
+
+def _build(cfg):
+    torch.manual_seed(0)
+    model = DiT_tiny(backend="torch", **cfg["model"])
+    for name, p in model.named_parameters():  # DiT zero-inits its output layers: random weights everywhere
+        p.data.normal_(std=0.15 if "qkv" in name else 0.05)
+    for block in model.blocks:
+        block.attn.backend = cfg.get("attention_backend", "torch")
+        block.attn.window = cfg.get("window")
+        block.attn.window_tile = cfg.get("window_tile")
+    return model.train()
+
+
+def _inputs(cfg):
+    g = torch.Generator().manual_seed(1)
+    kw = cfg["model"]
+    T, H, W = kw["input_size"]
+    x = torch.randn(2, 4, T, H, W, generator=g)
+    t = torch.rand((2, T) if kw.get("per_frame_timesteps") else (2,), generator=g) * 999
+    extra = {}
+    if kw.get("num_classes", 10):
+        extra["y"] = torch.tensor([1, 7])
+    if kw.get("text_dim"):
+        extra["text"] = torch.randn(2, 5, kw["text_dim"], generator=g)
+        extra["text_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    return x, t, extra
+
+
+def _loss_weights(shape):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(2))
+
+
+def _step(model, cfg, sp_reduce=False):
+    """Forward with CFG dropout off, a fixed weighted-sum loss, backward: (out, x.grad, {name: grad}).
+
+    A model returning its own tokens (gather_output=False) weighs them with their part of the same
+    weights: the ranks' losses add up to the single-process loss."""
+    x, t, extra = _inputs(cfg)
+    x.requires_grad_(True)
+    out = model(x, t, force_drop_ids=torch.tensor([False, True]), **extra)
+    plan = model.sequence_parallel_plan
+    if plan is None or plan.gather_output:
+        weights = _loss_weights(out.shape)
+    else:
+        out_channels = model.out_channels
+        weights = patchify_3d(_loss_weights((x.shape[0], out_channels, *x.shape[2:])), model.patch_size, order="thwc")
+        shard = plan.shard(tuple(s // p for s, p in zip(x.shape[2:], model.patch_size)))
+        weights = weights[:, shard.lo:shard.hi]  # (B, n, pt * ph * pw * C): this rank's tokens
+    (out * weights).sum().backward()
+    if sp_reduce:
+        reduce_gradients(model)
+    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _meshes(world):
+    from torch.distributed.device_mesh import init_device_mesh
+    meshes = {"ulysses": init_device_mesh("cpu", (world,), mesh_dim_names=("ulysses",)),
+              "ring": init_device_mesh("cpu", (world,), mesh_dim_names=("ring",))}
+    if world == 4:
+        meshes["usp"] = ParallelDims(world_size=4, ulysses=2, ring=2).build_mesh("cpu")
+    return meshes
+
+
+def _sp_worker(rank, world, cases):
+    """Each case (mode, config name, gather_output): out, x.grad, summed parameter grads, traffic."""
+    meshes = _meshes(world)
+    results = []
+    for mode, name, gather in cases:
+        cfg = CONFIGS[name]
+        model = sequence_parallel(_build(cfg), meshes[mode], mode, gather_output=gather)
+        with comm.count_traffic() as traffic:
+            out, x_grad, grads = _step(model, cfg, sp_reduce=True)
+        results.append(dict(out=out, x_grad=x_grad, grads=grads, traffic=dict(traffic.bytes)))
+    return results
+
+
+def _single_process(name):
+    cfg = {k: v for k, v in CONFIGS[name].items() if k != "attention_backend"}  # the reference attention
+    return _step(_build(cfg), cfg)
+
+
+def _close(name, got, want, rtol=2e-5):
+    """|got - want| <= rtol * max|want| (fp32 sums in another order; measured errors ~5e-7 relative)."""
+    scale = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err <= rtol * max(scale, 1e-3), f"{name}: max error {err:.3g}, allowed {rtol * scale:.3g}"
+
+
+def _check_case(case, per_rank, world):
+    mode, name, gather = case
+    want_out, want_xg, want_grads = _single_process(name)
+    label = f"{mode}/{name}/gather={gather}"
+    if gather:
+        for r in range(world):
+            _close(f"{label} out (rank {r})", per_rank[r]["out"], want_out)
+    else:  # the ranks' own output tokens, in chunk order, are the model's tokens
+        cfg = CONFIGS[name]
+        tokens = torch.cat([per_rank[r]["out"] for r in range(world)], dim=1)
+        grid = tuple(s // p for s, p in zip(cfg["model"]["input_size"], (1, 2, 2)))
+        _close(f"{label} reassembled out", _build(cfg).unpatchify(tokens, grid), want_out)
+    _close(f"{label} x.grad (sum over ranks)", sum(per_rank[r]["x_grad"] for r in range(world)), want_xg)
+    for pname, want in want_grads.items():
+        for r in range(world):
+            _close(f"{label} grad {pname} (rank {r})", per_rank[r]["grads"][pname], want)
+
+
+TWO_RANK_CASES = [(mode, name, True) for mode in ("ulysses", "ring") for name in (
+    "full", "st_rope_frames", "window_frame_local", "st_padded", "window_rope_padded", "tile_window",
+    "text_adaln_single_ckpt")] + [("ring", "st_padded", False), ("ulysses", "full", False),
+                                  ("ring", "triton_padded", True)]
+FOUR_RANK_CASES = [("usp", name, True) for name in (
+    "full", "st_rope_frames", "st_padded", "window_rope_padded", "text_adaln_single_ckpt")] + [
+    ("ring", "st_padded", True), ("ulysses", "heads4", True), ("usp", "window_rope_padded", False)]
+
+
+def _bad_input_worker(rank, world):
+    """Bad configurations raise the same clear error on every rank before any collective; the group stays usable."""
+    meshes = _meshes(world)
+    messages = {}
+
+    def expect(key, error, fn):
+        try:
+            fn()
+        except error as exc:
+            messages[key] = str(exc)
+        else:
+            messages[key] = "no error"
+
+    three_heads = DiT_tiny(hidden_size=48, num_heads=3, backend="torch")
+    expect("heads", ValueError, lambda: sequence_parallel(three_heads, meshes["ulysses"], "ulysses"))
+    expect("usp_1d", ValueError, lambda: sequence_parallel(DiT_tiny(backend="torch"), meshes["ring"], "usp"))
+    expect("mode", ValueError, lambda: sequence_parallel(DiT_tiny(backend="torch"), meshes["ring"], "rings"))
+    expect("type", TypeError, lambda: sequence_parallel(torch.nn.Linear(2, 2), meshes["ring"], "ring"))
+    twice = sequence_parallel(DiT_tiny(backend="torch"), meshes["ring"], "ring")
+    expect("twice", ValueError, lambda: sequence_parallel(twice, meshes["ring"], "ring"))
+    one_token = sequence_parallel(DiT_tiny(input_size=(1, 2, 2), backend="torch"), meshes["ring"], "ring")
+    expect("too_small", ValueError, lambda: one_token(torch.randn(1, 4, 1, 2, 2), torch.ones(1), torch.ones(1).long()))
+    ok = torch.ones(1)
+    dist.all_reduce(ok)  # every rank got here: nobody is stuck in a collective
+    messages["healthy"] = str(int(ok.item()))
+    return messages
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    def run():
+        return run_distributed(_two_rank_worker, 2, tmp_path_factory.mktemp("sp2"), timeout_s=60)
+    return run()
+
+
+def _two_rank_worker(rank, world):
+    return dict(cases=_sp_worker(rank, world, TWO_RANK_CASES), bad=_bad_input_worker(rank, world))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return run_distributed(_sp_worker, 4, tmp_path_factory.mktemp("sp4"), FOUR_RANK_CASES, timeout_s=60)
+
+
+@pytest.mark.parametrize("index", range(len(TWO_RANK_CASES)),
+                         ids=[f"{m}-{n}{'' if g else '-local'}" for m, n, g in TWO_RANK_CASES])
+def test_two_ranks_equal_one_process(two_ranks, index):
+    _check_case(TWO_RANK_CASES[index], [r["cases"][index] for r in two_ranks], 2)
+
+
+@pytest.mark.parametrize("index", range(len(FOUR_RANK_CASES)),
+                         ids=[f"{m}-{n}{'' if g else '-local'}" for m, n, g in FOUR_RANK_CASES])
+def test_four_ranks_equal_one_process(four_ranks, index):
+    _check_case(FOUR_RANK_CASES[index], [r[index] for r in four_ranks], 4)
+
+
+def test_bad_input_raises_the_same_clear_error_on_every_rank(two_ranks):
+    bad = [r["bad"] for r in two_ranks]
+    assert bad[0] == bad[1], "every rank must raise the same error"
+    m = bad[0]
+    assert "num_heads = 3 is not divisible by the Ulysses degree 2" in m["heads"], m["heads"]
+    assert "needs a mesh with dims named 'ring' and 'ulysses'" in m["usp_1d"], m["usp_1d"]
+    assert "mode must be one of" in m["mode"], m["mode"]
+    assert "splits a dit_fast DiTVideo, got Linear" in m["type"], m["type"]
+    assert "already sequence parallel" in m["twice"], m["twice"]
+    assert "(1, 1, 1) (1 tokens) cannot be split over 2" in m["too_small"], m["too_small"]
+    assert m["healthy"] == "2"
+
+
+def test_spatial_blocks_of_frame_sharded_models_do_not_communicate(two_ranks):
+    """Whole frames per rank: attention within frames (spatial blocks, one-frame windows) exchanges nothing;
+    only the output gather and the gradient sum move bytes."""
+    for index, (mode, name, gather) in enumerate(TWO_RANK_CASES):
+        traffic = two_ranks[0]["cases"][index]["traffic"]
+        if name == "window_frame_local":
+            assert set(traffic) == {"all_gather", "all_reduce"}, (mode, traffic)
+        if name == "st_rope_frames":  # the temporal block exchanges, the spatial one does not
+            assert traffic.get("all_to_all" if mode == "ulysses" else "ring", 0) > 0, (mode, traffic)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-process pieces (no spawning)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid,mode,window,window_tile", [
+    ((3, 4, 5), "full", None, None), ((3, 4, 5), "spatial", None, None), ((3, 4, 5), "temporal", None, None),
+    ((3, 4, 5), "full", (2, 3, 3), None), ((3, 8, 8), "full", (2, 4, 8), (1, 4, 4))])
+def test_pair_mask_is_spacetime_mask_by_global_index(grid, mode, window, window_tile):
+    from dit_fast.ops.attention import spacetime_mask
+    S = math.prod(grid)
+    want = spacetime_mask(grid, mode, window, window_tile=window_tile)
+    rows, cols = torch.arange(5, 17), torch.arange(S - 9, S + 3)  # a block of queries, keys past the end
+    got = pair_mask(grid, rows, cols, mode, window, window_tile)
+    assert torch.equal(got[:, :9], want[5:17, S - 9:]) and not got[:, 9:].any()
+
+
+def test_rope_on_tokens_uses_global_positions():
+    from dit_fast.ops.rope import RoPE3D, apply_rope_3d_reference
+    grid, x = (3, 4, 5), torch.randn(2, 60, 2, 24)
+    want = apply_rope_3d_reference(x, grid)
+    idx = torch.arange(23, 41)
+    torch.testing.assert_close(rope_on_tokens(x[:, 23:41], grid, idx, RoPE3D()), want[:, 23:41], rtol=0, atol=0)
+
+
+def test_token_shards_cover_the_grid_once():
+    for grid, degree in (((4, 2, 3), 2), ((3, 3, 3), 2), ((3, 3, 3), 4), ((5, 1, 3), 4), ((8, 2, 2), 8)):
+        shards = [TokenShard(grid, degree, i) for i in range(degree)]
+        covered = torch.cat([torch.arange(s.lo, s.hi) for s in shards])
+        assert torch.equal(covered, torch.arange(math.prod(grid))), (grid, degree)
+        assert all(s.chunk == shards[0].chunk and s.real > 0 for s in shards)
+        assert shards[0].by_frames == (grid[0] % degree == 0)
+
+
+def test_parallel_dims_check_degrees_against_the_world():
+    dims = ParallelDims(world_size=8, ulysses=2, ring=2)
+    assert (dims.dp, dims.sp, dims.sp_mode) == (2, 4, "usp")
+    assert ParallelDims(world_size=4, ring=4).sp_mode == "ring"
+    with pytest.raises(ValueError, match=r"ulysses x ring = 3 x 1 = 3 sequence-parallel ranks: 3 does not divide 8"):
+        ParallelDims(world_size=8, ulysses=3)
+    with pytest.raises(ValueError, match=r"dp x ring x ulysses = 2 x 2 x 1 = 4 must equal world_size = 8"):
+        ParallelDims(world_size=8, ring=2, dp=2)
+    with pytest.raises(ValueError, match="ulysses must be a positive int"):
+        ParallelDims(world_size=8, ulysses=0)
+    with pytest.raises(ValueError, match="num_heads = 6 is not divisible by the Ulysses degree ulysses = 4"):
+        ParallelDims(world_size=4, ulysses=4).check_heads(6)
