@@ -21,7 +21,7 @@ from dit_fast import ops
 from dit_fast._checks import check_backend, check_bool, check_choice, check_int, check_int_triple, check_number
 from dit_fast.models.embeddings import (CaptionEmbedder, LabelEmbedder, PatchEmbed3D, TimestepEmbedder,
                                         get_3d_sincos_pos_embed)
-from dit_fast.nn.attention import CrossAttention, SpacetimeAttention
+from dit_fast.nn.attention import CrossAttention, SpacetimeAttention, check_heads
 from dit_fast.ops.patchify import unpatchify_3d
 from dit_fast.ops.rope import RoPE3D
 
@@ -173,8 +173,7 @@ class DiTVideo(nn.Module):
         check_int("hidden_size", hidden_size)
         check_int("depth", depth)
         check_int("num_heads", num_heads)
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        check_heads(hidden_size, num_heads, name="hidden_size")  # divisible, into a head dim the kernels take
         if pos in ("sincos", "both") and hidden_size % 4:
             raise ValueError(f"hidden_size must be a multiple of 4 for sin-cos positions (pos={pos!r}), got {hidden_size}")
         if int(hidden_size * check_number("mlp_ratio", mlp_ratio, 0, low_open=True)) < 1:

@@ -125,6 +125,9 @@ def _check_tokens(tokens, patch, grid, video_shape):
             raise ValueError(f"video_shape {shape} needs tokens (B, S, C * pt * ph * pw) = "
                              f"({shape[0]}, S, {shape[1] * volume}), got {tuple(tokens.shape)}")
         grid = tuple(d // p for d, p in zip(dims, patch))
+        if grid[0] * grid[1] * grid[2] != S:
+            raise ValueError(f"video_shape {shape} cut into patches {patch} has {grid[0] * grid[1] * grid[2]} tokens "
+                             f"but tokens {tuple(tokens.shape)} has S = {S}")
     grid = _check_triple("grid", grid)
     if grid[0] * grid[1] * grid[2] != S:
         raise ValueError(f"grid {grid} has {grid[0] * grid[1] * grid[2]} tokens but tokens {tuple(tokens.shape)} has S = {S}")
