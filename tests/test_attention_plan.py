@@ -406,3 +406,14 @@ def test_compiled_calls_use_the_measured_winner_or_our_kernel(auto_on_cpu, kind)
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert timer.calls == ["triton", {"key_padding": "sdpa", "temporal": "sdpa_grouped", "window_tile": "flex"}[kind]]
+
+
+def test_bench_auto_cpu_smoke_runs():
+    """benchmarks/bench_auto.py --cpu-smoke: the GPU benchmark's code path on tiny CPU shapes, so it
+    cannot rot (every provider checked against the reference, auto's plan the argmin of its timings)."""
+    from benchmarks import bench_auto
+
+    summaries = bench_auto.smoke()
+    assert [(s["case"], s["variant"]) for s in summaries] == [
+        ("dense128", "fwd"), ("dense128", "fwd+bwd"), ("spatial", "fwd"), ("temporal", "fwd"), ("window_tile", "fwd")]
+    assert P._timer[0] is P._default_timer and _backend.resolve_backend.__name__ == "resolve_backend"

@@ -320,9 +320,15 @@ def call_class(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Ca
             _backend.shape_class(k.shape[1]), mask is not None) + tuple(call[2:]) + (call.return_lse, needs_grad)
 
 
+_device_labels: Dict[str, str] = {}
+
+
 def _device_label(device: str) -> str:
-    d = torch.device(device)
-    return torch.cuda.get_device_name(d) if d.type == "cuda" else d.type
+    """The device's name ("NVIDIA H200"), so that plans are per kind of GPU; cached per device."""
+    if device not in _device_labels:
+        d = torch.device(device)
+        _device_labels[device] = torch.cuda.get_device_name(d) if d.type == "cuda" else d.type
+    return _device_labels[device]
 
 
 def _timed(impl: str, q, k, v, mask, call: Call, needs_grad: bool) -> Callable[[], object]:
