@@ -143,7 +143,9 @@ def test_trajectory_matches_galore_torch(against, shape, proj_type, rank):
             theirs = Theirs(_groups(theirs_p, rank, proj_type, 7, 0.5), no_deprecation_warning=True, **kw)
     else:
         theirs = GaLoreTorchMath(_groups(theirs_p, rank, proj_type, 7, 0.5), **kw)
-    ours = GaLoreAdamW(_groups(ours_p, rank, proj_type, 7, 0.5), weight_decay_mode="galore", backend="torch", **kw)
+    # plain_step="galore": galore-torch steps the bias (a group without rank) with HF AdamW's bias correction
+    ours = GaLoreAdamW(_groups(ours_p, rank, proj_type, 7, 0.5), weight_decay_mode="galore", plain_step="galore",
+                       backend="torch", **kw)
     for step in range(20):  # refreshes at steps 0, 7, 14
         for opt, params in ((ours, ours_p), (theirs, theirs_p)):
             opt.zero_grad()

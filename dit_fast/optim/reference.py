@@ -109,41 +109,106 @@ def svd_basis(grad: torch.Tensor, rank: int, side: str, dtype: torch.dtype) -> T
     return (U[:, :rank].to(dtype), Vh[:rank, :].to(dtype))
 
 
+def canonical_qr(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR with diag(R) >= 0: unique for a full-rank ``a``, so every way of computing it (one
+    Householder QR here, a TSQR over row shards in sharded.py) gives the same Q up to rounding."""
+    q, r = torch.linalg.qr(a)
+    d = torch.sign(torch.diagonal(r))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    return q * d, r * d[:, None]
+
+
+class WholeRows:
+    """The rows of a matrix as the randomized refresh sees them when one process holds all of them.
+
+    The refresh below is written against this small interface so that one algorithm serves both a
+    whole matrix and a matrix split by rows across ranks (FSDP2's Shard(0); dit_fast/optim/sharded.py
+    implements the same four members with collectives):
+      start, total   first global row of the local block, global row count
+      sum(x)         x summed over the row blocks (an all-reduce of x's size)
+      qr_rows(y)     canonical_qr of the row-stacked y, returned as (local rows of Q, R)
+    """
+
+    def __init__(self, total: int):
+        self.start, self.total = 0, int(total)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def qr_rows(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return canonical_qr(y)
+
+
+def _start_block(count: int, width: int, previous: Optional[torch.Tensor], generator, device,
+                 rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """(count, width) Gaussian start block (rows ``rows`` of it, if given), its first columns replaced by
+    ``previous`` (count or local rows, r_prev): GaLore 2's warm start from the previous basis."""
+    omega = torch.randn(count, width, generator=generator, device="cpu", dtype=torch.float32).to(device)
+    if rows is not None:
+        omega = omega[rows[0]:rows[1]]
+    if previous is not None:
+        warm = previous.float()[:, :width]
+        omega = torch.cat([warm, omega[:, warm.shape[1]:]], dim=1)
+    return omega
+
+
 def randomized_svd(grad: torch.Tensor, rank: int, previous_right: Optional[torch.Tensor] = None,
-                   oversample: int = 8, iters: int = 2, generator: Optional[torch.Generator] = None):
+                   oversample: int = 8, iters: int = 2, generator: Optional[torch.Generator] = None,
+                   rows: Optional[WholeRows] = None):
     """Top ``rank`` singular triplets of ``grad`` (m, n) by subspace iteration (Halko et al. 2011).
 
-    The start block is the previous right basis (r, n) plus ``oversample`` random columns when given
-    (GaLore 2's warm start: the subspace moves slowly, so one or two iterations suffice), else
-    Gaussian. Returns U (m, k), S (k,), Vh (k, n) with k = min(rank, m, n).
+    The start block (n, k + oversample) is the previous right basis (r, n) plus random columns when
+    given (GaLore 2's warm start: the subspace moves slowly, so one or two iterations suffice), else
+    Gaussian. ``grad`` may be the local rows of a row-split matrix (``rows``: see WholeRows): every
+    product with ``grad`` is then row-local, and only (n, w) sums and (w, w) R factors cross ranks.
+    Returns U (local rows, k), S (k,), Vh (k, n) with k = min(rank, m, n).
     """
     g = grad.float()
-    m, n = g.shape
+    rows = rows if rows is not None else WholeRows(g.shape[0])
+    m, n = rows.total, g.shape[1]
     k = min(rank, m, n)
     width = min(k + oversample, m, n)
-    omega = torch.randn(n, width, generator=generator, device="cpu", dtype=torch.float32).to(g.device)
-    if previous_right is not None:
-        warm = previous_right.float().t()[:, :width]  # (n, r_prev)
-        omega = torch.cat([warm, omega[:, warm.shape[1]:]], dim=1)
-    q = torch.linalg.qr(omega).Q  # (n, width)
+    q = canonical_qr(_start_block(n, width, None if previous_right is None else previous_right.t(), generator,
+                                  g.device))[0]  # (n, w), the same on every rank
     for _ in range(iters):
-        z = torch.linalg.qr(g @ q).Q  # (m, width)
-        q = torch.linalg.qr(g.t() @ z).Q  # (n, width)
-    u, s, wh = torch.linalg.svd(g @ q, full_matrices=False)  # g ~= u s (q wh^T)^T
-    return u[:, :k], s[:k], (wh @ q.t())[:k]
+        z = rows.qr_rows(g @ q)[0]  # (m, w), row-split
+        q = canonical_qr(rows.sum(g.t() @ z))[0]  # (n, w)
+    qb, rb = rows.qr_rows(g @ q)  # g q = qb rb, qb (m, w) row-split, rb (w, w)
+    ur, s, wh = torch.linalg.svd(rb)  # g ~= (qb ur) s (q wh^T)^T
+    return (qb @ ur)[:, :k], s[:k], (wh @ q.t())[:k]
+
+
+def randomized_left(grad: torch.Tensor, rank: int, previous_left: Optional[torch.Tensor] = None,
+                    oversample: int = 8, iters: int = 2, generator: Optional[torch.Generator] = None,
+                    rows: Optional[WholeRows] = None) -> torch.Tensor:
+    """Top ``rank`` left singular vectors (local rows, k) of ``grad`` (m, n): the same iteration started on
+    the row side (from the previous left basis, (m, r) or its local rows, plus random columns)."""
+    g = grad.float()
+    rows = rows if rows is not None else WholeRows(g.shape[0])
+    m, n = rows.total, g.shape[1]
+    k = min(rank, m, n)
+    width = min(k + oversample, m, n)
+    local = (rows.start, rows.start + g.shape[0])
+    q = rows.qr_rows(_start_block(m, width, previous_left, generator, g.device, local))[0]  # (m, w) row-split
+    for _ in range(iters):
+        z = canonical_qr(rows.sum(g.t() @ q))[0]  # (n, w)
+        q = rows.qr_rows(g @ z)[0]  # (m, w)
+    _, _, wh = torch.linalg.svd(rows.sum(g.t() @ q), full_matrices=False)  # g^T q = u s wh: g ~= q wh^T s u^T
+    return (q @ wh.t())[:, :k]
 
 
 def randomized_basis(grad: torch.Tensor, rank: int, side: str, dtype: torch.dtype,
                      previous: Optional[Tuple[torch.Tensor, ...]] = None, oversample: int = 8, iters: int = 2,
-                     generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, ...]:
-    """Randomized refresh with the same output layout as :func:`svd_basis`."""
+                     generator: Optional[torch.Generator] = None,
+                     rows: Optional[WholeRows] = None) -> Tuple[torch.Tensor, ...]:
+    """Randomized refresh with the same output layout as :func:`svd_basis` (a left basis as the local
+    rows of ``grad`` when ``rows`` splits it; a right basis whole)."""
     if side == "left":
-        # left singular vectors of G are the right ones of G^T
-        prev = None if previous is None else previous[0].t()
-        _, _, vh = randomized_svd(grad.t(), rank, prev, oversample, iters, generator)
-        return (vh.t().contiguous().to(dtype),)
+        left = randomized_left(grad, rank, None if previous is None else previous[0], oversample, iters, generator,
+                               rows)
+        return (left.contiguous().to(dtype),)
     prev = None if previous is None else previous[-1]
-    u, _, vh = randomized_svd(grad, rank, prev, oversample, iters, generator)
+    u, _, vh = randomized_svd(grad, rank, prev, oversample, iters, generator, rows)
     if side == "right":
         return (vh.contiguous().to(dtype),)
     return (u.contiguous().to(dtype), vh.contiguous().to(dtype))
@@ -188,18 +253,33 @@ def adam_moments_reference(low_rank_grad: torch.Tensor, exp_avg: torch.Tensor, e
     return m / v.sqrt().add_(eps)
 
 
-def _blocks(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+def _blocks(x: torch.Tensor, offset: int = 0) -> Tuple[torch.Tensor, int, int]:
+    """x flattened into QBLOCK-element rows, the blocks counted from global element 0 when x holds the
+    elements [offset, offset + numel) of a larger flattened tensor (a row shard of a moment): zeros pad
+    the front (offset % QBLOCK) and the back. Returns (blocks, front pad, back pad)."""
     flat = x.reshape(-1)
-    pad = (-flat.numel()) % QBLOCK
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, QBLOCK), pad
+    front = offset % QBLOCK
+    back = (-(front + flat.numel())) % QBLOCK
+    if front or back:
+        flat = torch.cat([flat.new_zeros(front), flat, flat.new_zeros(back)])
+    return flat.view(-1, QBLOCK), front, back
 
 
-def quantize_blockwise(x: torch.Tensor, signed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Codes (int8 for signed m, uint8 for v) of x's shape and the fp32 absmax per QBLOCK block."""
-    blocks, pad = _blocks(x.float())
-    absmax = blocks.abs().amax(dim=1)
+def block_count(numel: int, offset: int = 0) -> int:
+    """Blocks that elements [offset, offset + numel) of a flattened moment touch (its absmax length)."""
+    if numel == 0:
+        return 0
+    return (offset + numel - 1) // QBLOCK - offset // QBLOCK + 1
+
+
+def block_absmax(x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """fp32 absmax of x over each block it touches (a partial one for a block shared with a neighbour)."""
+    return _blocks(x.float(), offset)[0].abs().amax(dim=1)
+
+
+def quantize_with_absmax(x: torch.Tensor, absmax: torch.Tensor, signed: bool, offset: int = 0) -> torch.Tensor:
+    """Codes (int8 for signed m, uint8 for v) of x's shape against a given absmax per block."""
+    blocks, front, back = _blocks(x.float(), offset)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
     if signed:
         mag = torch.floor(M_LEVELS * torch.sqrt(blocks.abs() / safe) + 0.5)
@@ -207,13 +287,17 @@ def quantize_blockwise(x: torch.Tensor, signed: bool) -> Tuple[torch.Tensor, tor
     else:
         codes = torch.floor(V_LEVELS * torch.sqrt(torch.sqrt(blocks / safe)) + 0.5).to(torch.uint8)
     codes = codes.reshape(-1)
-    if pad:
-        codes = codes[:-pad]
-    return codes.view(x.shape), absmax
+    return codes[front:codes.numel() - back].view(x.shape)
 
 
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    blocks, pad = _blocks(codes.float())
+def quantize_blockwise(x: torch.Tensor, signed: bool, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int8 for signed m, uint8 for v) of x's shape and the fp32 absmax per QBLOCK block."""
+    absmax = block_absmax(x, offset)
+    return quantize_with_absmax(x, absmax, signed, offset), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, offset: int = 0) -> torch.Tensor:
+    blocks, front, back = _blocks(codes.float(), offset)
     if signed:
         t = blocks / M_LEVELS
         values = torch.sign(t) * (t * t) * absmax[:, None]
@@ -221,26 +305,71 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool
         t = blocks / V_LEVELS
         values = (t * t) * (t * t) * absmax[:, None]
     values = values.reshape(-1)
-    if pad:
-        values = values[:-pad]
-    return values.view(codes.shape)
+    return values[front:values.numel() - back].view(codes.shape)
+
+
+def store_8bit(m: torch.Tensor, v: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
+               v_codes: torch.Tensor, v_absmax: torch.Tensor, offset: int = 0, fix_absmax=None) -> None:
+    """Requantizes fp32 m, v into their codes and absmax (in place). ``offset``: the first element's
+    position in the whole flattened moment; ``fix_absmax([am, av])``: completes, in place, the absmax of
+    blocks shared with another rank (sharded.ShardGroup.fix_absmax)."""
+    am, av = block_absmax(m, offset), block_absmax(v, offset)
+    if fix_absmax is not None:
+        fix_absmax([am, av])
+    m_codes.copy_(quantize_with_absmax(m, am, True, offset))
+    v_codes.copy_(quantize_with_absmax(v, av, False, offset))
+    m_absmax.copy_(am)
+    v_absmax.copy_(av)
 
 
 def adam_moments_8bit_reference(low_rank_grad: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
                                 v_codes: torch.Tensor, v_absmax: torch.Tensor, beta1: float, beta2: float,
-                                eps: float) -> torch.Tensor:
+                                eps: float, offset: int = 0, fix_absmax=None) -> torch.Tensor:
     """The 8-bit step: dequantize, update in fp32, N from the fp32 moments, requantize (all in place)."""
     r = low_rank_grad.float()
-    m = dequantize_blockwise(m_codes, m_absmax, signed=True) * beta1 + r * (1.0 - beta1)
-    v = dequantize_blockwise(v_codes, v_absmax, signed=False) * beta2 + r * r * (1.0 - beta2)
+    m = dequantize_blockwise(m_codes, m_absmax, signed=True, offset=offset) * beta1 + r * (1.0 - beta1)
+    v = dequantize_blockwise(v_codes, v_absmax, signed=False, offset=offset) * beta2 + r * r * (1.0 - beta2)
     n = m / (torch.sqrt(v) + eps)
-    qm, am = quantize_blockwise(m, signed=True)
-    qv, av = quantize_blockwise(v, signed=False)
-    m_codes.copy_(qm)
-    m_absmax.copy_(am)
-    v_codes.copy_(qv)
-    v_absmax.copy_(av)
+    store_8bit(m, v, m_codes, m_absmax, v_codes, v_absmax, offset, fix_absmax)
     return n
+
+
+# ------------------------------------------------------------------ torch.optim.AdamW (groups without rank)
+
+
+def adamw_moments_reference(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float,
+                            beta2: float) -> None:
+    """torch.optim.AdamW's moment update, op for op, in place on fp32 moments."""
+    g = grad.float()
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+def adamw_update_reference(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, lr: float,
+                           beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                           correct_bias: bool = True) -> None:
+    """torch.optim.AdamW's parameter update, op for op (fp32 param, fp32 moments after the update):
+
+      W = W * (1 - lr * wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    (eps is added after the bias correction of sqrt(v), unlike the projected step above)."""
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    bias_correction1 = 1 - beta1 ** step if correct_bias else 1.0
+    bias_correction2 = 1 - beta2 ** step if correct_bias else 1.0
+    denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+
+def adamw_kernel_scalars(lr: float, beta1: float, beta2: float, eps: float, step: int,
+                         correct_bias: bool = True) -> Tuple[float, float]:
+    """(alpha, eps') with which the kernels' W -= alpha * m / (sqrt(v) + eps') is torch.optim.AdamW's
+    update: lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) = (lr sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2))."""
+    if not correct_bias:
+        return lr, eps
+    root = math.sqrt(1 - beta2 ** step)
+    # eps' stays a normal fp32 number (GPUs flush denormals to zero, and 0 / 0 would be NaN)
+    return lr * root / (1 - beta1 ** step), max(eps * root, torch.finfo(torch.float32).tiny)
 
 
 def apply_update_reference(param: torch.Tensor, update: torch.Tensor, alpha: float, lr_wd: float,
