@@ -203,7 +203,7 @@ def unpatchify64(tokens, patch, grid, order):
 @st.composite
 def adaln_cases(draw, dtypes=DTYPES, max_c=48):
     dtype = draw(st.sampled_from(dtypes))
-    B, N, C = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, max_c))
+    B, N, C = draw(st.integers(0, 3)), draw(st.integers(0, 12)), draw(st.integers(1, max_c))  # empty B, N: valid
     G = draw(st.sampled_from([None] + [g for g in range(1, N + 1) if N % g == 0]))
     magnitude = draw(st.sampled_from([1e-2, 1.0, 20.0]))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -255,7 +255,7 @@ def adaln_corruptions(case):
     """(argument name, bad value) pairs for the adaLN ops, built around a valid case."""
     x, mod = case["x"], case["shift"]
     B, N, C = x.shape
-    bad_tensors = [x.tolist(), x.to(torch.int32), x.double(), x[0], x[..., None]]
+    bad_tensors = [x.tolist(), x.to(torch.int32), x.double(), x.flatten(0, 1), x[..., None], x[..., :0]]
     bad_mods = [mod.tolist(), mod.to(torch.int64), mod.double(), mod[..., :-1] if C > 1 else mod.new_zeros(B, C + 1),
                 torch.zeros(B + 1, C, dtype=x.dtype), torch.zeros(B, N + 1, C, dtype=x.dtype),
                 torch.zeros(B, 0, C, dtype=x.dtype), mod[..., None, None], mod.half() if x.dtype != torch.float16 else mod.float()]
@@ -308,7 +308,7 @@ def test_adaln_invalid_raises_naming_the_argument(op, case, data):
 @st.composite
 def attention_cases(draw, dtypes=DTYPES, head_dims=(16, 24, 40, 72), max_s=9):
     dtype = draw(st.sampled_from(dtypes))
-    B, heads = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    B, heads = draw(st.integers(0, 2)), draw(st.integers(0, 2))  # empty batch or heads: valid
     Sq, Sk = draw(st.integers(1, max_s)), draw(st.integers(1, max_s))
     D = draw(st.sampled_from(head_dims))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -352,7 +352,7 @@ def test_attention_invalid_raises_naming_the_argument(case, data):
     q, k, mask = case["q"], case["k"], case["mask"]
     B, Sq, heads, D = q.shape
     Sk = k.shape[1]
-    bad_qkv = [q.tolist(), q.to(torch.int32), q[0], q[..., :8] if D > 8 else q[..., :4],
+    bad_qkv = [q.tolist(), q.to(torch.int32), q.flatten(0, 1), q[..., :8] if D > 8 else q[..., :4],
                torch.zeros(B, Sq, heads, 12, dtype=q.dtype), torch.zeros(B, Sq, heads, 264, dtype=q.dtype),
                torch.zeros(B, 0, heads, D, dtype=q.dtype), torch.zeros(B + 1, Sq, heads, D, dtype=q.dtype),
                torch.zeros(B, Sq, heads + 1, D, dtype=q.dtype)]
@@ -478,7 +478,7 @@ def rope_cases(draw, dtypes=DTYPES, max_d=64):
     dtype = draw(st.sampled_from(dtypes))
     grid = (draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 5)))
     S = grid[0] * grid[1] * grid[2]
-    B, heads, D = draw(st.integers(1, 2)), draw(st.integers(1, 3)), 2 * draw(st.integers(1, max_d // 2))
+    B, heads, D = draw(st.integers(0, 2)), draw(st.integers(0, 3)), 2 * draw(st.integers(1, max_d // 2))
     split = None
     if draw(st.booleans()):
         d_t = 2 * draw(st.integers(0, D // 2))
@@ -516,7 +516,7 @@ def test_apply_rope_3d_invalid_raises_naming_the_argument(case, data):
     x, grid = case["x"], case["grid"]
     D = x.shape[-1]
     table = {
-        "x": [x.tolist(), x.to(torch.int16), x[0], torch.zeros(*x.shape[:3], D + 1, dtype=x.dtype)],
+        "x": [x.tolist(), x.to(torch.int16), x.flatten(0, 1), torch.zeros(*x.shape[:3], D + 1, dtype=x.dtype)],
         "grid": [(grid[0] + 1, grid[1], grid[2]), (0, grid[1], grid[2]), (-grid[0], grid[1], -grid[2]), grid[:2],
                  (float(grid[0]), grid[1], grid[2]), (True, grid[1], grid[2]), "abc", None, 5],
         "theta": [0, 0.0, -1.0, 0.5, 1e-300, float("nan"), float("inf"), "1e4", None, True],
@@ -541,7 +541,7 @@ def patch_cases(draw, dtypes=DTYPES):
     dtype = draw(st.sampled_from(dtypes))
     patch = tuple(draw(st.integers(1, 3)) for _ in range(3))
     grid = tuple(draw(st.integers(1, 3)) for _ in range(3))
-    B, C = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    B, C = draw(st.integers(0, 2)), draw(st.integers(1, 3))
     video = randn((B, C, *(g * p for g, p in zip(grid, patch))), dtype, draw(st.integers(0, 2**31 - 1)))
     if draw(st.booleans()):
         video = video.transpose(3, 4).contiguous().transpose(3, 4)  # strided: W not innermost
@@ -582,13 +582,13 @@ def test_patchify_invalid_raises_naming_the_argument(case, data):
     B, S, K = tokens.shape
     bad_patch = [0, -2, 2.5, (1, 2), (1, 0, 2), (1.0, 2, 2), (True, 1, 1), "2", None]
     patchify_table = {
-        "video": [video.tolist(), video.to(torch.int32), video[0], video[..., None]],
+        "video": [video.tolist(), video.to(torch.int32), video.flatten(0, 1), video[..., None]],
         "patch": bad_patch + [tuple(2 * d + 1 for d in video.shape[2:])],
         "order": ["chw", None, 3],
         "backend": ["fast", None],
     }
     unpatchify_table = {
-        "tokens": [tokens.tolist(), tokens.to(torch.int64), tokens[0], tokens[:, :-1] if S > 1 else tokens[:, :0]],
+        "tokens": [tokens.tolist(), tokens.to(torch.int64), tokens.flatten(0, 1), tokens[:, :-1] if S > 1 else tokens[:, :0]],
         "patch": bad_patch,
         "grid": [(grid[0] + 1, grid[1], grid[2]), (0, 1, 1), grid[:2], (1.5, 1, 1), "abc"],
         "video_shape": [(1, 1), (B + 1, K, *video.shape[2:]), (video.shape[2] + 1, *video.shape[3:])],

@@ -387,3 +387,14 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_adaln_with_no_features_is_rejected(backend):
+    """C = 0 crashed the Triton kernels (a row of width 0); a LayerNorm over no features is undefined."""
+    x, mod = torch.randn(2, 3, 0), torch.randn(2, 0)
+    with pytest.raises(ValueError, match=r"x must have C >= 1 features, got shape \(2, 3, 0\)"):
+        ops.layernorm_modulate(x, mod, mod, backend=backend)
+    with pytest.raises(ValueError, match="C >= 1"):
+        ops.gated_residual(x, mod, x, backend=backend)
+    assert ops.layernorm_modulate(torch.randn(0, 3, 4), torch.randn(0, 4), torch.randn(0, 4), backend=backend).shape == (0, 3, 4)

@@ -86,6 +86,8 @@ def _check_x(name, x):
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() != 3:
         raise ValueError(f"{name} must be (B, N, C), got shape {tuple(x.shape)}")
+    if x.shape[-1] == 0:  # a LayerNorm over no features is undefined (and a kernel row of width 0)
+        raise ValueError(f"{name} must have C >= 1 features, got shape {tuple(x.shape)}")
 
 
 def _check_modulation(name, mod, x):
