@@ -398,3 +398,10 @@ def test_adaln_with_no_features_is_rejected(backend):
     with pytest.raises(ValueError, match="C >= 1"):
         ops.gated_residual(x, mod, x, backend=backend)
     assert ops.layernorm_modulate(torch.randn(0, 3, 4), torch.randn(0, 4), torch.randn(0, 4), backend=backend).shape == (0, 3, 4)
+
+
+def test_force_drop_ids_shape():
+    model = DiTVideo(**SMALL).eval()
+    x, t, y = torch.randn(2, 4, 1, 4, 4), torch.rand(2), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"force_drop_ids must be a \(B,\) = \(2,\)"):
+        model(x, t, y, force_drop_ids=torch.tensor([True, False, True]))

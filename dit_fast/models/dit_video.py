@@ -356,6 +356,9 @@ class DiTVideo(nn.Module):
     def _drop_ids(self, batch, device, force_drop_ids):
         """(B,) bool: which samples lose their label and caption (CFG dropout), or None."""
         if force_drop_ids is not None:
+            if not isinstance(force_drop_ids, Tensor) or tuple(force_drop_ids.shape) != (batch,):
+                raise ValueError(f"force_drop_ids must be a (B,) = ({batch},) tensor, True where the label and caption "
+                                 f"are dropped, got {getattr(force_drop_ids, 'shape', force_drop_ids)!r}")
             return force_drop_ids.to(device=device).bool()
         if self.training and self.class_dropout_prob > 0 and (self.y_embedder is not None or self.text_embedder is not None):
             return torch.rand(batch, device=device) < self.class_dropout_prob
