@@ -405,3 +405,102 @@ def test_force_drop_ids_shape():
     x, t, y = torch.randn(2, 4, 1, 4, 4), torch.rand(2), torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"force_drop_ids must be a \(B,\) = \(2,\)"):
         model(x, t, y, force_drop_ids=torch.tensor([True, False, True]))
+
+
+# ---------------------------------------------------------------------------------------------
+# dit-fast's own checkpoints (generate --checkpoint, train --init-from, resume): the same CheckpointError
+# ---------------------------------------------------------------------------------------------
+
+
+def _t2v_config(out_dir, **kw):
+    from dit_fast.train import TrainConfig
+
+    base = dict(out_dir=str(out_dir), num_frames=4, size=16, patch=(2, 8, 8), hidden_size=32, depth=1, num_heads=2,
+                text_dim=16, batch_size=4, steps=2, checkpoint_every=2, warmup=1, backend="torch", device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def _model_file(tmp_path, mutate=None, name="model.safetensors"):
+    """An exported text-to-video model file (weights + config and vocabulary metadata), optionally altered."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from dit_fast.train import build_model
+
+    cfg = _t2v_config(tmp_path / "unused")
+    model = build_model(cfg)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if mutate is not None:
+        mutate(sd)
+    path = tmp_path / name
+    save_file(sd, path, metadata={"config": cfg.to_json(), "vocabulary": json.dumps(model.vocabulary)})
+    return str(path)
+
+
+def test_generate_checkpoint_that_cannot_be_read(tmp_path):
+    from dit_fast.generate import load_model
+
+    good = _model_file(tmp_path)
+    load_model(good)
+    data = open(good, "rb").read()
+    cases = {"random.safetensors": os.urandom(2048), "truncated.safetensors": data[: len(data) // 2],
+             "empty.safetensors": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "bad_latest").mkdir()
+    (tmp_path / "bad_latest" / "latest").write_text("twelve\n")
+    for name in [*cases, "empty_dir", "bad_latest", "missing.safetensors"]:
+        path = str(tmp_path / name)
+        with pytest.raises(CheckpointError) as info:
+            load_model(path)
+        assert path in str(info.value), info.value
+
+
+def test_generate_checkpoint_that_does_not_fit(tmp_path):
+    from dit_fast.generate import load_model
+
+    key = "dit.blocks.0.attn.qkv.weight"
+
+    def to_int(sd):
+        sd[key] = sd[key].to(torch.int32)
+
+    def extra(sd):
+        sd["dit.blocks.7.attn.qkv.weight"] = sd[key].clone()
+
+    def missing(sd):
+        del sd[key]
+
+    def reshape(sd):
+        sd[key] = sd[key][:-1].clone()
+
+    for mutate, expected in ((to_int, "floating-point"), (extra, "does not have"), (missing, "missing"),
+                             (reshape, "has shape")):
+        path = _model_file(tmp_path, mutate, name=f"{mutate.__name__}.safetensors")
+        with pytest.raises(CheckpointError, match=expected) as info:
+            load_model(path)
+        assert path in str(info.value)
+
+
+def test_init_from_and_resume_with_bad_files(tmp_path):
+    from dit_fast.train import Trainer
+
+    bad = _model_file(tmp_path, lambda sd: sd.update({"dit.final_layer.linear.bias": torch.zeros(3, dtype=torch.int64)}))
+    with pytest.raises(CheckpointError, match="dit.final_layer.linear.bias"):
+        Trainer(_t2v_config(tmp_path / "a", init_from=bad), resume=None, progress_bar=False)
+    run = tmp_path / "run"
+    Trainer(_t2v_config(run), resume=None, progress_bar=False).train()
+    state = next(p for p in run.iterdir() if p.name.startswith("state_"))
+    state.write_bytes(os.urandom(512))  # a corrupt optimizer state: refused, not unpickled
+    with pytest.raises(CheckpointError, match=str(state)):
+        Trainer(_t2v_config(run, steps=4), resume=str(run), progress_bar=False)
+    torch.save({"step": 2}, state)  # a plain dict without the optimizer's state
+    with pytest.raises(CheckpointError, match="not a training state"):
+        Trainer(_t2v_config(run, steps=4), resume=str(run), progress_bar=False)
+
+
+def test_unpatchify_video_shape_whose_tokens_do_not_match():
+    tokens = torch.randn(1, 4, 3)
+    with pytest.raises(ValueError, match=r"video_shape \(3, 2, 2\) cut into patches \(1, 1, 1\) has 12 tokens"):
+        ops.unpatchify_3d(tokens, 1, video_shape=(3, 2, 2), backend="torch")
