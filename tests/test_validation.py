@@ -72,6 +72,7 @@ def test_unreadable_checkpoint_files(bad_files, name):
         assert "Traceback" not in str(info.value)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_pickled_code_is_refused_without_suggesting_weights_only_false(bad_files):
     for name in ("code.pt", "plain_pickle.pt"):
         with pytest.raises(CheckpointError, match="refused") as info:
@@ -504,3 +505,15 @@ def test_unpatchify_video_shape_whose_tokens_do_not_match():
     tokens = torch.randn(1, 4, 3)
     with pytest.raises(ValueError, match=r"video_shape \(3, 2, 2\) cut into patches \(1, 1, 1\) has 12 tokens"):
         ops.unpatchify_3d(tokens, 1, video_shape=(3, 2, 2), backend="torch")
+
+
+def test_sampler_guidance_scale_must_be_finite():
+    model = DiTVideo(**SMALL).eval()
+    y = torch.tensor([0, 1])
+    for cfg_scale in (float("nan"), float("inf"), "4"):
+        with pytest.raises((ValueError, TypeError), match="cfg_scale"):
+            RectifiedFlow().sample(model, (2, 4, 1, 4, 4), steps=1, cfg_scale=cfg_scale, model_kwargs={"y": y},
+                                   progress_bar=False)
+    with pytest.raises(ValueError, match="eta"):
+        GaussianDiffusion(timestep_respacing="ddim5").ddim_sample_loop(model, (2, 4, 1, 4, 4), eta=-1.0,
+                                                                      model_kwargs={"y": y}, progress_bar=False)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dit_fast._checks import check_bool, check_int
+from dit_fast._checks import check_bool, check_int, check_number
 from dit_fast.diffusion.guidance import draw, initial_noise, model_output, progress
 
 # linear_beta_schedule's largest beta is 0.02 * 1000 / T: T must exceed 20 for every beta to stay below 1
@@ -227,6 +227,7 @@ class GaussianDiffusion:
                          clip_denoised=False, noise=None, generator=None, device=None, dtype=torch.float32,
                          progress_bar=True) -> Tensor:
         """DDIM sampling (eta = 0: deterministic given the initial noise)."""
+        check_number("eta", eta, 0)
         x = initial_noise(shape, noise=noise, generator=generator, device=device, dtype=dtype)
         for i in progress(range(self.num_timesteps)[::-1], progress_bar, "DDIM"):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dit_fast._checks import check_number
+
 
 def _double(value):
     return torch.cat([value, value], dim=0) if isinstance(value, Tensor) else value
@@ -19,6 +21,7 @@ def model_output(model, x: Tensor, t: Tensor, model_kwargs: Optional[dict] = Non
     first half of its output is the guided prediction.
     """
     model_kwargs = model_kwargs or {}
+    check_number("cfg_scale", cfg_scale)  # nan or inf would turn every sample into NaN
     if cfg_scale == 1.0:
         return model(x, t, **model_kwargs)
     if not hasattr(model, "forward_with_cfg"):
