@@ -240,6 +240,41 @@ def test_spatial_blocks_of_frame_sharded_models_do_not_communicate(two_ranks):
             assert traffic.get("all_to_all" if mode == "ulysses" else "ring", 0) > 0, (mode, traffic)
 
 
+def _expected_traffic(case, world):
+    """The bytes benchmarks/parallel_plan.py's formulas give for this case (fp32 model, batch 2)."""
+    from benchmarks import parallel_plan as plan
+    mode, name, gather = case
+    cfg = CONFIGS[name]
+    model = _build(cfg)
+    ulysses, ring = {"ulysses": (world, 1), "ring": (1, world), "usp": (2, world // 2)}[mode]
+    grid = model.grid
+    shard = TokenShard(grid, world, 0)
+    frame_local = [(b.attn.mode == "spatial" or (b.attn.window is not None and b.attn.window[0] == 1))
+                   and shard.by_frames for b in model.blocks]
+    layers = frame_local.count(False)
+    recompute = model.gradient_checkpointing
+    C, item, batch = model.hidden_size, 4, 2
+    expected = {
+        "all_to_all": plan.ulysses_bytes(shard.chunk, C, ulysses, layers, item, batch, recompute),
+        "ring": plan.ring_bytes(shard.chunk, C, ulysses, ring, layers, item, batch, recompute),
+        "all_gather": plan.gather_bytes(shard.chunk, model.final_layer.linear.out_features, world, item, batch)
+        if gather else 0,
+        "all_reduce": plan.grad_reduce_bytes(sum(g.numel() * 4 for g in _single_process(name)[2].values()),
+                                             ulysses, ring),
+    }
+    return {k: v for k, v in expected.items() if v}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_traffic_is_what_the_plan_calculator_predicts(two_ranks, four_ranks, world):
+    """Bytes each rank sent (comm.count_traffic), by kind, equal benchmarks/parallel_plan.py's formulas."""
+    cases, results = (TWO_RANK_CASES, [r["cases"] for r in two_ranks]) if world == 2 else (FOUR_RANK_CASES, four_ranks)
+    for index, case in enumerate(cases):
+        expected = _expected_traffic(case, world)
+        for rank in range(world):
+            assert results[rank][index]["traffic"] == expected, (case, rank)
+
+
 # ---------------------------------------------------------------------------------------------
 # Single-process pieces (no spawning)
 # ---------------------------------------------------------------------------------------------
