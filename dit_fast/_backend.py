@@ -215,5 +215,26 @@ def pick_fastest(op: str, key: tuple, candidates: Dict[str, Callable[[], object]
 
 
 def shape_class(n: int) -> int:
-    """Buckets a size to its power of two so that "auto" measures once per size class."""
-    return 1 << max(0, int(n) - 1).bit_length()
+    """Buckets a size to its power of two so that "auto" measures once per size class.
+
+    Written with comparisons only, so that under torch.compile a symbolic size (dynamic shapes) gives a
+    plain int: each comparison becomes a guard, and the graph is specialised to the size class."""
+    c = 1
+    while c < n:
+        c *= 2
+    return c
+
+
+def exact_int(n) -> int:
+    """n as a plain int; a symbolic size (torch.compile, dynamic shapes) is pinned by a binary search of
+    comparisons, each a guard (about 2 log2(n) of them), so that the graph is specialised to n. (Always
+    searched: Dynamo answers isinstance(symbolic size, int) with True.)"""
+    hi = shape_class(n)
+    lo = hi // 2  # lo < n <= hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if n <= mid:
+            hi = mid
+        else:
+            lo = mid
+    return hi if n > lo else lo

@@ -408,6 +408,27 @@ def test_compiled_calls_use_the_measured_winner_or_our_kernel(auto_on_cpu, kind)
     assert timer.calls == ["triton", {"key_padding": "sdpa", "temporal": "sdpa_grouped", "window_tile": "flex"}[kind]]
 
 
+def test_compiled_with_dynamic_shapes_keys_on_size_classes(auto_on_cpu):
+    """dynamic=True: the call class is computed from symbolic sizes (by guards), and a batch of
+    another size class is another graph, with its own measured winner."""
+    auto_on_cpu(run=False, triton=2.0, sdpa_grouped=1.0)
+
+    def fn(q, k, v):
+        return ops.spacetime_attention(q, k, v, (2, 4, 4), mode="spatial")
+
+    for B in (2, 3, 5):  # B * heads = 4, 6, 10: classes 4, 8, 16
+        with torch.no_grad():
+            fn(*qkv(B=B, S=32))  # eager: measured
+    torch._dynamo.reset()
+    recorder = torch._dynamo.testing.EagerAndRecordGraphs()
+    compiled = torch.compile(fn, fullgraph=True, backend=recorder, dynamic=True)
+    with torch.no_grad():
+        for B in (2, 3, 5):
+            q, k, v = qkv(B=B, S=32)
+            torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
+    assert len(recorder.graphs) == 3 and not any("dit_fast.attention_fwd" in g.code for g in recorder.graphs)
+
+
 def test_bench_auto_cpu_smoke_runs():
     """benchmarks/bench_auto.py --cpu-smoke: the GPU benchmark's code path on tiny CPU shapes, so it
     cannot rot (every provider checked against the reference, auto's plan the argmin of its timings)."""

@@ -151,3 +151,24 @@ def test_use_backend_in_a_compiled_function_and_between_calls():
 
 def test_use_backend_is_exported():
     assert dit_fast.use_backend is use_backend
+
+
+def test_size_classes_are_plain_ints_also_for_symbolic_sizes():
+    """shape_class and exact_int turn a size into an int by comparisons only, so a dynamic-shape trace
+    gets ints it can key a cache on (Dynamo specialises by guards) instead of failing."""
+    assert [_backend.shape_class(n) for n in (0, 1, 2, 3, 9, 16, 17)] == [1, 1, 2, 4, 16, 16, 32]
+    assert all(_backend.exact_int(n) == n for n in range(0, 600))
+
+    @torch.compiler.assume_constant_result  # accepts only constants: fails on a symbolic size
+    def as_float(key):
+        return float(sum(key))
+
+    def f(x):
+        return x + as_float((_backend.shape_class(x.shape[0]), _backend.exact_int(x.shape[1])))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="eager", dynamic=True)
+    for shape in ((5, 72), (6, 72), (5, 40)):
+        x = torch.zeros(shape)
+        assert compiled(x).tolist() == f(x).tolist()
+    torch._dynamo.reset()

@@ -313,11 +313,13 @@ def cached_plans() -> Dict[tuple, AttentionPlan]:
 
 
 def call_class(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) -> tuple:
-    """The cache key of a call (see the module docstring). Plain Python values: traceable by Dynamo."""
+    """The cache key of a call (see the module docstring). Plain Python values, also under torch.compile
+    with dynamic shapes (shape_class and exact_int turn symbolic sizes into ints, by guards)."""
     B, Sq, heads, D = q.shape
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return (str(q.device), str(q.dtype), D, _backend.shape_class(B * heads), _backend.shape_class(Sq),
-            _backend.shape_class(k.shape[1]), mask is not None) + tuple(call[2:]) + (call.return_lse, needs_grad)
+    sizes = (_backend.shape_class(B * heads), _backend.shape_class(Sq), _backend.shape_class(k.shape[1]))
+    return ((str(q.device), str(q.dtype), _backend.exact_int(D)) + sizes + (mask is not None,) + tuple(call[2:])
+            + (call.return_lse, needs_grad))
 
 
 _device_labels: Dict[str, str] = {}
