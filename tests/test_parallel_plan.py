@@ -163,3 +163,17 @@ def test_layernorm_statistics_are_fp32_on_cuda():
             x = torch.empty(4, 8, dtype=torch.bfloat16, device=device)
             _, mean, rstd = torch.ops.aten.native_layer_norm(x, [8], None, None, 1e-5)
             assert mean.dtype == rstd.dtype == want, device
+
+
+def test_bench_parallel_cpu_smoke():
+    """benchmarks/bench_parallel.py --cpu-smoke runs both parts; the optimizer states of FSDP2 (1 rank) +
+    AdamW / GaLoreAdamW int8 are exactly the calculator's bytes."""
+    from benchmarks import bench_parallel
+    out = bench_parallel.main(["--cpu-smoke"])
+    assert [r["degree"] for r in out["compute"]] == [2, 4]
+    for r in out["compute"]:
+        assert r["ulysses_rank_ms"] > 0 and r["ring_rank_ms"] > 0 and r["a2a_bytes"] > 0 and r["ring_bytes"] > 0
+    assert [r["optimizer"] for r in out["memory"]] == ["AdamW", "GaLore int8"]
+    for r in out["memory"]:
+        assert r["state_bytes"] == r["states"], r
+    assert not dist.is_initialized()  # the smoke's 1-rank group is gone
