@@ -5,11 +5,18 @@
     ring.py             ring attention (K/V blocks around the ring, merged by log-sum-exp)
     attention_parts.py  attention over key blocks merged by log-sum-exp (ring attention's building blocks)
     comm.py             every collective (all-to-all, gather, ring exchange, sums), with autograd
+    fsdp.py             apply_fsdp(model, mesh): FSDP2 fully_shard per block, then the root
+    checkpoint.py       save_checkpoint / load_checkpoint (torch.distributed.checkpoint, resharding, atomic,
+                        no pickles), export_safetensors
 """
 
 from dit_fast.parallel.attention_parts import attention_block_backward, attention_block_forward, merge_partials
 from dit_fast.parallel.mesh import ParallelDims, init_from_env
 from dit_fast.parallel.sequence import reduce_gradients, sequence_parallel
+from dit_fast.parallel.fsdp import apply_fsdp
+from dit_fast.parallel.checkpoint import (TrainerState, export_safetensors, latest_checkpoint, load_checkpoint,
+                                          save_checkpoint)
 
 __all__ = ["attention_block_forward", "attention_block_backward", "merge_partials", "ParallelDims", "init_from_env",
-           "sequence_parallel", "reduce_gradients"]
+           "sequence_parallel", "reduce_gradients", "apply_fsdp", "TrainerState", "save_checkpoint", "load_checkpoint",
+           "latest_checkpoint", "export_safetensors"]
