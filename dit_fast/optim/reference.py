@@ -258,6 +258,8 @@ def _blocks(x: torch.Tensor, offset: int = 0) -> Tuple[torch.Tensor, int, int]:
     elements [offset, offset + numel) of a larger flattened tensor (a row shard of a moment): zeros pad
     the front (offset % QBLOCK) and the back. Returns (blocks, front pad, back pad)."""
     flat = x.reshape(-1)
+    if flat.numel() == 0:  # an empty row shard touches no block
+        return flat.view(0, QBLOCK), 0, 0
     front = offset % QBLOCK
     back = (-(front + flat.numel())) % QBLOCK
     if front or back:

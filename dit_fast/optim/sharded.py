@@ -5,10 +5,13 @@ products cross ranks. Notation: G is (m, n), its rows split over the W ranks of 
 torch.chunk splits them (FSDP2's layout); k = min(rank, m, n); w = min(k + oversample, m, n).
 
   side    basis (stored as)                  moments (stored as)     collectives per step
-  right   P (k, n), whole on every rank      (m, k): rows with G's   none: R = G_i P^T and G_i += N_i P are row-local
+  right   P (k, n), whole on every rank      (m, k): rows with G's   none: R_i = G_i P^T and W_i -= a N_i P are row-local
   left    P (m, k): rows with G's            (k, n): chunks of k     reduce-scatter of the (k, n) partials P_i^T G_i,
-                                                                     all-gather of N (k, n) for G_i += P_i N
+                                                                     all-gather of N (k, n) for W_i -= a P_i N
   full    A (m, k): rows; B (k, n) whole     (k, k): chunks of k     reduce-scatter (k, k), all-gather (k, k)
+
+(reduce-scatters pad k to a multiple of W rows). Every step also all-reduces one finite-gradient flag
+per parameter, so that all ranks raise or skip together.
 
 "std" picks right when m >= n (no communication at all: the common tall weights) and left otherwise;
 "reverse_std" the opposite; every side works with any split.
@@ -21,8 +24,9 @@ iteration as one process (reference.randomized_svd / randomized_left), with:
   * G^T z an all-reduce of (n, w); the start block (n, w) (right/full) or its local rows (left: (m, w)
     drawn whole from the shared seed, rows sliced) come from the same generator on every rank;
   * the small SVDs (w x w for right/full, n x w for left) repeated on every rank on identical
-    all-reduced inputs. So every collective is at most max(n w, k n, W w^2) elements, below m n as long
-    as w < m.
+    all-reduced inputs. So every collective is at most max(n w, k n, W w^2) elements, below the weight's
+    m n whenever k + oversample < m (a rank so close to m that w = m would all-reduce (n, m): as many
+    elements as the weight, though never the weight itself).
   * ``rotate_moments`` adds an all-reduce of the (k, k) change of basis and a reduce-scatter of the
     rotated (k, n) / (k, k) moments for left / full.
 
