@@ -5,6 +5,7 @@ on to step 8 with a save at step 6 that fails midway on one rank. Resumed from s
 ends bitwise where it ended; on 2 ranks and in one process it ends there to fp32 rounding (the same
 global batch, another summation order). A save killed midway (os._exit inside the writer) leaves the
 previous checkpoint loadable. Malicious or corrupt checkpoints are refused before anything is unpickled.
+The same 4 processes also run HSDP (a (replicate 2, shard 2) mesh) + GaLoreAdamW against one process.
 """
 
 import multiprocessing
@@ -119,6 +120,20 @@ def _run_on_4(rank, world, roots):
         train(model, opt, sched, ema, trainer.step, STEPS, rank, world)
         out[config] = dict(saved=saved, final=final, probe=probe, failed=failed, latest=latest, loaded=loaded,
                            resumed=snapshot(model, ema, opt), resumed_probe=resumed_probe, step=trainer.step)
+    # HSDP: rows split over the "shard" dimension, replicated over "replicate"; data over all 4 ranks
+    from dit_fast.parallel.fsdp import apply_fsdp
+    from tests.test_parallel_fsdp import make_optimizer as fsdp_optimizer
+
+    hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = apply_fsdp(make_net(), hsdp, mixed_precision=None)
+    opt = fsdp_optimizer(model, "reverse_std", "fp32", True)
+    for step in range(STEPS):
+        x, y = batch(step)
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        opt.step()
+    out["hsdp"] = {n: whole(p).detach() for n, p in model.named_parameters()}
     return out
 
 
@@ -333,3 +348,15 @@ def test_bad_checkpoints_and_arguments(saved, tmp_path):
         f.write(os.urandom(300))
     with pytest.raises(CheckpointError, match="unreadable .metadata"):
         ckpt.load_checkpoint(saved, model=make_net())
+
+
+def test_hsdp_equals_one_process(runs):
+    from tests.test_parallel_fsdp import make_optimizer as fsdp_optimizer
+    from tests.test_parallel_fsdp import train_step
+
+    model = make_net()
+    opt = fsdp_optimizer(model, "reverse_std", "fp32", True)
+    for step in range(STEPS):
+        train_step(model, opt, step)
+    for r in runs[1]:
+        _equal(dict(model.named_parameters()), r["hsdp"], exact=False)
