@@ -182,62 +182,48 @@ def _bad_input_worker(rank, world):
     expect("twice", ValueError, lambda: sequence_parallel(twice, meshes["ring"], "ring"))
     one_token = sequence_parallel(DiT_tiny(input_size=(1, 2, 2), backend="torch"), meshes["ring"], "ring")
     expect("too_small", ValueError, lambda: one_token(torch.randn(1, 4, 1, 2, 2), torch.ones(1), torch.ones(1).long()))
+    from dit_fast.parallel import init_from_env
+    expect("init_env", ValueError, lambda: init_from_env(ulysses=3))
     ok = torch.ones(1)
     dist.all_reduce(ok)  # every rank got here: nobody is stuck in a collective
     messages["healthy"] = str(int(ok.item()))
     return messages
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    def run():
-        return run_distributed(_two_rank_worker, 2, tmp_path_factory.mktemp("sp2"), timeout_s=60)
-    return run()
+def _fsdp_worker(rank, world):
+    """Sequence parallel under FSDP2 (fp32), both ways: sharded over the same ranks (FSDP's reduce-scatter
+    sums the ranks' shares: the loss is scaled by the degree, since FSDP averages; no reduce_gradients),
+    and over the mesh's data-parallel dimension (size 1 here) with reduce_gradients on DTensor gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from dit_fast.parallel import apply_fsdp, init_from_env
+    cfg, grads = CONFIGS["st_padded"], {}
+    dims, mesh = init_from_env(ulysses=world)  # reuses the group; mesh ("dp", "ring", "ulysses") = (1, 1, 2)
+    for name, shard_mesh, mode, scale in (("same_ranks_ring", init_device_mesh("cpu", (world,)), "ring", world),
+                                          ("dp_dim_ulysses", mesh["dp"], "ulysses", 1)):
+        model = apply_fsdp(sequence_parallel(_build(cfg), mesh if mode == "ulysses" else _meshes(world)[mode], mode),
+                           shard_mesh, mixed_precision=None)
+        x, t, extra = _inputs(cfg)
+        out = model(x, t, force_drop_ids=torch.tensor([False, True]), **extra)
+        (scale * (out * _loss_weights(out.shape)).sum()).backward()
+        if scale == 1:
+            reduce_gradients(model)
+        grads[name] = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    return dict(grads=grads, dims=(dims.dp, dims.ring, dims.ulysses, dims.sp_mode), mesh=list(mesh.mesh_dim_names))
 
 
 def _two_rank_worker(rank, world):
-    return dict(cases=_sp_worker(rank, world, TWO_RANK_CASES), bad=_bad_input_worker(rank, world))
+    return dict(cases=_sp_worker(rank, world, TWO_RANK_CASES), bad=_bad_input_worker(rank, world),
+                fsdp=_fsdp_worker(rank, world))
 
 
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    return run_distributed(_sp_worker, 4, tmp_path_factory.mktemp("sp4"), FOUR_RANK_CASES, timeout_s=60)
-
-
-@pytest.mark.parametrize("index", range(len(TWO_RANK_CASES)),
-                         ids=[f"{m}-{n}{'' if g else '-local'}" for m, n, g in TWO_RANK_CASES])
-def test_two_ranks_equal_one_process(two_ranks, index):
-    _check_case(TWO_RANK_CASES[index], [r["cases"][index] for r in two_ranks], 2)
-
-
-@pytest.mark.parametrize("index", range(len(FOUR_RANK_CASES)),
-                         ids=[f"{m}-{n}{'' if g else '-local'}" for m, n, g in FOUR_RANK_CASES])
-def test_four_ranks_equal_one_process(four_ranks, index):
-    _check_case(FOUR_RANK_CASES[index], [r[index] for r in four_ranks], 4)
-
-
-def test_bad_input_raises_the_same_clear_error_on_every_rank(two_ranks):
-    bad = [r["bad"] for r in two_ranks]
-    assert bad[0] == bad[1], "every rank must raise the same error"
-    m = bad[0]
-    assert "num_heads = 3 is not divisible by the Ulysses degree 2" in m["heads"], m["heads"]
-    assert "needs a mesh with dims named 'ring' and 'ulysses'" in m["usp_1d"], m["usp_1d"]
-    assert "mode must be one of" in m["mode"], m["mode"]
-    assert "splits a dit_fast DiTVideo, got Linear" in m["type"], m["type"]
-    assert "already sequence parallel" in m["twice"], m["twice"]
-    assert "(1, 1, 1) (1 tokens) cannot be split over 2" in m["too_small"], m["too_small"]
-    assert m["healthy"] == "2"
-
-
-def test_spatial_blocks_of_frame_sharded_models_do_not_communicate(two_ranks):
-    """Whole frames per rank: attention within frames (spatial blocks, one-frame windows) exchanges nothing;
-    only the output gather and the gradient sum move bytes."""
-    for index, (mode, name, gather) in enumerate(TWO_RANK_CASES):
-        traffic = two_ranks[0]["cases"][index]["traffic"]
-        if name == "window_frame_local":
-            assert set(traffic) == {"all_gather", "all_reduce"}, (mode, traffic)
-        if name == "st_rope_frames":  # the temporal block exchanges, the spatial one does not
-            assert traffic.get("all_to_all" if mode == "ulysses" else "ring", 0) > 0, (mode, traffic)
+def _check_fsdp(fsdp, world):
+    _, _, want = _single_process("st_padded")
+    for r in range(world):
+        assert fsdp[r]["dims"] == (1, 1, 2, "ulysses") and fsdp[r]["mesh"] == ["dp", "ring", "ulysses"]
+        for how, grads in fsdp[r]["grads"].items():
+            assert set(grads) == set(want), how
+            for pname, g in grads.items():
+                _close(f"FSDP2 {how} grad {pname} (rank {r})", g, want[pname])
 
 
 def _expected_traffic(case, world):
@@ -265,14 +251,62 @@ def _expected_traffic(case, world):
     return {k: v for k, v in expected.items() if v}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_traffic_is_what_the_plan_calculator_predicts(two_ranks, four_ranks, world):
-    """Bytes each rank sent (comm.count_traffic), by kind, equal benchmarks/parallel_plan.py's formulas."""
-    cases, results = (TWO_RANK_CASES, [r["cases"] for r in two_ranks]) if world == 2 else (FOUR_RANK_CASES, four_ranks)
+def _check_group(cases, results, world):
+    """Every case against one process, and its traffic against benchmarks/parallel_plan.py's formulas
+    (bytes each rank sent, by kind, from comm.count_traffic); one failure listing every bad case."""
+    failures = []
     for index, case in enumerate(cases):
-        expected = _expected_traffic(case, world)
-        for rank in range(world):
-            assert results[rank][index]["traffic"] == expected, (case, rank)
+        per_rank = [results[r][index] for r in range(world)]
+        try:
+            _check_case(case, per_rank, world)
+            expected = _expected_traffic(case, world)
+            for rank in range(world):
+                assert per_rank[rank]["traffic"] == expected, \
+                    f"traffic of rank {rank} {per_rank[rank]['traffic']} != the calculator's {expected}"
+        except AssertionError as exc:
+            failures.append(f"{case}: {exc}")
+    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures)
+
+
+def _check_bad_input(bad):
+    assert bad[0] == bad[1], "every rank must raise the same error"
+    m = bad[0]
+    assert "num_heads = 3 is not divisible by the Ulysses degree 2" in m["heads"], m["heads"]
+    assert "needs a mesh with dims named 'ring' and 'ulysses'" in m["usp_1d"], m["usp_1d"]
+    assert "mode must be one of" in m["mode"], m["mode"]
+    assert "splits a dit_fast DiTVideo, got Linear" in m["type"], m["type"]
+    assert "already sequence parallel" in m["twice"], m["twice"]
+    assert "(1, 1, 1) (1 tokens) cannot be split over 2" in m["too_small"], m["too_small"]
+    assert "world_size = 2 ranks cannot hold ulysses x ring = 3 x 1 = 3" in m["init_env"], m["init_env"]
+    assert m["healthy"] == "2"
+
+
+def _check_frame_local_traffic(cases, results):
+    """Whole frames per rank: attention within frames (spatial blocks, one-frame windows) exchanges nothing;
+    only the output gather and the gradient sum move bytes."""
+    for (mode, name, _), result in zip(cases, results):
+        traffic = result["traffic"]
+        if name == "window_frame_local":
+            assert set(traffic) == {"all_gather", "all_reduce"}, (mode, traffic)
+        if name == "st_rope_frames":  # the temporal block exchanges, the spatial one does not
+            assert traffic.get("all_to_all" if mode == "ulysses" else "ring", 0) > 0, (mode, traffic)
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    """Ulysses and ring on 2 processes, every configuration (one group of processes: starting them is the
+    slow part); bad configurations raise the same clear error on every rank and leave the group usable;
+    under FSDP2 the gradients are one process's too."""
+    results = run_distributed(_two_rank_worker, 2, tmp_path, timeout_s=60)
+    _check_group(TWO_RANK_CASES, [r["cases"] for r in results], 2)
+    _check_bad_input([r["bad"] for r in results])
+    _check_frame_local_traffic(TWO_RANK_CASES, results[0]["cases"])
+    _check_fsdp([r["fsdp"] for r in results], 2)
+
+
+def test_four_ranks_equal_one_process(tmp_path):
+    """USP on a 2 x 2 mesh, ring on 4 and Ulysses on 4 processes."""
+    results = run_distributed(_sp_worker, 4, tmp_path, FOUR_RANK_CASES, timeout_s=60)
+    _check_group(FOUR_RANK_CASES, results, 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +341,16 @@ def test_token_shards_cover_the_grid_once():
         assert torch.equal(covered, torch.arange(math.prod(grid))), (grid, degree)
         assert all(s.chunk == shards[0].chunk and s.real > 0 for s in shards)
         assert shards[0].by_frames == (grid[0] % degree == 0)
+
+
+def test_init_from_env_needs_torchrun(monkeypatch):
+    from dit_fast.parallel import init_from_env
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process (init_from_env reuses it)")
+    with pytest.raises(RuntimeError, match="init_from_env runs under torchrun: RANK, WORLD_SIZE not set"):
+        init_from_env(ulysses=2)
 
 
 def test_parallel_dims_check_degrees_against_the_world():

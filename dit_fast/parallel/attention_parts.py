@@ -18,7 +18,7 @@ dK_a = scale dS_a^T Q. So ring attention never stores the per-block partials.
 Layout as dit_fast.ops.attention: q (B, Sq, heads, D); k, v (B, Sk, heads, D); lse (B, heads, Sq)
 fp32, natural log. key_padding_mask: optional bool (B, Sk), True = attend. A query with no visible
 key in a block gets out 0 and lse -inf there, and merges as if the block were absent. A masked key
-has no influence, whatever its values (NaN, inf): the kernels are given zeros in its place.
+has no influence, whatever its values (NaN, inf): the references and the kernels both hide them.
 
 These functions are not differentiable (they run under no_grad): autograd Functions built on them
 (dit_fast/parallel/sequence.py's ring attention) call the backward themselves. backend: "torch" runs
@@ -49,15 +49,6 @@ def _check_out_lse(name_out, out, name_lse, lse, q):
         raise ValueError(f"{name_out} ({out.device}) and {name_lse} ({lse.device}) must be on q's device {q.device}")
 
 
-def _hide_masked_keys(k: Tensor, v: Tensor, mask: Optional[Tensor]):
-    """Zeros in place of masked keys and values (a select, not a product: 0 * NaN would be NaN)."""
-    if mask is None:
-        return k, v
-    keep = mask[:, :, None, None]  # (B, Sk, 1, 1)
-    zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    return torch.where(keep, k, zero), torch.where(keep, v, zero)
-
-
 @torch.no_grad()
 def attention_block_forward(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Tensor] = None,
                             scale: Optional[float] = None, backend: str = "auto") -> Tuple[Tensor, Tensor]:
@@ -72,7 +63,6 @@ def attention_block_forward(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask
     if name == "torch":
         full_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Sk)
         return attention_reference(q, k, v, scale=scale, mask=full_mask, return_lse=True)
-    k, v = _hide_masked_keys(k, v, mask)
     return torch.ops.dit_fast.attention_fwd(q, k, v, mask, [], "full", [], [], 0.0, [], scale, name)
 
 
@@ -97,7 +87,6 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
     if name == "torch":
         full_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Sk)
         return attention_backward_reference(q, k, v, out, lse, dout, scale=scale, mask=full_mask)
-    k, v = _hide_masked_keys(k, v, mask)
     out, dout = out.to(q.dtype), dout.to(q.dtype)
     return torch.ops.dit_fast.attention_bwd(dout, q, k, v, out, lse, mask, [], "full", [], [], 0.0, [], scale,
                                             name)

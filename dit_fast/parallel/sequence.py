@@ -25,9 +25,12 @@ Attention, per layer (SequenceParallelAttention swapped in for each SpacetimeAtt
 Gradients: every rank back-propagates the same loss through the gathered output (its backward
 keeps this rank's slice, no communication), so each rank's parameter gradients hold its tokens'
 share: reduce_gradients(model) sums them over the sequence-parallel ranks (before the optimizer, as
-DDP would; it commutes with FSDP's reduction over the other mesh dimension). Random draws inside
-the model (classifier-free-guidance dropout) and the training inputs must be the same on every rank
-of a sequence-parallel group: seed by data-parallel rank.
+DDP would). With FSDP2 (dit_fast.parallel.apply_fsdp) over the mesh's "dp" dimension, call it as well
+(it sums the local shards of the DTensor gradients); with FSDP2 over every rank, sequence-parallel ones
+included (the least memory: benchmarks/parallel_plan.py's setup), FSDP's reduce-scatter already sums
+the shares but divides by the world size: skip reduce_gradients and multiply the loss by the
+sequence-parallel degree. Random draws inside the model (classifier-free-guidance dropout) and the
+training inputs must be the same on every rank of a sequence-parallel group: seed by data-parallel rank.
 """
 
 import math
