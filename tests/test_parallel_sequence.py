@@ -117,7 +117,10 @@ def _sp_worker(rank, world, cases):
         model = sequence_parallel(_build(cfg), meshes[mode], mode, gather_output=gather)
         with comm.count_traffic() as traffic:
             out, x_grad, grads = _step(model, cfg, sp_reduce=True)
-        results.append(dict(out=out, x_grad=x_grad, grads=grads, traffic=dict(traffic.bytes)))
+        x, t, extra = _inputs(cfg)
+        with torch.no_grad():  # sampling: the same output without autograd
+            sampled = model.eval()(x, t, force_drop_ids=torch.tensor([False, True]), **extra)
+        results.append(dict(out=out, x_grad=x_grad, grads=grads, traffic=dict(traffic.bytes), sampled=sampled))
     return results
 
 
@@ -145,6 +148,8 @@ def _check_case(case, per_rank, world):
         tokens = torch.cat([per_rank[r]["out"] for r in range(world)], dim=1)
         grid = tuple(s // p for s, p in zip(cfg["model"]["input_size"], (1, 2, 2)))
         _close(f"{label} reassembled out", _build(cfg).unpatchify(tokens, grid), want_out)
+    for r in range(world):
+        _close(f"{label} no_grad eval out (rank {r})", per_rank[r]["sampled"], per_rank[r]["out"], rtol=1e-6)
     _close(f"{label} x.grad (sum over ranks)", sum(per_rank[r]["x_grad"] for r in range(world)), want_xg)
     for pname, want in want_grads.items():
         for r in range(world):
