@@ -12,6 +12,13 @@ a loop counts once. Compare variants of one kernel with it; time them on a GPU.
     python -m benchmarks.kernel_resources --head-dims 72 128 --kernels fwd --variants dense rope window
     python -m benchmarks.kernel_resources --head-dims 128 --variants tiled rope_tiled   # window_tile
     python -m benchmarks.kernel_resources --json out.json
+    python -m benchmarks.kernel_resources --kernels fwd --head-dims 72 --chunks padded   # before the chunks
+    python -m benchmarks.kernel_resources --kernels dkdv_atomic     # the one-pass backward (dq by atomics)
+    python -m benchmarks.kernel_resources --rows fwd:72:dense:128,64,8,3 dkdv_atomic:128:dense:32,128,8,2
+
+Per row also: HGMMA by shape and their matrix work (sum of M * N * K), WARPGROUP.DEPBAR waits by the
+number of wgmma groups left in flight, TMA loads and reduce-adds (UTMALDG, UTMAREDG), USETMAXREG (warp
+specialization), RED / ATOM (global atomics), and the Triton version that compiled it.
 
 Run without TRITON_INTERPRET (the script clears it for the compile).
 """
@@ -51,6 +58,13 @@ SASS_COUNTS = {
     "fmul": r"\bFMUL\b",
     "ffma": r"\bFFMA\b",
     "fadd": r"\bFADD\b",
+    # Hopper's asynchronous machinery: TMA tile loads and reduce-adds, warp-specialized register
+    # reallocation (setmaxnreg), and global atomics (RED: no result, ATOM: with one)
+    "utmaldg": r"\bUTMALDG\b",
+    "utmaredg": r"\bUTMAREDG\b",
+    "usetmaxreg": r"\bUSETMAXREG\b",
+    "red": r"\bREDG?\b",
+    "atom": r"\bATOMG?\b",
 }
 
 
@@ -59,9 +73,17 @@ def _tool(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def _count(sass: str) -> Dict[str, int]:
+def _count(sass: str) -> Dict[str, object]:
     counts = {key: len(re.findall(pattern, sass)) for key, pattern in SASS_COUNTS.items()}
     counts["ldg_total"] = len(re.findall(r"\bLDG\b", sass))
+    # wgmma by shape (M x N x K per instruction) and the matrix work they issue: sum of M * N * K over
+    # the static instructions (a loop body counts once, like every count here)
+    shapes = re.findall(r"\bHGMMA\.(\d+)x(\d+)x(\d+)", sass)
+    counts["hgmma_shapes"] = {f"{m}x{n}x{k}": shapes.count((m, n, k)) for m, n, k in sorted(set(shapes))}
+    counts["hgmma_work"] = sum(int(m) * int(n) * int(k) for m, n, k in shapes)
+    # waits on outstanding wgmma groups, by how many may stay in flight (0: a full drain)
+    depths = re.findall(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0,\s*(0x[0-9a-f]+|\d+)", sass)
+    counts["depbar"] = {str(int(d, 0)): depths.count(d) for d in sorted(set(depths))}
     return counts
 
 
@@ -116,7 +138,7 @@ def attention_signature(fn, dtype: str) -> Dict[str, str]:
         name = p.name
         if p.is_constexpr:
             sig[name] = "constexpr"
-        elif name in ("LSE_ptr", "DELTA_ptr", "ROPE_ptr"):
+        elif name in ("LSE_ptr", "DELTA_ptr", "ROPE_ptr", "DQA_ptr"):
             sig[name] = "*fp32"
         elif name == "KPM_ptr":
             sig[name] = "*u8"
@@ -160,25 +182,46 @@ def _import_triton_kernels():
         return module
 
 
-def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str], configs) -> List[dict]:
+# kernel name -> (function in triton_kernels/attention.py, flags of that kernel)
+KERNELS = {
+    "fwd": ("_attn_fwd_kernel", {}),
+    "dkdv": ("_attn_bwd_dkdv_kernel", dict(DQ_ATOMIC=False)),
+    "dkdv_atomic": ("_attn_bwd_dkdv_kernel", dict(DQ_ATOMIC=True)),  # the one-pass backward (dq by atomics)
+    "dq": ("_attn_bwd_dq_kernel", {}),
+    # the Hopper forward: TMA descriptors and, without a padding mask, the warp-specialized loop
+    "fwd_tma": ("_attn_fwd_kernel", dict(TMA=True, WARP_SPECIALIZE=True)),
+}
+
+
+def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str], configs,
+                   chunks: str = "auto") -> List[dict]:
+    """chunks: "auto" the head dim in the kernels' power-of-two chunks (head_chunks), "padded" one chunk
+    padded to a power of two (the kernels before the chunks: the comparison), or "D0,D1"."""
     _import_triton_kernels()
     from dit_fast.triton_kernels import attention as A
 
-    fns = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}
     rows = []
     for kernel in kernels:
-        fn = fns[kernel]
+        name, kernel_flags = KERNELS[kernel]
+        fn = getattr(A, name)
         fn = triton.JITFunction(getattr(fn, "fn", fn)) if not isinstance(fn, triton.JITFunction) else fn
+        params = {p.name for p in fn.params}
         for d in head_dims:
+            if chunks == "auto":  # the launcher's choice (the one-pass backward halves a single chunk)
+                d0, d1 = A.head_chunks(d, halves=kernel_flags.get("DQ_ATOMIC", False))
+            elif chunks == "padded":
+                d0, d1 = max(16, triton.next_power_of_2(d)), 0
+            else:  # "D0,D1"
+                d0, d1 = (int(x) for x in chunks.split(","))
             for variant in variants:
                 for bm, bn, warps, stages in configs:
-                    flags = dict(TILE_ONE, **VARIANTS[variant], BLOCK_M=bm, BLOCK_N=bn, ALIGNED=True,
-                                 BLOCK_D=max(16, triton.next_power_of_2(d)), DOT_PRECISION="tf32", OFFS_64=False)
-                    constexprs = {k: v for k, v in flags.items() if k in {p.name for p in fn.params}}
+                    flags = dict(TILE_ONE, **VARIANTS[variant], **kernel_flags, BLOCK_M=bm, BLOCK_N=bn, ALIGNED=True,
+                                 BLOCK_D0=d0, BLOCK_D1=d1, DOT_PRECISION="tf32", OFFS_64=False)
+                    constexprs = {k: v for k, v in flags.items() if k in params}
                     if any(p.name == "D" and p.is_constexpr for p in fn.params):
                         constexprs["D"] = d
-                    row = dict(kernel=kernel, head_dim=d, variant=variant, block_m=bm, block_n=bn,
-                               num_warps=warps, num_stages=stages)
+                    row = dict(kernel=kernel, head_dim=d, block_d0=d0, block_d1=d1, variant=variant, block_m=bm,
+                               block_n=bn, num_warps=warps, num_stages=stages, triton=triton.__version__)
                     try:
                         row.update(resources(fn, attention_signature(fn, "bf16"), constexprs, warps, stages,
                                              attention_divisible(fn, d)))
@@ -190,27 +233,41 @@ def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str]
 
 
 COLUMNS = ["kernel", "head_dim", "variant", "block_m", "block_n", "num_warps", "num_stages", "regs", "local_bytes",
-           "shared_bytes", "hgmma", "hmma", "ldg128", "ldg_narrow", "ldg_total", "ldl_stl", "mufu", "int_div",
-           "fmul", "ffma", "fadd", "sass_lines"]
+           "shared_bytes", "hgmma", "hgmma_work", "hgmma_shapes", "depbar", "hmma", "utmaldg", "utmaredg", "usetmaxreg",
+           "red", "atom", "ldg128", "ldg_narrow", "ldg_total", "ldl_stl", "mufu", "int_div", "fmul", "ffma", "fadd",
+           "sass_lines"]
 
 
 def _format(row: dict) -> str:
     if "error" in row:
         return " ".join(str(row[c]) for c in COLUMNS[:7]) + "  ERROR " + row["error"]
-    return " ".join(f"{c}={row.get(c)}" for c in COLUMNS)
+    return " ".join(f"{c}={row.get(c)}".replace(" ", "") if isinstance(row.get(c), dict) else f"{c}={row.get(c)}"
+                    for c in COLUMNS)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernels", nargs="+", default=["fwd", "dkdv", "dq"])
+    parser.add_argument("--kernels", nargs="+", default=["fwd", "dkdv", "dq"], choices=sorted(KERNELS))
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 72, 128])
     parser.add_argument("--variants", nargs="+", default=["dense", "rope", "window"], choices=sorted(VARIANTS))
     parser.add_argument("--configs", nargs="+", default=["128,64,8,3", "64,64,4,3"],
                         help="BLOCK_M,BLOCK_N,num_warps,num_stages")
+    parser.add_argument("--chunks", default="auto",
+                        help="head dim in the kernels' power-of-two chunks (auto), padded to one power of two "
+                             "(padded), or given chunks BLOCK_D0,BLOCK_D1")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--rows", nargs="+", metavar="KERNEL:D:VARIANT:BM,BN,W,S",
+                        help="exactly these rows (one compile each) instead of the cross product above")
     args = parser.parse_args(argv)
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
-    rows = attention_rows(args.kernels, args.head_dims, args.variants, configs)
+    if args.rows:
+        rows = []
+        for spec in args.rows:
+            kernel, d, variant, config = spec.split(":")
+            rows += attention_rows([kernel], [int(d)], [variant], [tuple(int(x) for x in config.split(","))],
+                                   args.chunks)
+    else:
+        rows = attention_rows(args.kernels, args.head_dims, args.variants, configs, args.chunks)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

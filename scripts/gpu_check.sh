@@ -28,8 +28,27 @@
 #   TEST_PATHS="..."     what pytest collects (default tests; test ids to re-run only those)
 #   BUILD_TIMEOUT=240 TEST_TIMEOUT=300 TOTAL_BUDGET=540 (seconds)
 #   DIT_FAST_COMMIT=sha  commit recorded in result rows when .git did not travel with the tree
+#   ATTENTION_PLAN=1     the attention kernels' new paths in one call (issue 12; benchmarks/NOTES.md): their
+#                        GPU correctness tests first (the TMA forward and the one-pass backward at large
+#                        shapes, every head dim, masked NaN, reproducibility, the mode-by-head-dim matrix),
+#                        then bench_attention --quick on the dense, spatial and tile-window cases, every
+#                        ours-* provider beside cuDNN/flash SDPA, FlexAttention and permute + SDPA. Sets
+#                        TEST_PATHS, TEST_TIMEOUT=240, BENCH_OPS=attention unless given.
 set -u
 cd "$(dirname "$0")/.."
+
+if [[ ${ATTENTION_PLAN:-0} == 1 ]]; then
+  gpu_case="tests/test_attention.py::test_gpu_large_shapes"
+  : "${TEST_PATHS:=$(printf "$gpu_case[%s] " full-128-tma full-72-tma spatial-72-tma temporal-72-tma full-128-atomic \
+    full-72-atomic spatial-72-atomic temporal-72-atomic window-128-atomic tile_window-72-atomic \
+    rope_in_kernel-128-atomic full-40- full-80- full-256- full-128-) \
+    tests/test_attention.py::test_gpu_cross_attention_text_lengths tests/test_attention.py::test_backward_reproducibility \
+    tests/test_attention.py::test_attention_matches_reference tests/test_attention_masking.py::test_masked_keys_never_leak \
+    tests/test_attention.py::test_gpu_offsets_past_2_31_elements}"
+  : "${TEST_TIMEOUT:=240}"
+  : "${BENCH_OPS:=attention}"
+  export DIT_FAST_BENCH_ATTENTION_CASES=${DIT_FAST_BENCH_ATTENTION_CASES:-dense,spatial,tile_window}
+fi
 
 START=$(date +%s)
 PY=${PYTHON:-python3}

@@ -1,26 +1,29 @@
-"""Attention kernels against the SDPA reference: every mode, forward and dq/dk/dv, fp32/fp16/bf16.
+"""Attention kernels against the SDPA reference: every mode, every head dim, forward and dq/dk/dv.
 
-On CPU the Triton kernels run in the interpreter (tests/conftest.py), so the shapes are tiny and odd:
-a (3, 5, 7) grid, head dims 72 and 64, one 16 x 16 tile configuration. The GPU tests at the end add
-large shapes, every head dim and offsets past 2^31 elements.
+On CPU the Triton kernels run in the interpreter (tests/conftest.py: one 16 x 16 tile configuration),
+so the shapes are tiny and odd: a (2, 3, 5) grid (a full and a partial tile, frames of 15 tokens,
+columns of 2), head dims 40 to 256 (72 = 64 + 16 with 8 masked, 80, 96, 40: two chunks of the head
+dim), Sq != Sk, padding masks with NaN behind them. Each mode runs in a couple of head dims and
+dtypes, each head dim in one mode and dtype (not the full cross product: the interpreter is slow),
+and every mode runs both backwards: the deterministic two-kernel one and the one-pass one with dq by
+atomic adds. The GPU tests at the end add large shapes, every head dim and offsets past 2^31 elements.
+Windows: tests/test_attention_windows.py; masked NaN: tests/test_attention_masking.py; the sm_90a
+compile checks: tests/test_attention_compile.py; the references alone: tests/test_attention_reference.py.
 """
-
-import os
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
 from dit_fast import nn as dnn
 from dit_fast import ops
-from dit_fast.ops.attention import spacetime_attention_reference, spacetime_mask
+from dit_fast.ops.attention import spacetime_attention_reference
 from dit_fast.ops.rope import RoPE3D
 from tests.conftest import HAS_GPU, kernel_devices
 from tests.utils import ATOL_FLOOR, assert_close_to_reference
 
 DEVICE = kernel_devices()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+F32, F16, BF16 = DTYPES
 
 
 def _qkv(B, Sq, Sk, heads, D, dtype, device=DEVICE):
@@ -54,65 +57,6 @@ def _check_against_reference(fn, inputs, dtype, factor=2.0):
     return got
 
 
-# ---- spacetime modes --------------------------------------------------------------------------
-
-GRID = (3, 5, 7)  # S = 105: no dimension a multiple of the 16-token tiles
-SPACETIME_CASES = {
-    "full": dict(mode="full"),
-    "spatial": dict(mode="spatial"),
-    "temporal": dict(mode="temporal"),
-    "window": dict(window=(2, 3, 5)),
-    "rope": dict(rope="3d"),
-    "rope_window": dict(window=(3, 3, 3), rope=RoPE3D(theta=100.0)),
-    "rope_temporal": dict(mode="temporal", rope=RoPE3D(theta=500.0, split=(8, 28, 28))),
-    # rope_in_kernel: q and k rotated inside the attention kernels instead of one pass before them
-    "rope_in_kernel": dict(rope="3d", rope_in_kernel=True),
-    "rope_window_in_kernel": dict(window=(3, 3, 3), rope=RoPE3D(theta=100.0), rope_in_kernel=True),
-    "rope_temporal_in_kernel": dict(mode="temporal", rope=RoPE3D(theta=500.0, split=(8, 28, 28)),
-                                    rope_in_kernel=True),
-}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", list(SPACETIME_CASES))
-def test_spacetime_attention_matches_reference(case, dtype):
-    kwargs = SPACETIME_CASES[case]
-    D = 64 if case.startswith(("spatial", "rope_window", "rope_temporal")) else 72
-    S = GRID[0] * GRID[1] * GRID[2]
-    inputs = _qkv(1, S, S, 2, D, torch.float32)
-
-    def fn(q, k, v, backend):
-        return ops.spacetime_attention(q, k, v, GRID, return_lse=True, backend=backend, **kwargs)
-
-    _check_against_reference(fn, inputs, dtype)
-
-
-def test_spatial_and_temporal_read_strided_views_in_place():
-    """q, k, v as views into one fused qkv projection output (no contiguous copy) give the same result."""
-    S, heads, D = 105, 2, 64
-    qkv = torch.randn(2, S, 3, heads, D, device=DEVICE)
-    q, k, v = qkv.unbind(2)  # each (B, S, heads, D) with token stride 3 * heads * D
-    assert not q.is_contiguous()
-    for mode in ("spatial", "temporal"):
-        got = ops.spacetime_attention(q, k, v, GRID, mode=mode, backend="triton")
-        want = ops.spacetime_attention(q.double(), k.double(), v.double(), GRID, mode=mode, backend="torch")
-        assert_close_to_reference(mode, got, want, want.float(), dtype=torch.float32)
-
-
-def test_int64_offset_variant(monkeypatch):
-    """The kernels switch to int64 element offsets when a group's extent passes 2^31: run that variant."""
-    from dit_fast.triton_kernels import attention as kernels
-
-    monkeypatch.setattr(kernels, "FORCE_INT64_OFFSETS", True)
-    inputs = _qkv(1, 105, 105, 2, 64, torch.float32)
-
-    def fn(q, k, v, backend):
-        return ops.spacetime_attention(q, k, v, GRID, mode="temporal", rope="3d", rope_in_kernel=True,
-                                       return_lse=True, backend=backend)
-
-    _check_against_reference(fn, inputs, torch.float32)
-
-
 class _CountCalls:
     """Wraps an interpreted @triton.jit helper and counts its calls (the kernels look it up by name)."""
 
@@ -138,231 +82,209 @@ def _count_calls(monkeypatch, names):
     return counters
 
 
-@pytest.mark.skipif(HAS_GPU, reason="counts tile visits through the CPU interpreter")
-def test_window_skips_the_tiles_outside_the_window(monkeypatch):
-    """Work scales with the kept tiles: forward, dk/dv and dq visit ~1/3 of the dense tile pairs for a
-    window keeping 1/4 of the keys (2 of 4 frames, 3 of 6 rows; 16-token tiles span two rows of 8)."""
-    counters = _count_calls(monkeypatch, ("_fwd_tile", "_dkdv_tile", "_dq_tile"))
-    grid = (4, 6, 8)
-    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 192, 192, 1, 16, torch.float32))
-    visits = {}
-    for label, window in (("dense", None), ("window", (2, 3, 8))):
-        for counter in counters.values():
-            counter.calls = 0
-        out = ops.spacetime_attention(q, k, v, grid, window=window, backend="triton")
-        torch.autograd.grad(out.sum(), (q, k, v))
-        visits[label] = {name: c.calls for name, c in counters.items()}
-    assert visits["dense"] == {"_fwd_tile": 144, "_dkdv_tile": 144, "_dq_tile": 144}  # 12 x 12 tiles of 16
-    for name in counters:
-        assert visits["window"][name] <= 0.4 * visits["dense"][name], visits
-    # frames wider than a tile: tiles inside one row also skip the columns outside their windows
-    grid = (2, 3, 40)
-    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 240, 240, 1, 16, torch.float32))
-    for label, window in (("all columns", (1, 3, 40)), ("9 columns", (1, 3, 9))):
-        for counter in counters.values():
-            counter.calls = 0
-        out = ops.spacetime_attention(q, k, v, grid, window=window, backend="triton")
-        torch.autograd.grad(out.sum(), (q, k, v))
-        visits[label] = {name: c.calls for name, c in counters.items()}
-    for name in counters:
-        assert visits["9 columns"][name] <= 0.8 * visits["all columns"][name], visits
+# ---- every mode, every head dim --------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
-def test_window_interior_tiles_match_reference(dtype):
-    """Frames as wide as the window (W = 8 = ww): many key tiles lie inside every query's window and
-    skip the window test; with the tiles at the window's edges, still the reference's result."""
-    grid = (4, 6, 8)
-    inputs = _qkv(1, 192, 192, 2, 64, torch.float32)
-
-    def fn(q, k, v, backend):
-        return ops.spacetime_attention(q, k, v, grid, window=(2, 3, 8), return_lse=True, backend=backend)
-
-    _check_against_reference(fn, inputs, dtype)
-
-
-@pytest.mark.skipif(HAS_GPU, reason="counts Python calls of the kernels' helpers, which only the CPU interpreter "
-                    "makes; on a GPU the window correctness tests cover the compiled kernels")
-def test_window_test_skipped_on_interior_tiles(monkeypatch):
-    """The per-score window test runs only on tiles at a window's edge: interior tiles cost what dense
-    ones do. Grid (4, 6, 8), window (2, 3, 8), 16-token tiles (2 rows of 8)."""
-    names = ("_fwd_tile", "_dkdv_tile", "_dq_tile", "_window_allowed")
-    counters = _count_calls(monkeypatch, names)
-    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 192, 192, 1, 16, torch.float32))
-    out = ops.spacetime_attention(q, k, v, (4, 6, 8), window=(2, 3, 8), backend="triton")
-    torch.autograd.grad(out.sum(), (q, k, v))
-    visits = sum(counters[name].calls for name in names[:3])
-    tests = counters["_window_allowed"].calls
-    assert 0 < tests <= 0.75 * visits, (tests, visits)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
-def test_window_on_wide_frames_matches_reference(dtype):
-    """W = 40 > the 16-token tiles: runs restricted to the window's columns inside one row."""
-    grid = (2, 3, 40)
-    inputs = _qkv(1, 240, 240, 2, 64, torch.float32)
-
-    def fn(q, k, v, backend):
-        return ops.spacetime_attention(q, k, v, grid, window=(1, 3, 9), rope="3d", rope_in_kernel=True,
-                                       return_lse=True, backend=backend)
-
-    _check_against_reference(fn, inputs, dtype)
-
-
-def test_window_reference_mask_is_the_shifted_3d_window():
-    """The reference mask: along each axis a query sees exactly w positions, centred, shifted inside."""
-    grid, window = (3, 5, 7), (2, 3, 5)
-    mask = spacetime_mask(grid, "full", window)
-    assert (mask.sum(1) == 2 * 3 * 5).all()
-    pos = [(t, h, w) for t in range(3) for h in range(5) for w in range(7)]
-    i = pos.index((0, 2, 6))  # t at the start border, h centred, w at the end border
-    seen = {pos[j] for j in mask[i].nonzero().flatten().tolist()}
-    assert seen == {(t, h, w) for t in (0, 1) for h in (1, 2, 3) for w in (2, 3, 4, 5, 6)}
-    full = spacetime_mask(grid, "full", (3, 5, 7))
-    assert full.all()
-
-
-# ---- tile-granular windows (Sliding Tile Attention) ----------------------------------------------
-
-# grid, window_tile, window and the rest. Tiles are partial at the grid's edges in each case; the
-# interpreter's 16-token blocks make a tile of V tokens V // 16 blocks.
-TILED_CASES = {
-    # (3, 5, 7) in (1, 4, 4) tiles: a 3 x 2 x 2 tile grid; the window (1, 4, 8) is 1 x 1 x 2 tiles
-    "partial": dict(grid=(3, 5, 7), window_tile=(1, 4, 4), window=(1, 4, 8), D=72),
-    # (5, 6, 9) in (2, 4, 2) tiles: 3 x 2 x 5 tiles, window 2 x 1 x 2 tiles, shifted at every border
-    "rope": dict(grid=(5, 6, 9), window_tile=(2, 4, 2), window=(4, 4, 4), D=64, rope="3d"),
-    # 48-token tiles, three blocks each: (5, 6, 9) in (3, 4, 4) is 2 x 2 x 3 tiles, window 1 x 1 x 2
-    "three_blocks": dict(grid=(5, 6, 9), window_tile=(3, 4, 4), window=(3, 4, 8), D=72),
-    # 32-token tiles: 3 x 2 x 3 tiles of (2, 4, 4), window 1 x 1 x 2 tiles
-    "rope_in_kernel": dict(grid=(5, 6, 9), window_tile=(2, 4, 4), window=(2, 4, 8), D=72,
-                           rope=RoPE3D(theta=100.0), rope_in_kernel=True),
+GRID = (2, 3, 5)  # S = 30: a full and a partial 16-token tile; frames of 15 tokens, columns of 2
+MODES = {  # name -> (grid, spacetime_attention kwargs); "cross": attention() with Sq != Sk and padding
+    "full": (GRID, {}),
+    "spatial": (GRID, dict(mode="spatial")),
+    "temporal": ((5, 2, 2), dict(mode="temporal")),  # columns of 5 frames
+    "window": (GRID, dict(window=(2, 2, 3))),
+    # (2, 5, 6) in (1, 4, 4) tiles: a 2 x 2 x 2 tile grid with partial edge tiles; the window is 1 x 1 x 2 tiles
+    "window_tile": ((2, 5, 6), dict(window=(1, 4, 8), window_tile=(1, 4, 4))),
+    # 32-token tiles, two blocks each: (2, 5, 4) in (2, 4, 4) is 1 x 2 x 1 tiles, window 1 x 1 x 1 tiles
+    "window_tile_32": ((2, 5, 4), dict(window=(2, 4, 4), window_tile=(2, 4, 4))),
+    "rope": (GRID, dict(rope="3d")),  # one rotation pass over q and k (apply_rope_3d), then the kernels
+    "rope_in_kernel": (GRID, dict(rope="3d", rope_in_kernel=True)),
+    "rope_temporal_in_kernel": ((5, 2, 2), dict(mode="temporal", rope=RoPE3D(theta=500.0, split=(8, 32, 32)),
+                                                rope_in_kernel=True)),
+    "rope_window_in_kernel": (GRID, dict(window=(2, 3, 3), rope=RoPE3D(theta=100.0), rope_in_kernel=True)),
+    "rope_tile_in_kernel": ((2, 5, 6), dict(window=(1, 4, 8), window_tile=(1, 4, 4), rope="3d", rope_in_kernel=True)),
+    "cross": None,
 }
 
+# (mode, D, dtype, deterministic backward). Each head dim in one mode and dtype, each mode in a couple of
+# head dims and dtypes, each with both backwards somewhere: not the full cross product.
+CASES = [
+    ("full", 40, F16, True), ("full", 64, F32, False), ("full", 72, BF16, True), ("full", 80, F32, True),
+    ("full", 96, BF16, False), ("full", 128, F16, False), ("full", 256, F32, True),
+    ("spatial", 72, BF16, True), ("spatial", 40, F32, False),
+    ("temporal", 72, F16, False), ("temporal", 96, F32, True),
+    ("window", 72, F32, True), ("window", 40, BF16, False),
+    ("window_tile", 72, BF16, True), ("window_tile", 80, F32, False), ("window_tile_32", 64, F16, True),
+    ("rope", 64, BF16, True),
+    ("rope_in_kernel", 72, F32, False), ("rope_in_kernel", 40, BF16, True),
+    ("rope_temporal_in_kernel", 72, BF16, False), ("rope_window_in_kernel", 64, F16, True),
+    ("rope_tile_in_kernel", 72, F32, True),
+    ("cross", 72, BF16, True), ("cross", 40, F32, False), ("cross", 96, F16, True), ("cross", 256, BF16, False),
+]
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", list(TILED_CASES))
-def test_tile_window_matches_reference(case, dtype):
-    kwargs = dict(TILED_CASES[case])
-    grid, D = kwargs.pop("grid"), kwargs.pop("D")
+
+def _case_id(case):
+    mode, D, dtype, deterministic = case
+    return f"{mode}-D{D}-{str(dtype).split('.')[-1]}-{'det' if deterministic else 'atomic'}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_attention_matches_reference(case):
+    mode, D, dtype, deterministic = case
+    if MODES[mode] is None:  # cross attention, Sq != Sk, a padding mask with NaN behind it, an empty sample
+        B, Sq, Sk = 2, 20, 29
+        mask = torch.rand(B, Sk, device=DEVICE) > 0.4
+        mask[0, :3] = True
+        mask[1] = False  # sample 1 has no text at all: its queries return zeros, never NaN
+        q, k, v = _qkv(B, Sq, Sk, 1, D, torch.float32)
+        k[~mask], v[~mask] = float("nan"), float("inf")  # masked keys must not reach anything
+
+        def fn(q, k, v, backend):
+            return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend,
+                                 deterministic=deterministic)
+
+        out, lse, dq, dk, dv = _check_against_reference(fn, (q, k, v), dtype)
+        assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+        assert (dk[~mask] == 0).all() and (dv[~mask] == 0).all()
+        assert torch.isneginf(lse[1]).all()
+        return
+    grid, kwargs = MODES[mode]
     S = grid[0] * grid[1] * grid[2]
-    inputs = _qkv(1, S, S, 2, D, torch.float32)
+    heads = 2 if (mode, D) == ("full", 72) else 1  # one case with two heads: the head stride
 
     def fn(q, k, v, backend):
-        return ops.spacetime_attention(q, k, v, grid, return_lse=True, backend=backend, **kwargs)
+        return ops.spacetime_attention(q, k, v, grid, return_lse=True, backend=backend, deterministic=deterministic,
+                                       **kwargs)
 
-    _check_against_reference(fn, inputs, dtype)
-
-
-@pytest.mark.skipif(HAS_GPU, reason="counts Python calls of the kernels' helpers, which only the CPU interpreter "
-                    "makes; on a GPU the tile window correctness tests cover the compiled kernels")
-@pytest.mark.parametrize("grid,window_tile,window", [((4, 8, 12), (1, 4, 4), (2, 4, 8)),
-                                                     ((3, 5, 7), (1, 4, 4), (1, 4, 8)),
-                                                     ((3, 5, 7), (2, 4, 4), (2, 4, 8))])
-def test_tile_window_visits_only_the_kept_tiles(monkeypatch, grid, window_tile, window):
-    """Forward, dk/dv and dq each visit exactly (query tiles) x (kept key tiles per query tile) tile pairs,
-    V // 16 x V // 16 blocks of 16 tokens per pair, and never test the token window."""
-    names = ("_fwd_tile", "_dkdv_tile", "_dq_tile", "_window_allowed")
-    counters = _count_calls(monkeypatch, names)
-    S = grid[0] * grid[1] * grid[2]
-    q, k, v = (t.requires_grad_(True) for t in _qkv(1, S, S, 1, 16, torch.float32))
-    out = ops.spacetime_attention(q, k, v, grid, window=window, window_tile=window_tile, backend="triton")
-    torch.autograd.grad(out.sum(), (q, k, v))
-    tiles = [-(-n // t) for n, t in zip(grid, window_tile)]
-    kept = [w // t for w, t in zip(window, window_tile)]
-    blocks = window_tile[0] * window_tile[1] * window_tile[2] // 16  # 16-token blocks per tile
-    pairs = tiles[0] * tiles[1] * tiles[2] * kept[0] * kept[1] * kept[2]
-    want = pairs * blocks * blocks
-    assert {name: counters[name].calls for name in names} == {
-        "_fwd_tile": want, "_dkdv_tile": want, "_dq_tile": want, "_window_allowed": 0}
-    assert kept[0] * kept[1] * kept[2] < tiles[0] * tiles[1] * tiles[2]  # fewer than dense
+    _check_against_reference(fn, _qkv(1, S, S, heads, D, torch.float32), dtype)
 
 
-def test_tile_window_reference_mask_counts_the_window_in_tiles():
-    """The reference mask: a query sees whole key tiles, the window of tiles around its own tile,
-    centred and shifted inside the tile grid; tiles of one token give back the token window."""
-    pos = [(t, h, w) for t in range(5) for h in range(6) for w in range(9)]
-    mask = spacetime_mask((5, 6, 9), "full", (4, 4, 4), window_tile=(2, 4, 2))
-    # query (4, 0, 8): tile (2, 0, 4) of a 3 x 2 x 5 tile grid; window 2 x 1 x 2 tiles, shifted in at t and w
-    seen = {pos[j] for j in mask[pos.index((4, 0, 8))].nonzero().flatten().tolist()}
-    assert seen == {(t, h, w) for t in (2, 3, 4) for h in range(4) for w in (6, 7, 8)}
-    # every query of one tile sees the same keys
-    tile_of = [(t // 2, h // 4, w // 2) for t, h, w in pos]
-    for i in range(len(pos)):
-        j = tile_of.index(tile_of[i])
-        assert torch.equal(mask[i], mask[j])
-    mask = spacetime_mask((3, 5, 7), "full", (1, 4, 8), window_tile=(1, 4, 4))
-    pos = [(t, h, w) for t in range(3) for h in range(5) for w in range(7)]
-    seen = {pos[j] for j in mask[pos.index((1, 4, 0))].nonzero().flatten().tolist()}
-    assert seen == {(1, 4, w) for w in range(7)}  # the partial last row of tiles: h = 4 only
-    assert torch.equal(spacetime_mask((3, 5, 7), "full", (2, 3, 5), window_tile=(1, 1, 1)),
-                       spacetime_mask((3, 5, 7), "full", (2, 3, 5)))
-
-
-def test_tile_window_configs_divide_the_tile():
-    """TILED: the autotuner only keeps blocks that divide the tile's volume (a query block inside one
-    tile, a key tile a whole number of key blocks)."""
-    import triton
-
-    from dit_fast.triton_kernels.attention import SPACE, _prune
-
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in SPACE]
-    q = torch.empty(1, dtype=torch.bfloat16)
-    for tile, allowed in (((2, 4, 4), {16, 32}), ((3, 4, 4), {16}), ((4, 8, 8), {16, 32, 64, 128})):
-        named = dict(LQ_BUCKET=16384, LK_BUCKET=16384, Q_ptr=q, TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2])
-        kept = _prune(configs, named, TILED=True, BLOCK_D=128)
-        assert kept and all(c.kwargs["BLOCK_M"] in allowed and c.kwargs["BLOCK_N"] in allowed for c in kept), tile
-    named = dict(LQ_BUCKET=16384, LK_BUCKET=16384, Q_ptr=q, TILE_T=1, TILE_H=1, TILE_W=1)
-    assert any(c.kwargs["BLOCK_M"] == 128 for c in _prune(configs, named, TILED=False, BLOCK_D=128))
-
-
-def test_tile_window_bad_input_raises_clear_errors():
-    q, k, v = _qkv(1, 105, 105, 2, 64, torch.float32)
-    st = ops.spacetime_attention
-    _bad(ValueError, r"window_tile \(1, 4, 4\) needs a window", lambda: st(q, k, v, GRID, window_tile=(1, 4, 4)))
-    for bad in ((1, 4), (1, 0, 4), (1, 4.0, 4), "144"):
-        _bad(ValueError, "window_tile must be three positive ints",
-             lambda: st(q, k, v, GRID, window=(1, 4, 8), window_tile=bad))
-    _bad(ValueError, r"window \(1, 4, 6\) must be a multiple of window_tile \(1, 4, 4\)",
-         lambda: st(q, k, v, GRID, window=(1, 4, 6), window_tile=(1, 4, 4)))
-    _bad(ValueError, r"window \(1, 4, 12\) is \(1, 1, 3\) tiles of \(1, 4, 4\), larger than the grid \(3, 5, 7\) "
-         r"in tiles \(3, 2, 2\)", lambda: st(q, k, v, GRID, window=(1, 4, 12), window_tile=(1, 4, 4)))
-    _bad(ValueError, r"window \(1, 12, 4\) is \(1, 3, 1\) tiles", lambda: st(q, k, v, GRID, window=(1, 12, 4),
-                                                                             window_tile=(1, 4, 4)))
-    _bad(ValueError, r"window_tile \(1, 3, 4\) has 12 tokens: the kernels need a multiple of 16",
-         lambda: st(q, k, v, GRID, window=(1, 3, 4), window_tile=(1, 3, 4)))
-    _bad(ValueError, "window_tile needs mode='full', got mode='spatial'",
-         lambda: st(q, k, v, GRID, mode="spatial", window_tile=(1, 4, 4)))
-    _bad(ValueError, "window_tile needs mode='full', got mode='temporal'",
-         lambda: st(q, k, v, GRID, mode="temporal", window=(2, 1, 1), window_tile=(1, 4, 4)))
-
-
-# ---- cross attention with a key padding mask ----------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("D", [72, 64])
-@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
-def test_cross_attention_with_padding_matches_reference(D, dtype):
-    B, Sq, Sk, heads = 2, 29, 37, 2
-    inputs = _qkv(B, Sq, Sk, heads, D, torch.float32)
-    mask = torch.rand(B, Sk, device=DEVICE) > 0.4
-    mask[0, :3] = True
-    mask[1] = False  # sample 1 has no text at all: its queries return zeros, never NaN
-
-    def fn(q, k, v, backend):
-        return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend)
-
-    out, lse, dq, dk, dv = _check_against_reference(fn, inputs, dtype)
-    assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
-    assert torch.isneginf(lse[1]).all()
-
-
-@pytest.mark.parametrize("D", [96, 128])
-def test_cross_attention_without_mask_and_custom_scale(D):
-    inputs = _qkv(1, 20, 45, 2, D, torch.float32)
+def test_cross_attention_without_mask_and_custom_scale():
+    inputs = _qkv(1, 20, 45, 1, 128, torch.float32)
 
     def fn(q, k, v, backend):
         return ops.attention(q, k, v, scale=0.3, return_lse=True, backend=backend)
+
+    _check_against_reference(fn, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
+def test_backward_reproducibility(deterministic):
+    """The deterministic backward gives bitwise the same gradients on every run (the trainer's exact
+    resume relies on it); the one-pass one matches it within fp32 rounding (on a GPU the order of its
+    atomic adds varies; the interpreter runs programs in order)."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 30, 30, 1, 72, torch.float32))
+    dout = torch.randn_like(q)
+
+    def grads(det):
+        out = ops.spacetime_attention(q, k, v, GRID, mode="spatial", backend="triton", deterministic=det)
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    first = grads(deterministic)
+    again = grads(deterministic) if deterministic else grads(True)
+    for a, b in zip(first, again):
+        if deterministic:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_choice_from_the_environment(monkeypatch):
+    """$DIT_FAST_ATTENTION_BWD picks the backward when the call does not; a bad value is a clear error."""
+    from dit_fast.triton_kernels.attention import deterministic_backward
+
+    monkeypatch.delenv("DIT_FAST_ATTENTION_BWD", raising=False)
+    assert deterministic_backward(None) is True  # opt-in until a GPU run passes
+    monkeypatch.setenv("DIT_FAST_ATTENTION_BWD", "atomic")
+    assert deterministic_backward(None) is False and deterministic_backward(True) is True
+    monkeypatch.setenv("DIT_FAST_ATTENTION_BWD", "fast")
+    with pytest.raises(ValueError, match="DIT_FAST_ATTENTION_BWD must be 'atomic' or 'deterministic'"):
+        deterministic_backward(None)
+
+
+# The TMA forward (Triton's interpreter emulates the descriptors): every mode it takes, the tiles loaded
+# through descriptors (counted), the warp-specialized loop without a padding mask, the other with one.
+TMA_CASES = [("full", 72, BF16), ("spatial", 40, F16), ("temporal", 128, BF16), ("cross", 72, F16)]
+
+
+@pytest.mark.skipif(HAS_GPU, reason="counts the interpreter's calls of the TMA load helper; on a GPU "
+                    "test_gpu_large_shapes runs the compiled TMA forward")
+@pytest.mark.parametrize("mode,D,dtype", TMA_CASES, ids=lambda x: str(x).split(".")[-1])
+def test_tma_forward_matches_reference(monkeypatch, mode, D, dtype):
+    counters = _count_calls(monkeypatch, ("_load_chunks_tma",))
+    if mode == "cross":
+        q, k, v = _qkv(2, 20, 29, 1, D, dtype)
+        mask = torch.rand(2, 29, device=DEVICE) > 0.4
+        mask[:, 0] = True
+
+        def fn(q, k, v, backend, tma):
+            return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend, tma=tma)
+    else:
+        grid, kwargs = MODES[mode]
+        S = grid[0] * grid[1] * grid[2]
+        q, k, v = _qkv(1, S, S, 2, D, dtype)
+
+        def fn(q, k, v, backend, tma):
+            return ops.spacetime_attention(q, k, v, grid, return_lse=True, backend=backend, tma=tma, **kwargs)
+
+    out, lse = fn(q, k, v, "triton", True)
+    assert counters["_load_chunks_tma"].calls > 0, "the TMA path did not run"
+    ref64, lse64 = fn(q.double(), k.double(), v.double(), "torch", None)
+    ref, _ = fn(q, k, v, "torch", None)
+    assert_close_to_reference("out", out, ref64, ref, dtype=dtype)
+    assert_close_to_reference("lse", lse, lse64, lse64.float(), dtype=torch.float32)
+    calls = counters["_load_chunks_tma"].calls
+    fn(q, k, v, "triton", False)  # and the pointer path when not asked for
+    assert counters["_load_chunks_tma"].calls == calls
+
+
+def test_tma_choice_from_the_environment(monkeypatch):
+    from dit_fast.triton_kernels.attention import tma_forward
+
+    monkeypatch.delenv("DIT_FAST_ATTENTION_FWD", raising=False)
+    assert tma_forward(None) is False  # opt-in until a GPU run passes
+    monkeypatch.setenv("DIT_FAST_ATTENTION_FWD", "tma")
+    assert tma_forward(None) is True and tma_forward(False) is False
+    monkeypatch.setenv("DIT_FAST_ATTENTION_FWD", "fast")
+    with pytest.raises(ValueError, match="DIT_FAST_ATTENTION_FWD must be 'tma' or 'pointer'"):
+        tma_forward(None)
+
+
+def test_head_dim_chunks():
+    """The head dim as at most two power-of-two chunks, never wider than padding to one power of two."""
+    from dit_fast.triton_kernels.attention import head_chunks
+
+    want = {16: (16, 0), 24: (32, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32),
+            112: (128, 0), 128: (128, 0), 136: (128, 16), 160: (128, 32), 192: (128, 64), 200: (256, 0),
+            256: (256, 0)}
+    for D, chunks in want.items():
+        assert head_chunks(D) == chunks, D
+    for D in range(16, 257, 8):
+        d0, d1 = head_chunks(D)
+        assert d0 + d1 >= D and d0 + d1 <= max(16, 1 << (D - 1).bit_length())
+        assert d0 & (d0 - 1) == 0 and d1 & (d1 - 1) == 0 and d0 >= 16 and (d1 == 0 or d1 >= 16)
+
+
+def test_spatial_and_temporal_read_strided_views_in_place():
+    """q, k, v as views into one fused qkv projection output (no contiguous copy) give the same result."""
+    S, heads, D = 30, 2, 64
+    qkv = torch.randn(1, S, 3, heads, D, device=DEVICE)
+    q, k, v = qkv.unbind(2)  # each (B, S, heads, D) with token stride 3 * heads * D
+    assert not q.is_contiguous()
+    for mode in ("spatial", "temporal"):
+        got = ops.spacetime_attention(q, k, v, GRID, mode=mode, backend="triton")
+        want = ops.spacetime_attention(q.double(), k.double(), v.double(), GRID, mode=mode, backend="torch")
+        assert_close_to_reference(mode, got, want, want.float(), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
+def test_int64_offset_variant(monkeypatch, deterministic):
+    """The kernels switch to int64 element offsets when a group's extent passes 2^31: run that variant."""
+    from dit_fast.triton_kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "FORCE_INT64_OFFSETS", True)
+    inputs = _qkv(1, 20, 20, 1, 72, torch.float32)
+
+    def fn(q, k, v, backend):
+        return ops.spacetime_attention(q, k, v, (5, 2, 2), mode="temporal", rope="3d", rope_in_kernel=True,
+                                       return_lse=True, backend=backend, deterministic=deterministic)
 
     _check_against_reference(fn, inputs, torch.float32)
 
@@ -373,7 +295,7 @@ def test_cross_attention_without_mask_and_custom_scale(D):
 def test_spacetime_attention_module_matches_reference_backend():
     torch.manual_seed(1)
     module = dnn.SpacetimeAttention(128, 2, qk_norm=True, mode="spatial", rope="3d", backend="triton").to(DEVICE)
-    x = torch.randn(1, 105, 128, device=DEVICE, requires_grad=True)
+    x = torch.randn(1, 30, 128, device=DEVICE, requires_grad=True)
     y = module(x, GRID)
     (gx,) = torch.autograd.grad(y.square().sum(), x)
     module.backend = "torch"
@@ -448,6 +370,9 @@ def test_opcheck_forward_and_backward():
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, None, grid,
                 "spatial", [], [], 10000.0, [4, 6, 6], 0.25, "triton")
     torch.library.opcheck(torch.ops.dit_fast.attention_bwd.default, bwd_args)
+    # the kernel options: the one-pass backward, through the forward op's autograd and the backward op
+    torch.library.opcheck(torch.ops.dit_fast.attention_fwd.default, fwd_args + (False, None))
+    torch.library.opcheck(torch.ops.dit_fast.attention_bwd.default, bwd_args + (False,))
 
 
 def test_torch_compile_fullgraph_module():
@@ -472,17 +397,18 @@ def _bad(error, match, fn):
 
 def test_bad_input_raises_clear_errors():
     q, k, v = _qkv(1, 105, 105, 2, 64, torch.float32)
+    grid = (3, 5, 7)
     st = ops.spacetime_attention
     _bad(ValueError, r"grid \(3, 5, 6\) has 90 tokens .* S = 105", lambda: st(q, k, v, (3, 5, 6)))
     _bad(ValueError, "grid must be three positive ints", lambda: st(q, k, v, (105,)))
     _bad(ValueError, r"window \(4, 1, 1\) is larger than the grid \(3, 5, 7\)",
-         lambda: st(q, k, v, GRID, window=(4, 1, 1)))
-    _bad(ValueError, "window needs mode='full'", lambda: st(q, k, v, GRID, mode="spatial", window=(1, 3, 3)))
-    _bad(ValueError, "mode must be one of", lambda: st(q, k, v, GRID, mode="diagonal"))
-    _bad(ValueError, "rope must be None", lambda: st(q, k, v, GRID, rope="2d"))
-    _bad(TypeError, "rope_in_kernel must be True or False", lambda: st(q, k, v, GRID, rope="3d", rope_in_kernel="yes"))
-    _bad(ValueError, "rope split", lambda: st(q, k, v, GRID, rope=RoPE3D(split=(10, 30, 30))))
-    _bad(ValueError, "self-attention", lambda: st(q, k[:, :50], v[:, :50], GRID))
+         lambda: st(q, k, v, grid, window=(4, 1, 1)))
+    _bad(ValueError, "window needs mode='full'", lambda: st(q, k, v, grid, mode="spatial", window=(1, 3, 3)))
+    _bad(ValueError, "mode must be one of", lambda: st(q, k, v, grid, mode="diagonal"))
+    _bad(ValueError, "rope must be None", lambda: st(q, k, v, grid, rope="2d"))
+    _bad(TypeError, "rope_in_kernel must be True or False", lambda: st(q, k, v, grid, rope="3d", rope_in_kernel="yes"))
+    _bad(ValueError, "rope split", lambda: st(q, k, v, grid, rope=RoPE3D(split=(10, 30, 30))))
+    _bad(ValueError, "self-attention", lambda: st(q, k[:, :50], v[:, :50], grid))
     _bad(ValueError, "mismatched batch, heads or head dim",
          lambda: ops.attention(q, k[:, :, :1], v[:, :, :1]))
     _bad(ValueError, "v must have the shape of k", lambda: ops.attention(q, k, v[:, :100]))
@@ -501,6 +427,8 @@ def test_bad_input_raises_clear_errors():
     _bad(TypeError, "key_padding_mask must be a bool tensor",
          lambda: ops.attention(q, k, v, key_padding_mask=mask.float()))
     _bad(ValueError, "unknown backend", lambda: ops.attention(q, k, v, backend="cudnn"))
+    _bad(TypeError, "deterministic must be True, False or None", lambda: ops.attention(q, k, v, deterministic=1))
+    _bad(TypeError, "tma must be True, False or None", lambda: st(q, k, v, grid, tma="yes"))
 
 
 def test_auto_backend_on_cpu_is_the_reference():
@@ -515,14 +443,21 @@ def test_auto_backend_on_cpu_is_the_reference():
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 
-GPU_CASES = [("full", 64), ("full", 72), ("full", 96), ("full", 128), ("spatial", 72), ("temporal", 72),
-             ("window", 128), ("rope", 72), ("rope", 128), ("rope_window", 64), ("rope_in_kernel", 128),
-             ("rope_window_in_kernel", 64), ("tile_window", 128), ("tile_window", 72), ("rope_tile_window", 64)]
+# (mode, D, kernel variant): "" the defaults, "atomic" the one-pass backward, "tma" the Hopper forward
+GPU_CASES = [("full", 40, ""), ("full", 64, ""), ("full", 72, ""), ("full", 80, ""), ("full", 96, ""),
+             ("full", 128, ""), ("full", 256, ""), ("spatial", 72, ""), ("temporal", 72, ""), ("window", 128, ""),
+             ("rope", 72, ""), ("rope", 128, ""), ("rope_window", 64, ""), ("rope_in_kernel", 128, ""),
+             ("rope_window_in_kernel", 64, ""), ("tile_window", 128, ""), ("tile_window", 72, ""),
+             ("rope_tile_window", 64, ""),
+             ("full", 128, "atomic"), ("full", 72, "atomic"), ("spatial", 72, "atomic"), ("temporal", 72, "atomic"),
+             ("window", 128, "atomic"), ("tile_window", 72, "atomic"), ("rope_in_kernel", 128, "atomic"),
+             ("full", 128, "tma"), ("full", 72, "tma"), ("spatial", 72, "tma"), ("temporal", 72, "tma"),
+             ("window", 128, "tma")]
 
 
 @gpu
-@pytest.mark.parametrize("case,D", GPU_CASES)
-def test_gpu_large_shapes(case, D):
+@pytest.mark.parametrize("case,D,variant", GPU_CASES)
+def test_gpu_large_shapes(case, D, variant):
     grid = (5, 30, 45)  # S = 6750
     kwargs = {"full": {}, "spatial": dict(mode="spatial"), "temporal": dict(mode="temporal"),
               "window": dict(window=(3, 9, 15)), "rope": dict(rope="3d"),
@@ -535,20 +470,24 @@ def test_gpu_large_shapes(case, D):
     S = grid[0] * grid[1] * grid[2]
     inputs = _qkv(2, S, S, 4, D, torch.float32)
 
+    options = {"atomic": dict(deterministic=False), "tma": dict(tma=True)}.get(variant, {})
+
     def fn(q, k, v, backend):
-        return ops.spacetime_attention(q, k, v, grid, return_lse=True, backend=backend, **kwargs)
+        return ops.spacetime_attention(q, k, v, grid, return_lse=True, backend=backend, **options, **kwargs)
 
     _check_against_reference(fn, inputs, torch.bfloat16)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_cross_attention_text_lengths(dtype):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
+def test_gpu_cross_attention_text_lengths(dtype, deterministic):
     inputs = _qkv(3, 4096, 512, 8, 128, torch.float32)
     mask = torch.arange(512, device=DEVICE)[None, :] < torch.tensor([512, 77, 0], device=DEVICE)[:, None]
 
     def fn(q, k, v, backend):
-        return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend)
+        return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend,
+                             deterministic=deterministic)
 
     _check_against_reference(fn, inputs, dtype)
 
@@ -566,57 +505,6 @@ def test_gpu_offsets_past_2_31_elements():
     got = out[:, tail]
     err = (got.double() - want).abs().max().item()
     assert err <= ATOL_FLOOR[torch.bfloat16] * max(1.0, want.abs().max().item()), f"max err {err}"
-
-
-def test_kernels_compile_for_sm90_with_16_byte_loads():
-    """Compiled for an H100 (no GPU needed): at D = 72 the tiles load 16 bytes at a time, as at D = 128.
-
-    A head stride of 72 hides the alignment from Triton; without the ALIGNED hint every q, k, v
-    element was a separate 2-byte load (measured on an H100: 0.32x SDPA at D = 72)."""
-    import json
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter never lowers
-    out = Path(tempfile.mkdtemp()) / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--kernels", "fwd", "dq",
-                           "--head-dims", "72", "--variants", "dense", "--configs", "64,64,4,3", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parent.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
-    assert [r["kernel"] for r in rows] == ["fwd", "dq"]
-    for row in rows:
-        assert "error" not in row, row
-        assert row["ldg128"] > 0 and row["ldg_narrow"] == 0, row
-        assert row["hgmma"] > 0, row  # Hopper's wgmma, not the older mma.sync path
-
-
-@pytest.mark.parametrize("kernel, config", [("dkdv", (32, 128, 8, 2)), ("fwd", (128, 128, 8, 2))])
-def test_quick_tuning_space_configs_compile_without_spills(kernel, config):
-    """The quick space (the benchmarks' tuning) holds configurations chosen for one kernel each, on
-    their sm_90a report: the dk/dv kernel's two fp32 (BLOCK_N, D) accumulators spill at 128 x 64 and
-    64 x 64 (D = 128), so 32 x 128 is there; the forward's 128 x 128 tile halves its rescale work per
-    score. Each must compile for sm_90a without spills, or the measured kernel is the spilled one."""
-    import json
-    import subprocess
-    import sys
-
-    from dit_fast.triton_kernels.attention import QUICK_SPACE
-
-    pytest.importorskip("triton.compiler")
-    assert config in QUICK_SPACE
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = Path(tempfile.mkdtemp()) / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--kernels", kernel,
-                           "--head-dims", "128", "--variants", "dense", "--configs", ",".join(map(str, config)),
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parent.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())
-    assert "error" not in row, row
-    assert row["ldl_stl"] == 0 and row["local_bytes"] == 0, row
 
 
 def test_aligned_hint_only_when_every_pointer_and_stride_is_16_byte_aligned():

@@ -1,9 +1,13 @@
 """Triton flash attention over 3D-patchified video tokens: autotuning and launchers.
 
-The kernels are one family with compile-time flags (masking modes, RoPE, window, tiles), described in
-attention_common.py beside the tile helpers they share; attention_fwd.py holds the forward kernel,
-attention_bwd.py the backward. The readable PyTorch reference is attention_reference in
-dit_fast/ops/attention.py.
+The kernels are one family with compile-time flags (masking modes, RoPE, window, tiles, head-dim
+chunks), described in attention_common.py beside the tile helpers they share; attention_fwd.py holds
+the forward kernel, attention_bwd.py the backward. The readable PyTorch references are
+attention_reference and attention_backward_reference in dit_fast/ops/attention.py.
+
+Two opt-in paths, until a GPU run has passed their tests (benchmarks/NOTES.md): the Hopper forward
+(tma=True or DIT_FAST_ATTENTION_FWD=tma: TMA descriptors and a warp-specialized loop on dense tiles)
+and the one-pass backward (deterministic=False or DIT_FAST_ATTENTION_BWD=atomic: dq by fp32 atomics).
 """
 
 import os
@@ -14,8 +18,8 @@ import triton
 from dit_fast import _backend
 from dit_fast.ops.rope import rope_split as _rope_split
 from dit_fast.triton_kernels._layout import aligned_16
-from dit_fast.triton_kernels.attention_bwd import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
-                                                   _attn_bwd_preprocess_kernel)
+from dit_fast.triton_kernels.attention_bwd import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_convert_kernel,
+                                                   _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel)
 from dit_fast.triton_kernels.attention_fwd import _attn_fwd_kernel
 
 MAX_HEAD_DIM = 256
@@ -28,7 +32,7 @@ MAX_HEAD_DIM = 256
 # ---------------------------------------------------------------------------------------------
 
 # TILED adds the tile's shape: a configuration's blocks must divide its volume (see _prune)
-TUNING_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_ROPE", "HAS_MASK", "WINDOW", "TILED", "TILE_T", "TILE_H",
+TUNING_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D0", "BLOCK_D1", "HAS_ROPE", "HAS_MASK", "WINDOW", "TILED", "TILE_T", "TILE_H",
               "TILE_W", "DOT_PRECISION"]
 
 
@@ -37,16 +41,18 @@ TUNING_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_ROPE", "HAS_MASK", "WIND
 # configuration is compiled and timed once per tuning key, and the rope / window variants take tens of
 # seconds each to compile.
 SPACE = [
-    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2),
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2),
     (128, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2),
     (32, 32, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2),  # short groups (temporal: T frames)
 ]
 
 
 def keep(config: triton.Config) -> bool:
-    """Configurations worth timing at all: a 128 x 128 score tile needs 8 warps; tiny tiles 4."""
+    """Configurations worth timing at all: a 128 x 128 score tile needs 8 warps (4 only for the TMA
+    path, whose warp specialization adds a producer warpgroup; _prune keeps it there only); tiny tiles 4."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    if bm * bn >= 128 * 128 and config.num_warps < 8:
+    tma_tile = bm == bn == 128 and config.num_warps == 4
+    if bm * bn >= 128 * 128 and config.num_warps < 8 and not tma_tile:
         return False
     if bm * bn <= 32 * 32 and config.num_warps > 4:
         return False
@@ -59,8 +65,10 @@ def keep(config: triton.Config) -> bool:
 # D = 128 (sm_90a report, benchmarks/kernel_resources.py: 234 registers, no spills; 128 x 64 spills).
 # (128, 128, 8, 2) is for the forward: spill-free at D = 128 (255 registers, 160 KB of shared memory), and
 # its wider key tile halves the accumulator rescale per score (the dk/dv and dq kernels spill there).
-QUICK_SPACE = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
-SINGLE_SPACE = [(64, 64, 4, 2), (16, 16, 4, 2)]
+# (128, 128, 4, 2) is the TMA forward's: warp-specialized, a producer warpgroup beside two consumer ones.
+QUICK_SPACE = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 32, 4, 2),
+               (16, 16, 4, 2)]
+SINGLE_SPACE = [(64, 64, 4, 2), (128, 128, 4, 2), (16, 16, 4, 2)]
 
 
 def _configs():
@@ -77,8 +85,13 @@ def _prune(configs, named_args, **kwargs):
     TILED: only blocks that divide the 3D tile's volume V (a query block inside one tile, a key tile a
     whole number of key blocks); every space holds 16 x 16 and the launcher checks V % 16 == 0."""
     lq, lk = named_args["LQ_BUCKET"], named_args["LK_BUCKET"]
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     args = {**named_args, **kwargs}
+    # the TMA forward's warp specialization needs 4 warps and wants 128 x 128; no other launch takes that tile
+    tma_tile = [c for c in configs if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4]
+    if args.get("TMA", False) and tma_tile:
+        return tma_tile
+    configs = [c for c in configs if c not in tma_tile] or configs
+    block_d = args.get("BLOCK_D0", 64) + args.get("BLOCK_D1", 0)  # the head dim as the matrix units see it
     if args.get("TILED", False):
         volume = args["TILE_T"] * args["TILE_H"] * args["TILE_W"]
         configs = [c for c in configs if volume % c.kwargs["BLOCK_M"] == 0 and volume % c.kwargs["BLOCK_N"] == 0]
@@ -94,8 +107,11 @@ def _prune(configs, named_args, **kwargs):
 
 
 _PRUNE = {"early_config_prune": _prune}
-_attn_fwd = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRUNE)(_attn_fwd_kernel)
-_attn_bwd_dkdv = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dkdv_kernel)
+_attn_fwd = triton.autotune(_configs(), key=TUNING_KEY + ["TMA", "WARP_SPECIALIZE"], prune_configs_by=_PRUNE)(
+    _attn_fwd_kernel)
+# DQ_ATOMIC adds into DQA_ptr: zeroed again before each configuration the tuner times
+_attn_bwd_dkdv = triton.autotune(_configs(), key=TUNING_KEY + ["DQ_ATOMIC"], prune_configs_by=_PRUNE,
+                                 reset_to_zero=["DQA_ptr"])(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dq_kernel)
 
 
@@ -104,6 +120,72 @@ _attn_bwd_dq = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRU
 # are lists ([] when absent), as the custom ops pass them. They return plain tensors; autograd lives in
 # dit_fast/ops/attention.py.
 # ---------------------------------------------------------------------------------------------
+
+
+def head_chunks(head_dim: int, halves: bool = False):
+    """(BLOCK_D0, BLOCK_D1): the head dim as two power-of-two chunks for the matrix units, the second 0
+    when one chunk is as small (attention_common.py: HEAD DIM). 72 -> (64, 16), 80 -> (64, 16),
+    96 -> (64, 32), 40 -> (32, 16), 64 -> (64, 0), 112 -> (128, 0) (64 + 64 saves nothing).
+
+    halves: a single chunk of 128 or more splits in two (128 -> (64, 64)), the same products in two
+    halves: the one-pass backward's transient dq^T tile is then half as tall, which keeps its 32 x 128
+    tiles spill-free at D = 128 (sm_90a: 251 registers, 0 spill instructions; 10 with one chunk)."""
+    width = -(-head_dim // 16) * 16  # the matrix units' K and N step
+    whole = triton.next_power_of_2(width)
+    if width == whole:
+        return (whole // 2, whole // 2) if halves and whole >= 128 else (whole, 0)
+    first = whole // 2
+    second = triton.next_power_of_2(width - first)
+    return (whole, 0) if first + second >= whole else (first, second)
+
+
+BWD_ENV = "DIT_FAST_ATTENTION_BWD"  # "atomic": the one-pass backward (dq by atomic adds) by default
+
+
+def deterministic_backward(deterministic=None) -> bool:
+    """The backward to run: True (default) the two-kernel one, bitwise reproducible; False the one-pass
+    FA3-style one (dq accumulated by fp32 atomic adds, 5 matrix products per tile pair instead of 7).
+    None reads $DIT_FAST_ATTENTION_BWD ("atomic" or "deterministic"). Opt-in until a GPU run has
+    passed its tests (benchmarks/NOTES.md)."""
+    if deterministic is not None:
+        return bool(deterministic)
+    choice = os.environ.get(BWD_ENV, "deterministic").strip().lower()
+    if choice not in ("atomic", "deterministic", ""):
+        raise ValueError(f"{BWD_ENV} must be 'atomic' or 'deterministic', got {choice!r}")
+    return choice != "atomic"
+
+
+FWD_ENV = "DIT_FAST_ATTENTION_FWD"  # "tma": the Hopper forward by default
+
+
+def tma_forward(tma=None) -> bool:
+    """Whether the forward should take the TMA path where it can: True, False, or None for
+    $DIT_FAST_ATTENTION_FWD ("tma" or "pointer"; default "pointer"). Opt-in until a GPU run has passed
+    its tests (benchmarks/NOTES.md)."""
+    if tma is not None:
+        return bool(tma)
+    choice = os.environ.get(FWD_ENV, "pointer").strip().lower()
+    if choice not in ("tma", "pointer", ""):
+        raise ValueError(f"{FWD_ENV} must be 'tma' or 'pointer', got {choice!r}")
+    return choice == "tma"
+
+
+def _tma_device(device) -> bool:
+    """TMA and device-side descriptors: Hopper and later, or the interpreter (which emulates them)."""
+    if _backend.triton_interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+_allocator_set = False
+
+
+def _set_descriptor_allocator():
+    """Device-side tensor descriptors live in global scratch memory that Triton asks its allocator for."""
+    global _allocator_set
+    if not _allocator_set and not _backend.triton_interpreting():
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
 
 
 def group_layout(mode: str, grid, seq_len: int):
@@ -218,7 +300,7 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, window_tile, rope_t
     Sk = k.shape[1]
     groups, lq, group_stride, token_stride = group_layout(mode, grid, Sq)
     lk = Sk if mode == "full" else lq
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d0, block_d1 = head_chunks(D)
     has_rope = len(rope_split) == 3
     T, H, W = grid if len(grid) == 3 else (1, 1, 1)
     wt, wh, ww = window if len(window) == 3 else (1, 1, 1)
@@ -241,7 +323,7 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, window_tile, rope_t
     else:
         kpm, stride_mb = q.new_empty(0, dtype=torch.uint8), 0
     scalars = (heads, groups, Sq, lq, lk, group_stride, token_stride, T, H, W, wt, wh, ww, dt2, dth2, D)
-    flags = dict(BLOCK_D=block_d, HAS_ROPE=has_rope, HAS_MASK=key_padding_mask is not None,
+    flags = dict(BLOCK_D0=block_d0, BLOCK_D1=block_d1, HAS_ROPE=has_rope, HAS_MASK=key_padding_mask is not None,
                  WINDOW=len(window) == 3 and not tiled, TILED=tiled, TILE_T=tt, TILE_H=th, TILE_W=tw,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  OFFS_64=FORCE_INT64_OFFSETS or _group_extent(tensors, lq, lk, token_stride) >= 2**31,
@@ -249,7 +331,8 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, window_tile, rope_t
     return kpm, rope_table, stride_mb, scalars, (B * heads * groups, lq, lk), flags
 
 
-def attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, scale):
+def attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, scale,
+                      tma=None):
     """Returns (out (B, Sq, heads, D) contiguous, lse (B, heads, Sq) fp32, natural log)."""
     q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
     B, Sq, heads, D = q.shape
@@ -257,19 +340,27 @@ def attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile
     lse = torch.empty((B, heads, Sq), device=q.device, dtype=torch.float32)
     kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
         q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, (q, k, v))
+    # TMA where it applies: dense tiles (full, spatial, temporal; not windows, RoPE in the kernel), 16-bit
+    # data with 16-byte aligned rows, a Hopper GPU; the warp-specialized loop also needs no padding mask
+    use_tma = (tma_forward(tma) and _tma_device(q.device) and q.dtype in (torch.float16, torch.bfloat16)
+               and flags["ALIGNED"] and not (flags["TILED"] or flags["WINDOW"] or flags["HAS_ROPE"]))
+    if use_tma:
+        _set_descriptor_allocator()
     _attn_fwd[lambda meta: (programs * triton.cdiv(lq, meta["BLOCK_M"]),)](
         q, k, v, out, lse, kpm, rope_table,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk), **flags)
+        stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk), TMA=use_tma,
+        WARP_SPECIALIZE=use_tma and not flags["HAS_MASK"], **flags)
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window, window_tile, rope_theta,
-                       rope_split, scale):
-    """Returns (dq, dk, dv), contiguous (B, S, heads, D) in the input dtype."""
+                       rope_split, scale, deterministic=None):
+    """Returns (dq, dk, dv), contiguous (B, S, heads, D) in the input dtype. deterministic: see
+    deterministic_backward."""
     q, k, v, dout = (_lastdim_contiguous(t) for t in (q, k, v, dout))
     B, Sq, heads, D = q.shape
     # preprocess: delta = rowsum(dO * O) per query, (B, heads, Sq) fp32, one read of O and dO
@@ -281,15 +372,31 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, wi
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    atomic = not deterministic_backward(deterministic)
+    # the one-pass backward's fp32 dq sums, (B, Sq, heads, D) like q (its group and tile layout)
+    dqa = torch.zeros((B, Sq, heads, D) if atomic else (0, 0, 0, 0), device=q.device, dtype=torch.float32)
     kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
         q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, (q, k, v, dout))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     tail = (stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk))
+    dkdv_flags = dict(flags)
+    if atomic:
+        dkdv_flags["BLOCK_D0"], dkdv_flags["BLOCK_D1"] = head_chunks(D, halves=True)
     _attn_bwd_dkdv[lambda meta: (programs * triton.cdiv(lk, meta["BLOCK_N"]),)](
-        q, k, v, dout, lse, delta, dk, dv, kpm, rope_table, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), *tail, **flags)
-    _attn_bwd_dq[lambda meta: (programs * triton.cdiv(lq, meta["BLOCK_M"]),)](
-        q, k, v, dout, lse, delta, dq, kpm, rope_table, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2), *tail, **flags)
+        q, k, v, dout, lse, delta, dk, dv, dqa, kpm, rope_table, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dqa.stride(0), dqa.stride(1), dqa.stride(2), *tail,
+        DQ_ATOMIC=atomic, **dkdv_flags)
+    if not atomic:
+        _attn_bwd_dq[lambda meta: (programs * triton.cdiv(lq, meta["BLOCK_M"]),)](
+            q, k, v, dout, lse, delta, dq, kpm, rope_table, *strides,
+            dq.stride(0), dq.stride(1), dq.stride(2), *tail, **flags)
+        return dq, dk, dv
+    T, H, W = grid if len(grid) == 3 else (1, 1, 1)
+    dt2, dth2 = scalars[-3], scalars[-2]
+    block_m = 16 if _backend.triton_interpreting() else 64
+    _attn_bwd_dq_convert_kernel[(B * heads * triton.cdiv(Sq, block_m),)](
+        dqa, dq, rope_table, heads, Sq, T, H, W, dt2, dth2, float(scale), D, BLOCK_M=block_m,
+        BLOCK_D0=flags["BLOCK_D0"], BLOCK_D1=flags["BLOCK_D1"], HAS_ROPE=flags["HAS_ROPE"],
+        OFFS_64=Sq * heads * D >= 2**31, num_warps=4)
     return dq, dk, dv

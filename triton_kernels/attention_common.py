@@ -43,7 +43,13 @@ Masking modes, all served by the same three kernels:
             from a small per-position table instead of computed per tile). Tiles are rotated
             after loading; the backward rotates dq and dk back with the inverse rotation.
 
-Head dims up to 256 (72 and 96 run with the dot padded to a power of two, BLOCK_D, and masked loads).
+HEAD DIM  up to 256, a compile-time constant D, computed as a sum of two power-of-two chunks instead of
+            one padded to a power of two: columns [0, BLOCK_D0) and [BLOCK_D0, BLOCK_D0 + BLOCK_D1), the
+            columns past D masked on load and store (72 = 64 + 16 with the last 8 masked, 80 = 64 + 16,
+            96 = 64 + 32, 40 = 32 + 16; 64 and 128 are one chunk, BLOCK_D1 = 0). Every product over the
+            head dim is one tl.dot per chunk into one accumulator (_dot_head), and every product into
+            it is one per chunk (_mma_chunks): at D = 72 the matrix units do 80/128 of the D = 128
+            work instead of all of it (head_chunks in attention.py picks the chunks).
 The readable PyTorch reference is attention_reference in dit_fast/ops/attention.py.
 """
 
@@ -62,24 +68,44 @@ def _grid_position(tok, GRID_H, GRID_W):
 
 
 @triton.jit
-def _rotate(x, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D: tl.constexpr,
-            INVERSE: tl.constexpr):
-    """Rotates the interleaved pairs (x[2j], x[2j+1]) of each row of x (R, BLOCK_D) by the 3D RoPE angle
-    of its token; fp32 result. Pairs j < ROPE_DT2 use t, j < ROPE_DTH2 use h, the rest w.
+def _rotate(x, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, COL0: tl.constexpr,
+            BLOCK_C: tl.constexpr, INVERSE: tl.constexpr):
+    """Rotates the interleaved pairs (x[2j], x[2j+1]) of each row of x (R, BLOCK_C), head-dim columns
+    COL0.. (a chunk: COL0 is even, so no pair straddles two), by the 3D RoPE angle of its token; fp32
+    result. Pairs j < ROPE_DT2 use t, j < ROPE_DTH2 use h, the rest w.
 
     ROPE_ptr is the (max(T, H, W), 2, D / 2) fp32 table of cos and sin of pos * theta^(-2i / d_a) (see
     rope_tables): gathering from it, hot in L1/L2, replaces a sin and a cos per pair and tile."""
     t, h, w = _grid_position(tok, GRID_H, GRID_W)
     t = tl.minimum(t, GRID_T - 1)  # rows past the sequence end (x = 0 there) must not read past the table
-    pair = tl.arange(0, BLOCK_D // 2)[None, :]
+    pair = COL0 // 2 + tl.arange(0, BLOCK_C // 2)[None, :]
     pos = tl.where(pair < ROPE_DT2, t[:, None], tl.where(pair < ROPE_DTH2, h[:, None], w[:, None]))
-    in_table = pair < D // 2  # padding pairs (D < BLOCK_D): cos 1, sin 0, the identity
-    cos = tl.load(ROPE_ptr + pos * D + pair, mask=in_table, other=1.0)  # (R, BLOCK_D / 2)
+    in_table = pair < D // 2  # padding pairs (past D): cos 1, sin 0, the identity
+    cos = tl.load(ROPE_ptr + pos * D + pair, mask=in_table, other=1.0)  # (R, BLOCK_C / 2)
     sin = tl.load(ROPE_ptr + pos * D + D // 2 + pair, mask=in_table, other=0.0)
     if INVERSE:  # R(angle)^T = R(-angle): the backward maps gradients of rotated q/k back to q/k
         sin = -sin
-    even, odd = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], BLOCK_D // 2, 2)))
-    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (x.shape[0], BLOCK_D))
+    even, odd = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], BLOCK_C // 2, 2)))
+    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (x.shape[0], BLOCK_C))
+
+
+@triton.jit
+def _rotate_chunks(x0, x1, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D,
+                   BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, INVERSE: tl.constexpr):
+    """_rotate on both head-dim chunks of a tile (fp32 results)."""
+    x0 = _rotate(x0, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, 0, BLOCK_D0, INVERSE)
+    if BLOCK_D1 > 0:
+        x1 = _rotate(x1, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D0, BLOCK_D1, INVERSE)
+    return x0, x1
+
+
+@triton.jit
+def _cast_chunks(x0, x1, like, BLOCK_D1: tl.constexpr):
+    """Both chunks in like's dtype."""
+    x0 = x0.to(like.dtype)
+    if BLOCK_D1 > 0:
+        x1 = x1.to(like.dtype)
+    return x0, x1
 
 
 @triton.jit
@@ -130,15 +156,69 @@ def _window_allowed(tok_q, tok_k, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W):
 
 
 @triton.jit
-def _load_rows(base, offs, valid, TOKEN_STRIDE, stride_s, offs_d, D: tl.constexpr, EVEN: tl.constexpr,
-               OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
-    """The (len(offs), BLOCK_D) tile of the tokens at positions offs of a group; zero where not valid
-    and past D. EVEN: every row is inside the sequence (no row mask)."""
+def _load_rows(base, offs, valid, TOKEN_STRIDE, stride_s, D: tl.constexpr, COL0: tl.constexpr,
+               BLOCK_C: tl.constexpr, EVEN: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """The (len(offs), BLOCK_C) tile of head-dim columns COL0.. of the tokens at positions offs of a
+    group; zero where not valid and past D. EVEN: every row is inside the sequence (no row mask)."""
+    offs_d = COL0 + tl.arange(0, BLOCK_C)
     if EVEN:
         mask = offs_d[None, :] < D
     else:
         mask = valid[:, None] & (offs_d[None, :] < D)
     return tl.load(_tile_ptrs(base, offs, TOKEN_STRIDE, stride_s, offs_d, OFFS_64, ALIGNED), mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_chunks(base, offs, valid, TOKEN_STRIDE, stride_s, D: tl.constexpr, BLOCK_D0: tl.constexpr,
+                 BLOCK_D1: tl.constexpr, EVEN: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """The rows at positions offs as the head dim's two chunks, columns [0, BLOCK_D0) and
+    [BLOCK_D0, BLOCK_D0 + BLOCK_D1) (see HEAD DIM in the module docstring); the second is a 0.0
+    placeholder, never used, when BLOCK_D1 = 0."""
+    x0 = _load_rows(base, offs, valid, TOKEN_STRIDE, stride_s, D, 0, BLOCK_D0, EVEN, OFFS_64, ALIGNED)
+    x1 = 0.0
+    if BLOCK_D1 > 0:
+        x1 = _load_rows(base, offs, valid, TOKEN_STRIDE, stride_s, D, BLOCK_D0, BLOCK_D1, EVEN, OFFS_64, ALIGNED)
+    return x0, x1
+
+
+@triton.jit
+def _store_chunks(base, offs, valid, TOKEN_STRIDE, stride_s, x0, x1, D: tl.constexpr, BLOCK_D0: tl.constexpr,
+                  BLOCK_D1: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """Stores both chunks of the rows at positions offs (cast to base's element type) where valid."""
+    offs_d = tl.arange(0, BLOCK_D0)
+    tl.store(_tile_ptrs(base, offs, TOKEN_STRIDE, stride_s, offs_d, OFFS_64, ALIGNED),
+             x0.to(base.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < D))
+    if BLOCK_D1 > 0:
+        offs_d = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        tl.store(_tile_ptrs(base, offs, TOKEN_STRIDE, stride_s, offs_d, OFFS_64, ALIGNED),
+                 x1.to(base.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dot_head(a0, a1, b0, b1, BLOCK_D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a b^T summed over the head dim: one product per chunk into one fp32 tile, (R, chunk) x (C, chunk)."""
+    x = tl.dot(a0, tl.trans(b0), input_precision=DOT_PRECISION)
+    if BLOCK_D1 > 0:
+        x = tl.dot(a1, tl.trans(b1), x, input_precision=DOT_PRECISION)
+    return x
+
+
+@triton.jit
+def _mma_chunks(acc0, acc1, a, b0, b1, BLOCK_D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += a b, chunk by chunk of the head dim: (R, K) x (K, chunk) into the fp32 (R, chunk) tiles."""
+    acc0 = tl.dot(a, b0, acc0, input_precision=DOT_PRECISION)
+    if BLOCK_D1 > 0:
+        acc1 = tl.dot(a, b1, acc1, input_precision=DOT_PRECISION)
+    return acc0, acc1
+
+
+@triton.jit
+def _zero_rows(x0, x1, hide, BLOCK_D1: tl.constexpr):
+    """Both chunks with the rows where hide is True set to zero (a select: NaN rows become 0 too)."""
+    x0 = tl.where(hide[:, None], tl.zeros_like(x0), x0)
+    if BLOCK_D1 > 0:
+        x1 = tl.where(hide[:, None], tl.zeros_like(x1), x1)
+    return x0, x1
 
 
 @triton.jit
@@ -175,26 +255,52 @@ def _key_tiles(q_start, GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, TILE_T, TIL
 @triton.jit
 def _load_tile_pair(start, end, rot_base, other_base, ROPE_ptr, stride_rot, stride_other, g_off, TOKEN_STRIDE,
                     GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2, D: tl.constexpr,
-                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr, TILED: tl.constexpr,
-                    EVEN: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
-    """Two operands' rows for the tile [start, start + BLOCK) of a group, the first rotated with RoPE
-    (k and v, or q and dO), their tokens, and which are inside the sequence. Serves the tiles a
-    kernel streams and the one it owns (dk/dv: k, v; dq: q, dO). TILED: start is a position in
-    3D-tile order and the rows are gathered through their tokens (full mode: group offset 0, token
-    stride 1)."""
+                    BLOCK: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, HAS_ROPE: tl.constexpr,
+                    TILED: tl.constexpr, EVEN: tl.constexpr, OFFS_64: tl.constexpr, ALIGNED: tl.constexpr):
+    """Two operands' rows for the tile [start, start + BLOCK) of a group, each as its two head-dim
+    chunks, the first operand rotated with RoPE (k and v, or q and dO), their tokens, and which are
+    inside the sequence: (rot0, rot1, other0, other1, tok, valid). Serves the tiles a kernel streams and
+    the one it owns (dk/dv: k, v; dq: q, dO). TILED: start is a position in 3D-tile order and the rows
+    are gathered through their tokens (full mode: group offset 0, token stride 1)."""
     offs = start + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
     valid = offs < end
     tok = g_off + offs * TOKEN_STRIDE
     if TILED:
         tok, valid = _tile_order_tokens(start, BLOCK, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W)
         offs = tok
-    rot = _load_rows(rot_base, offs, valid, TOKEN_STRIDE, stride_rot, offs_d, D, EVEN, OFFS_64, ALIGNED)
-    other = _load_rows(other_base, offs, valid, TOKEN_STRIDE, stride_other, offs_d, D, EVEN, OFFS_64, ALIGNED)
+    rot0, rot1 = _load_chunks(rot_base, offs, valid, TOKEN_STRIDE, stride_rot, D, BLOCK_D0, BLOCK_D1, EVEN, OFFS_64,
+                              ALIGNED)
+    other0, other1 = _load_chunks(other_base, offs, valid, TOKEN_STRIDE, stride_other, D, BLOCK_D0, BLOCK_D1, EVEN,
+                                  OFFS_64, ALIGNED)
     if HAS_ROPE:
-        rot = _rotate(rot, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D, False)
-        rot = rot.to(other.dtype)
-    return rot, other, tok, valid
+        rot0, rot1 = _rotate_chunks(rot0, rot1, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D,
+                                    BLOCK_D0, BLOCK_D1, False)
+        rot0, rot1 = _cast_chunks(rot0, rot1, other0, BLOCK_D1)
+    return rot0, rot1, other0, other1, tok, valid
+
+
+@triton.jit
+def _head_descriptors(base, rows, row_stride, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D0: tl.constexpr,
+                      BLOCK_D1: tl.constexpr):
+    """TMA: device-side tensor descriptors of a group's (rows, D) operand, one per head-dim chunk, each
+    loading (BLOCK_R, chunk) tiles (rows past `rows` and columns past D arrive as zeros). The launcher
+    checked the 16-byte alignment TMA needs (ALIGNED) and set Triton's allocator for the descriptors."""
+    desc0 = tl.make_tensor_descriptor(base, shape=[rows, D], strides=[row_stride, 1], block_shape=[BLOCK_R, BLOCK_D0])
+    desc1 = 0
+    if BLOCK_D1 > 0:
+        desc1 = tl.make_tensor_descriptor(base, shape=[rows, D], strides=[row_stride, 1],
+                                          block_shape=[BLOCK_R, BLOCK_D1])
+    return desc0, desc1
+
+
+@triton.jit
+def _load_chunks_tma(desc0, desc1, start, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+    """The tile of rows start.. through the descriptors of _head_descriptors, as its two chunks."""
+    x0 = desc0.load([start, 0])
+    x1 = 0.0
+    if BLOCK_D1 > 0:
+        x1 = desc1.load([start, BLOCK_D0])
+    return x0, x1
 
 
 @triton.jit
@@ -209,14 +315,19 @@ def _keys_kept(kpm_base, tok_k, valid_n, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _nonfinite_rows(x):
-    """(R,) True where a row of the (R, C) tile x holds a NaN or an infinity."""
-    x = x.to(tl.float32)
-    return tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) > 0
+def _nonfinite_rows(x0, x1, BLOCK_D1: tl.constexpr):
+    """(R,) True where a row of the chunked (R, D) tile x holds a NaN or an infinity."""
+    x0 = x0.to(tl.float32)
+    bad = tl.max(((x0 != x0) | (tl.abs(x0) == float("inf"))).to(tl.int32), axis=1)
+    if BLOCK_D1 > 0:
+        x1 = x1.to(tl.float32)
+        bad = tl.maximum(bad, tl.max(((x1 != x1) | (tl.abs(x1) == float("inf"))).to(tl.int32), axis=1))
+    return bad > 0
 
 
 @triton.jit
-def _hidden_keys(k, v, key_ok, window_mask, HAS_MASK: tl.constexpr, WINDOW: tl.constexpr):
+def _hidden_keys(k0, k1, v0, v1, key_ok, window_mask, HAS_MASK: tl.constexpr, WINDOW: tl.constexpr,
+                 BLOCK_D1: tl.constexpr):
     """(BLOCK_N,) the key rows to zero in a tile's k and v (tl.where, a select) before a product that a
     masked (query, key) pair takes part in: a probability of exactly 0 times a NaN or inf key or value
     is NaN, and a masked key must not influence anything. HAS_MASK: the padded keys (hidden from
@@ -227,7 +338,7 @@ def _hidden_keys(k, v, key_ok, window_mask, HAS_MASK: tl.constexpr, WINDOW: tl.c
     hide = key_ok == 0
     if WINDOW:
         if window_mask:
-            hide = hide | _nonfinite_rows(k) | _nonfinite_rows(v)
+            hide = hide | _nonfinite_rows(k0, k1, BLOCK_D1) | _nonfinite_rows(v0, v1, BLOCK_D1)
     return hide
 
 

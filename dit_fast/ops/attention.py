@@ -291,6 +291,12 @@ def _check_window_tile(window_tile, window, grid):
     return [int(t) for t in window_tile]
 
 
+def _check_kernel_options(deterministic, tma):
+    for name, value in (("deterministic", deterministic), ("tma", tma)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True, False or None (the environment's choice), got {value!r}")
+
+
 def _resolve(backend, q):
     """"torch", "triton" or "auto" (a GPU: our kernel or torch's own best, dit_fast/ops/attention_plan.py)."""
     name = _backend.resolve_backend(backend, q.device, OP, implemented=("triton",))
@@ -318,15 +324,17 @@ def _launchers(backend: str):
 @torch.library.custom_op("dit_fast::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], grid: List[int],
                    mode: str, window: List[int], window_tile: List[int], rope_theta: float, rope_split: List[int],
-                   scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    """Returns (out (B, Sq, heads, D), lse (B, heads, Sq) fp32)."""
+                   scale: float, backend: str, deterministic: Optional[bool] = None,
+                   tma: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+    """Returns (out (B, Sq, heads, D), lse (B, heads, Sq) fp32). deterministic: the backward to run (see
+    the public functions); tma: the forward's Hopper path."""
     return _launchers(backend).attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile,
-                                                 rope_theta, rope_split, scale)
+                                                 rope_theta, rope_split, scale, tma=tma)
 
 
 @_attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, scale,
-                        backend):
+                        backend, deterministic=None, tma=None):
     B, Sq, heads, D = q.shape
     return q.new_empty(B, Sq, heads, D), q.new_empty(B, heads, Sq, dtype=torch.float32)
 
@@ -335,24 +343,25 @@ def _attention_fwd_fake(q, k, v, key_padding_mask, grid, mode, window, window_ti
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    key_padding_mask: Optional[Tensor], grid: List[int], mode: str, window: List[int],
                    window_tile: List[int], rope_theta: float, rope_split: List[int], scale: float,
-                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                   backend: str, deterministic: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv), contiguous."""
     return _launchers(backend).attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window,
-                                                  window_tile, rope_theta, rope_split, scale)
+                                                  window_tile, rope_theta, rope_split, scale, deterministic)
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, grid, mode, window, window_tile, rope_theta,
-                        rope_split, scale, backend):
+                        rope_split, scale, backend, deterministic=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, scale, backend = inputs
+    q, k, v, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, scale, backend = inputs[:12]
+    deterministic = inputs[12] if len(inputs) > 12 else None
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.args = (grid, mode, window, window_tile, rope_theta, rope_split, scale, backend)
+    ctx.args = (grid, mode, window, window_tile, rope_theta, rope_split, scale, backend, deterministic)
 
 
 def _backward(ctx, dout, _dlse):
@@ -360,7 +369,7 @@ def _backward(ctx, dout, _dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.dit_fast.attention_bwd(dout, q, k, v, out, lse, key_padding_mask, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -373,17 +382,27 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
               key_padding_mask: Optional[Tensor] = None, return_lse: bool = False,
-              backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
+              backend: str = "auto", deterministic: Optional[bool] = None,
+              tma: Optional[bool] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Dense attention ``softmax(scale * q k^T) v``, self or cross (Sq != Sk), in flash-attn's layout.
 
     q: (B, Sq, heads, D); k, v: (B, Sk, heads, D); D a multiple of 8 up to 256; scale defaults to
     1 / sqrt(D). key_padding_mask: optional bool (B, Sk), True = attend; a query whose keys are all
     masked returns zeros. With return_lse, also returns the (non-differentiable) log-sum-exp of the
-    scaled, masked scores, (B, heads, Sq) fp32 (-inf for a fully masked row).
+    scaled, masked scores, (B, heads, Sq) fp32 (-inf for a fully masked row). A masked key influences
+    nothing, whatever its values (NaN, inf); a query that sees a non-finite key or value gets a
+    non-finite row.
+
+    Kernel options (backend="triton"; None reads the environment, opt-in until a GPU run has passed):
+    deterministic: True (default) the two-kernel backward, bitwise reproducible; False the one-pass
+    backward that adds dq up with fp32 atomics (fewer matrix products; $DIT_FAST_ATTENTION_BWD=atomic).
+    tma: the Hopper forward with TMA loads and warp specialization on maskless tiles
+    ($DIT_FAST_ATTENTION_FWD=tma; other devices run the pointer path).
     """
     _check_qkv(q, k, v)
     scale = _check_scale(scale, q.shape[-1])
     mask = _check_key_padding_mask(key_padding_mask, q, k)
+    _check_kernel_options(deterministic, tma)
     name = _resolve(backend, q)
     if name == "torch":
         full_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Sk)
@@ -392,7 +411,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         name, result = _auto_plan(q, k, v, mask, _PlanCall(scale, bool(return_lse)))
         if result is not None:
             return result
-    out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, mask, [], "full", [], [], 0.0, [], scale, name)
+    out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, mask, [], "full", [], [], 0.0, [], scale, name,
+                                                deterministic, tma)
     return (out, lse) if return_lse else out
 
 
@@ -400,7 +420,8 @@ def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *,
                         window: Optional[Sequence[int]] = None, window_tile: Optional[Sequence[int]] = None,
                         rope: Union[None, str, RoPE3D] = None, scale: Optional[float] = None,
                         return_lse: bool = False, rope_in_kernel: bool = False,
-                        backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                        backend: str = "auto", deterministic: Optional[bool] = None,
+                        tma: Optional[bool] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Self-attention over the tokens of a video grid (T, H, W) in (t, h, w) raster order.
 
     q, k, v: (B, S, heads, D) with S = T * H * W. mode: "full", "spatial" (within each frame) or
@@ -418,6 +439,8 @@ def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *,
     runs the attention kernel; True rotates them inside the attention kernels, with no rotated
     copies in memory but every key tile rotated again for each query tile: 12x slower on an H100
     (benchmarks/NOTES.md), kept for memory-bound cases and as the tested fused path.
+    deterministic, tma: the kernel options of attention(). Masked keys (another frame, another column,
+    outside the window) influence nothing, whatever their values.
     """
     _check_qkv(q, k, v)
     grid = _check_grid(grid, q, k)
@@ -426,6 +449,7 @@ def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *,
     rope = as_rope(rope)
     if not isinstance(rope_in_kernel, bool):
         raise TypeError(f"rope_in_kernel must be True or False, got {rope_in_kernel!r}")
+    _check_kernel_options(deterministic, tma)
     split = list(rope_split(q.shape[-1], rope.split)) if rope is not None else []
     scale = _check_scale(scale, q.shape[-1])
     name = _resolve(backend, q)
@@ -445,5 +469,6 @@ def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *,
         if result is not None:
             return result
     out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, None, grid, mode, window or [], window_tile or [],
-                                                float(rope.theta) if rope is not None else 0.0, split, scale, name)
+                                                float(rope.theta) if rope is not None else 0.0, split, scale, name,
+                                                deterministic, tma)
     return (out, lse) if return_lse else out
