@@ -163,6 +163,20 @@ def test_calls_only_our_kernel_can_serve_are_not_timed(auto_on_cpu):
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_kernel_options_ask_for_our_kernel(auto_on_cpu):
+    """deterministic= / tma= are options of our kernel: given (not None), "auto" runs it untimed."""
+    timer = auto_on_cpu(triton=2.0, sdpa=1.0, sdpa_grouped=1.0)
+    q, k, v = qkv()
+    with OpLog() as log:
+        ops.attention(q, k, v, deterministic=True)
+        ops.spacetime_attention(q, k, v, (3, 2, 2), mode="spatial", deterministic=True)
+    assert log.names == ["attention_fwd"] * 2 and timer.calls == []
+    assert P.candidates(P.Call(0.1, kernel_options=True), torch.device("cuda")) == (
+        ("triton",), "deterministic= or tma= given: options of our kernel")
+    ops.attention(q, k, v)  # without options: measured
+    assert timer.calls == ["triton", "sdpa"]
+
+
 def test_precedence_explicit_backends_are_never_timed(auto_on_cpu, monkeypatch):
     timer = auto_on_cpu(triton=2.0, sdpa=1.0)
     q, k, v = qkv()

@@ -408,7 +408,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         full_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Sk)
         return attention_reference(q, k, v, scale=scale, mask=full_mask, return_lse=return_lse)
     if name == "auto":  # our kernel or torch's best for this call class, measured once (attention_plan.py)
-        name, result = _auto_plan(q, k, v, mask, _PlanCall(scale, bool(return_lse)))
+        options = deterministic is not None or tma is not None  # options of our kernel: then it runs
+        name, result = _auto_plan(q, k, v, mask, _PlanCall(scale, bool(return_lse), kernel_options=options))
         if result is not None:
             return result
     out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, mask, [], "full", [], [], 0.0, [], scale, name,
@@ -463,9 +464,10 @@ def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *,
         k = apply_rope_3d(k, grid, theta=rope.theta, split=split, backend=rope_backend)
         rope, split = None, []
     if name == "auto":  # our kernel or torch's best for this call class, measured once (attention_plan.py)
+        options = deterministic is not None or tma is not None  # options of our kernel: then it runs
         name, result = _auto_plan(q, k, v, None, _PlanCall(scale, bool(return_lse), tuple(grid), mode,
                                                            window and tuple(window), window_tile and tuple(window_tile),
-                                                           rope is not None))
+                                                           rope is not None, options))
         if result is not None:
             return result
     out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, None, grid, mode, window or [], window_tile or [],

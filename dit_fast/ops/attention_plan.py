@@ -22,13 +22,13 @@ whether gradients are needed (then forward + backward is timed, else the forward
 
 Consistency: the winner runs as ordinary PyTorch code, so autograd differentiates whichever forward
 ran (SDPA's or Flex's backward, or our registered one). With return_lse=True SDPA is not a candidate
-(it returns no log-sum-exp; computing one would materialise the (Sq, Sk) scores), Flex is (it returns
-one). rope_in_kernel=True asks for our fused kernel: it is the only candidate. Masked inputs, as in
-our kernels: a masked key or value never influences anything, whatever its values (NaN, inf). SDPA
-with key padding gets the padded rows zeroed first (a visible non-finite key or value then shows in
-its queries' outputs as SDPA computes it); Flex, whose partly masked blocks multiply masked values
-by 0, gets the non-finite rows zeroed and a NaN score bias on them (Flex turns a masked score into
--inf, so only the queries that may see such a key return NaN).
+(it returns no log-sum-exp; computing one would materialise the (Sq, Sk) scores), Flex is (it
+returns one). rope_in_kernel=True, deterministic= or tma= (not None) ask for our kernel: it is the
+only candidate. Masked inputs, as in our kernels: a masked key or value never influences anything,
+whatever its values (NaN, inf). SDPA with key padding gets the padded rows zeroed first (a visible
+non-finite key or value then shows in its queries' outputs as SDPA computes it); Flex, whose partly
+masked blocks multiply masked values by 0, gets the non-finite rows zeroed and a NaN score bias on
+them (Flex turns a masked score into -inf, so only the queries that may see such a key return NaN).
 
 When nothing is timed: on CPU ("auto" is the reference), under torch.compile tracing (the graph gets
 the plan measured before compiling, else our kernel: call the model once eagerly, or attention_plan()
@@ -72,6 +72,7 @@ class Call(NamedTuple):
     window: Optional[Tuple[int, int, int]] = None
     window_tile: Optional[Tuple[int, int, int]] = None
     rope_in_kernel: bool = False
+    kernel_options: bool = False  # deterministic= or tma= given: options of our kernel, so it runs
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,8 @@ def candidates(call: Call, device: torch.device) -> Tuple[Tuple[str, ...], str]:
     (H100, D = 128, S = 16k: cuDNN 1.25x our kernel, our kernel 1.38x flash; README)."""
     if call.rope_in_kernel:
         return ("triton",), "rope_in_kernel=True asks for our fused kernel"
+    if call.kernel_options:
+        return ("triton",), "deterministic= or tma= given: options of our kernel"
     if call.grid is None or (call.mode == "full" and call.window is None):
         torch_impl = "sdpa"
     elif call.window is None:
