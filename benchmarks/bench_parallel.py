@@ -28,7 +28,7 @@ import datetime
 import json
 import os
 import tempfile
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist

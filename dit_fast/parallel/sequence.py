@@ -33,9 +33,8 @@ sequence-parallel degree. Random draws inside the model (classifier-free-guidanc
 training inputs must be the same on every rank of a sequence-parallel group: seed by data-parallel rank.
 """
 
-import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
