@@ -15,8 +15,8 @@ over a (16, 32, 32) grid, D = 72; window_tile on the same grid, tiles (4, 8, 8),
 = 25% of the tiles, D = 128. Variants: fwd (no grad: auto times forwards) and fwd+bwd (grads needed:
 auto times forward + backward).
 
-    python -m benchmarks.bench_auto [--cases dense128,dense72,spatial,temporal,window_tile]
-                                    [--variants fwd,fwd+bwd] [--no-write]
+    python -m benchmarks.bench_auto [--quick] [--cases dense128,dense72,spatial,temporal,window_tile]
+                                    [--variants fwd,fwd+bwd] [--no-write] [--no-check]
     python -m benchmarks.bench_auto --cpu-smoke   # tiny shapes on CPU, fp32, our kernel in Triton's
                                                   # interpreter: the code path above, without the check
 
@@ -207,6 +207,10 @@ def report(summaries: List[dict], check: bool) -> bool:
 
 def run(device="cuda", quick: bool = False, cases=tuple(GPU_CASES), variants=VARIANTS, write: bool = True,
         check: bool = True) -> List[dict]:
+    if quick:  # read when the kernels are defined: 2 tile configurations per shape class, not ~11
+        os.environ.setdefault("DIT_FAST_ATTENTION_TUNE", "quick")
+        if "dit_fast.triton_kernels.attention" in sys.modules:
+            print(f"[{OP}] kernels already imported: DIT_FAST_ATTENTION_TUNE=quick has no effect now")
     if not common.require_cuda(device):
         return []
     rows, summaries = [], []
@@ -304,6 +308,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list from fwd,fwd+bwd")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append result rows")
     parser.add_argument("--no-check", action="store_true", help="report the ratios without failing")
+    parser.add_argument("--quick", action="store_true", help="DIT_FAST_ATTENTION_TUNE=quick (unless set)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (no GPU needed)")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
@@ -313,7 +318,7 @@ def main(argv=None) -> int:
         print(f"{common.GPU_MESSAGE}: auto's choice is timed on a CUDA device only. Exiting without numbers "
               "(--cpu-smoke runs the code path on tiny CPU shapes).")
         return 0
-    run(args.device, cases=tuple(args.cases.split(",")), variants=tuple(args.variants.split(",")),
+    run(args.device, quick=args.quick, cases=tuple(args.cases.split(",")), variants=tuple(args.variants.split(",")),
         write=not args.no_write, check=not args.no_check)
     return 0
 
