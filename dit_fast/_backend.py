@@ -91,7 +91,15 @@ class use_backend:
         return False
 
 
-@torch.compiler.assume_constant_result
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo at ``import dit_fast``
+    (1.4 s of a 2.7 s import): the mark that decorator sets, as torch marks its own justknobs_check.
+    tests/test_backend.py checks that the decorator still sets exactly this attribute."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@assume_constant_result
 def _getenv(name: str) -> str:
     """os.environ[name] stripped ("" if unset). Eager: read on every call; torch.compile: read once
     while tracing and kept in the graph (Dynamo cannot guard on the environment)."""

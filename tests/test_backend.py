@@ -172,3 +172,25 @@ def test_size_classes_are_plain_ints_also_for_symbolic_sizes():
         x = torch.zeros(shape)
         assert compiled(x).tolist() == f(x).tolist()
     torch._dynamo.reset()
+
+
+def test_env_reader_is_marked_as_assume_constant_result_does():
+    """_backend marks _getenv by hand (importing torch._dynamo at `import dit_fast` costs ~1.4 s):
+    the mark must be the one torch.compiler.assume_constant_result sets."""
+    from dit_fast import _backend
+
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    attrs = {k for k in vars(marked) if k.startswith("_dynamo")}
+    assert attrs == {"_dynamo_marked_constant"}
+    assert _backend._getenv._dynamo_marked_constant is True
+    assert _backend.assume_constant_result(lambda: 0)._dynamo_marked_constant is True
+
+
+def test_import_does_not_load_dynamo():
+    import subprocess
+    import sys
+
+    code = "import sys, dit_fast; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "import dit_fast imported torch._dynamo"

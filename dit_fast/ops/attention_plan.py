@@ -441,7 +441,7 @@ def plan_for(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call
     return plan
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant_result
 def _compiled_choice(key: tuple) -> str:
     """Evaluated by Dynamo once while tracing (never timed): the measured winner, else our kernel."""
     plan = _plans.get(key + (_device_label(key[0]),))
