@@ -102,6 +102,7 @@ def resources(fn, signature: Dict[str, str], constexprs: Dict[str, object], num_
         cubin.write_bytes(compiled.asm["cubin"])
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    reqntid = re.search(r"\.reqntid\s+(\d+)", compiled.asm.get("ptx", ""))  # threads per block, fixed
     regs = re.search(r"REG:(\d+)", res)
     stack = re.search(r"STACK:(\d+)", res)
     local = re.search(r"LOCAL:(\d+)", res)
@@ -110,6 +111,8 @@ def resources(fn, signature: Dict[str, str], constexprs: Dict[str, object], num_
         "stack_bytes": int(stack.group(1)) if stack else None,
         "local_bytes": int(local.group(1)) if local else None,
         "shared_bytes": compiled.metadata.shared,
+        # a warp-specialized kernel runs more threads than num_warps says (its producer warpgroup)
+        "threads": int(reqntid.group(1)) if reqntid else 32 * num_warps,
         "sass_lines": sass.count("\n"),
         **_count(sass),
     }
@@ -190,6 +193,7 @@ KERNELS = {
     "dq": ("_attn_bwd_dq_kernel", {}),
     # the Hopper forward: TMA descriptors and, without a padding mask, the warp-specialized loop
     "fwd_tma": ("_attn_fwd_kernel", dict(TMA=True, WARP_SPECIALIZE=True)),
+    "dq_convert": ("_attn_bwd_dq_convert_kernel", {}),  # the one-pass backward's epilogue
 }
 
 
@@ -232,10 +236,10 @@ def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str]
     return rows
 
 
-COLUMNS = ["kernel", "head_dim", "variant", "block_m", "block_n", "num_warps", "num_stages", "regs", "local_bytes",
-           "shared_bytes", "hgmma", "hgmma_work", "hgmma_shapes", "depbar", "hmma", "utmaldg", "utmaredg", "usetmaxreg",
-           "red", "atom", "ldg128", "ldg_narrow", "ldg_total", "ldl_stl", "mufu", "int_div", "fmul", "ffma", "fadd",
-           "sass_lines"]
+COLUMNS = ["kernel", "head_dim", "variant", "block_m", "block_n", "num_warps", "num_stages", "threads", "regs",
+           "local_bytes", "shared_bytes", "hgmma", "hgmma_work", "hgmma_shapes", "depbar", "hmma", "utmaldg",
+           "utmaredg", "usetmaxreg", "red", "atom", "ldg128", "ldg_narrow", "ldg_total", "ldl_stl", "mufu", "int_div",
+           "fmul", "ffma", "fadd", "sass_lines"]
 
 
 def _format(row: dict) -> str:

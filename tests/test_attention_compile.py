@@ -29,7 +29,7 @@ ROWS = [
     "dkdv_atomic:72:dense:32,128,8,2",
     "fwd_tma:128:dense:128,128,4,2",  # the Hopper forward: TMA + warp specialization
 ]
-ROWS_36 = ["dkdv_atomic:128:dense:32,128,8,2", "fwd_tma:128:dense:128,128,4,2"]
+ROWS_36 = ["dkdv_atomic:128:dense:32,128,8,2", "fwd_tma:128:dense:128,128,4,2", "dq_convert:72:rope:64,64,4,1"]
 
 
 def _key(spec):
@@ -112,6 +112,7 @@ def test_one_pass_backward_adds_dq_atomically_without_spills(compiled):
 
 
 def _assert_warp_specialized_tma(row):
+    assert row["threads"] == 3 * 128, f"not warp-specialized (a producer and two consumer warpgroups): {row}"
     assert row["utmaldg"] > 0, f"no TMA loads: {row}"
     assert row["usetmaxreg"] > 0, f"no warp specialization (setmaxnreg): {row}"
     assert row["hgmma"] > 0 and row["hmma"] == 0, row
@@ -120,12 +121,14 @@ def _assert_warp_specialized_tma(row):
 
 def test_tma_forward_is_warp_specialized(compiled):
     """D = 128, 128 x 128 tiles, 4 warps: every tile loaded by TMA (UTMALDG) from device-side descriptors,
-    a producer warpgroup beside two consumer ones (USETMAXREG: their register split), wgmma, no spills."""
+    a producer warpgroup beside two consumer ones (384 threads; USETMAXREG: their register split),
+    wgmma, no spills."""
     _assert_warp_specialized_tma(compiled[_key(ROWS[5])])
 
 
 def test_triton_36_compiles_the_new_paths(compiled_36):
-    """The GPU machines' Triton (3.6): the one-pass backward and the TMA forward as above."""
+    """The GPU machines' Triton (3.6): the one-pass backward and the TMA forward as above (and the
+    backward's dq convert kernel compiles, with RoPE)."""
     atomic, tma = compiled_36[_key(ROWS_36[0])], compiled_36[_key(ROWS_36[1])]
     assert atomic["red"] > 0 and atomic["hmma"] == 0, atomic
     _no_spills(atomic)
