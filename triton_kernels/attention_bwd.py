@@ -179,7 +179,10 @@ def _attn_bwd_dkdv_kernel(
     kpm_k = valid_k
     if HAS_MASK:
         kpm_k = tl.load(KPM_ptr + b * stride_mb + tok_k, mask=valid_k, other=0) != 0
-    if HAS_MASK or WINDOW:  # masked keys reach nothing through 0 * NaN in k q^T, v dO^T
+    if DQ_ATOMIC and (HAS_MASK or WINDOW):
+        # dq's share ds k meets every owned key, hidden or not: a hidden key's row must not bring 0 * NaN
+        # through dp = v dO^T or ds k (the deterministic kernel needs no such select: a hidden key's own
+        # dk, dv are zeroed at the end, and no other key's gradient reads its row)
         hide = _hidden_keys(k0, k1, v0, v1, kpm_k, True, HAS_MASK, WINDOW, BLOCK_D1)
         k0, k1 = _zero_rows(k0, k1, hide, BLOCK_D1)
         v0, v1 = _zero_rows(v0, v1, hide, BLOCK_D1)
@@ -254,6 +257,9 @@ def _attn_bwd_dkdv_kernel(
     if HAS_ROPE:
         dk0, dk1 = _rotate_chunks(dk0, dk1, tok_k, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D0,
                                   BLOCK_D1, True)
+    if HAS_MASK:  # a padded key's gradients are zero, whatever 0 * NaN its own row made of them
+        dk0, dk1 = _zero_rows(dk0, dk1, kpm_k == 0, BLOCK_D1)
+        dv0, dv1 = _zero_rows(dv0, dv1, kpm_k == 0, BLOCK_D1)
     out_base = b * stride_dkb + h * stride_dkh + g_off64 * stride_dks  # dk and dv share the layout
     _store_chunks(DK_ptr + out_base, offs_n, valid_k, TOKEN_STRIDE, stride_dks, dk0, dk1, D, BLOCK_D0, BLOCK_D1,
                   OFFS_64, ALIGNED)

@@ -50,6 +50,11 @@ HEAD DIM  up to 256, a compile-time constant D, computed as a sum of two power-o
             head dim is one tl.dot per chunk into one accumulator (_dot_head), and every product into
             it is one per chunk (_mma_chunks): at D = 72 the matrix units do 80/128 of the D = 128
             work instead of all of it (head_chunks in attention.py picks the chunks).
+MASKED    a masked key influences nothing, whatever its values: a score is masked by a select (a NaN
+            score is dropped), and where a product still meets a masked key's row (p v, dO v^T, ds k)
+            that row is zeroed first (_hidden_keys); a query that sees a NaN or inf key gets NaN.
+TMA       (forward, opt-in) q, k, v through device-side tensor descriptors and, without a padding
+            mask, a warp-specialized key loop (_head_descriptors; attention_fwd.py).
 The readable PyTorch reference is attention_reference in dit_fast/ops/attention.py.
 """
 
