@@ -150,10 +150,11 @@ def block_activation_bytes(config: dict, tokens: int, *, batch: int = 1, item: i
       cross-attention 2 more), one LSE per head per attention. qk-norm (nn.LayerNorm over each head)
       keeps two statistics per head for q and for k, in ``norm_stats_item`` bytes (fp32 on CUDA; the
       input dtype on CPU).
-    Per sample: the modulations (6 or 9) x C, and SiLU(c) C (per-block adaLN, not adaLN-single);
+    Per sample: the modulations (6 or 9) x C, the pending gate C (a tensor of its own: a block returns
+    no views), and SiLU(c) C (per-block adaLN, not adaLN-single);
     text: the context's k, v 2 L C (and its qk-normed k L C and two statistics per head per key).
     With gradient checkpointing a block keeps only its inputs: the stream x and the pending
-    branch (2 C per token) and the modulation tensor the pending gate lives in.
+    branch (2 C per token) and the pending gate (C per sample).
     """
     C, heads = config["hidden_size"], config["num_heads"]
     M = int(C * config.get("mlp_ratio", 4.0))
@@ -161,11 +162,11 @@ def block_activation_bytes(config: dict, tokens: int, *, batch: int = 1, item: i
     rope = config.get("pos", "sincos") in ("rope", "both")
     mods = 9 if text else 6
     if checkpointing:
-        return batch * (tokens * 2 * C + mods * C) * item
+        return batch * (tokens * 2 * C + C) * item
     per_token = 10 * C + 2 * M + (2 * C if rope else 0) + (5 * C if text else 0) + (C if text and qk_norm else 0)
     per_token_fp32 = 4 + heads + (2 + heads if text else 0)
     norm_stats = (4 * heads + (2 * heads if text else 0)) if qk_norm else 0  # per token
-    per_sample = mods * C + (0 if config.get("adaln_single") else C)
+    per_sample = mods * C + C + (0 if config.get("adaln_single") else C)
     if text:
         per_sample += 2 * text_tokens * C + (text_tokens * C if qk_norm else 0)
         norm_stats_per_sample = 2 * heads * text_tokens if qk_norm else 0

@@ -106,7 +106,10 @@ class DiTVideoBlock(nn.Module):
             y = self.cross_attn(h, context, context_mask)  # (B, N, D)
             gate_msa = gate_ca
         x, h = ops.residual_layernorm_modulate(x, gate_msa, y, shift_mlp, scale_mlp, backend=self.backend)
-        return x, gate_mlp, self.mlp(h)  # stream (B, N, D), pending gate (B, [G,] D) and MLP branch (B, N, D)
+        # The gate (a chunk of the modulations) and the MLP branch (nn.Linear views its 2-D matmul as 3-D)
+        # are views; a wrapped module must not return views (FSDP2 warns: an in-place op on one would drop
+        # its backward hook), so both leave as tensors of their own (a copy of one activation per block).
+        return x, gate_mlp.clone(), self.mlp(h).clone()  # stream (B, N, D), gate (B, [G,] D), branch (B, N, D)
 
 
 class FinalLayer(nn.Module):
