@@ -6,8 +6,8 @@ SASS. These tests read those counts: the 16-byte loads at D = 72, the head dim i
 backward's atomic adds, the TMA forward's warp specialization, and no spills in the configurations the
 tuner is given for each. One subprocess per Triton version compiles every row (a clean process without
 TRITON_INTERPRET: the interpreter patches triton.language in-process). The GPU machines run Triton 3.6:
-the same rows compile there too when a Python with Triton 3.6 is given ($DIT_FAST_TRITON36_PYTHON, or
-/work/venv36 where it exists).
+the same rows compile there too when a Python with Triton 3.6 is given ($DIT_FAST_TRITON36_PYTHON; .ci/run
+builds that venv).
 """
 
 import os
@@ -43,8 +43,13 @@ def _rows(rows):
 
 
 def _triton36_python():
-    path = os.environ.get("DIT_FAST_TRITON36_PYTHON") or "/work/venv36/bin/python"
-    return path if Path(path).exists() or shutil.which(path) else None
+    """$DIT_FAST_TRITON36_PYTHON (.ci/run makes that venv), None when unset; a set path that does not
+    exist fails the test rather than skipping it."""
+    path = os.environ.get("DIT_FAST_TRITON36_PYTHON")
+    if not path:
+        return None
+    assert Path(path).exists() or shutil.which(path), f"DIT_FAST_TRITON36_PYTHON={path!r} does not exist"
+    return path
 
 
 @pytest.fixture(scope="module")
