@@ -3,6 +3,8 @@
     dit-fast generate "a red circle moving right" -o out.gif       # bundled model, CPU or GPU
     dit-fast generate "a blue square bouncing" -o out.mp4 --seed 3 --steps 30 --cfg 4 --checkpoint runs/shapes
     dit-fast train --out-dir runs/shapes --steps 2000              # torchrun --nproc_per_node 2 -m dit_fast.cli train ...
+    torchrun --standalone --nproc-per-node 4 -m dit_fast.cli train --sp 2 --fsdp --out-dir runs/big
+    torchrun --standalone --nproc-per-node 2 -m dit_fast.cli generate "a red circle moving right" --sp 2
     dit-fast export runs/shapes my_model.safetensors               # a run's EMA weights as a standalone model file
     dit-fast vocab                                                  # what a prompt may say
     dit-fast bench                                                  # the fused-ops speed table (benchmarks/run.py)
@@ -123,9 +125,15 @@ def cmd_generate(args) -> int:
 
     from dit_fast.data import parse_caption
     from dit_fast.generate import generate, load_model, save_video
-    from dit_fast.train import check_backend, resolve_device
+    from dit_fast.train import (ConfigError, check_backend, check_launch, launched_world_size, resolve_device,
+                                sequence_parallel_degrees)
 
     start = time.time()
+    check_launch(args.sp, False, "generate")
+    world = launched_world_size()
+    if world > 1 and args.sp != world:
+        raise ConfigError("sp", f"torchrun started {world} ranks and generate splits one video over all of them: pass "
+                                f"--sp {world} (got --sp {args.sp})")
     device = resolve_device(args.device)
     if args.backend is not None:
         check_backend(args.backend, device)
@@ -149,29 +157,47 @@ def cmd_generate(args) -> int:
     frames = cfg.num_frames if args.frames is None else args.frames
     if frames % cfg.patch[0]:
         raise UsageError("--frames", f"expected a multiple of the model's temporal patch {cfg.patch[0]}, got {frames}")
-    if frames != cfg.num_frames:
+    grid = (frames // cfg.patch[0], cfg.size // cfg.patch[1], cfg.size // cfg.patch[2])
+    ulysses, ring = sequence_parallel_degrees(args.sp, args.sp_mode, args.ring, cfg.num_heads, grid, world)
+    info = None
+    if args.sp > 1:  # every check above ran on every rank: from here on the ranks talk
+        from dit_fast.train_parallel import join_mesh, split_sequence
+
+        info, dims, mesh = join_mesh(ulysses, ring, device)
+        split_sequence(model.dit, mesh, dims)  # every rank computes the same full video
+    main_rank, ok = info is None or info.is_main, False
+    if frames != cfg.num_frames and main_rank:
         _warn("generate", f"--frames {frames}: this model was trained on {cfg.num_frames}-frame clips; "
                           "other lengths may look worse")
-    video = generate(model, cfg, [prompt], seed=args.seed, steps=args.steps, cfg_scale=args.cfg, frames=frames,
-                     progress_bar=not args.quiet)
-    _checked("--output", save_video, video[0], args.output, args.fps, args.scale)  # e.g. a full disk
-    if not args.quiet:
-        T, H, W = video.shape[2:]
-        print(f"wrote {args.output}: {T} frames of {H}x{W} (x{args.scale}) at {args.fps} fps for {prompt!r} "
-              f"in {time.time() - start:.1f} s on {device}")
+    try:
+        video = generate(model, cfg, [prompt], seed=args.seed, steps=args.steps, cfg_scale=args.cfg, frames=frames,
+                         progress_bar=not args.quiet and main_rank)
+        if main_rank:
+            _checked("--output", save_video, video[0], args.output, args.fps, args.scale)  # e.g. a full disk
+        if not args.quiet and main_rank:
+            T, H, W = video.shape[2:]
+            split = f" ({args.sp} ranks, sequence parallel: {args.sp_mode})" if args.sp > 1 else ""
+            print(f"wrote {args.output}: {T} frames of {H}x{W} (x{args.scale}) at {args.fps} fps for {prompt!r} "
+                  f"in {time.time() - start:.1f} s on {device}{split}")
+        ok = True
+    finally:
+        if info is not None:
+            from dit_fast.train import cleanup_distributed
+            cleanup_distributed(info, ok)
     return 0
 
 
 def cmd_train(args) -> int:
-    from dit_fast.train import (TrainConfig, Trainer, check_backend, checkpoint_paths, cleanup_distributed,
-                                read_weights, resolve_device)
+    from dit_fast.train import (TrainConfig, Trainer, check_backend, check_launch, cleanup_distributed, find_run,
+                                launched_world_size, read_weights, resolve_device, resolve_run)
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.patch = tuple(cfg.patch)
-    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    check_launch(cfg.sp, cfg.fsdp)
+    cfg.validate(launched_world_size())
     check_backend(cfg.backend, resolve_device(cfg.device))
     if args.resume:
-        _checked("--resume", checkpoint_paths, args.resume)
+        _checked("--resume", resolve_run, args.resume)
     if cfg.init_from:
         _checked("--init-from", read_weights, cfg.init_from)
     if args.threads:
@@ -179,31 +205,35 @@ def cmd_train(args) -> int:
         torch.set_num_threads(args.threads)
     resume = None if args.no_resume else (args.resume or "auto")
     trainer = Trainer(cfg, resume=resume, progress_bar=not args.quiet)
+    ok = False
     try:
         main_rank = trainer.dist.is_main
         if trainer.step >= cfg.steps:
             if main_rank:
                 print(f"{trainer.resumed_from} is already at step {trainer.step} (--steps {cfg.steps}): nothing to "
                       f"train; pass a larger --steps to continue it, or --no-resume to start over")
+            ok = True
             return 0
         if trainer.resumed_from and main_rank:
             print(f"resuming {trainer.resumed_from} at step {trainer.step} of {cfg.steps}")
-        elif args.no_resume and os.path.exists(os.path.join(cfg.out_dir, "latest")) and main_rank:
+        elif args.no_resume and find_run(cfg.out_dir) and main_rank:
             print(f"starting {cfg.out_dir} afresh (--no-resume): its earlier run's checkpoints are replaced as "
                   "this one saves")
         losses = trainer.train()
         if main_rank and losses:
-            print(f"trained to step {trainer.step}; last loss {losses[-1]:.4f}; checkpoints in {cfg.out_dir}")
+            where = os.path.join(cfg.out_dir, "dcp") if cfg.fsdp else cfg.out_dir
+            print(f"trained to step {trainer.step}; last loss {losses[-1]:.4f}; checkpoints in {where}")
+        ok = True
     finally:
-        cleanup_distributed(trainer.dist)
+        cleanup_distributed(trainer.dist, ok)
     return 0
 
 
 def cmd_export(args) -> int:
     from dit_fast.generate import export_model
-    from dit_fast.train import checkpoint_paths
+    from dit_fast.train import resolve_run
 
-    _checked("run_dir", checkpoint_paths, args.run_dir)
+    _checked("run_dir", resolve_run, args.run_dir)
     extra = {}
     if args.command_line:
         extra["training_command"] = args.command_line
@@ -284,6 +314,15 @@ TRAIN_HELP = {
     "shift": "timestep shift, training and sampling",
     "prediction": "what the DiT outputs: the velocity, or the clean clip (x0)",
     "t_min": "x0-prediction: the smallest t the velocity divides by",
+    "sp": "sequence parallelism under torchrun: ranks that share each clip's tokens (must divide the ranks; the "
+          "other world / sp groups take different samples)",
+    "sp_mode": "how --sp ranks exchange attention: ulysses (all-to-all over heads; --sp must divide --num-heads), "
+               "ring (K/V passed around a ring; any degree) or usp (ring x ulysses, with --ring)",
+    "ring": "--sp-mode usp: the ring degree (a divisor of --sp; the Ulysses degree is --sp / --ring)",
+    "fsdp": "FSDP2 under torchrun: every parameter, gradient and optimizer state sharded over all ranks (bf16 "
+            "compute with --bf16); checkpoints sharded in --out-dir/dcp, resumable on any number of ranks",
+    "gradient_checkpointing": "recompute each block's activations in backward (less memory; composes with --sp "
+                              "and --fsdp)",
     "checkpoint_every": "steps between checkpoints",
     "keep_checkpoints": "checkpoints kept (older ones are removed)",
     "log_every": "steps between log.jsonl lines",
@@ -301,9 +340,15 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
+def _rank_prefix() -> str:
+    """"[rank R] " under torchrun with several ranks (each rank prints its own error line), else ""."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK")
+    return f"[rank {rank}] " if rank is not None and world.isdigit() and int(world) > 1 else ""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's usage block + message, as the one line every error gets
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+        self.exit(2, f"{_rank_prefix()}{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 def _one_line(text: str) -> str:
@@ -311,10 +356,10 @@ def _one_line(text: str) -> str:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from dit_fast.train import BACKEND_CHOICES, OPTIMIZERS, PREDICTIONS, TIMESTEP_SAMPLING, TrainConfig
+    from dit_fast.train import BACKEND_CHOICES, OPTIMIZERS, PREDICTIONS, SP_MODES, TIMESTEP_SAMPLING, TrainConfig
 
     choices = {"optimizer": OPTIMIZERS, "prediction": PREDICTIONS, "timestep_sampling": TIMESTEP_SAMPLING,
-               "backend": BACKEND_CHOICES}
+               "backend": BACKEND_CHOICES, "sp_mode": SP_MODES}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default, help_ = f.default, TRAIN_HELP.get(f.name, f.name.replace("_", " "))  # a test wants them all
@@ -332,8 +377,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=default, choices=choices.get(f.name), help=help_)
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", default=None,
-                        help="continue this run directory or ckpt_<step>.safetensors (default: --out-dir's latest "
-                             "checkpoint, if any)")
+                        help="continue this run directory or ckpt_<step>.safetensors, or a sharded (--fsdp) run's "
+                             "directory or dcp/step_* directory (default: --out-dir's latest checkpoint, if any)")
     resume.add_argument("--no-resume", action="store_true", help="start fresh even if --out-dir has a checkpoint")
     p.add_argument("--threads", type=int_range(0), default=0, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -342,7 +387,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from dit_fast import __version__
     from dit_fast.generate import DEFAULT_CFG, DEFAULT_STEPS, MAX_FPS, MAX_SCALE
-    from dit_fast.train import BACKEND_CHOICES
+    from dit_fast.train import BACKEND_CHOICES, SP_MODES
 
     examples = __doc__.split("\n\n")[1]
     parser = _Parser(prog="dit-fast", formatter_class=_Formatter,
@@ -372,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nearest-neighbour upscaling of the written frames")
     g.add_argument("--threads", type=int_range(0), default=0, help="torch CPU threads (0: one on CPU)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    g.add_argument("--sp", type=int_range(1), default=1,
+                   help="sequence parallelism under torchrun: split the video's tokens over this many ranks (all of "
+                        "them: torchrun --nproc-per-node N ... --sp N); every rank computes the same video, rank 0 "
+                        "writes it")
+    g.add_argument("--sp-mode", default="ulysses", choices=SP_MODES,
+                   help="ulysses (all-to-all over heads; --sp must divide the model's heads), ring (any degree) or "
+                        "usp (ring x ulysses, with --ring)")
+    g.add_argument("--ring", type=int_range(1), default=1, help="--sp-mode usp: the ring degree (a divisor of --sp)")
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a text-to-video model on the synthetic shapes dataset", **kw,
@@ -381,8 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="write a run's EMA weights as a standalone model file (+ .json)", **kw,
-                       description="Write a run's EMA weights as a standalone model file and a .json beside it.")
-    e.add_argument("run_dir", help="a training directory or its ckpt_<step>.safetensors")
+                       description="Write a run's EMA weights as a standalone model file and a .json beside it. "
+                                   "A sharded (--fsdp) run is read in this one process, whatever the number of "
+                                   "ranks that wrote it.")
+    e.add_argument("run_dir", help="a training directory or its ckpt_<step>.safetensors; a sharded run's directory, "
+                                   "its dcp/ root or one dcp/step_* directory")
     e.add_argument("dest", type=model_path, help="the model file to write, e.g. model.safetensors")
     e.add_argument("--command-line", default=None, help="the training command, recorded in the json")
     e.add_argument("--note", default=None, help="free text recorded in the json (device, wall time, ...)")
@@ -428,7 +484,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             message = str(e)
         else:
             raise
-    print(f"{command}: error: {_one_line(message)} (see {command} --help)", file=sys.stderr)
+    print(f"{_rank_prefix()}{command}: error: {_one_line(message)} (see {command} --help)", file=sys.stderr)
     return 2
 
 

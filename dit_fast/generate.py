@@ -7,7 +7,12 @@
 
 A checkpoint is any of: a training directory (its ``latest``), a ``ckpt_<step>.safetensors`` written
 by ``dit_fast.train`` (EMA weights by default), or an exported model file like the bundled one (a
-safetensors file of weights whose metadata holds the config and the vocabulary).
+safetensors file of weights whose metadata holds the config and the vocabulary). A sharded (--fsdp)
+run becomes one with ``export_model`` (``dit-fast export``).
+
+Under torchrun, ``dit-fast generate --sp N`` splits the video's tokens over N ranks
+(dit_fast.parallel.sequence_parallel on the model's DiTVideo): every rank runs ``generate`` with the
+same inputs and gets the same video; rank 0 writes it (dit_fast/cli.py).
 """
 
 from __future__ import annotations
@@ -18,10 +23,8 @@ import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from dit_fast.models.checkpoint import check_state_dict
+from dit_fast.models.checkpoint import check_state_dict, read_safetensors
 from dit_fast.train import (TextToVideo, TrainConfig, atomic_save_safetensors, atomic_write_text, build_model,
                             checkpoint_paths, make_flow, read_weights)
 
@@ -43,11 +46,6 @@ MAX_SCALE = 64
 # --------------------------------------------------------------------------------------------
 # Loading and exporting
 # --------------------------------------------------------------------------------------------
-
-
-def _read_metadata(path: str) -> dict:
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
 
 
 def load_model(checkpoint: Optional[str] = None, device: Union[str, torch.device] = "cpu", ema: bool = True,
@@ -88,22 +86,35 @@ def read_config(checkpoint: Optional[str] = None) -> TrainConfig:
 def export_model(run_dir: str, dest: str, extra: Optional[dict] = None) -> dict:
     """Write a run's EMA weights as a standalone model file ``dest`` (.safetensors) and ``dest``.json.
 
+    run_dir: a training directory or its ``ckpt_<step>.safetensors``, or a sharded (--fsdp) run (its
+    directory, ``dcp`` root or a ``step_*`` directory: read in this one process through
+    dit_fast.parallel.checkpoint.export_safetensors, whatever the number of ranks that wrote it).
     The json holds the config, the vocabulary and anything in ``extra`` (the training command,
-    measured scores). Both files are written atomically. Returns the json dict.
+    measured scores). Both files are written atomically. Returns the json dict. A file that cannot be
+    read is a CheckpointError naming it.
     """
-    weights, _ = checkpoint_paths(run_dir)
-    meta = _read_metadata(weights)
-    tensors = load_file(weights)
-    ema = {k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")}
-    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    # buffers (e.g. positional tables) are not EMA'd: take them from the live model
-    for k, v in model_sd.items():
-        ema.setdefault(k, v)
-    info = {"config": json.loads(meta["config"]), "vocabulary": json.loads(meta["vocabulary"]),
-            "step": int(meta["step"]), "default_steps": DEFAULT_STEPS, "default_cfg": DEFAULT_CFG,
-            **(extra or {})}
-    atomic_save_safetensors(ema, dest, metadata={"config": meta["config"], "vocabulary": meta["vocabulary"],
-                                                 "step": meta["step"]})
+    from dit_fast.models.checkpoint import CheckpointError
+    from dit_fast.train_parallel import export_sharded, sharded_root
+
+    if sharded_root(run_dir) is not None:
+        saved = export_sharded(run_dir, dest)
+    else:
+        weights, _ = checkpoint_paths(run_dir)
+        tensors, meta = read_safetensors(weights)
+        missing = [k for k in ("config", "vocabulary", "step") if k not in meta]
+        if missing:
+            raise CheckpointError(f"checkpoint {weights!r} has no {', '.join(missing)} in its metadata: not written by "
+                                  "dit-fast train")
+        ema = {k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")}
+        model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        # buffers (e.g. positional tables) are not EMA'd: take them from the live model
+        for k, v in model_sd.items():
+            ema.setdefault(k, v)
+        atomic_save_safetensors(ema, dest, metadata={"config": meta["config"], "vocabulary": meta["vocabulary"],
+                                                     "step": meta["step"]})
+        saved = {"config": json.loads(meta["config"]), "vocabulary": json.loads(meta["vocabulary"]),
+                 "step": int(meta["step"])}
+    info = {**saved, "default_steps": DEFAULT_STEPS, "default_cfg": DEFAULT_CFG, **(extra or {})}
     atomic_write_text(json.dumps(info, indent=2) + "\n", os.path.splitext(dest)[0] + ".json")
     return info
 

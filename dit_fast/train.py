@@ -10,10 +10,13 @@ optional bf16 autocast; then AdamW or ``dit_fast.optim.GaLoreAdamW`` steps, and 
 
 Exact resume: everything random is a function of (seed, step, sample index): the clip, its noise,
 its timestep and its caption dropout are drawn from per-sample generators, and the global RNG is
-re-seeded from (seed, step, micro-batch, rank) before each forward for anything inside the model.
-The learning rate is a function of the step. So a run stopped after step k and resumed from its
-checkpoint computes bitwise the same losses as one that never stopped (tests/test_train.py), and
-splitting a batch into micro-batches changes the gradient only by float summation order.
+re-seeded from (seed, step, the micro-batch's first sample index) before each forward for anything
+inside the model; nothing depends on the rank or the number of ranks. The learning rate is a function
+of the step. So a run stopped after step k and resumed from its checkpoint on the same ranks computes
+bitwise the same losses as one that never stopped (tests/test_train.py), and splitting a batch into
+micro-batches or over another number of ranks changes the gradient only by float summation order: a
+sharded run saved on 2 ranks and resumed on 1 continues the 2-rank losses to 1e-5
+(tests/test_cli_distributed.py).
 
 Checkpoints (every ``checkpoint_every`` steps and at the end) go to ``out_dir``:
     ckpt_<step>.safetensors   model and EMA weights ("model.<name>", "ema.<name>"), config in metadata
@@ -22,9 +25,14 @@ Checkpoints (every ``checkpoint_every`` steps and at the end) go to ``out_dir``:
 each through a temporary file in the same directory and ``os.replace``, so a crash leaves either
 the old checkpoint or the new one, never half of one.
 
+With ``fsdp`` they are sharded instead: ``out_dir/dcp/step_<step>/`` (torch.distributed.checkpoint,
+every rank its own shards, resumable on any number of ranks; dit_fast/train_parallel.py).
+
 Multi-GPU: ``torchrun --nproc_per_node N -m dit_fast.cli train ...`` (or ``dit-fast train``):
 WORLD_SIZE > 1 in the environment makes the trainer join a process group (nccl on CUDA, gloo on
 CPU) and wrap the model in DistributedDataParallel; the global batch is split across ranks.
+``sp > 1`` (sequence parallelism: ranks that share each clip's tokens) and ``fsdp`` (FSDP2) build a
+device mesh instead, in dit_fast/train_parallel.py.
 """
 
 from __future__ import annotations
@@ -98,6 +106,12 @@ class TrainConfig:
     # Denoising Generative Models Denoise", JiT: x-prediction with the velocity loss).
     prediction: str = "velocity"
     t_min: float = 0.05
+    # past one GPU (under torchrun; see Trainer): sequence parallelism, FSDP2, activation checkpointing
+    sp: int = 1  # ranks that share each clip's tokens (dit_fast.parallel.sequence_parallel)
+    sp_mode: str = "ulysses"  # "ulysses" (all-to-all over heads) | "ring" | "usp" (ring x ulysses)
+    ring: int = 1  # usp only: the ring degree; the Ulysses degree is sp / ring
+    fsdp: bool = False  # FSDP2 over every rank; checkpoints sharded (torch.distributed.checkpoint)
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward
     # bookkeeping
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -155,9 +169,12 @@ class TrainConfig:
         _check_int("steps", self.steps, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("grad_accum", self.grad_accum, 1)
-        if self.batch_size % (world_size * self.grad_accum):
-            raise ConfigError("batch_size", f"batch_size {self.batch_size} must be divisible by world_size * "
-                                            f"grad_accum = {world_size} * {self.grad_accum}")
+        self.check_parallel(world_size)
+        dp = world_size // self.sp  # data-parallel replicas (or FSDP shards with their own samples)
+        if self.batch_size % (dp * self.grad_accum):
+            what = f"world_size / sp * grad_accum = {world_size} / {self.sp} * {self.grad_accum}" if self.sp > 1 \
+                else f"world_size * grad_accum = {world_size} * {self.grad_accum}"
+            raise ConfigError("batch_size", f"batch_size {self.batch_size} must be divisible by {what}")
         _check_float("lr", self.lr, 0.0, None, low_open=True)
         _check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _check_int("warmup", self.warmup, 0)
@@ -176,15 +193,29 @@ class TrainConfig:
         _check_float("shift", self.shift, 0.0, None, low_open=True)
         _check_choice("prediction", self.prediction, PREDICTIONS)
         _check_float("t_min", self.t_min, 0.0, 1.0, low_open=True)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError("gradient_checkpointing", f"expected True or False, got {self.gradient_checkpointing!r}")
         _check_int("checkpoint_every", self.checkpoint_every, 1)
         _check_int("keep_checkpoints", self.keep_checkpoints, 1)
         _check_int("log_every", self.log_every, 1)
         if not isinstance(self.device, str):
             raise ConfigError("device", f"expected a device name, got {self.device!r}")
 
+    def check_parallel(self, world_size: int) -> Tuple[int, int]:
+        """(ulysses, ring) degrees of --sp / --sp-mode / --ring; ConfigError if they cannot split this
+        model's heads and tokens over ``world_size`` ranks. Needs valid patch, size and heads."""
+        _check_int("sp", self.sp, 1)
+        _check_choice("sp_mode", self.sp_mode, SP_MODES)
+        _check_int("ring", self.ring, 1)
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError("fsdp", f"expected True or False, got {self.fsdp!r}")
+        grid = tuple(n // p for n, p in zip((self.num_frames, self.size, self.size), self.patch))
+        return sequence_parallel_degrees(self.sp, self.sp_mode, self.ring, self.num_heads, grid, world_size)
+
 
 # The choices of the string fields (dit-fast train --help lists them).
 OPTIMIZERS = ("adamw", "galore")
+SP_MODES = ("ulysses", "ring", "usp")  # dit_fast.parallel.mesh.SP_MODES
 PREDICTIONS = ("velocity", "x0")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 BACKEND_CHOICES = ("torch", "triton", "cuda", "auto")
@@ -220,6 +251,62 @@ def _check_float(name: str, value, low: float, high: Optional[float], low_open: 
 def _check_choice(name: str, value, choices: Tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+
+
+def sequence_parallel_degrees(sp: int, sp_mode: str, ring: int, num_heads: int, grid: Tuple[int, int, int],
+                              world_size: Optional[int]) -> Tuple[int, int]:
+    """(ulysses, ring) for ``--sp sp --sp-mode sp_mode --ring ring``, checked against the model's heads,
+    its token grid (T, H, W) and the number of ranks (None: not known yet). ConfigError naming the flag.
+
+    Shared by ``dit-fast train`` and ``dit-fast generate``: every rank runs the same checks before any
+    process group exists, so a bad setting is the same one-line error on every rank, never a hang."""
+    if sp_mode == "usp":
+        if sp == 1:
+            return 1, 1
+        if not 1 < ring < sp or sp % ring:
+            raise ConfigError("ring", f"--sp-mode usp splits --sp {sp} ranks into ring x ulysses: --ring must divide "
+                                      f"{sp} and lie strictly between 1 and {sp}, got {ring} (or use --sp-mode ring "
+                                      "or ulysses)")
+        ulysses = sp // ring
+    elif ring != 1:
+        raise ConfigError("ring", f"--ring {ring} is USP's ring degree: pass --sp-mode usp (with --sp a multiple of "
+                                  f"--ring), or drop --ring (--sp-mode ring uses all --sp ranks as the ring)")
+    else:
+        ulysses, ring = (sp, 1) if sp_mode == "ulysses" else (1, sp)
+    if world_size is not None and world_size % sp:
+        raise ConfigError("sp", f"--sp {sp} must divide the number of ranks: torchrun started {world_size} "
+                                f"(WORLD_SIZE); use --nproc-per-node a multiple of {sp}")
+    if sp > 1 and num_heads % ulysses:
+        raise ConfigError("sp", f"--sp {sp} --sp-mode {sp_mode}: num_heads {num_heads} is not divisible by the Ulysses "
+                                f"degree {ulysses} (each rank attends over num_heads / {ulysses} heads); use "
+                                f"--sp-mode ring, which splits any number of heads, or a degree that divides "
+                                f"{num_heads}")
+    if sp > 1:
+        from dit_fast.parallel.sequence import check_shardable
+
+        try:
+            check_shardable(grid, sp)
+        except ValueError as e:
+            raise ConfigError("sp", f"--sp {sp}: {e}") from None
+    return ulysses, ring
+
+
+def check_launch(sp: int, fsdp: bool, command: str = "train") -> None:
+    """ConfigError if --sp > 1 or --fsdp is asked for outside torchrun (no WORLD_SIZE, no process group)."""
+    parallel = (isinstance(sp, int) and sp > 1) or fsdp is True
+    if parallel and "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        flag = "sp" if isinstance(sp, int) and sp > 1 else "fsdp"
+        ranks = sp if flag == "sp" else 2
+        how = f" (any multiple of {sp} ranks)" if flag == "sp" and command == "train" else ""
+        raise ConfigError(flag, f"--{flag} runs on several processes started by torchrun (WORLD_SIZE is not set): "
+                                f"torchrun --standalone --nproc-per-node {ranks} -m dit_fast.cli {command} ...{how}")
+
+
+def launched_world_size() -> int:
+    """Ranks of this run: the initialized process group's, else torchrun's WORLD_SIZE, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check_out_dir(path: str) -> None:
@@ -312,12 +399,13 @@ def setup_distributed(device: torch.device) -> DistInfo:
 
     Single process (no WORLD_SIZE or WORLD_SIZE=1): nothing to do. nccl on CUDA, gloo on CPU.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if world <= 1:
         return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local, False)
+    rank = int(os.environ["RANK"])
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return DistInfo(rank, world, local, True)
@@ -386,7 +474,8 @@ class TextToVideo(torch.nn.Module):
         self.dit = DiTVideo(input_size=(cfg.num_frames, cfg.size, cfg.size), patch_size=tuple(cfg.patch),
                             in_channels=3, hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
                             mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.text_dropout, num_classes=0,
-                            text_dim=cfg.text_dim, learn_sigma=False, backend=cfg.backend)
+                            text_dim=cfg.text_dim, learn_sigma=False, backend=cfg.backend,
+                            gradient_checkpointing=cfg.gradient_checkpointing)
         self.prediction, self.t_min = cfg.prediction, cfg.t_min
         self.num_timesteps = 1000  # RectifiedFlow's scale of t (make_flow)
 
@@ -442,7 +531,9 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
         # attention and MLP matrices wider than the rank get low-rank moments; the rest plain AdamW
         groups = galore_param_groups(model, rank=cfg.galore_rank, update_proj_gap=cfg.galore_update_proj_gap,
                                      weight_decay=cfg.weight_decay)
-        return GaLoreAdamW(groups, lr=cfg.lr, backend=cfg.backend, seed=cfg.seed)
+        # FSDP2 row shards: the randomized refresh works on the shards (the SVD would need whole matrices)
+        return GaLoreAdamW(groups, lr=cfg.lr, backend=cfg.backend, seed=cfg.seed,
+                           **({"refresh": "randomized"} if cfg.fsdp else {}))
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
@@ -451,33 +542,51 @@ class Trainer:
     """Runs ``TrainConfig``: ``Trainer(cfg).train()`` returns the loss of every step it ran.
 
     resume: "auto" continues from ``out_dir``'s latest checkpoint when there is one; a path to a
-    checkpoint directory or its ``latest`` file, or None to start fresh.
+    checkpoint directory or its ``latest`` file (a sharded run: its directory, ``dcp`` root or a
+    ``step_*`` directory), or None to start fresh.
+
+    Under torchrun: plain data parallelism (DDP) by default; ``sp > 1`` or ``fsdp`` builds the
+    (dp, ring, ulysses) mesh instead (dit_fast/train_parallel.py).
     """
 
     def __init__(self, cfg: TrainConfig, resume: Optional[str] = "auto", progress_bar: bool = True):
         self.cfg = cfg
-        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+        check_launch(cfg.sp, cfg.fsdp)
+        cfg.validate(launched_world_size())
         self.device = resolve_device(cfg.device)
         check_backend(cfg.backend, self.device)
-        self.dist = setup_distributed(self.device)
+        field = "resume"
+        if resume == "auto":
+            resume = cfg.out_dir if find_run(cfg.out_dir) else None
+            field = "out_dir"
+        if resume:  # before building anything: a run with other shapes (or checkpoint format) cannot continue
+            check_resume_config(cfg, resume, field)
+        self.resumed_from = resume
+        self.parallel = None
+        if cfg.sp > 1 or cfg.fsdp:
+            from dit_fast.train_parallel import setup_parallel
+
+            self.parallel = setup_parallel(cfg, self.device)
+            self.dist = self.parallel.dist
+            self.dp_rank, self.dp_size = self.parallel.dp_rank, self.parallel.dp_size
+        else:
+            self.dist = setup_distributed(self.device)
+            self.dp_rank, self.dp_size = self.dist.rank, self.dist.world_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # an indexed device: resolve_device gave it LOCAL_RANK's GPU
         from dit_fast.data import ShapesVideoDataset
 
         self.dataset = ShapesVideoDataset(num_frames=cfg.num_frames, size=cfg.size, split="train",
                                           seed=cfg.data_seed, two_object_prob=cfg.two_object_prob)
-        field = "resume"
-        if resume == "auto":
-            resume = cfg.out_dir if os.path.exists(os.path.join(cfg.out_dir, "latest")) else None
-            field = "out_dir"
-        if resume:  # before building anything: a run with other shapes cannot continue
-            check_resume_config(cfg, resume, field)
-        self.resumed_from = resume
         torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.device)
         if cfg.init_from and not resume:  # a resumed run's checkpoint holds the weights already
             load_initial_weights(self.model, cfg.init_from)
-        self.ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()}
+        if self.parallel is not None:  # weights in place first, then split the tokens, then shard
+            from dit_fast.train_parallel import parallelize
+
+            parallelize(self.model, cfg, self.parallel)
+        self.ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()}  # FSDP: shards
         self.optimizer = _make_optimizer(cfg, self.model)
         self.flow = make_flow(cfg)
         self.step = 0
@@ -486,20 +595,21 @@ class Trainer:
         if resume:
             self.load_checkpoint(resume)
         self.ddp = None
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1 and self.parallel is None:
             from torch.nn.parallel import DistributedDataParallel
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---- data and randomness, all functions of (seed, step, sample index) ----
 
     def _micro_batches(self, step: int):
-        """This rank's share of step ``step``'s global batch, as ``grad_accum`` micro-batches."""
-        cfg, world, rank = self.cfg, self.dist.world_size, self.dist.rank
-        per_rank = cfg.batch_size // world
+        """This rank's share of step ``step``'s global batch, as ``grad_accum`` micro-batches: the ranks of
+        one sequence-parallel group (same data-parallel rank) take the same samples."""
+        cfg = self.cfg
+        per_rank = cfg.batch_size // self.dp_size
         micro = per_rank // cfg.grad_accum
         for m in range(cfg.grad_accum):
             # sample i of the global batch is dataset index step * batch_size + i; ranks take contiguous slices
-            first = step * cfg.batch_size + rank * per_rank + m * micro
+            first = step * cfg.batch_size + self.dp_rank * per_rank + m * micro
             yield m, list(range(first, first + micro))
 
     def _batch(self, indices: List[int]):
@@ -523,7 +633,7 @@ class Trainer:
     # ---- one step ----
 
     def train_step(self) -> float:
-        cfg = self.cfg
+        cfg, par = self.cfg, self.parallel
         module = self.ddp if self.ddp is not None else self.model
         module.train()
         lr = learning_rate(cfg, self.step)
@@ -531,21 +641,31 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        fsdp = par is not None and par.fsdp_mesh is not None
+        scale = par.loss_scale if par is not None else 1
         for m, indices in self._micro_batches(self.step):
             x0, kwargs, t, noise = self._batch(indices)
-            torch.manual_seed(derive_seed(cfg.seed, "step", self.step, m, self.dist.rank))  # model-internal randomness
-            sync = self.ddp is None or m == cfg.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+            # model-internal randomness: by the micro-batch's first sample, so never by rank or rank count
+            torch.manual_seed(derive_seed(cfg.seed, "step", self.step, indices[0]))
+            last = m == cfg.grad_accum - 1
+            ctx = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+            if fsdp:
+                self.model.set_requires_gradient_sync(last)  # one reduce-scatter per step
+            # FSDP's bf16 policy casts parameters and inputs itself; otherwise bf16 autocast
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and not fsdp)
             with ctx, autocast:
                 loss = self.flow.training_losses(module, x0, kwargs, t=t, noise=noise)["loss"].mean()
-                (loss / cfg.grad_accum).backward()
-            total += loss.detach() / cfg.grad_accum
+                (loss * scale / cfg.grad_accum).backward()
+            total += loss.detach().float() / cfg.grad_accum
+        if par is not None:
+            from dit_fast.train_parallel import sync_gradients
+
+            sync_gradients(self.model, par)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         ema_update(self.ema, self.model, cfg.ema_decay if self.step > 0 else 0.0)
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1:  # the ranks of a sequence-parallel group hold the same loss
             dist.all_reduce(total)
             total /= self.dist.world_size
         self.step += 1
@@ -583,7 +703,12 @@ class Trainer:
     # ---- checkpoints ----
 
     def save_checkpoint(self) -> Optional[str]:
-        """Writes ckpt_<step>.safetensors and state_<step>.pt atomically, then ``latest`` (rank 0 only)."""
+        """Writes ckpt_<step>.safetensors and state_<step>.pt atomically, then ``latest`` (rank 0 only);
+        with fsdp, ``dcp/step_<step>`` (every rank its shards: dit_fast.train_parallel.save_sharded)."""
+        if self.cfg.fsdp:
+            from dit_fast.train_parallel import save_sharded
+
+            return save_sharded(self)
         if self.dist.world_size > 1:
             dist.barrier()
         if not self.dist.is_main:
@@ -616,6 +741,10 @@ class Trainer:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore model, EMA, optimizer, step and loss history from a run directory (its ``latest``)."""
+        if self.cfg.fsdp:
+            from dit_fast.train_parallel import load_sharded
+
+            return load_sharded(self, path)
         weights, state_path = checkpoint_paths(path)
         tensors, _ = read_safetensors(weights, device=str(self.device))
         model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -634,11 +763,50 @@ class Trainer:
         self.losses = list(state["losses"])
 
 
+def find_run(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds a run to continue: a single-file one (``latest``) or a sharded one (``dcp/``)."""
+    from dit_fast.train_parallel import sharded_root
+
+    return os.path.exists(os.path.join(out_dir, "latest")) or sharded_root(out_dir) is not None
+
+
+def resolve_run(path: str) -> str:
+    """The checkpoint a --resume path names: a sharded run's step directory, or a single-file run's weights
+    file; CheckpointError (not found, unreadable ``latest``) otherwise."""
+    from dit_fast.train_parallel import sharded_checkpoint, sharded_root
+
+    if sharded_root(path) is not None:
+        return sharded_checkpoint(path)
+    return checkpoint_paths(path)[0]
+
+
+def _saved_config(resume: str) -> Tuple[dict, int, bool]:
+    """(config dict, step, sharded) of the checkpoint a run resumes from."""
+    from dit_fast.train_parallel import checkpoint_step, read_run_info, sharded_checkpoint, sharded_root
+
+    if sharded_root(resume) is not None:
+        ckpt = sharded_checkpoint(resume)
+        return read_run_info(ckpt)["config"], checkpoint_step(ckpt), True
+    weights, _ = checkpoint_paths(resume)
+    return json.loads(read_safetensors(weights)[1].get("config", "{}")), _latest_step(weights), False
+
+
 def check_resume_config(cfg: TrainConfig, resume: str, field: str = "resume") -> None:
     """ConfigError(``field``) if the run at ``resume`` has other ``ARCHITECTURE_FIELDS`` than ``cfg``:
-    names each flag with the run's value and this config's, and says how to start fresh instead."""
-    weights, _ = checkpoint_paths(resume)
-    saved = json.loads(read_safetensors(weights)[1].get("config", "{}"))
+    names each flag with the run's value and this config's, and says how to start fresh instead. Also
+    if its checkpoint format is not this run's: sharded (--fsdp) runs continue with --fsdp only."""
+    saved, step, sharded = _saved_config(resume)
+    fresh = ("start fresh with --no-resume (replaces its checkpoints) or another --out-dir"
+             if field == "out_dir" else "drop --resume to start fresh")
+    if sharded and not cfg.fsdp:
+        raise ConfigError(field, f"{resume!r} (step {step}) is a sharded run, trained with --fsdp: continue it with "
+                                 "--fsdp under torchrun (on any number of ranks), or write its weights to one file "
+                                 f"(dit-fast export {resume} model.safetensors) and start from them with --init-from; "
+                                 f"or {fresh}")
+    if cfg.fsdp and not sharded:
+        raise ConfigError(field, f"{resume!r} (step {step}) is a single-file run, trained without --fsdp: continue it "
+                                 f"without --fsdp (--sp works with it), or start a sharded run from its weights with "
+                                 f"--init-from {resume} and another --out-dir; or {fresh}")
     here = dataclasses.asdict(cfg)
     diffs = []
     for name in ARCHITECTURE_FIELDS:
@@ -647,9 +815,7 @@ def check_resume_config(cfg: TrainConfig, resume: str, field: str = "resume") ->
             fmt = (lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
             diffs.append(f"--{name.replace('_', '-')} {fmt(old)} there, {fmt(new)} here")
     if diffs:
-        fresh = ("start fresh with --no-resume (replaces its checkpoints) or another --out-dir"
-                 if field == "out_dir" else "drop --resume to start fresh")
-        raise ConfigError(field, f"cannot resume {resume!r} (step {_latest_step(weights)}): it was trained with "
+        raise ConfigError(field, f"cannot resume {resume!r} (step {step}): it was trained with "
                                  f"other settings ({'; '.join(diffs)}); pass the run's values to continue it, or "
                                  f"{fresh}")
 
@@ -692,6 +858,12 @@ def checkpoint_paths(path: str) -> Tuple[str, str]:
         raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist")
     if os.path.isdir(path):
         latest = os.path.join(path, "latest")
+        from dit_fast.train_parallel import sharded_root
+
+        if not os.path.exists(latest) and sharded_root(path) is not None:
+            raise CheckpointError(f"{path!r} is a sharded run (trained with --fsdp): write its weights to one file with "
+                                  f"dit-fast export {path} model.safetensors and use that file (or continue training "
+                                  "it with dit-fast train --fsdp under torchrun)")
         if not os.path.exists(latest):
             raise CheckpointNotFoundError(f"{path} has no 'latest' file: not a dit_fast training directory")
         with open(latest) as f:
@@ -712,7 +884,10 @@ def checkpoint_paths(path: str) -> Tuple[str, str]:
     return weights, state
 
 
-def cleanup_distributed(info: DistInfo) -> None:
+def cleanup_distributed(info: DistInfo, ok: bool = True) -> None:
+    """Leaves the process group this process started. ok=False (an error on this rank): no barrier, which
+    would wait for peers that are still inside a collective; torchrun stops them when this rank exits."""
     if info.initialized_here and dist.is_initialized():
-        dist.barrier()  # no rank tears the group down while another still talks to it
+        if ok:
+            dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()

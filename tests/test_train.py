@@ -135,6 +135,16 @@ def test_bf16_autocast_step(tmp_path):
     assert losses[1] == pytest.approx(fp32[1], rel=0.05) and losses[1] != fp32[1]
 
 
+def test_gradient_checkpointing_changes_nothing(tmp_path):
+    """Recomputing each block in backward gives the same losses and weights, bit for bit."""
+    plain = Trainer(tiny(tmp_path / "plain", steps=3), resume=None, progress_bar=False)
+    recomputed = Trainer(tiny(tmp_path / "gc", steps=3, gradient_checkpointing=True), resume=None, progress_bar=False)
+    assert recomputed.model.dit.gradient_checkpointing
+    assert plain.train() == recomputed.train()
+    for (n, p), (_, q) in zip(plain.model.named_parameters(), recomputed.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_learning_rate_schedule():
     cfg = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
     assert learning_rate(cfg, 0) == pytest.approx(0.1)
@@ -164,6 +174,7 @@ def test_config_errors(tmp_path):
     ("ema_decay", 2.0), ("warmup", -1), ("grad_accum", 0), ("size", 8), ("num_frames", 1), ("shift", 0.0),
     ("t_min", 0.0), ("backend", "fast"), ("checkpoint_every", 0), ("galore_rank", 0), ("mlp_ratio", float("inf")),
     ("two_object_prob", 1.5), ("bf16", "yes"), ("steps", 2.5),
+    ("sp", 0), ("sp_mode", "tensor"), ("ring", 0), ("fsdp", "yes"), ("gradient_checkpointing", "yes"),
 ])
 def test_every_bad_setting_names_its_field(tmp_path, field, value):
     """TrainConfig.validate: a ConfigError (a ValueError) naming the field, before anything is built."""

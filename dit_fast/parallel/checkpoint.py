@@ -536,10 +536,11 @@ def load_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.O
     return ckpt_dir
 
 
-def export_safetensors(ckpt, out_path, which: str = "model") -> Path:
+def export_safetensors(ckpt, out_path, which: str = "model", metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Writes the whole model (``which="model"``) or EMA (``"ema"``) weights of a sharded checkpoint (a
     step directory, or a root: its latest) into one safetensors file. Offline: one process, no process
-    group; reads only the tensors it writes. The file is written next to out_path, then renamed."""
+    group; reads only the tensors it writes. The file is written next to out_path, then renamed.
+    metadata: extra string entries for the file's metadata (dit-fast export: config, vocabulary, step)."""
     from safetensors.torch import save_file
 
     prefixes = {"model": "model.", "ema": "trainer.ema."}
@@ -552,6 +553,9 @@ def export_safetensors(ckpt, out_path, which: str = "model") -> Path:
         raise ValueError(f"out_path {os.fspath(out_path)!r} is a directory, expected a .safetensors file path")
     if not out_path.parent.is_dir():
         raise ValueError(f"out_path {os.fspath(out_path)!r}: directory {os.fspath(out_path.parent)!r} does not exist")
+    if metadata is not None and not (isinstance(metadata, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise TypeError(f"metadata must map str to str, got {metadata!r:.200}")
     ckpt_dir = _resolve(ckpt)
     md = read_metadata(ckpt_dir)
     prefix = prefixes[which]
@@ -574,6 +578,7 @@ def export_safetensors(ckpt, out_path, which: str = "model") -> Path:
     meta = {"format": "pt", "source": os.fspath(ckpt_dir), "weights": which}
     if step is not None:
         meta["checkpoint"] = ckpt_dir.name
+    meta.update(metadata or {})
     tmp = out_path.with_name(f".{out_path.name}.partial")
     save_file({k: v.contiguous() for k, v in template.items()}, os.fspath(tmp), metadata=meta)
     os.replace(tmp, out_path)

@@ -107,7 +107,9 @@ def init_from_env(*, ulysses: int = 1, ring: int = 1, dp: Optional[int] = None,
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=timeout)
     dims = ParallelDims(world_size=dist.get_world_size(), ulysses=ulysses, ring=ring, dp=dp)
-    return dims, dims.build_mesh()
+    # the group's backend decides the mesh's device: a gloo group on a GPU machine (--device cpu) is a CPU mesh
+    device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() != "gloo" else "cpu"
+    return dims, dims.build_mesh(device_type)
 
 
 def mesh_dim_group(mesh: DeviceMesh, name: str, purpose: str):
