@@ -7,11 +7,11 @@ so there are three torchrun launches and the rest runs in forked processes or in
   `train --fsdp --gradient-checkpointing --grad-accum 2` (FSDP2 over both ranks, each with its own
   samples; sharded DCP checkpoints) both equal one process of the same run (losses, weights, EMA);
   `generate --sp 2` writes the same GIF, byte for byte, as one process.
-* forked ranks (tests/dist_utils.run_distributed): the FSDP run resumed on 1 rank from its 2-rank
-  step-2 checkpoint through `dit-fast train` (resharding) continues the 2-rank trajectory, and its
-  export equals the 2-rank run's; the gradients each optimizer step sees, every step, for --sp 2 with
-  micro-batches, --fsdp with GaLore (randomized refresh on the shards, a refresh inside the run) and
-  --fsdp --sp 2 --sp-mode ring, equal one process's.
+* forked ranks (tests/dist_utils.run_distributed): the FSDP run resumed from its 2-rank step-2
+  checkpoint through `dit-fast train` continues the 2-rank trajectory, bit for bit on 2 ranks and
+  to float rounding on 1 (resharding), exports included; the gradients each optimizer step sees,
+  every step, for --sp 2 with micro-batches, --fsdp with GaLore (randomized refresh on the shards, a
+  refresh inside the run) and --fsdp --sp 2 --sp-mode ring, equal one process's.
 * bad input: on every rank, one line, exit 2, before any process group exists (two real processes
   with torchrun's environment, and each case in this process).
 """
@@ -74,25 +74,39 @@ def _log_losses(run_dir):
     return [json.loads(line)["loss"] for line in open(os.path.join(run_dir, "log.jsonl"))]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The three torchrun launches and the one-process references they are compared with."""
-    base = tmp_path_factory.mktemp("torchrun")
-    out = {"base": base}
-    single = Trainer(TrainConfig(out_dir=str(base / "single"), **TINY), resume=None, progress_bar=False)
-    out["single_losses"] = single.train()
-    out["single_params"] = {n: p.detach().clone() for n, p in single.model.named_parameters()}
-    out["single_ema"] = {n: e.clone() for n, e in single.ema.items()}
-    out["sp"] = str(base / "sp")
-    _torchrun(["train", "--out-dir", out["sp"], *_flags(sp=2)])
-    out["fsdp"] = str(base / "fsdp")
-    out["fsdp_stdout"] = _torchrun(["train", "--out-dir", out["fsdp"],
-                                    *_flags(fsdp=True, gradient_checkpointing=True, grad_accum=2)]).stdout
+def _launch_all(base):
+    """The three torchrun launches and the one-process references they are compared with, all on disk."""
+    Trainer(TrainConfig(out_dir=str(base / "single"), **TINY), resume=None, progress_bar=False).train()
+    _torchrun(["train", "--out-dir", str(base / "sp"), *_flags(sp=2)])
+    res = _torchrun(["train", "--out-dir", str(base / "fsdp"), *_flags(fsdp=True, gradient_checkpointing=True,
+                                                                      grad_accum=2)])
+    (base / "fsdp_stdout.txt").write_text(res.stdout)
     gen = ["generate", "a red circle moving right", "--steps", "3", "--device", "cpu", "--quiet"]
-    out["gif_sp"], out["gif_one"] = str(base / "sp.gif"), str(base / "one.gif")
-    _torchrun([*gen, "--sp", "2", "-o", out["gif_sp"]])
-    assert main([*gen, "-o", out["gif_one"]]) == 0
-    return out
+    _torchrun([*gen, "--sp", "2", "-o", str(base / "sp.gif")])
+    assert main([*gen, "-o", str(base / "one.gif")]) == 0
+    (base / "done").write_text("ok\n")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, worker_id):
+    """Paths of the launches' results. Under pytest-xdist the first worker that needs them launches them in
+    the session's shared temporary directory and the others wait for and read the same files, so the
+    torchrun launches happen once per session, whatever the number of workers."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    base = shared / "cli_distributed"
+    with FileLock(str(shared / "cli_distributed.lock")):
+        if not (base / "done").exists():
+            shutil.rmtree(base, ignore_errors=True)  # a worker that failed halfway: start over
+            base.mkdir()
+            _launch_all(base)
+    single, _ = read_safetensors(base / "single" / "ckpt_0000004.safetensors")
+    return {"base": base, "sp": str(base / "sp"), "fsdp": str(base / "fsdp"),
+            "fsdp_stdout": (base / "fsdp_stdout.txt").read_text(), "single_losses": _log_losses(base / "single"),
+            "single_params": {k[6:]: v for k, v in single.items() if k.startswith("model.")},
+            "single_ema": {k[4:]: v for k, v in single.items() if k.startswith("ema.")},
+            "gif_sp": str(base / "sp.gif"), "gif_one": str(base / "one.gif")}
 
 
 def test_train_sp2_equals_one_process(runs):
@@ -149,21 +163,28 @@ def _resume_worker(rank, world, resume, out_dir, flags):
     return code
 
 
-def test_fsdp_run_resumes_on_one_rank(runs, tmp_path):
-    """The 2-rank run's step-2 checkpoint, continued by `dit-fast train --fsdp` on 1 rank: the same samples,
-    noise and timesteps (drawn per sample, never per rank); only the summation order differs."""
-    out = str(tmp_path / "one_rank")
+@pytest.mark.parametrize("world", [2, 1])
+def test_fsdp_run_resumes_on_any_rank_count(runs, tmp_path, world):
+    """The 2-rank run's step-2 checkpoint, continued by `dit-fast train --fsdp`: on 2 ranks bit for bit (losses and
+    exported EMA); on 1 rank (resharded) to float summation order, since the samples, noise and timesteps are
+    drawn per sample, never per rank."""
+    out = str(tmp_path / "resumed")
     flags = _flags(fsdp=True, gradient_checkpointing=True, grad_accum=2)
     step2 = os.path.join(runs["fsdp"], "dcp", "step_00000002")
-    assert run_distributed(_resume_worker, 1, tmp_path, step2, out, flags, timeout_s=120) == [0]
-    assert _log_losses(out) == pytest.approx(_log_losses(runs["fsdp"])[2:], rel=1e-5)
-    two, one = tmp_path / "two.safetensors", tmp_path / "one.safetensors"
+    assert run_distributed(_resume_worker, world, tmp_path, step2, out, flags, timeout_s=120) == [0] * world
+    straight = _log_losses(runs["fsdp"])[2:]
+    two, resumed = tmp_path / "two.safetensors", tmp_path / "resumed.safetensors"
     assert main(["export", runs["fsdp"], str(two)]) == 0
-    assert main(["export", os.path.join(out, "dcp", "step_00000004"), str(one)]) == 0
-    a, b = read_safetensors(two)[0], read_safetensors(one)[0]
+    assert main(["export", os.path.join(out, "dcp", "step_00000004"), str(resumed)]) == 0
+    a, b = read_safetensors(two)[0], read_safetensors(resumed)[0]
     assert set(a) == set(b)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    if world == 2:
+        assert _log_losses(out) == straight
+        assert all(torch.equal(a[name], b[name]) for name in a)
+    else:
+        assert _log_losses(out) == pytest.approx(straight, rel=1e-5)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 GRAD_CASES = {  # TrainConfig overrides: the parallel run, and what its one-process reference shares
