@@ -106,10 +106,12 @@ class DiTVideoBlock(nn.Module):
             y = self.cross_attn(h, context, context_mask)  # (B, N, D)
             gate_msa = gate_ca
         x, h = ops.residual_layernorm_modulate(x, gate_msa, y, shift_mlp, scale_mlp, backend=self.backend)
-        # The gate (a chunk of the modulations) and the MLP branch (nn.Linear views its 2-D matmul as 3-D)
-        # are views; a wrapped module must not return views (FSDP2 warns: an in-place op on one would drop
-        # its backward hook), so both leave as tensors of their own (a copy of one activation per block).
-        return x, gate_mlp.clone(), self.mlp(h).clone()  # stream (B, N, D), gate (B, [G,] D), branch (B, N, D)
+        # The gate leaves as a tensor of its own (B x D values), not as a view of all the modulations, so a
+        # checkpointed block keeps only it. The MLP branch stays a view (nn.Linear views its 2-D product as
+        # 3-D): copying it would cost an activation's read and write per block. FSDP2 warns about returned
+        # views because an in-place op on one would skip its hook; nothing here ever modifies y in place,
+        # and dit_fast.parallel.apply_fsdp silences that one warning for this class.
+        return x, gate_mlp.clone(), self.mlp(h)  # stream (B, N, D), gate (B, [G,] D), branch (B, N, D)
 
 
 class FinalLayer(nn.Module):

@@ -13,6 +13,7 @@ dit_fast.parallel.checkpoint (torch.distributed.checkpoint, resharding on load).
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional, Union
 
 import torch
@@ -82,6 +83,12 @@ def apply_fsdp(model: nn.Module, mesh, mixed_precision: Optional[str] = "bf16",
             raise TypeError(f"blocks[{i}] must be an nn.Module, got {type(block).__name__}")
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # DiTVideoBlock returns its MLP branch as a view (nn.Linear's 3-D output) and never lets anything modify
+    # it in place, which is what FSDP2's "returned a view tensor" warning is about; a copy per block to
+    # silence it would cost an activation's read and write. Only that class's warning is ignored (fully_shard
+    # renames the class FSDPDiTVideoBlock).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDP)?DiTVideoBlock\) returned a view tensor",
+                            category=UserWarning)
     # the root: the parameters no block owns; its gathered weights are needed again first in backward
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
