@@ -34,6 +34,12 @@
 #                        then bench_attention --quick on the dense, spatial and tile-window cases, every
 #                        ours-* provider beside cuDNN/flash SDPA, FlexAttention and permute + SDPA. Sets
 #                        TEST_PATHS, TEST_TIMEOUT=240, BENCH_OPS=attention unless given.
+#   EXTRA_BENCH="diffusers:120 auto:90 parallel:60"
+#                        after benchmarks.run, each NAME:LIMIT_S runs benchmarks/bench_NAME.py (--quick where it
+#                        has one) with its rows in this run's results and its output appended to bench.log;
+#                        their limits are reserved before benchmarks.run starts (issues 12, 13, 14)
+#   benchmarks/wheels/*.whl, carried with the call (`carry: ["benchmarks/wheels"]`; the GPU machine reaches no
+#                        registry): installed first with --no-index --no-deps into /tmp/site (diffusers)
 set -u
 cd "$(dirname "$0")/.."
 
@@ -62,6 +68,10 @@ TOTAL_BUDGET=${TOTAL_BUDGET:-540}
 DRY_RUN=${DRY_RUN:-0}
 export PYTHONUNBUFFERED=1 PY DRY_RUN
 unset TRITON_INTERPRET  # real kernels on the GPU, never the interpreter
+if compgen -G "benchmarks/wheels/*.whl" >/dev/null && [[ $DRY_RUN != 1 ]]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    benchmarks/wheels/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 : >"$SUMMARY"
 
 elapsed() { echo $(($(date +%s) - START)); }
@@ -193,10 +203,35 @@ run_tests() {
     "$(grep -c ^SKIPPED "$OUT/test_outcomes.txt") skipped, $(grep -c ^ERROR "$OUT/test_outcomes.txt") errors"
 }
 
+extra_reserve() {
+  local total=0 item
+  for item in ${EXTRA_BENCH:-}; do total=$((total + ${item#*:})); done
+  echo $total
+}
+
+run_extra_bench() {
+  [[ ${SKIP_BENCH:-0} == 1 ]] && return 0
+  local item name limit
+  for item in ${EXTRA_BENCH:-}; do
+    name=${item%%:*}
+    limit=${item#*:}
+    local args=()
+    case $name in
+      auto) args=(--quick) ;;
+      diffusers) args=() ;;
+      parallel) args=(--quick --json "$RESULTS/parallel_plan_bench.json") ;;
+      *) note "extra bench $name: unknown (auto, diffusers, parallel)"; continue ;;
+    esac
+    note "extra bench: benchmarks.bench_$name"
+    DIT_FAST_RESULTS_DIR="$RESULTS" stage bench "$limit" 0 "$PY" -m "benchmarks.bench_$name" ${args[@]+"${args[@]}"}
+  done
+  pack
+}
+
 run_bench() {
   [[ ${SKIP_BENCH:-0} == 1 ]] && return 0
-  local reserve=25
-  [[ ${BENCH_FIRST:-0} == 1 && ${SKIP_TESTS:-0} != 1 ]] && reserve=$((25 + ${TEST_TIMEOUT:-300}))
+  local reserve=$((25 + $(extra_reserve)))
+  [[ ${BENCH_FIRST:-0} == 1 && ${SKIP_TESTS:-0} != 1 ]] && reserve=$((reserve + ${TEST_TIMEOUT:-300}))
   BENCH_LIMIT=$(($(left) - reserve))
   QUICK=--quick
   [[ ${BENCH_FULL:-0} == 1 ]] && QUICK=
@@ -213,10 +248,12 @@ stage env 60 1 env_report
 [[ ${SKIP_BUILD:-0} == 1 ]] || stage build "${BUILD_TIMEOUT:-240}" 1 build
 if [[ ${BENCH_FIRST:-0} == 1 ]]; then
   run_bench
+  run_extra_bench
   run_tests
 else
   run_tests
   run_bench
+  run_extra_bench
 fi
 [[ ${TUNE_ADALN:-0} == 1 ]] && stage bench "${TUNE_TIMEOUT:-150}" 0 "$PY" -m benchmarks.tune_adaln
 pack
