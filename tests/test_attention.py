@@ -165,6 +165,37 @@ def test_cross_attention_without_mask_and_custom_scale():
     _check_against_reference(fn, inputs, torch.float32)
 
 
+# ---- per-head key padding masks (B, heads, Sk): the same kernels, the mask's head stride ------------
+
+PER_HEAD_CASES = [(72, F32, True), (72, BF16, False), (64, BF16, True), (64, F32, False)]
+
+
+@pytest.mark.parametrize("D,dtype,deterministic", PER_HEAD_CASES,
+                         ids=lambda x: {True: "det", False: "atomic"}.get(x, str(x).split(".")[-1]))
+def test_per_head_key_padding_mask_matches_reference(D, dtype, deterministic):
+    """A different mask in each of 3 heads, Sq = 20 != Sk = 29 (partial 16-token tiles), NaN / inf in
+    every key and value row its own head masks, sample 0's head 1 with no visible key: forward, lse and
+    dq / dk / dv against the reference, both backwards."""
+    B, Sq, Sk, heads = 2, 20, 29, 3
+    mask = torch.rand(B, heads, Sk, device=DEVICE) > 0.5
+    mask[:, :, 0] = True
+    mask[1, 2] = ~mask[1, 0]  # sample 1: head 2 sees exactly the keys head 0 does not
+    mask[1, 2, Sk - 1] = True
+    mask[0, 1] = False  # sample 0, head 1: no visible key: zeros, lse -inf, zero gradients
+    hidden = ~mask.transpose(1, 2)  # (B, Sk, heads)
+    q, k, v = _qkv(B, Sq, Sk, heads, D, torch.float32)
+    k[hidden], v[hidden] = float("nan"), float("inf")  # each head's masked keys must not reach anything
+
+    def fn(q, k, v, backend):
+        return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend,
+                             deterministic=deterministic)
+
+    out, lse, dq, dk, dv = _check_against_reference(fn, (q, k, v), dtype)
+    assert (out[0, :, 1] == 0).all() and (dq[0, :, 1] == 0).all() and torch.isneginf(lse[0, 1]).all()
+    assert (dk[hidden] == 0).all() and (dv[hidden] == 0).all()
+    assert lse[0, 0].isfinite().all() and lse[0, 2].isfinite().all()
+
+
 @pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 def test_backward_reproducibility(deterministic):
     """The deterministic backward gives bitwise the same gradients on every run (the trainer's exact
@@ -201,7 +232,8 @@ def test_backward_choice_from_the_environment(monkeypatch):
 
 # The TMA forward (Triton's interpreter emulates the descriptors): every mode it takes, the tiles loaded
 # through descriptors (counted), the warp-specialized loop without a padding mask, the other with one.
-TMA_CASES = [("full", 72, BF16), ("spatial", 40, F16), ("temporal", 128, BF16), ("cross", 72, F16)]
+TMA_CASES = [("full", 72, BF16), ("spatial", 40, F16), ("temporal", 128, BF16), ("cross", 72, F16),
+             ("cross_per_head", 64, BF16)]
 
 
 @pytest.mark.skipif(HAS_GPU, reason="counts the interpreter's calls of the TMA load helper; on a GPU "
@@ -209,10 +241,11 @@ TMA_CASES = [("full", 72, BF16), ("spatial", 40, F16), ("temporal", 128, BF16), 
 @pytest.mark.parametrize("mode,D,dtype", TMA_CASES, ids=lambda x: str(x).split(".")[-1])
 def test_tma_forward_matches_reference(monkeypatch, mode, D, dtype):
     counters = _count_calls(monkeypatch, ("_load_chunks_tma",))
-    if mode == "cross":
-        q, k, v = _qkv(2, 20, 29, 1, D, dtype)
-        mask = torch.rand(2, 29, device=DEVICE) > 0.4
-        mask[:, 0] = True
+    if mode.startswith("cross"):
+        heads = 3 if mode == "cross_per_head" else 1
+        q, k, v = _qkv(2, 20, 29, heads, D, dtype)
+        mask = torch.rand((2, heads, 29) if heads > 1 else (2, 29), device=DEVICE) > 0.4  # per head, or (B, Sk)
+        mask[..., 0] = True
 
         def fn(q, k, v, backend, tma):
             return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend, tma=tma)
@@ -373,6 +406,15 @@ def test_opcheck_forward_and_backward():
     # the kernel options: the one-pass backward, through the forward op's autograd and the backward op
     torch.library.opcheck(torch.ops.dit_fast.attention_fwd.default, fwd_args + (False, None))
     torch.library.opcheck(torch.ops.dit_fast.attention_bwd.default, bwd_args + (False,))
+    # a per-head key padding mask (B, heads, Sk), cross attention
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 9, 12, 2, 16, torch.float32))
+    head_mask = torch.tensor([[[True] * 10 + [False] * 2, [False] * 3 + [True] * 9]], device=DEVICE)
+    head_args = (q, k, v, head_mask, [], "full", [], [], 0.0, [], 0.25, "triton")
+    torch.library.opcheck(torch.ops.dit_fast.attention_fwd.default, head_args)
+    out, lse = torch.ops.dit_fast.attention_fwd(*head_args)
+    torch.library.opcheck(torch.ops.dit_fast.attention_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, head_mask,
+                           [], "full", [], [], 0.0, [], 0.25, "triton"))
 
 
 def test_torch_compile_fullgraph_module():
@@ -426,6 +468,8 @@ def test_bad_input_raises_clear_errors():
          lambda: ops.attention(q, k, v, key_padding_mask=mask[:, :50]))
     _bad(TypeError, "key_padding_mask must be a bool tensor",
          lambda: ops.attention(q, k, v, key_padding_mask=mask.float()))
+    _bad(ValueError, r"or per head \(B, heads, Sk\) = \(1, 2, 105\) .* got \(1, 3, 105\)",
+         lambda: ops.attention(q, k, v, key_padding_mask=mask[:, None].expand(1, 3, 105)))
     _bad(ValueError, "unknown backend", lambda: ops.attention(q, k, v, backend="cudnn"))
     _bad(TypeError, "deterministic must be True, False or None", lambda: ops.attention(q, k, v, deterministic=1))
     _bad(TypeError, "tma must be True, False or None", lambda: st(q, k, v, grid, tma="yes"))

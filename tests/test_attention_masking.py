@@ -1,7 +1,7 @@
 """Masked keys never leak into the kernels' results, and tile windows never cost more than needed.
 
-NaN and inf planted in keys and values that a mask hides (key padding, another frame, another column,
-outside a window or a tile window) must change nothing that cannot see them: outputs, lse and every
+NaN and inf planted in keys and values that a mask hides (key padding, per-head key padding, another
+frame, another column, outside a window or a tile window) must change nothing that cannot see them: outputs, lse and every
 gradient equal the clean run's bit for bit, on the Triton kernels (the CPU interpreter here) and on the
 reference. Queries that can see a poisoned key do not return a finite row. Tiny fp32 shapes with partial 16-token tiles.
 """
@@ -94,6 +94,43 @@ def test_masked_keys_never_leak(case, backend):
         assert (~seen.isfinite()).any(1).all(), "a query that sees a non-finite key must not return a finite row"
     # gradients of keys no query sees at all (padding) are zero, whatever their values
     hidden = ~visible.any(1)  # (B, Sk)
+    assert (dirty[3][hidden] == 0).all() and (dirty[4][hidden] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-atomic", "torch"])
+def test_per_head_masked_keys_never_leak(backend):
+    """A per-head key padding mask (B, heads, Sk): NaN / inf in every key and value row its head masks,
+    among them a key one head masks and another sees, whose copy in the seeing head is poisoned too. Every
+    head but that one returns bit for bit the clean run's outputs, lse and gradients; that head's queries
+    return non-finite rows; masked keys get zero gradients."""
+    B, Sq, Sk, heads = 2, 20, 23, 3
+    mask = torch.rand(B, heads, Sk, device=DEVICE) > 0.4
+    mask[:, :, 0] = True
+    mask[0, 0, 5], mask[0, 1, 5] = False, True  # sample 0's key 5: hidden from head 0, seen by head 1
+    mask[1, :, 7] = False  # sample 1's key 7: hidden from every head
+    hidden = ~mask.transpose(1, 2)  # (B, Sk, heads)
+    q, k, v = (torch.randn(B, S, heads, 16, device=DEVICE) for S in (Sq, Sk, Sk))
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[hidden] = float("nan")
+    v_bad[hidden] = float("inf")
+    v_bad[0, 5, 1, 3] = -float("inf")  # the copy head 1 sees
+    deterministic = False if backend == "triton-atomic" else None
+
+    def fn(q, k, v, backend):
+        return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend,
+                             deterministic=deterministic)
+
+    dout = torch.randn_like(q)
+    clean = _run(fn, q, k, v, dout, backend.split("-")[0])
+    dirty = _run(fn, q, k_bad, v_bad, dout, backend.split("-")[0])
+    for b in range(B):
+        for h in range(heads):
+            if (b, h) == (0, 1):
+                continue
+            for name, c, d in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty):
+                c, d = (c[b, h], d[b, h]) if name == "lse" else (c[b, :, h], d[b, :, h])
+                assert torch.equal(c, d), f"{backend}: sample {b} head {h}: {name} differs from the clean run"
+    assert (~dirty[0][0, :, 1].isfinite()).any(-1).all(), "head 1 sees a poisoned value: no finite row"
     assert (dirty[3][hidden] == 0).all() and (dirty[4][hidden] == 0).all()
 
 

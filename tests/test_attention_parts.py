@@ -20,11 +20,11 @@ def _inputs(dtype, masked, B=2, Sq=13, heads=2, D=72):
     Sk = sum(BLOCKS)
     q, k, v = (torch.randn(B, S, heads, D, dtype=torch.float64) for S in (Sq, Sk, Sk))
     mask = None
-    if masked:
-        mask = torch.rand(B, Sk) > 0.3
-        mask[0, :BLOCKS[0]] = False  # sample 0 sees nothing in block 0: lse -inf there, merged from the others
+    if masked:  # True: (B, Sk); "per_head": (B, heads, Sk), a different mask in each head
+        mask = torch.rand((B, heads, Sk) if masked == "per_head" else (B, Sk)) > 0.3
+        mask[0, ..., :BLOCKS[0]] = False  # sample 0 sees nothing in block 0: lse -inf there, merged from the others
         mask[1] = False  # sample 1 sees no key at all: out 0, lse -inf, zero gradients
-        mask[0, -1] = True
+        mask[0, ..., -1] = True
     dout = torch.randn(B, Sq, heads, D, dtype=torch.float64)
     return q, k, v, mask, dout
 
@@ -32,7 +32,7 @@ def _inputs(dtype, masked, B=2, Sq=13, heads=2, D=72):
 def _blocks(t, mask):
     edges = torch.tensor((0,) + BLOCKS).cumsum(0).tolist()
     for lo, hi in zip(edges[:-1], edges[1:]):
-        yield t[:, lo:hi], None if mask is None else mask[:, lo:hi]
+        yield t[:, lo:hi], None if mask is None else mask[..., lo:hi]
 
 
 def _by_blocks(q, k, v, mask, dout, backend, scale=None):
@@ -59,7 +59,7 @@ def _whole(q, k, v, mask, dout, dtype, scale=None):
     return (out, lse, *torch.autograd.grad(out, leaves, dout.to(dtype)))
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padding"])
+@pytest.mark.parametrize("masked", [False, True, "per_head"], ids=["dense", "padding", "per_head"])
 @pytest.mark.parametrize("backend,dtype", PARAMS, ids=[f"{b}-{str(d).split('.')[-1]}" for b, d in PARAMS])
 def test_blocks_merged_equal_whole_attention(backend, dtype, masked):
     q, k, v, mask, dout = _inputs(dtype, masked)

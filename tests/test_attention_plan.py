@@ -134,7 +134,8 @@ def test_candidates_for_each_kind_of_call(auto_on_cpu):
     mask = torch.ones(2, 48, dtype=torch.bool)
     grid = (3, 4, 4)
     cases = {
-        "sdpa": [dict(), dict(key_padding_mask=mask), dict(grid=grid), dict(grid=grid, rope="3d")],
+        "sdpa": [dict(), dict(key_padding_mask=mask), dict(key_padding_mask=mask[:, None].expand(2, 2, 48)),
+                 dict(grid=grid), dict(grid=grid, rope="3d")],
         "sdpa_grouped": [dict(grid=grid, mode="spatial"), dict(grid=grid, mode="temporal")],
         "flex": [dict(grid=grid, window=(2, 2, 3)), dict(grid=grid, window=(2, 4, 4), window_tile=(1, 4, 4)),
                  dict(grid=grid, window=(2, 2, 3), return_lse=True)],  # Flex gives an LSE
@@ -144,6 +145,21 @@ def test_candidates_for_each_kind_of_call(auto_on_cpu):
             grid_arg = kwargs.pop("grid", None)
             plan = ops.attention_plan(q, k, v, grid_arg, **kwargs)
             assert plan.impl == impl and set(plan.times_ms) == {"triton", impl}, (kwargs, plan)
+
+
+@pytest.mark.parametrize("winner", ["triton", "sdpa"])
+def test_per_head_mask_is_its_own_call_class(auto_on_cpu, winner):
+    """A per-head key padding mask (B, heads, Sk) is measured apart from a (B, Sk) one; either winner
+    returns the reference's result."""
+    timer = auto_on_cpu(**{winner: 1.0, ("sdpa" if winner == "triton" else "triton"): 2.0})
+    q, k, v = qkv(S=9, Sk=13, heads=3)
+    head_mask = torch.rand(2, 3, 13) > 0.5
+    head_mask[..., 0] = True
+    out = ops.attention(q, k, v, key_padding_mask=head_mask)
+    ops.attention(q, k, v, key_padding_mask=head_mask[:, 0])
+    assert timer.calls == ["triton", "sdpa"] * 2 and len(P.cached_plans()) == 2
+    torch.testing.assert_close(out, A.attention_reference(q, k, v, mask=head_mask[:, :, None, :]), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_calls_only_our_kernel_can_serve_are_not_timed(auto_on_cpu):
@@ -350,6 +366,26 @@ def test_sdpa_key_padding_hides_nan_and_inf_forward_and_backward():
     none_visible = torch.tensor([[False] * 11, [True] * 11])
     out = P.sdpa(q, k_bad, v_bad, none_visible, P.Call(0.25))
     assert out[0].abs().max() == 0  # a batch without any visible key: zeros
+
+
+def test_sdpa_per_head_key_padding_hides_nan_and_inf_forward_and_backward():
+    """A per-head mask: each head's masked copies of a key are hidden, the copies other heads see are not."""
+    q, k, v = qkv(S=7, Sk=11, heads=3, grad=True)
+    mask = torch.rand(2, 3, 11) > 0.4
+    mask[..., 0] = True
+    mask[1, 2] = False  # sample 1, head 2: no visible key: zeros
+    hidden = ~mask.transpose(1, 2)  # (B, Sk, heads)
+    k_bad = torch.where(hidden[..., None], float("nan"), k.detach()).requires_grad_(True)
+    v_bad = torch.where(hidden[..., None], float("inf"), v.detach()).requires_grad_(True)
+    dout = torch.randn(2, 7, 3, 16)
+    out = P.sdpa(q, k_bad, v_bad, mask, P.Call(0.25))
+    want = A.attention_reference(q, k, v, scale=0.25, mask=mask[:, :, None, :])  # clean inputs
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert out[1, :, 2].abs().max() == 0
+    grads = torch.autograd.grad(out, (q, k_bad, v_bad), dout)
+    assert (grads[1][hidden] == 0).all() and (grads[2][hidden] == 0).all()
+    for g, w in zip(grads, torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("grid, window, window_tile", [

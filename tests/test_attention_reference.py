@@ -14,7 +14,7 @@ def _lse64(q, k, scale, mask):
     return torch.logsumexp(scores, dim=-1)
 
 
-@pytest.mark.parametrize("masked", ["none", "padding", "spatial"])
+@pytest.mark.parametrize("masked", ["none", "padding", "per_head", "spatial"])
 def test_backward_reference_matches_autograd(masked):
     """dq, dk, dv from (out, lse) equal autograd through attention_reference (float64, fresh inputs)."""
     B, heads, D, scale = 2, 3, 24, 0.3
@@ -25,6 +25,9 @@ def test_backward_reference_matches_autograd(masked):
     if masked == "padding":
         mask = (torch.rand(B, 1, 1, Sk) > 0.4)
         mask[1] = False  # sample 1: no visible key at all, zeros and zero gradients
+    elif masked == "per_head":
+        mask = (torch.rand(B, heads, 1, Sk) > 0.4)
+        mask[1, 2] = False  # sample 1, head 2: no visible key
     elif masked == "spatial":
         mask = spacetime_mask(grid, "spatial")
     out = attention_reference(q, k, v, scale=scale, mask=mask)
@@ -38,6 +41,29 @@ def test_backward_reference_matches_autograd(masked):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"d{name}")
     if masked == "padding":
         assert all((g[1] == 0).all() for g in got)
+
+
+def test_per_head_key_padding_mask_is_each_head_on_its_own():
+    """ops.attention(backend="torch") with a per-head mask (B, heads, Sk) equals each head run alone with
+    its own (B, Sk) mask: outputs, lse and gradients (float64)."""
+    from dit_fast import ops
+
+    B, Sq, Sk, heads, D = 2, 7, 11, 3, 16
+    q, k, v = (torch.randn(B, S, heads, D, dtype=torch.float64, requires_grad=True) for S in (Sq, Sk, Sk))
+    mask = torch.rand(B, heads, Sk) > 0.5
+    mask[:, :, 0] = True
+    mask[1, 1] = False  # no visible key in one head
+    dout = torch.randn(B, Sq, heads, D, dtype=torch.float64)
+    out, lse = ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend="torch")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for h in range(heads):
+        one = [t[:, :, h:h + 1].detach().requires_grad_(True) for t in (q, k, v)]
+        o, s = ops.attention(*one, key_padding_mask=mask[:, h], return_lse=True, backend="torch")
+        torch.testing.assert_close(out[:, :, h:h + 1], o)
+        torch.testing.assert_close(lse[:, h:h + 1], s)
+        for g, w in zip(grads, torch.autograd.grad(o, one, dout[:, :, h:h + 1])):
+            torch.testing.assert_close(g[:, :, h:h + 1], w)
+    assert (out[1, :, 1] == 0).all() and torch.isneginf(lse[1, 1]).all()
 
 
 def test_backward_reference_merged_over_key_shards():

@@ -317,18 +317,18 @@ def _common_args(q, k, key_padding_mask, grid, mode, window, window_tile, rope_t
         dt2, dth2 = rope_split[0] // 2, (rope_split[0] + rope_split[1]) // 2
     else:
         rope_table, dt2, dth2 = q.new_empty(0, dtype=torch.float32), 0, 0
-    if key_padding_mask is not None:
+    if key_padding_mask is not None:  # (B, Sk), or per head (B, heads, Sk): head stride 0 for the first
         kpm = _lastdim_contiguous(key_padding_mask).view(torch.uint8)  # bool -> bytes, no copy
-        stride_mb = kpm.stride(0)
+        mask_strides = (kpm.stride(0), kpm.stride(1) if kpm.dim() == 3 else 0)
     else:
-        kpm, stride_mb = q.new_empty(0, dtype=torch.uint8), 0
+        kpm, mask_strides = q.new_empty(0, dtype=torch.uint8), (0, 0)
     scalars = (heads, groups, Sq, lq, lk, group_stride, token_stride, T, H, W, wt, wh, ww, dt2, dth2, D)
     flags = dict(BLOCK_D0=block_d0, BLOCK_D1=block_d1, HAS_ROPE=has_rope, HAS_MASK=key_padding_mask is not None,
                  WINDOW=len(window) == 3 and not tiled, TILED=tiled, TILE_T=tt, TILE_H=th, TILE_W=tw,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  OFFS_64=FORCE_INT64_OFFSETS or _group_extent(tensors, lq, lk, token_stride) >= 2**31,
                  ALIGNED=aligned_16(tensors, D))
-    return kpm, rope_table, stride_mb, scalars, (B * heads * groups, lq, lk), flags
+    return kpm, rope_table, mask_strides, scalars, (B * heads * groups, lq, lk), flags
 
 
 def attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, scale,
@@ -338,7 +338,7 @@ def attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile
     B, Sq, heads, D = q.shape
     out = torch.empty((B, Sq, heads, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, heads, Sq), device=q.device, dtype=torch.float32)
-    kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
+    kpm, rope_table, mask_strides, scalars, (programs, lq, lk), flags = _common_args(
         q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, (q, k, v))
     # TMA where it applies: dense tiles (full, spatial, temporal; not windows, RoPE in the kernel), 16-bit
     # data with 16-byte aligned rows, a Hopper GPU; the warp-specialized loop also needs no padding mask
@@ -352,7 +352,7 @@ def attention_forward(q, k, v, key_padding_mask, grid, mode, window, window_tile
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk), TMA=use_tma,
+        *mask_strides, *scalars, float(scale), _bucket(lq), _bucket(lk), TMA=use_tma,
         WARP_SPECIALIZE=use_tma and not flags["HAS_MASK"], **flags)
     return out, lse
 
@@ -375,11 +375,11 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, wi
     atomic = not deterministic_backward(deterministic)
     # the one-pass backward's fp32 dq sums, (B, Sq, heads, D) like q (its group and tile layout)
     dqa = torch.zeros((B, Sq, heads, D) if atomic else (0, 0, 0, 0), device=q.device, dtype=torch.float32)
-    kpm, rope_table, stride_mb, scalars, (programs, lq, lk), flags = _common_args(
+    kpm, rope_table, mask_strides, scalars, (programs, lq, lk), flags = _common_args(
         q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, (q, k, v, dout))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    tail = (stride_mb, *scalars, float(scale), _bucket(lq), _bucket(lk))
+    tail = (*mask_strides, *scalars, float(scale), _bucket(lq), _bucket(lk))
     dkdv_flags = dict(flags)
     if atomic:
         dkdv_flags["BLOCK_D0"], dkdv_flags["BLOCK_D1"] = head_chunks(D, halves=True)

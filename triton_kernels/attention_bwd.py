@@ -144,7 +144,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dqab, stride_dqas, stride_dqah,
-    stride_mb,
+    stride_mb, stride_mh,  # key padding mask batch and head strides (0: one mask for every head)
     HEADS, GROUPS, SQ, LQ, LK, GROUP_STRIDE, TOKEN_STRIDE,
     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
     D: tl.constexpr, sm_scale, LQ_BUCKET, LK_BUCKET,
@@ -178,7 +178,7 @@ def _attn_bwd_dkdv_kernel(
                                            ALIGNED)
     kpm_k = valid_k
     if HAS_MASK:
-        kpm_k = tl.load(KPM_ptr + b * stride_mb + tok_k, mask=valid_k, other=0) != 0
+        kpm_k = tl.load(KPM_ptr + b * stride_mb + h * stride_mh + tok_k, mask=valid_k, other=0) != 0
     if DQ_ATOMIC and (HAS_MASK or WINDOW):
         # dq's share ds k meets every owned key, hidden or not: a hidden key's row must not bring 0 * NaN
         # through dp = v dO^T or ds k (the deterministic kernel needs no such select: a hidden key's own
@@ -303,7 +303,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
-    stride_mb,
+    stride_mb, stride_mh,  # key padding mask batch and head strides (0: one mask for every head)
     HEADS, GROUPS, SQ, LQ, LK, GROUP_STRIDE, TOKEN_STRIDE,
     GRID_T, GRID_H, GRID_W, WIN_T, WIN_H, WIN_W, ROPE_DT2, ROPE_DTH2,
     D: tl.constexpr, sm_scale, LQ_BUCKET, LK_BUCKET,
@@ -341,7 +341,7 @@ def _attn_bwd_dq_kernel(
         delta = _seen_delta(delta, lse)
     k_base = K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
     v_base = V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
-    kpm_base = KPM_ptr + b * stride_mb
+    kpm_base = KPM_ptr + b * stride_mb + h * stride_mh
     qk_scale = sm_scale * 1.4426950408889634
 
     dq0 = tl.zeros((BLOCK_M, BLOCK_D0), dtype=tl.float32)

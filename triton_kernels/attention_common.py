@@ -37,7 +37,9 @@ Masking modes, all served by the same three kernels:
             is a compile-time constant (one compile per tile shape): the token gather then divides
             by constants (sm_90a, D = 128: forward 222 registers instead of 254, no spills at 64 x 64;
             benchmarks/kernel_resources.py --variants tiled).
-  HAS_MASK  boolean key padding mask (B, Sk); a query with no visible key returns zeros (lse = -inf).
+  HAS_MASK  boolean key padding mask, (B, Sk) or per head (B, heads, Sk): one pointer with a head stride
+            (0 for (B, Sk)), so both are the same compiled kernel; a query with no visible key returns
+            zeros (lse = -inf).
   HAS_ROPE  3D rotary embedding of q and k inside the kernels (dit_fast/ops/rope.py's convention:
             interleaved pairs, pair j of axis a rotated by pos_a * theta^(-2i / d_a), cos and sin gathered
             from a small per-position table instead of computed per tile). Tiles are rotated

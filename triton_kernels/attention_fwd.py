@@ -67,13 +67,13 @@ def _attn_fwd_kernel(
     V_ptr,  # values, (B, Sk, heads, D)
     O_ptr,  # out: (B, Sq, heads, D)
     LSE_ptr,  # out: natural-log logsumexp of the scaled scores, (B, heads, Sq) fp32
-    KPM_ptr,  # key padding mask, (B, Sk) uint8, nonzero = attend  [HAS_MASK]
+    KPM_ptr,  # key padding mask, (B, Sk) or per head (B, heads, Sk) uint8, nonzero = attend  [HAS_MASK]
     ROPE_ptr,  # RoPE cos / sin table, (max(T, H, W), 2, D / 2) fp32, from rope_tables  [HAS_ROPE]
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    stride_mb,  # key padding mask batch stride
+    stride_mb, stride_mh,  # key padding mask batch and head strides (0: one mask for every head)
     HEADS, GROUPS,  # groups: frames (spatial), columns (temporal), 1 otherwise
     SQ,  # total query tokens (LSE row length)
     LQ, LK,  # query / key positions per group: tokens, or (TILED) tiles x tokens per tile, holes included
@@ -123,7 +123,7 @@ def _attn_fwd_kernel(
         r0, r1 = _rotate_chunks(q0, q1, tok_q, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D0,
                                 BLOCK_D1, False)
         q0, q1 = _cast_chunks(r0, r1, q0, BLOCK_D1)
-    kpm_base = KPM_ptr + b * stride_mb
+    kpm_base = KPM_ptr + b * stride_mb + h * stride_mh
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 is the native instruction
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)

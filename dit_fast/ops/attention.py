@@ -1,6 +1,7 @@
 """Attention over video tokens: reference, input checks, torch.library registration, public functions.
 
-    attention(q, k, v, key_padding_mask=...)            dense self / cross attention (Sq != Sk)
+    attention(q, k, v, key_padding_mask=...)            dense self / cross attention (Sq != Sk); the mask
+                                                        (B, Sk), or per head (B, heads, Sk)
     spacetime_attention(q, k, v, grid, mode=..., window=..., window_tile=..., rope=...)
         mode="full"      every token attends to every token of the video
         mode="spatial"   each token attends within its own frame
@@ -220,18 +221,30 @@ def _check_scale(scale, head_dim):
 
 
 def _check_key_padding_mask(mask, q, k):
+    """The key padding mask as given: None, bool (B, Sk), or bool per head (B, heads, Sk)."""
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
         raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be a bool tensor (True = attend), got {mask.dtype}")
-    if mask.shape != (k.shape[0], k.shape[1]):
-        raise ValueError(f"key_padding_mask must be (B, Sk) = ({k.shape[0]}, {k.shape[1]}) for k {tuple(k.shape)}, "
-                         f"got {tuple(mask.shape)}")
+    B, Sk, heads = k.shape[0], k.shape[1], k.shape[2]
+    if mask.shape != (B, Sk) and mask.shape != (B, heads, Sk):
+        raise ValueError(f"key_padding_mask must be (B, Sk) = ({B}, {Sk}) or per head (B, heads, Sk) = "
+                         f"({B}, {heads}, {Sk}) for k {tuple(k.shape)}, got {tuple(mask.shape)}")
     if mask.device != q.device:
         raise ValueError(f"key_padding_mask is on {mask.device} but q is on {q.device}")
     return mask
+
+
+def reference_mask(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A key padding mask, (B, Sk) or per head (B, heads, Sk), as attention_reference's mask:
+    (B, 1, 1, Sk) or (B, heads, 1, Sk), broadcast over the queries (and the heads)."""
+    if key_padding_mask is None:
+        return None
+    if key_padding_mask.dim() == 2:
+        return key_padding_mask[:, None, None, :]
+    return key_padding_mask[:, :, None, :]
 
 
 def _check_grid(grid, q, k):
@@ -387,11 +400,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     """Dense attention ``softmax(scale * q k^T) v``, self or cross (Sq != Sk), in flash-attn's layout.
 
     q: (B, Sq, heads, D); k, v: (B, Sk, heads, D); D a multiple of 8 up to 256; scale defaults to
-    1 / sqrt(D). key_padding_mask: optional bool (B, Sk), True = attend; a query whose keys are all
-    masked returns zeros. With return_lse, also returns the (non-differentiable) log-sum-exp of the
-    scaled, masked scores, (B, heads, Sq) fp32 (-inf for a fully masked row). A masked key influences
-    nothing, whatever its values (NaN, inf); a query that sees a non-finite key or value gets a
-    non-finite row.
+    1 / sqrt(D). key_padding_mask: optional bool, True = attend: (B, Sk) for every head, or per head
+    (B, heads, Sk) (the same kernels: the mask's head stride is 0 for the first); a query whose keys
+    are all masked (in its head) returns zeros. With return_lse, also returns the (non-differentiable)
+    log-sum-exp of the scaled, masked scores, (B, heads, Sq) fp32 (-inf for a fully masked row). A
+    masked key influences nothing, whatever its values (NaN, inf); a query that sees a non-finite key
+    or value gets a non-finite row.
 
     Kernel options (backend="triton"; None reads the environment, opt-in until a GPU run has passed):
     deterministic: True (default) the two-kernel backward, bitwise reproducible; False the one-pass
@@ -405,8 +419,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     _check_kernel_options(deterministic, tma)
     name = _resolve(backend, q)
     if name == "torch":
-        full_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Sk)
-        return attention_reference(q, k, v, scale=scale, mask=full_mask, return_lse=return_lse)
+        return attention_reference(q, k, v, scale=scale, mask=reference_mask(mask), return_lse=return_lse)
     if name == "auto":  # our kernel or torch's best for this call class, measured once (attention_plan.py)
         options = deterministic is not None or tma is not None  # options of our kernel: then it runs
         name, result = _auto_plan(q, k, v, mask, _PlanCall(scale, bool(return_lse), kernel_options=options))

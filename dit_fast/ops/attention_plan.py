@@ -17,8 +17,9 @@ winner:
     "reference"     attention_reference (CPU, float64)
 
 A call class (the cache key) is: device, dtype, head dim, the power-of-two classes of B * heads, Sq and
-Sk, key padding or not, the grid, mode, window and tile exactly, return_lse, rope_in_kernel, and
-whether gradients are needed (then forward + backward is timed, else the forward).
+Sk, the key padding mask (none, (B, Sk) or per head), the grid, mode, window and tile exactly,
+return_lse, rope_in_kernel, and whether gradients are needed (then forward + backward is timed, else
+the forward).
 
 Consistency: the winner runs as ordinary PyTorch code, so autograd differentiates whichever forward
 ran (SDPA's or Flex's backward, or our registered one). With return_lse=True SDPA is not a candidate
@@ -88,7 +89,8 @@ class AttentionPlan:
 
 
 # ---------------------------------------------------------------------------------------------
-# torch's candidates. Each takes (q, k, v) (B, S, heads, D), the key padding mask (B, Sk) or None,
+# torch's candidates. Each takes (q, k, v) (B, S, heads, D), the key padding mask (B, Sk), per head
+# (B, heads, Sk), or None,
 # and the Call; returns out (B, Sq, heads, D), or (out, lse (B, heads, Sq) fp32) with return_lse.
 # ---------------------------------------------------------------------------------------------
 
@@ -98,17 +100,19 @@ def _heads_first(t: Tensor) -> Tensor:
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) -> Tensor:
-    """Dense attention through SDPA's dispatch. With key padding the masked key rows are zeroed first
-    (SDPA's math path adds -inf to a NaN score: NaN; and 0 * NaN is NaN), and a query of a batch
-    without any visible key gets zeros, as in attention_reference and our kernel."""
+    """Dense attention through SDPA's dispatch. With key padding ((B, Sk), or per head (B, heads, Sk))
+    the masked key rows are zeroed first (SDPA's math path adds -inf to a NaN score: NaN; and 0 * NaN
+    is NaN), and a query of a batch (and head) without any visible key gets zeros, as in
+    attention_reference and our kernel."""
     if mask is None:
         out = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), scale=call.scale)
         return out.transpose(1, 2)
-    hide = ~mask[:, :, None, None]  # (B, Sk, 1, 1)
+    per_head = mask if mask.dim() == 3 else mask[:, None, :]  # (B, heads or 1, Sk)
+    hide = ~per_head.transpose(1, 2)[..., None]  # (B, Sk, heads or 1, 1)
     zero = torch.zeros((), dtype=k.dtype, device=k.device)
     k, v = torch.where(hide, zero, k), torch.where(hide, zero, v)
-    has_key = mask.any(-1)[:, None, None, None]  # (B, 1, 1, 1)
-    attn_mask = mask[:, None, None, :] | ~has_key  # (B, 1, 1, Sk); no key: attend to the zeros, then zero
+    has_key = per_head.any(-1)[:, :, None, None]  # (B, heads or 1, 1, 1)
+    attn_mask = per_head[:, :, None, :] | ~has_key  # (B, heads or 1, 1, Sk); no key: attend to zeros, then zero
     out = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), attn_mask=attn_mask,
                                          scale=call.scale)  # (B, heads, Sq, D)
     out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
@@ -321,7 +325,8 @@ def call_class(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Ca
     B, Sq, heads, D = q.shape
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     sizes = (_backend.shape_class(B * heads), _backend.shape_class(Sq), _backend.shape_class(k.shape[1]))
-    return ((str(q.device), str(q.dtype), _backend.exact_int(D)) + sizes + (mask is not None,) + tuple(call[2:])
+    masked = 0 if mask is None else mask.dim()  # 2: key padding, 3: per head
+    return ((str(q.device), str(q.dtype), _backend.exact_int(D)) + sizes + (masked,) + tuple(call[2:])
             + (call.return_lse, needs_grad))
 
 

@@ -16,9 +16,10 @@ the full softmax): dV_a = P_a^T dO, dS_a = P_a * (dO V_a^T - rowsum(dO * out)), 
 dK_a = scale dS_a^T Q. So ring attention never stores the per-block partials.
 
 Layout as dit_fast.ops.attention: q (B, Sq, heads, D); k, v (B, Sk, heads, D); lse (B, heads, Sq)
-fp32, natural log. key_padding_mask: optional bool (B, Sk), True = attend. A query with no visible
-key in a block gets out 0 and lse -inf there, and merges as if the block were absent. A masked key
-has no influence, whatever its values (NaN, inf): the references and the kernels both hide them.
+fp32, natural log. key_padding_mask: optional bool (B, Sk), or per head (B, heads, Sk), True = attend.
+A query with no visible key in a block gets out 0 and lse -inf there, and merges as if the block were
+absent. A masked key has no influence, whatever its values (NaN, inf): the references and the kernels
+both hide them.
 
 These functions are not differentiable (they run under no_grad): autograd Functions built on them
 (dit_fast/parallel/sequence.py's ring attention) call the backward themselves. backend: "torch" runs
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from dit_fast.ops.attention import (_check_key_padding_mask, _check_qkv, _check_scale, _resolve,
-                                    attention_backward_reference, attention_reference)
+                                    attention_backward_reference, attention_reference, reference_mask)
 
 
 def _check_out_lse(name_out, out, name_lse, lse, q):
@@ -61,8 +62,7 @@ def attention_block_forward(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask
     mask = _check_key_padding_mask(key_padding_mask, q, k)
     name = _resolve(backend, q)
     if name == "torch":
-        full_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Sk)
-        return attention_reference(q, k, v, scale=scale, mask=full_mask, return_lse=True)
+        return attention_reference(q, k, v, scale=scale, mask=reference_mask(mask), return_lse=True)
     return torch.ops.dit_fast.attention_fwd(q, k, v, mask, [], "full", [], [], 0.0, [], scale, name)
 
 
@@ -85,8 +85,7 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
     mask = _check_key_padding_mask(key_padding_mask, q, k)
     name = _resolve(backend, q)
     if name == "torch":
-        full_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Sk)
-        return attention_backward_reference(q, k, v, out, lse, dout, scale=scale, mask=full_mask)
+        return attention_backward_reference(q, k, v, out, lse, dout, scale=scale, mask=reference_mask(mask))
     out, dout = out.to(q.dtype), dout.to(q.dtype)
     return torch.ops.dit_fast.attention_bwd(dout, q, k, v, out, lse, mask, [], "full", [], [], 0.0, [], scale,
                                             name)
