@@ -13,6 +13,8 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
+import types
 import warnings
 
 import pytest
@@ -363,7 +365,21 @@ MASKS = {
     "LTX additive (B, heads, 1, Sk)": lambda: ((1 - _padding().float()) * -10000.0)[:, None, None].repeat(1, 3, 1, 1),
     "bf16-rounded -9984": lambda: ((1 - _padding().float()) * -9984.0)[:, None, None, :],
     "bool broadcast over batch (1, 1, Sq, Sk)": lambda: _padding()[1][None, None, None, :].expand(1, 1, 37, 19),
+    # per head: (B, heads, Sk) to the kernels
+    "bool per head (B, heads, 1, Sk)": lambda: _per_head()[:, :, None, :],
+    "additive per head (B, heads, 1, Sk)": lambda: ((1 - _per_head().float()) * -10000.0)[:, :, None, :],
+    "bool per head, constant over queries (B, heads, Sq, Sk)": lambda: _per_head()[:, :, None, :].expand(2, 3, 37, 19),
 }
+PER_HEAD_MASKS = [name for name in MASKS if "per head" in name]
+
+
+def _per_head(sk=19):
+    """(2, 3, Sk) bool: a different key padding in each head, every head with a visible key."""
+    keep = torch.rand(2, 3, sk, generator=torch.Generator().manual_seed(4)) > 0.4
+    keep[..., 0] = True
+    keep[1, 2] = ~keep[1, 0]
+    keep[1, 2, -1] = True
+    return keep
 
 
 @pytest.mark.parametrize("mask", list(MASKS))
@@ -372,10 +388,15 @@ def test_backend_key_padding_masks_run_on_dit_fast(mask, backend, monkeypatch):
     q, k, v = (t.to(KERNEL_DEVICE if backend == "triton" else "cpu") for t in _qkv())
     m = MASKS[mask]().to(q.device)
     calls = Calls(monkeypatch)
+    given = []  # the key padding masks our kernels got
+    counted = dd_backend.attention
+    monkeypatch.setattr(dd_backend, "attention",
+                        lambda *a, **kw: given.append(kw["key_padding_mask"]) or counted(*a, **kw))
     with dit_fast.use_backend(backend), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         out = dd.dit_fast_attention(q, k, v, attn_mask=m)
     assert calls.counts == {"attention": 1}
+    assert given[0].shape == ((2, 3, 19) if mask in PER_HEAD_MASKS else (2, 19))  # per head only when it must be
     native_mask = m[:, None, None, :] if m.dim() == 2 else m
     assert rel_err(out, _sdpa(q, k, v, native_mask)) <= 1e-5
 
@@ -393,20 +414,31 @@ def test_backend_return_lse_in_diffusers_layout(backend):
     assert rel_err(out, _sdpa(q, k, v, mask, scale=0.3)) <= 1e-5
 
 
-FALLBACKS = {  # reason (in the warning) -> call
-    "dropout_p": lambda q, k, v: dict(dropout_p=0.5),
-    "is_causal": lambda q, k, v: dict(is_causal=True),
-    "additive biases": lambda q, k, v: dict(attn_mask=torch.randn(2, 1, q.shape[1], k.shape[1])),
-    "per-head mask": lambda q, k, v: dict(attn_mask=torch.rand(2, 3, 1, k.shape[1]) > 0.3),
-    "per-query mask": lambda q, k, v: dict(attn_mask=torch.rand(2, 1, q.shape[1], k.shape[1]) > 0.3),
-    "every key masked": lambda q, k, v: dict(attn_mask=torch.zeros(2, 1, 1, k.shape[1], dtype=torch.bool)),
+def _no_key_in_one_head(q, k, v):
+    keep = _per_head(k.shape[1])
+    keep[0, 1] = False  # sample 0, head 1: every key masked
+    return dict(attn_mask=keep[:, :, None, :])
+
+
+FALLBACKS = {  # case -> (reason in the warning, call)
+    "dropout_p": ("dropout_p", lambda q, k, v: dict(dropout_p=0.5)),
+    "is_causal": ("is_causal", lambda q, k, v: dict(is_causal=True)),
+    "additive biases": ("additive biases", lambda q, k, v: dict(attn_mask=torch.randn(2, 1, q.shape[1], k.shape[1]))),
+    "per-query mask": ("per-query mask",
+                       lambda q, k, v: dict(attn_mask=torch.rand(2, 1, q.shape[1], k.shape[1]) > 0.3)),
+    "per-head per-query mask": ("per-query mask",
+                                lambda q, k, v: dict(attn_mask=torch.rand(2, 3, q.shape[1], k.shape[1]) > 0.3)),
+    "every key masked": ("every key masked",
+                         lambda q, k, v: dict(attn_mask=torch.zeros(2, 1, 1, k.shape[1], dtype=torch.bool))),
+    "every key masked in one head": ("every key masked", _no_key_in_one_head),
 }
 
 
-@pytest.mark.parametrize("reason", list(FALLBACKS))
-def test_backend_falls_back_with_one_warning(reason, monkeypatch):
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_backend_falls_back_with_one_warning(case, monkeypatch):
     q, k, v = _qkv()
-    kwargs = FALLBACKS[reason](q, k, v)
+    reason, make = FALLBACKS[case]
+    kwargs = make(q, k, v)
     calls = Calls(monkeypatch)
     monkeypatch.setattr(dd_backend, "_warned", set())
     for attempt in range(2):
@@ -424,6 +456,91 @@ def test_backend_falls_back_with_one_warning(reason, monkeypatch):
     expected = _sdpa(q, k, v, kwargs.get("attn_mask"), dropout_p=kwargs.get("dropout_p", 0.0),
                      is_causal=kwargs.get("is_causal", False))
     torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
+
+
+class _ThreadRanks:
+    """The torch.distributed calls the backend makes, for `world` threads of this process, one rank each:
+    collectives exchange tensors through a shared table between barriers (with a timeout: no hang)."""
+
+    ReduceOp = torch.distributed.ReduceOp
+
+    def __init__(self, world):
+        self.world, self.local = world, threading.local()
+        self.barrier, self.table = threading.Barrier(world, timeout=60), {}
+
+    def get_rank(self, group=None):
+        return self.local.rank
+
+    def get_world_size(self, group=None):
+        return self.world
+
+    def _exchange(self, x):
+        self.barrier.wait()
+        self.table[self.local.rank] = x.detach().clone()
+        self.barrier.wait()
+        every = [self.table[r] for r in range(self.world)]
+        self.barrier.wait()
+        return every
+
+    def all_gather(self, parts, x, group=None):
+        for part, got in zip(parts, self._exchange(x)):
+            part.copy_(got)
+
+    def all_reduce(self, x, op=torch.distributed.ReduceOp.SUM, group=None):
+        every = torch.stack(self._exchange(x))
+        x.copy_(every.amin(0) if op == torch.distributed.ReduceOp.MIN else every.sum(0))
+
+
+def test_per_head_mask_under_context_parallelism(monkeypatch):
+    """Under context parallelism (2 ranks, threads here) a per-head mask gathers the keys: each rank attends
+    with its own queries to every key, on the kernels' path, forward and backward equal to one process.
+    Rank 0's shard of the mask is the same in every head, rank 1's is not: the ranks agree (one
+    all-reduce) on the per-head mask."""
+    world, sq, sk = 2, 10, 22
+    (q, k, v), mask = _qkv(sq=world * sq, sk=sk), _per_head(sk)
+    mask[:, 1:, :sk // 2] = mask[:, :1, :sk // 2]
+    assert not torch.equal(mask[:, 1], mask[:, 0])
+    weights = torch.randn(2, world * sq, 3, 24)
+    fake = _ThreadRanks(world)
+    monkeypatch.setattr(dd_backend, "dist", fake)
+    calls = Calls(monkeypatch)
+    gathered = []
+    monkeypatch.setattr(dd_backend, "_gathered_keys_attention",
+                        lambda *a, _fn=dd_backend._gathered_keys_attention: gathered.append(a[3].shape) or _fn(*a))
+    cp = types.SimpleNamespace(ring_degree=1, ulysses_degree=world,
+                               _flattened_mesh=types.SimpleNamespace(get_group=lambda: "cp group"))
+    config = types.SimpleNamespace(context_parallel_config=cp)
+    results, errors = {}, []
+
+    def rank(r):
+        try:
+            fake.local.rank = r
+            shard = [t[:, r * n:(r + 1) * n].clone().requires_grad_(True) for t, n in ((q, sq), (k, sk // 2),
+                                                                                        (v, sk // 2))]
+            local_mask = mask[:, :, None, r * (sk // 2):(r + 1) * (sk // 2)]  # (B, heads, 1, Sk / 2)
+            with dit_fast.use_backend("torch"), warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                out = dd.dit_fast_attention(*shard, attn_mask=local_mask, _parallel_config=config)
+            (out * weights[:, r * sq:(r + 1) * sq]).sum().backward()
+            results[r] = (out.detach(), *(t.grad for t in shard))
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+            fake.barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    assert calls.counts == {"attention": world} and gathered == [(2, 3, sk // 2)] * world
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want = _sdpa(*leaves, mask[:, :, None, :])
+    (want * weights).sum().backward()
+    got = [torch.cat([results[r][i] for r in range(world)], 1) for i in range(4)]
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, (want, *(t.grad for t in leaves))):
+        assert rel_err(g, w) <= 1e-5, name
 
 
 def test_backend_falls_back_for_gqa_head_dim_and_float64(monkeypatch):

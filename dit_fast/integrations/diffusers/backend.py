@@ -8,19 +8,21 @@ member ``DIT_FAST = "dit_fast"`` to it (idempotent) and registers ``dit_fast_att
 What runs on dit_fast.ops.attention (any head count, head dim a multiple of 8 in [16, 256], short
 cross-attention keys, fp32 / fp16 / bf16):
   * no mask, or a mask that is a key-padding mask: bool (True = attend), or float with only 0
-    (attend) and <= -9000 (masked: LTX's -10000) entries, constant over heads and queries, every
-    query with at least one visible key. The masked keys' float weights, exp(<= -9000 + score
+    (attend) and <= -9000 (masked: LTX's -10000) entries, constant over queries, the same for every
+    head ((B, Sk) to the kernels) or per head ((B, heads, Sk): LTX's (B, heads, 1, Sk)), every query
+    with at least one visible key in its head. The masked keys' float weights, exp(<= -9000 + score
     spread), are exactly 0 in fp32, so the result is the same as the additive mask's;
   * ``return_lse``: the log-sum-exp in diffusers' layout (B, Sq, heads), fp32;
   * context parallelism: self-attention through diffusers' Ulysses / ring / unified templates, with
     forward / backward ops on dit_fast.parallel.attention_parts (LSE-carrying blocks). Sharded
-    cross-attention keys (LTX's text) and masked ring attention are gathered over the CP mesh
-    instead, each rank attending with its own queries: diffusers' Ulysses backward assumes as many
-    keys as queries, and its ring merge turns a fully masked first block into a NaN LSE. Mask checks
-    are combined over the mesh (one all-reduce), so every rank takes the same path.
-Everything else (dropout, causal, grouped-query heads, float biases, per-head or per-query masks,
-rows with no visible key, float64, other head dims) runs diffusers' native attention, with one
-RuntimeWarning per kind of reason: never a silently different result.
+    cross-attention keys (LTX's text), masked ring attention and per-head masks are gathered over
+    the CP mesh instead, each rank attending with its own queries: diffusers' Ulysses backward
+    assumes as many keys as queries, its ring merge turns a fully masked first block into a NaN LSE,
+    and its Ulysses hands each rank some of the heads but all of a mask. Mask checks are combined
+    over the mesh (one all-reduce), so every rank takes the same path.
+Everything else (dropout, causal, grouped-query heads, float biases, masks that differ between
+queries, rows with no visible key, float64, other head dims) runs diffusers' native attention, with
+one RuntimeWarning per kind of reason: never a silently different result.
 """
 
 import re
@@ -135,12 +137,14 @@ def _unsupported(query, key, value, dropout_p, is_causal) -> Optional[str]:
 
 def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q: int, seq_k: int,
                      group=None) -> Tuple[Optional[Tensor], Optional[str]]:
-    """``attn_mask`` as a (B, Sk) bool key-padding mask (True = attend): (mask, None), or (None, why not).
+    """``attn_mask`` as a bool key-padding mask (True = attend): (mask, None), or (None, why not).
 
-    The mask is read as SDPA reads it, broadcast to (B, heads, Sq, Sk), except that a (B, Sk) mask
-    is a key-padding mask, as in diffusers' native backend. Costs one host sync when a mask is given.
-    ``group``: under context parallelism the keys (and the mask) are sharded over this process group:
-    the checks are combined over it (one all-reduce), so every rank takes the same path.
+    The mask is (B, Sk) when it is the same for every head, else per head (B, heads, Sk) (LTX's
+    cross-attention mask, (B, heads, 1, Sk)); a mask that differs between queries is none. It is read
+    as SDPA reads it, broadcast to (B, heads, Sq, Sk), except that a (B, Sk) mask is a key-padding
+    mask, as in diffusers' native backend. Costs one host sync when a mask is given. ``group``: under
+    context parallelism the keys (and the mask) are sharded over this process group: the checks are
+    combined over it (one all-reduce), so every rank takes the same path and the same mask shape.
     """
     if attn_mask is None:
         return None, None
@@ -161,25 +165,27 @@ def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q:
                        (visible | (m <= MASKED_AT_OR_BELOW)).all()))
     else:
         return None, f"a mask of dtype {m.dtype}"
-    if visible.shape[1] > 1:
-        checks.append(("a per-head mask", (visible == visible[:, :1]).all()))
     if visible.shape[2] > 1:
         checks.append(("a per-query mask", (visible == visible[:, :, :1]).all()))
-    kpm = visible[:, 0, 0, :].expand(batch, seq_k)  # (B, Sk)
-    # each flag is 1 when its check passes; "some visible key" per batch row is negated so that one
-    # MIN all-reduce gives every flag's AND and every row's OR over the shards of the keys
-    flags = torch.cat([torch.stack([ok for _, ok in checks]).int() if checks else kpm.new_zeros(0, dtype=torch.int),
-                       -kpm.any(dim=1).int()])
+    per_head = visible[:, :, 0, :].expand(batch, heads, seq_k)  # (B, heads, Sk)
+    same_heads = (visible == visible[:, :1]).all() if visible.shape[1] > 1 else visible.new_ones((), dtype=torch.bool)
+    # each flag is 1 when its check passes (then one for "the same mask for every head"); "some visible
+    # key" per (batch, head) is negated so that one MIN all-reduce gives every flag's AND and every
+    # row's OR over the shards of the keys
+    flags = torch.cat([torch.stack([ok for _, ok in checks] + [same_heads]).int(),
+                       -per_head.any(dim=-1).flatten().int()])
     if group is not None:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
     passed = flags.tolist()  # one host sync for every check
-    checks.append(("a query with every key masked (the native result there is NaN or a uniform average, "
-                   "dit_fast's zeros)", None))
-    passed = passed[:len(checks) - 1] + [all(f == -1 for f in passed[len(checks) - 1:])]
     for (reason, _), ok in zip(checks, passed):
         if not ok:
             return None, reason
-    return kpm.contiguous(), None
+    if not all(f == -1 for f in passed[len(checks) + 1:]):
+        return None, ("a query with every key masked (the native result there is NaN or a uniform average, "
+                      "dit_fast's zeros)")
+    if passed[len(checks)]:  # one mask for every head
+        return visible[:, 0, 0, :].expand(batch, seq_k).contiguous(), None  # (B, Sk)
+    return per_head.contiguous(), None  # (B, heads, Sk)
 
 
 def _native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, parallel_config,
@@ -263,9 +269,10 @@ def _cp_backward_op(ctx, grad_out, *args, query=None, key=None, value=None, out=
 def _context_parallel(query, key, value, kpm, scale, return_lse, parallel_config):
     """Sequence-sharded q, k, v (and key mask) over the context-parallel mesh -> this rank's out."""
     cp = parallel_config.context_parallel_config
-    if key.shape[1] != query.shape[1] or (kpm is not None and cp.ring_degree > 1):
-        # Cross-attention (short text keys; diffusers' Ulysses backward assumes Sk = Sq) and masked ring
-        # attention (diffusers' ring merge gives a NaN LSE after a fully masked block): gather the keys.
+    if key.shape[1] != query.shape[1] or (kpm is not None and (cp.ring_degree > 1 or kpm.dim() == 3)):
+        # Cross-attention (short text keys; diffusers' Ulysses backward assumes Sk = Sq), masked ring
+        # attention (diffusers' ring merge gives a NaN LSE after a fully masked block) and per-head masks
+        # (Ulysses would hand each rank some of the heads but all of the mask): gather the keys.
         return _gathered_keys_attention(query, key, value, kpm, scale, return_lse, cp._flattened_mesh.get_group())
     mask = None if kpm is None else kpm.to(torch.uint8)  # gloo gathers no bool tensors
     result = _dispatch._templated_context_parallel_attention(
@@ -299,8 +306,8 @@ def _gathered_keys_attention(query, key, value, kpm, scale, return_lse, group):
     over the flattened CP mesh in rank order, whatever the ring and Ulysses degrees)."""
     key = _GatherSequence.apply(key, group)  # (B, Sk, heads, D)
     value = _GatherSequence.apply(value, group)
-    if kpm is not None:
-        kpm = _GatherSequence.apply(kpm.to(torch.uint8), group).bool()  # (B, Sk)
+    if kpm is not None:  # (B, Sk) or (B, heads, Sk), gathered along Sk (moved to dim 1 for the gather)
+        kpm = _GatherSequence.apply(kpm.to(torch.uint8).movedim(-1, 1), group).movedim(1, -1).bool()
     result = attention(query, key, value, scale=scale, key_padding_mask=kpm, return_lse=return_lse)
     if return_lse:
         out, lse = result
