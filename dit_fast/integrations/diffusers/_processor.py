@@ -112,6 +112,23 @@ class DitFastProcessor:
         return model_rope(x)
 
 
+_STREAMS = {"video": ("to_q", "to_k", "to_v", "norm_q", "norm_k"),
+            "text": ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")}
+
+
+def qkv_heads(attn: nn.Module, x: Tensor, stream: str = "video") -> Tuple[Tensor, Tensor, Tensor]:
+    """x (B, S, C) -> q, k, v (B, S, heads, D) through one stream's projections, q and k through the
+    model's per-head qk-norm where it has one (HunyuanVideo, CogVideoX, Mochi; Wan's spans all heads).
+    stream "text": the text tokens' own projections of a dual-stream block (add_q_proj, norm_added_q, ...)."""
+    to_q, to_k, to_v, norm_q, norm_k = (getattr(attn, name, None) for name in _STREAMS[stream])
+    q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in (to_q, to_k, to_v))
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    return q, k, v
+
+
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Interleaved-pair rotation with per-pair cos / sin broadcastable to x[..., ::2]; math in fp32.
 

@@ -26,13 +26,7 @@ class CogVideoXProcessor(P.DitFastProcessor):
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))  # (B, S, heads, D)
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = P.qkv_heads(attn, hidden_states)  # (B, S, heads, D)
         if image_rotary_emb is not None:  # the video tokens only
             query = torch.cat([query[:, :n_text], apply_rotary_emb(query[:, n_text:], image_rotary_emb,
                                                                    sequence_dim=1)], dim=1)

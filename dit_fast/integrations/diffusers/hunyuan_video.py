@@ -27,13 +27,7 @@ class HunyuanVideoProcessor(P.DitFastProcessor):
         single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
         if single_stream:  # [video; text] come in separately and share the projections
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))  # (B, S, heads, D)
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = P.qkv_heads(attn, hidden_states)  # (B, S, heads, D)
 
         if image_rotary_emb is not None:
             def model_rope(x):
@@ -47,13 +41,7 @@ class HunyuanVideoProcessor(P.DitFastProcessor):
                 query, key = self.rope(query, model_rope), self.rope(key, model_rope)
 
         if attn.add_q_proj is not None and encoder_hidden_states is not None:  # dual stream: the text's own q, k, v
-            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value = P.qkv_heads(attn, encoder_hidden_states, "text")
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)

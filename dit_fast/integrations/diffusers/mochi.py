@@ -35,12 +35,8 @@ class MochiProcessor(P.DitFastProcessor):
                               "Mochi's own processor (warned once)", RuntimeWarning, stacklevel=2)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))  # (B, N, heads, D)
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)))
-        encoder_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)))
-        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        query, key, value = P.qkv_heads(attn, hidden_states)  # (B, N, heads, D)
+        encoder_query, encoder_key, encoder_value = P.qkv_heads(attn, encoder_hidden_states, "text")
         if image_rotary_emb is not None:
             cos, sin = image_rotary_emb  # (N, heads, D / 2) per pair
             query, key = P.rotate_pairs(query, cos, sin), P.rotate_pairs(key, cos, sin)
