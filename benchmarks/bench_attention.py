@@ -321,7 +321,7 @@ def implementation(case: Case, provider: str, device):
 
 
 def reference(case: Case):
-    from dit_fast.ops.attention import spacetime_attention_reference
+    from dit_fast.ops.flash_attention import spacetime_attention_reference
 
     kwargs = case_kwargs(case)
     return lambda q, k, v: spacetime_attention_reference(q, k, v, case.grid, **kwargs)
@@ -462,7 +462,7 @@ def _finish(rows: List[dict]) -> List[dict]:
 
 def smoke() -> None:
     """Tiny CPU check: the baselines compute what the package's reference computes (fp32)."""
-    from dit_fast.ops.attention import spacetime_mask
+    from dit_fast.ops.flash_attention import spacetime_mask
 
     for kind in ("spatial", "temporal"):
         case = Case(kind, "fwd", 2, 2, 16, (3, 4, 5), dtype=torch.float32)

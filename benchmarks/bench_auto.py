@@ -2,7 +2,7 @@
 
 Issue 12 step 1: "auto" must not lose. For each case it times, in one run on the same inputs:
   auto      the public op with the default backend (its first call measures the candidates,
-            dit_fast/ops/attention_plan.py, outside the timed repetitions)
+            dit_fast/ops/attention_planner.py, outside the timed repetitions)
   ours      the same op with backend="triton"
   torch:*   every way torch computes the call: SDPA with its own dispatch and with each SDPA backend
             forced (flash, cuDNN, efficient; dense, spatial, temporal), FlexAttention (window_tile)
@@ -94,7 +94,7 @@ def _call(case: Case, provider: str) -> Callable:
     """(q, k, v) -> out (B, S, heads, D) for a provider."""
     from dit_fast import ops
 
-    P = sys.modules["dit_fast.ops.attention_plan"]
+    import dit_fast.ops.attention_planner as P
     if provider in ("auto", "ours"):
         backend = "auto" if provider == "auto" else "triton"
         if case.spacetime:
@@ -271,9 +271,9 @@ def smoke() -> List[dict]:
     """Tiny CPU run of the whole path (cases, providers, auto's measurement with the CPU timer, report)
     with every provider's output checked against the reference; no timing check (CPU + interpreter)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before dit_fast defines its kernels
-    from dit_fast.ops.attention import attention_reference, spacetime_attention_reference
+    from dit_fast.ops.flash_attention import attention_reference, spacetime_attention_reference
 
-    P = sys.modules["dit_fast.ops.attention_plan"]
+    import dit_fast.ops.attention_planner as P
     summaries = []
     previous = P.set_timer(_once)
     try:

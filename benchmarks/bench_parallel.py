@@ -87,7 +87,7 @@ def _block_step(block, tokens, grid, hidden, device, dtype):
 
 
 def _attention_step(tokens, heads, head_dim, grid, backend, device, dtype):
-    from dit_fast.ops.attention import spacetime_attention
+    from dit_fast.ops.flash_attention import spacetime_attention
     q, k, v = (torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
     dout = torch.randn_like(q)

@@ -16,7 +16,7 @@ import torch
 
 from dit_fast import nn as dnn
 from dit_fast import ops
-from dit_fast.ops.attention import spacetime_attention_reference
+from dit_fast.ops.flash_attention import spacetime_attention_reference
 from dit_fast.ops.rope import RoPE3D
 from tests.conftest import HAS_GPU, kernel_devices
 from tests.utils import ATOL_FLOOR, assert_close_to_reference

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dit_fast import ops
-from dit_fast.ops.attention import spacetime_mask
+from dit_fast.ops.flash_attention import spacetime_mask
 from tests.conftest import HAS_GPU, kernel_devices
 
 DEVICE = kernel_devices()

@@ -4,7 +4,7 @@ over all the keys, forward and every gradient, on the reference and on the Trito
 import pytest
 import torch
 
-from dit_fast.ops.attention import attention
+from dit_fast.ops.flash_attention import attention
 from dit_fast.parallel.attention_parts import attention_block_backward, attention_block_forward, merge_partials
 from tests.utils import assert_close_to_reference
 

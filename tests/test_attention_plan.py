@@ -1,4 +1,4 @@
-"""backend="auto" for attention (dit_fast/ops/attention_plan.py), tested on CPU with injected timings.
+"""backend="auto" for attention (dit_fast/ops/attention_planner.py), tested on CPU with injected timings.
 
 On a GPU "auto" times our kernel against torch's own best for the call (SDPA, grouped SDPA, Flex) once
 per call class and runs the winner. Here the `auto_on_cpu` fixture makes "auto" take that GPU path
@@ -9,7 +9,6 @@ masks. GPU timings: benchmarks/bench_auto.py.
 """
 
 import logging
-import sys
 
 import pytest
 import torch
@@ -19,8 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dit_fast
 from dit_fast import _backend, ops
 
-P = sys.modules["dit_fast.ops.attention_plan"]  # dit_fast.ops.attention_plan is the function
-A = sys.modules["dit_fast.ops.attention"]
+import dit_fast.ops.attention_planner as P  # noqa: E402
+import dit_fast.ops.flash_attention as A  # noqa: E402
 
 
 class FakeTimer:

@@ -4,7 +4,7 @@ autograd, and masked keys that never leak, whatever their values."""
 import pytest
 import torch
 
-from dit_fast.ops.attention import attention_backward_reference, attention_reference, spacetime_mask
+from dit_fast.ops.flash_attention import attention_backward_reference, attention_reference, spacetime_mask
 
 
 def _lse64(q, k, scale, mask):

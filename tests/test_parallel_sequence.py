@@ -323,7 +323,7 @@ def test_four_ranks_equal_one_process(tmp_path):
     ((3, 4, 5), "full", None, None), ((3, 4, 5), "spatial", None, None), ((3, 4, 5), "temporal", None, None),
     ((3, 4, 5), "full", (2, 3, 3), None), ((3, 8, 8), "full", (2, 4, 8), (1, 4, 4))])
 def test_pair_mask_is_spacetime_mask_by_global_index(grid, mode, window, window_tile):
-    from dit_fast.ops.attention import spacetime_mask
+    from dit_fast.ops.flash_attention import spacetime_mask
     S = math.prod(grid)
     want = spacetime_mask(grid, mode, window, window_tile=window_tile)
     rows, cols = torch.arange(5, 17), torch.arange(S - 9, S + 3)  # a block of queries, keys past the end

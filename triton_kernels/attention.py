@@ -3,7 +3,7 @@
 The kernels are one family with compile-time flags (masking modes, RoPE, window, tiles, head-dim
 chunks), described in attention_common.py beside the tile helpers they share; attention_fwd.py holds
 the forward kernel, attention_bwd.py the backward. The readable PyTorch references are
-attention_reference and attention_backward_reference in dit_fast/ops/attention.py.
+attention_reference and attention_backward_reference in dit_fast/ops/flash_attention.py.
 
 Two opt-in paths, until a GPU run has passed their tests (benchmarks/NOTES.md): the Hopper forward
 (tma=True or DIT_FAST_ATTENTION_FWD=tma: TMA descriptors and a warp-specialized loop on dense tiles)
@@ -118,7 +118,7 @@ _attn_bwd_dq = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRU
 # ---------------------------------------------------------------------------------------------
 # Launchers. Arguments are validated by dit_fast.ops.attention; grid, window, window_tile and rope_split
 # are lists ([] when absent), as the custom ops pass them. They return plain tensors; autograd lives in
-# dit_fast/ops/attention.py.
+# dit_fast/ops/flash_attention.py.
 # ---------------------------------------------------------------------------------------------
 
 

@@ -57,7 +57,7 @@ MASKED    a masked key influences nothing, whatever its values: a score is maske
             that row is zeroed first (_hidden_keys); a query that sees a NaN or inf key gets NaN.
 TMA       (forward, opt-in) q, k, v through device-side tensor descriptors and, without a padding
             mask, a warp-specialized key loop (_head_descriptors; attention_fwd.py).
-The readable PyTorch reference is attention_reference in dit_fast/ops/attention.py.
+The readable PyTorch reference is attention_reference in dit_fast/ops/flash_attention.py.
 """
 
 import triton

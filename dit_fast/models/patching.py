@@ -17,7 +17,7 @@ from torch import nn
 
 from dit_fast import ops
 from dit_fast.integrations import DIFFUSERS_MODELS, is_diffusers_model
-from dit_fast.ops.attention import attention
+from dit_fast.ops.flash_attention import attention
 
 
 def _is_dit_block(m):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dit_fast._checks import check_backend, check_bool, check_int, check_int_triple
-from dit_fast.ops.attention import MAX_HEAD_DIM, MODES, attention, spacetime_attention
+from dit_fast.ops.flash_attention import MAX_HEAD_DIM, MODES, attention, spacetime_attention
 from dit_fast.ops.rope import as_rope
 
 

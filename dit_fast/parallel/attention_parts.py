@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from dit_fast.ops.attention import (_check_key_padding_mask, _check_qkv, _check_scale, _resolve,
+from dit_fast.ops.flash_attention import (_check_key_padding_mask, _check_qkv, _check_scale, _resolve,
                                     attention_backward_reference, attention_reference, reference_mask)
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from dit_fast.ops.attention import _resolve, attention_backward_reference, attention_reference, window_span
+from dit_fast.ops.flash_attention import _resolve, attention_backward_reference, attention_reference, window_span
 from dit_fast.ops.rope import as_rope, rope_split
 from dit_fast.parallel import comm
 from dit_fast.parallel.attention_parts import attention_block_backward, attention_block_forward, merge_partials
@@ -44,7 +44,7 @@ def token_positions(grid: Sequence[int], idx: Tensor) -> Tensor:
 def pair_mask(grid: Sequence[int], q_idx: Tensor, k_idx: Tensor, mode: str = "full",
               window: Optional[Sequence[int]] = None, window_tile: Optional[Sequence[int]] = None) -> Tensor:
     """(Lq, Lk) bool: may query token q_idx[i] see key token k_idx[j]? The rows and columns of
-    dit_fast.ops.attention.spacetime_mask for these global indices; keys past the grid (padding) never."""
+    dit_fast.ops.flash_attention.spacetime_mask for these global indices; keys past the grid (padding) never."""
     S = grid[0] * grid[1] * grid[2]
     q = token_positions(grid, q_idx)[:, None, :]  # (Lq, 1, 3)
     k = token_positions(grid, k_idx)[None, :, :]  # (1, Lk, 3)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dit_fast.nn.attention import SpacetimeAttention
-from dit_fast.ops.attention import spacetime_attention
+from dit_fast.ops.flash_attention import spacetime_attention
 from dit_fast.parallel import comm
 from dit_fast.parallel.mesh import SP_MODES, mesh_dim_group
 from dit_fast.parallel.ring import DenseBlocks, MaskedBlocks, pair_mask, ring_attention, rope_on_tokens

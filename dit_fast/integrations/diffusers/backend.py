@@ -35,7 +35,7 @@ from torch import Tensor
 
 from diffusers.models import attention_dispatch as _dispatch
 
-from dit_fast.ops.attention import MAX_HEAD_DIM, attention
+from dit_fast.ops.flash_attention import MAX_HEAD_DIM, attention
 
 BACKEND_NAME = "dit_fast"
 MEMBER_NAME = "DIT_FAST"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dit_fast import _backend
-from dit_fast.ops.attention_plan import Call as _PlanCall, auto as _auto_plan
+from dit_fast.ops.attention_planner import Call as _PlanCall, auto as _auto_plan
 from dit_fast.ops.rope import RoPE3D, apply_rope_3d, apply_rope_3d_reference, as_rope, grid_positions, rope_split
 
 OP = "attention"
@@ -311,7 +311,7 @@ def _check_kernel_options(deterministic, tma):
 
 
 def _resolve(backend, q):
-    """"torch", "triton" or "auto" (a GPU: our kernel or torch's own best, dit_fast/ops/attention_plan.py)."""
+    """"torch", "triton" or "auto" (a GPU: our kernel or torch's own best, dit_fast/ops/attention_planner.py)."""
     name = _backend.resolve_backend(backend, q.device, OP, implemented=("triton",))
     if name == "auto" and q.dtype not in FLOAT_DTYPES:
         return "torch"  # float64 on a GPU: only the reference takes it
@@ -420,7 +420,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     name = _resolve(backend, q)
     if name == "torch":
         return attention_reference(q, k, v, scale=scale, mask=reference_mask(mask), return_lse=return_lse)
-    if name == "auto":  # our kernel or torch's best for this call class, measured once (attention_plan.py)
+    if name == "auto":  # our kernel or torch's best for this call class, measured once (attention_planner.py)
         options = deterministic is not None or tma is not None  # options of our kernel: then it runs
         name, result = _auto_plan(q, k, v, mask, _PlanCall(scale, bool(return_lse), kernel_options=options))
         if result is not None:
@@ -476,7 +476,7 @@ def spacetime_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], *,
         q = apply_rope_3d(q, grid, theta=rope.theta, split=split, backend=rope_backend)
         k = apply_rope_3d(k, grid, theta=rope.theta, split=split, backend=rope_backend)
         rope, split = None, []
-    if name == "auto":  # our kernel or torch's best for this call class, measured once (attention_plan.py)
+    if name == "auto":  # our kernel or torch's best for this call class, measured once (attention_planner.py)
         options = deterministic is not None or tma is not None  # options of our kernel: then it runs
         name, result = _auto_plan(q, k, v, None, _PlanCall(scale, bool(return_lse), tuple(grid), mode,
                                                            window and tuple(window), window_tile and tuple(window_tile),

@@ -37,7 +37,7 @@ for each shape, before compiling to have the winner compiled in), and during CUD
 kernel, not cached).
 
 ``dit_fast.ops.attention_plan(q, k, v, ...)`` (the function ``attention_plan`` below, re-exported by
-dit_fast.ops; this module is ``dit_fast.ops.attention_plan`` in sys.modules) says which implementation
+dit_fast.ops; this module is ``dit_fast.ops.attention_planner``) says which implementation
 a call would run and why; the first choice of each class is also logged at DEBUG level on the
 "dit_fast" logger. Tests inject timings with ``set_timer``.
 """
@@ -344,7 +344,7 @@ def _device_label(device: str) -> str:
 def _timed(impl: str, q, k, v, mask, call: Call, needs_grad: bool) -> Callable[[], object]:
     """fn() running impl once on these inputs: the forward, or forward + backward of a random dout."""
     if impl == "triton":
-        from dit_fast.ops.attention import attention, spacetime_attention
+        from dit_fast.ops.flash_attention import attention, spacetime_attention
 
         def run(q, k, v):
             if call.grid is None:
@@ -487,7 +487,7 @@ def attention_plan(q: Tensor, k: Tensor, v: Tensor, grid: Optional[Sequence[int]
 
     from dit_fast.ops.rope import as_rope
 
-    A = sys.modules["dit_fast.ops.attention"]  # the module (dit_fast.ops.attention is the function)
+    A = sys.modules["dit_fast.ops.flash_attention"]
 
     A._check_qkv(q, k, v)
     if grid is None:
