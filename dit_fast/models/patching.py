@@ -9,15 +9,78 @@ stay as they are; only ``forward`` of three kinds of module is replaced.
     Attention    (timm's: qkv, proj, num_heads) -> dit_fast.ops.attention (flash layout, no permutes)
 
 Modules are recognised by their attributes, so DiT forks with the same names are patched too.
+
+A patched model stays an ordinary module: ``module.forward`` becomes a ``PatchedMethod`` (a module-level
+class holding the module and a module-level function, both found by name), so ``pickle``,
+``copy.deepcopy`` and ``torch.save(model)`` / ``torch.load(..., weights_only=False)`` work and the copy is
+still patched; ``del module.forward`` gives back the class's own forward.
 """
 
+import inspect
+import sys
 import types
+from typing import Callable
 
 from torch import nn
 
 from dit_fast import ops
 from dit_fast.integrations import DIFFUSERS_MODELS, is_diffusers_model
 from dit_fast.ops.flash_attention import attention
+
+
+# ---------------------------------------------------------------------------------------------
+# A patched method pickle can find (also used by dit_fast.integrations.diffusers).
+# ---------------------------------------------------------------------------------------------
+
+
+def _found_by_name(function) -> bool:
+    """True when pickle finds ``function`` as ``module.qualname`` (a module-level function or class)."""
+    owner = sys.modules.get(getattr(function, "__module__", None) or "")
+    for part in getattr(function, "__qualname__", "<locals>").split("."):
+        owner = getattr(owner, part, None)
+    return owner is function
+
+
+class PatchedMethod:
+    """``function(module, *args, **kwargs)``: what a patch puts in ``module.<name>`` (its ``forward``).
+
+    Unlike ``types.MethodType(function, module)``, which pickles as ``getattr(module, function.__name__)``
+    (an attribute the module does not have), this pickles as its class, the module (a back-reference the
+    pickler's memo resolves) and the function by its qualified name; ``copy.deepcopy`` binds the copy to
+    the copied module.
+    """
+
+    def __init__(self, module: nn.Module, function: Callable):
+        self.module = module
+        self.function = function
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The function's signature without the module (what ``inspect.signature`` of a bound method gives)."""
+        signature = inspect.signature(self.function)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+    def __repr__(self):
+        return f"<dit_fast {self.function.__module__}.{self.function.__qualname__} of {type(self.module).__name__}>"
+
+
+def patch_method(module: nn.Module, name: str, function: Callable) -> None:
+    """Sets ``module.<name>`` to ``function`` bound to ``module``; ``del module.<name>`` restores the class's.
+
+    ``function`` must be a module-level function: a lambda or a closure would make the model unpicklable
+    (TypeError here, at patch time, rather than at ``torch.save``)."""
+    if not isinstance(function, types.FunctionType) or not _found_by_name(function):
+        raise TypeError(f"patch_method: {name} must be a module-level function (pickle finds it by name), got "
+                        f"{getattr(function, '__qualname__', type(function).__name__)}")
+    setattr(module, name, PatchedMethod(module, function))
+
+
+# ---------------------------------------------------------------------------------------------
+# facebookresearch/DiT-style models
+# ---------------------------------------------------------------------------------------------
 
 
 def _is_dit_block(m):
@@ -106,13 +169,13 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
     counts = {"blocks": 0, "final_layers": 0, "attention": 0}
     for module in model.modules():
         if _is_dit_block(module):
-            module.forward = types.MethodType(_block_forward, module)
+            patch_method(module, "forward", _block_forward)
             counts["blocks"] += 1
         elif _is_final_layer(module):
-            module.forward = types.MethodType(_final_layer_forward, module)
+            patch_method(module, "forward", _final_layer_forward)
             counts["final_layers"] += 1
         elif _is_attention(module):
-            module.forward = types.MethodType(_attention_forward, module)
+            patch_method(module, "forward", _attention_forward)
             counts["attention"] += 1
         else:
             continue

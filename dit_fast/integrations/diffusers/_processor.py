@@ -16,7 +16,6 @@ first (the ops take one dtype): one bf16 rounding more than Wan, within the test
 
 import contextlib
 import math
-import types
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +25,7 @@ from dit_fast import _backend, ops
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from dit_fast.integrations.diffusers.backend import backend_member
+from dit_fast.models.patching import patch_method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,18 +40,32 @@ class GridState:
         self.grid: Optional[Tuple[int, int, int]] = None
 
 
-def record_grid(model: nn.Module, grid_of: Callable) -> GridState:
-    """Registers a forward pre-hook setting ``state.grid = grid_of(args, kwargs)`` on every call.
+class GridRecorder:
+    """The transformer's forward pre-hook: ``state.grid = video_grid(<the call's video argument>, patch)``.
+
+    An object of a module-level class, not a closure: a patched model pickles, and ``copy.deepcopy``
+    copies it with the processors' GridState in one memo, so a copy's hook feeds the copy's processors
+    (a closure is shared by the copies and would leave a copy's processors on a stale grid).
+    """
+
+    def __init__(self, state: GridState, patch: Sequence[int], name: str = "hidden_states", index: int = 0):
+        self.state = state
+        self.patch = tuple(patch)
+        self.name, self.index = name, index  # the video argument: keyword ``name`` or at position ``index``
+
+    def __call__(self, module, args, kwargs):
+        self.state.grid = video_grid(input_of(args, kwargs, self.name, self.index), self.patch)
+
+
+def record_grid(model: nn.Module, patch: Sequence[int], name: str = "hidden_states", index: int = 0) -> GridState:
+    """Registers a GridRecorder on ``model``: every call records the (T, H, W) grid of its (B, C, F, H, W)
+    video argument (keyword ``name`` or position ``index``) cut into ``patch``; returns the shared state.
 
     The hook runs before diffusers' context-parallel split hooks (they wrap ``forward``), so the grid
     is the whole video's; a processor seeing fewer tokens (a sequence shard) uses the model's tables.
     """
     state = GridState()
-
-    def hook(module, args, kwargs):
-        state.grid = grid_of(args, kwargs)
-
-    model.register_forward_pre_hook(hook, with_kwargs=True)
+    model.register_forward_pre_hook(GridRecorder(state, patch, name, index), with_kwargs=True)
     return state
 
 
@@ -112,16 +126,22 @@ class DitFastProcessor:
         return model_rope(x)
 
 
-_STREAMS = {"video": ("to_q", "to_k", "to_v", "norm_q", "norm_k"),
-            "text": ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")}
+_STREAMS = {"video": ("to_q", "to_k", "to_v", "norm_q", "norm_k", "to_qkv"),
+            "text": ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k", "to_added_qkv")}
 
 
 def qkv_heads(attn: nn.Module, x: Tensor, stream: str = "video") -> Tuple[Tensor, Tensor, Tensor]:
     """x (B, S, C) -> q, k, v (B, S, heads, D) through one stream's projections, q and k through the
     model's per-head qk-norm where it has one (HunyuanVideo, CogVideoX, Mochi; Wan's spans all heads).
-    stream "text": the text tokens' own projections of a dual-stream block (add_q_proj, norm_added_q, ...)."""
-    to_q, to_k, to_v, norm_q, norm_k = (getattr(attn, name, None) for name in _STREAMS[stream])
-    q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in (to_q, to_k, to_v))
+    stream "text": the text tokens' own projections of a dual-stream block (add_q_proj, norm_added_q, ...).
+    After diffusers' ``fuse_projections`` (``attn.fused_projections``) one matmul through the fused
+    ``to_qkv`` / ``to_added_qkv``, split as [q; k; v] in the order diffusers concatenates them."""
+    to_q, to_k, to_v, norm_q, norm_k, fused = (getattr(attn, name, None) for name in _STREAMS[stream])
+    if fused is not None and getattr(attn, "fused_projections", False):
+        sizes = [proj.out_features for proj in (to_q, to_k, to_v)]
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in fused(x).split(sizes, dim=-1))
+    else:
+        q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in (to_q, to_k, to_v))
     if norm_q is not None:
         q = norm_q(q)
     if norm_k is not None:
@@ -200,9 +220,10 @@ def per_sample(mod: Tensor) -> Tensor:
 
 
 def replace_forward(module: nn.Module, forward: Callable, backend: str) -> None:
-    """``module.forward = forward`` bound to it (the class's forward stays reachable for unpatching)."""
+    """``module.forward = forward`` bound to it as a picklable PatchedMethod (``forward`` a module-level
+    function; ``del module.forward`` restores the class's forward)."""
     module._dit_fast_backend = backend
-    module.forward = types.MethodType(forward, module)
+    patch_method(module, "forward", forward)
 
 
 def finish(model: nn.Module, counts: dict) -> nn.Module:

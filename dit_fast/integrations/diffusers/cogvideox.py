@@ -6,10 +6,14 @@ tables the pipeline passes in (their positions are rescaled crops: not apply_rop
 joint attention over [text; video] on dit_fast's kernels.
 Blocks (CogVideoXBlock): CogVideoXLayerNormZero (affine LayerNorm + per-sample modulation) ->
 layernorm_modulate for the video and text streams; the four gated residuals -> gated_residual.
+``fuse_qkv_projections()`` on a patched model fuses the projections and keeps dit_fast's processors
+(they read the fused ``to_qkv``); diffusers' own would put FusedCogVideoXAttnProcessor2_0 (SDPA) in
+their place. A model fused before patching is patched the same way.
 """
 
 import torch
-from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+from diffusers.models.attention_processor import (Attention, CogVideoXAttnProcessor2_0,
+                                                  FusedCogVideoXAttnProcessor2_0)
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock, CogVideoXTransformer3DModel
 
@@ -68,10 +72,30 @@ def _block_forward(self: CogVideoXBlock, hidden_states, encoder_hidden_states, t
     return hidden_states, encoder_hidden_states
 
 
+def _fuse_qkv_projections(self: CogVideoXTransformer3DModel) -> None:
+    """CogVideoXTransformer3DModel.fuse_qkv_projections keeping dit_fast's processors (qkv_heads reads to_qkv)."""
+    for module in self.modules():
+        if isinstance(module, Attention):
+            module.fuse_projections(fuse=True)
+
+
+def _unfuse_qkv_projections(self: CogVideoXTransformer3DModel) -> None:
+    """Back to the separate projections: the fused layers leave (the state dict is the unfused one again)."""
+    for module in self.modules():
+        if isinstance(module, Attention) and module.fused_projections:
+            for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                if hasattr(module, name):
+                    delattr(module, name)
+            module.fused_projections = False
+
+
 def patch(model: CogVideoXTransformer3DModel, backend: str = "auto") -> CogVideoXTransformer3DModel:
-    attention = [m for m in model.modules() if type(getattr(m, "processor", None)) is CogVideoXAttnProcessor2_0]
+    attention = [m for m in model.modules()
+                 if type(getattr(m, "processor", None)) in (CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0)]
     processors = P.set_processors(attention, lambda attn: CogVideoXProcessor(attn.processor, backend))
     blocks = [b for b in model.transformer_blocks if type(b) is CogVideoXBlock]
     for block in blocks:
         P.replace_forward(block, _block_forward, backend)
+    P.patch_method(model, "fuse_qkv_projections", _fuse_qkv_projections)
+    P.patch_method(model, "unfuse_qkv_projections", _unfuse_qkv_projections)
     return P.finish(model, {"processors": processors, "blocks": len(blocks)})

@@ -111,8 +111,7 @@ def _single_block_forward(self: HunyuanVideoSingleTransformerBlock, hidden_state
 def patch(model: HunyuanVideoTransformer3DModel, backend: str = "auto") -> HunyuanVideoTransformer3DModel:
     config = model.config
     patch_size = (config.patch_size_t, config.patch_size, config.patch_size)
-    grid = P.record_grid(model, lambda args, kwargs: P.video_grid(P.input_of(args, kwargs, "hidden_states", 0),
-                                                                  patch_size))
+    grid = P.record_grid(model, patch_size)
     attention = [m for m in model.modules() if isinstance(getattr(m, "processor", None), HunyuanVideoAttnProcessor2_0)]
     processors = P.set_processors(attention, lambda attn: HunyuanVideoProcessor(
         attn.processor, backend, grid, rope_theta=float(config.rope_theta), rope_split=tuple(config.rope_axes_dim)))

@@ -84,8 +84,7 @@ def _block_forward(self: WanTransformerBlock, hidden_states, encoder_hidden_stat
 
 def patch(model: WanTransformer3DModel, backend: str = "auto") -> WanTransformer3DModel:
     patch_size = tuple(model.config.patch_size)
-    grid = P.record_grid(model, lambda args, kwargs: P.video_grid(P.input_of(args, kwargs, "hidden_states", 0),
-                                                                  patch_size))
+    grid = P.record_grid(model, patch_size)
     blocks = [b for b in model.blocks if isinstance(b, WanTransformerBlock)]
     processors = P.set_processors(
         [m for b in blocks for m in (b.attn1, b.attn2)],
