@@ -554,11 +554,13 @@ def test_backend_falls_back_for_gqa_head_dim_and_float64(monkeypatch):
     q, k, v = _qkv(d=20)
     with pytest.warns(RuntimeWarning, match="head dim 20"):
         dd.dit_fast_attention(q, k, v)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # the same kind of reason: warned already
+    with pytest.warns(RuntimeWarning, match="head dim 36"):  # each head dim is its own reason (issue 17)
         dd.dit_fast_attention(*_qkv(d=36))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the same reason: warned already
+        dd.dit_fast_attention(*_qkv(d=20, seed=1))
     q, k, v = _qkv(dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="float64"):
+    with pytest.warns(RuntimeWarning, match="float64, torch.float64, torch.float64"):
         dd.dit_fast_attention(q, k, v)
     with pytest.raises(ValueError, match="return_lse"):
         dd.dit_fast_attention(q, k, v, return_lse=True)

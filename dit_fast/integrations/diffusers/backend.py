@@ -25,7 +25,6 @@ queries, rows with no visible key, float64, other head dims) runs diffusers' nat
 one RuntimeWarning per kind of reason: never a silently different result.
 """
 
-import re
 import warnings
 from typing import Optional, Tuple
 
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from diffusers.models import attention_dispatch as _dispatch
 
+from dit_fast._backend import assume_constant_result
 from dit_fast.ops.flash_attention import MAX_HEAD_DIM, attention
 
 BACKEND_NAME = "dit_fast"
@@ -98,23 +98,25 @@ def register_backend():
 
 
 # ---------------------------------------------------------------------------------------------
-# What the kernels can run; everything else goes to diffusers' native attention, warned once.
+# What the kernels can run; everything else goes to diffusers' native attention, warned once per reason.
 # ---------------------------------------------------------------------------------------------
 
 _warned = set()
 
 
-def _warn_once(reason: str) -> None:
-    kind = re.sub(r"[\d(].*", "", reason).strip()  # "head dim 20 (...)" and "head dim 36 (...)" are one kind
-    if kind in _warned:
-        return
-    _warned.add(kind)
+@assume_constant_result  # torch.compile runs it once while tracing (Dynamo cannot trace warnings.warn)
+def _warn_once(reason: str) -> bool:
+    """One RuntimeWarning per distinct reason, its numbers kept: head dims 10 and 8 are two reasons."""
+    if reason in _warned:
+        return False
+    _warned.add(reason)
     warnings.warn(f"dit_fast attention backend: {reason}; such calls run diffusers' native attention "
                   "(this warning is shown once per reason)", RuntimeWarning, stacklevel=4)
+    return True
 
 
 def _unsupported(query, key, value, dropout_p, is_causal) -> Optional[str]:
-    """Why the kernels cannot run this call, or None."""
+    """Why the kernels cannot run this call, or None. Reads static facts only (flags, shapes, dtypes)."""
     if dropout_p:
         return "dropout_p > 0"
     if is_causal:
@@ -135,19 +137,17 @@ def _unsupported(query, key, value, dropout_p, is_causal) -> Optional[str]:
     return None
 
 
-def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q: int, seq_k: int,
-                     group=None) -> Tuple[Optional[Tensor], Optional[str]]:
-    """``attn_mask`` as a bool key-padding mask (True = attend): (mask, None), or (None, why not).
+# A mask is read as SDPA reads it, broadcast to (B, heads, Sq, Sk), except that a (B, Sk) mask is a key
+# padding mask, as in diffusers' native backend. Static facts (its shape, its dtype) and value checks
+# (on the device, no host read) are apart, so that eager (one host read) and torch.compile (torch.cond)
+# share them.
 
-    The mask is (B, Sk) when it is the same for every head, else per head (B, heads, Sk) (LTX's
-    cross-attention mask, (B, heads, 1, Sk)); a mask that differs between queries is none. It is read
-    as SDPA reads it, broadcast to (B, heads, Sq, Sk), except that a (B, Sk) mask is a key-padding
-    mask, as in diffusers' native backend. Costs one host sync when a mask is given. ``group``: under
-    context parallelism the keys (and the mask) are sharded over this process group: the checks are
-    combined over it (one all-reduce), so every rank takes the same path and the same mask shape.
-    """
-    if attn_mask is None:
-        return None, None
+_EVERY_KEY_MASKED = ("a query with every key masked (the native result there is NaN or a uniform average, "
+                     "dit_fast's zeros)")
+
+
+def _mask_4d(attn_mask: Tensor, batch: int, heads: int, seq_q: int, seq_k: int):
+    """(attn_mask as (B | 1, heads | 1, Sq | 1, Sk), None), or (None, why the kernels cannot take it)."""
     m = attn_mask
     if m.dim() == 2 and tuple(m.shape) == (batch, seq_k):
         m = m[:, None, None, :]
@@ -156,24 +156,61 @@ def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q:
     if m.dim() != 4 or m.shape[-1] != seq_k or any(
             s not in (1, full) for s, full in zip(m.shape[:3], (batch, heads, seq_q))):
         return None, f"a mask of shape {tuple(attn_mask.shape)} for q ({batch}, {seq_q}, {heads}, D), {seq_k} keys"
+    if m.dtype != torch.bool and not m.is_floating_point():
+        return None, f"a mask of dtype {m.dtype}"
+    return m, None
+
+
+def _visible(m: Tensor) -> Tensor:
+    """The attended pairs of a mask: a bool mask as given, a float mask where it is 0."""
+    return m if m.dtype == torch.bool else m == 0
+
+
+def _mask_checks(m: Tensor, batch: int, heads: int, seq_k: int):
+    """What makes a 4-D mask a key padding mask, as device tensors: ([(reason, passed: 0-dim bool)],
+    has_key: (B, heads) bool, some visible key in each row)."""
+    visible = _visible(m)
     checks = []
-    if m.dtype == torch.bool:
-        visible = m
-    elif m.is_floating_point():
-        visible = m == 0
+    if m.is_floating_point():
         checks.append(("a float mask with entries other than 0 and <= -9000 (additive biases)",
                        (visible | (m <= MASKED_AT_OR_BELOW)).all()))
-    else:
-        return None, f"a mask of dtype {m.dtype}"
     if visible.shape[2] > 1:
         checks.append(("a per-query mask", (visible == visible[:, :, :1]).all()))
-    per_head = visible[:, :, 0, :].expand(batch, heads, seq_k)  # (B, heads, Sk)
+    has_key = visible[:, :, 0, :].expand(batch, heads, seq_k).any(dim=-1)  # (B, heads)
+    return checks, has_key
+
+
+def _as_key_padding(m: Tensor, batch: int, heads: int, seq_k: int, per_head: bool) -> Tensor:
+    """A checked 4-D mask as the kernels take it: (B, Sk), or per head (B, heads, Sk)."""
+    visible = _visible(m)[:, :, 0, :]  # (B | 1, heads | 1, Sk): the same for every query (checked)
+    if per_head:
+        return visible.expand(batch, heads, seq_k).contiguous()
+    return visible[:, 0].expand(batch, seq_k).contiguous()
+
+
+def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q: int, seq_k: int,
+                     group=None) -> Tuple[Optional[Tensor], Optional[str]]:
+    """``attn_mask`` as a bool key-padding mask (True = attend): (mask, None), or (None, why not).
+
+    The mask is (B, Sk) when it is the same for every head, else per head (B, heads, Sk) (LTX's
+    cross-attention mask, (B, heads, 1, Sk)); a mask that differs between queries is none. Costs one
+    host sync when a mask is given (torch.compile checks on the device instead: ``_device_checked``).
+    ``group``: under context parallelism the keys (and the mask) are sharded over this process group:
+    the checks are combined over it (one all-reduce), so every rank takes the same path and the same
+    mask shape.
+    """
+    if attn_mask is None:
+        return None, None
+    m, reason = _mask_4d(attn_mask, batch, heads, seq_q, seq_k)
+    if reason is not None:
+        return None, reason
+    checks, has_key = _mask_checks(m, batch, heads, seq_k)
+    visible = _visible(m)
     same_heads = (visible == visible[:, :1]).all() if visible.shape[1] > 1 else visible.new_ones((), dtype=torch.bool)
     # each flag is 1 when its check passes (then one for "the same mask for every head"); "some visible
     # key" per (batch, head) is negated so that one MIN all-reduce gives every flag's AND and every
     # row's OR over the shards of the keys
-    flags = torch.cat([torch.stack([ok for _, ok in checks] + [same_heads]).int(),
-                       -per_head.any(dim=-1).flatten().int()])
+    flags = torch.cat([torch.stack([ok for _, ok in checks] + [same_heads]).int(), -has_key.flatten().int()])
     if group is not None:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
     passed = flags.tolist()  # one host sync for every check
@@ -181,22 +218,68 @@ def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q:
         if not ok:
             return None, reason
     if not all(f == -1 for f in passed[len(checks) + 1:]):
-        return None, ("a query with every key masked (the native result there is NaN or a uniform average, "
-                      "dit_fast's zeros)")
-    if passed[len(checks)]:  # one mask for every head
-        return visible[:, 0, 0, :].expand(batch, seq_k).contiguous(), None  # (B, Sk)
-    return per_head.contiguous(), None  # (B, heads, Sk)
+        return None, _EVERY_KEY_MASKED
+    return _as_key_padding(m, batch, heads, seq_k, per_head=not passed[len(checks)]), None
 
 
 def _native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, parallel_config,
             reason):
-    _warn_once(reason)
+    """diffusers' native attention; ``reason`` (why not ours) is warned once, None warns nothing."""
+    if reason is not None:
+        _warn_once(reason)
     if return_lse:
         raise ValueError(f"dit_fast attention backend: {reason}, and diffusers' native attention, the fallback, "
                          "has no return_lse")
     return _dispatch._native_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
                                        _parallel_config=parallel_config)
+
+
+def _unaliased(tensors):
+    """torch.cond takes no operands that share memory: one that views the base of an earlier one (q, k, v
+    chunks of one fused projection, q passed again as k) is copied."""
+    def base(t):
+        return t if t._base is None else t._base
+
+    out = []
+    for t in tensors:
+        if any(base(t) is base(o) for o in out):
+            t = t.clone()
+        out.append(t)
+    return tuple(out)
+
+
+def _device_checked(query, key, value, attn_mask, scale, enable_gqa, return_lse):
+    """A masked call under torch.compile: the path decided without reading the mask on the host.
+
+    From static facts: a mask shape or dtype the kernels cannot take runs native attention (warned
+    while tracing); the mask's head dim picks its layout (1: (B, Sk) to the kernels, heads: per head,
+    (B, heads, Sk); the same result). The value checks of ``key_padding_mask`` (float entries 0 or
+    <= -9000, the same for every query, a visible key in every row) become one 0-dim bool on the
+    device, and ``torch.cond`` runs our kernel when it holds, else diffusers' native attention on the
+    mask as given: the eager result either way, one branch run (one runtime sync, as eager's host
+    read), no graph break. What is lost: the warning of a fallback that the values decide.
+    """
+    batch, seq_q, heads, _ = query.shape
+    seq_k = key.shape[1]
+    m, reason = _mask_4d(attn_mask, batch, heads, seq_q, seq_k)
+    if reason is not None:
+        return _native(query, key, value, attn_mask, 0.0, False, scale, enable_gqa, return_lse, None, reason)
+    if return_lse:
+        raise ValueError("dit_fast attention backend: return_lse with a mask under torch.compile: the mask's values "
+                         "choose between dit_fast's kernels and diffusers' native attention, which has no return_lse")
+    checks, has_key = _mask_checks(m, batch, heads, seq_k)
+    ok = torch.stack([passed for _, passed in checks] + [has_key.all()]).all()
+    per_head = m.shape[1] > 1
+
+    def ours(q, k, v, mask):
+        kpm = _as_key_padding(_mask_4d(mask, batch, heads, seq_q, seq_k)[0], batch, heads, seq_k, per_head)
+        return attention(q, k, v, scale=scale, key_padding_mask=kpm)
+
+    def theirs(q, k, v, mask):
+        return _native(q, k, v, mask, 0.0, False, scale, enable_gqa, False, None, None)
+
+    return torch.cond(ok, ours, theirs, _unaliased((query, key, value, attn_mask)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +293,13 @@ def dit_fast_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opt
     """diffusers' backend signature: q (B, Sq, heads, D), k / v (B, Sk, heads, D) -> out (B, Sq, heads, D).
 
     With ``return_lse`` also the log-sum-exp (B, Sq, heads) fp32. The dit_fast backend of the call is
-    "auto" (so ``dit_fast.use_backend`` and $DIT_FAST_BACKEND choose it).
+    "auto" (so ``dit_fast.use_backend`` and $DIT_FAST_BACKEND choose it). Under torch.compile a mask is
+    checked on the device (``_device_checked``): no graph break, the eager result.
     """
     reason = _unsupported(query, key, value, dropout_p, is_causal)
     parallel = _parallel_config is not None and _parallel_config.context_parallel_config is not None
+    if reason is None and attn_mask is not None and not parallel and torch.compiler.is_compiling():
+        return _device_checked(query, key, value, attn_mask, scale, enable_gqa, return_lse)
     kpm = None
     if reason is None:
         group = _parallel_config.context_parallel_config._flattened_mesh.get_group() if parallel else None
