@@ -18,6 +18,12 @@ old choice. Environment variables are read through ``_getenv``, which Dynamo eva
 tracing (``torch.compiler.assume_constant_result``): set them before compiling; eager calls read
 them on every call. Timing ("auto" on a GPU) happens only inside the custom ops, on real tensors,
 never while tracing.
+
+What "auto" decides rests on facts about the device, read by one ``DeviceFacts`` object: whether it is
+a GPU, and why each kernel backend cannot run there (None: it can). ``set_device_facts`` replaces it,
+so that a test on a CPU can state "this is a CUDA device with Triton runnable" and run the real
+decision code (resolve_backend, the attention planner) on CPU tensors, the kernels in Triton's
+interpreter; the attention planner's ``set_timer`` does the same for timings.
 """
 
 from __future__ import annotations
@@ -132,35 +138,97 @@ def triton_interpreting() -> bool:
     return _getenv("TRITON_INTERPRET") == "1"
 
 
-def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
-    """None if ``backend`` can run on ``device``, else a sentence saying why not."""
-    if backend == "torch":
-        return None
-    if backend == "triton":
-        if _TRITON_IMPORT_ERROR:
-            return _TRITON_IMPORT_ERROR
-        if device.type == "cuda" or triton_interpreting():
-            return None
-        return (f"Triton kernels need a CUDA device, got tensors on {device}; move them to a GPU, "
-                "use backend='torch', or set TRITON_INTERPRET=1 before importing dit_fast to run "
-                "the kernels in Triton's (slow) CPU interpreter")
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"the CUDA backend needs tensors on a CUDA device, got {device}"
-        from dit_fast import _extension
+class DeviceFacts:
+    """What backend choice needs to know about a device, read from this machine.
 
-        if _extension.cuda_ext is None:
-            return f"the CUDA extension dit_fast._C is not available: {_extension.load_error}"
-        return None
-    raise ValueError(f"unknown backend {backend!r}")
+    is_gpu(device): "auto" chooses among kernels there (elsewhere it runs the reference).
+    unavailable_reason(backend, device): None if ``backend``'s kernels can run on ``device``, else a
+    sentence saying why not. Replace with set_device_facts (e.g. StatedFacts) to give the decision
+    code another machine; written in what torch.compile traces (no I/O, no CUDA calls)."""
+
+    def is_gpu(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def unavailable_reason(self, backend: str, device: torch.device) -> Optional[str]:
+        if backend == "torch":
+            return None
+        if backend == "triton":
+            if _TRITON_IMPORT_ERROR:
+                return _TRITON_IMPORT_ERROR
+            if device.type == "cuda" or triton_interpreting():
+                return None
+            return (f"Triton kernels need a CUDA device, got tensors on {device}; move them to a GPU, "
+                    "use backend='torch', or set TRITON_INTERPRET=1 before importing dit_fast to run "
+                    "the kernels in Triton's (slow) CPU interpreter")
+        if backend == "cuda":
+            if device.type != "cuda":
+                return f"the CUDA backend needs tensors on a CUDA device, got {device}"
+            from dit_fast import _extension
+
+            if _extension.cuda_ext is None:
+                return f"the CUDA extension dit_fast._C is not available: {_extension.load_error}"
+            return None
+        raise ValueError(f"unknown backend {backend!r}")
+
+
+class StatedFacts(DeviceFacts):
+    """Facts stated instead of read: every device is a GPU (``gpu``) on which exactly the kernel backends
+    in ``runnable`` can run. For tests and the benchmarks' CPU smoke runs: the tensors stay where they
+    are (on CPU, Triton's interpreter runs the kernels), only the decision sees a GPU."""
+
+    def __init__(self, gpu: bool = True, runnable: Sequence[str] = ("triton",)):
+        for name in runnable:
+            _check_name(name, "StatedFacts")
+        self.gpu = bool(gpu)
+        self.runnable = tuple(runnable)
+
+    def is_gpu(self, device: torch.device) -> bool:
+        return self.gpu
+
+    def unavailable_reason(self, backend: str, device: torch.device) -> Optional[str]:
+        if backend == "torch" or backend in self.runnable:
+            return None
+        if backend not in KERNEL_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+        return f"{backend!r} is not runnable on the stated device (StatedFacts(runnable={self.runnable}))"
+
+    def __repr__(self) -> str:
+        return f"StatedFacts(gpu={self.gpu}, runnable={self.runnable})"
+
+
+_device_facts: DeviceFacts = DeviceFacts()
+
+
+def set_device_facts(facts: Optional[DeviceFacts] = None) -> DeviceFacts:
+    """Replaces the device facts every resolution reads (None: this machine's). Returns the previous
+    ones, to restore. Process-wide; for tests and experiments."""
+    global _device_facts
+    if facts is not None and not isinstance(facts, DeviceFacts):
+        raise TypeError(f"facts must be a DeviceFacts (or None for this machine's), got {type(facts).__name__}")
+    previous = _device_facts
+    _device_facts = facts if facts is not None else DeviceFacts()
+    return previous
+
+
+def device_facts() -> DeviceFacts:
+    """The device facts in use."""
+    return _device_facts
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run on ``device``, else a sentence saying why not (the device facts')."""
+    return _device_facts.unavailable_reason(backend, device)
 
 
 def resolve_backend(backend: str, device: torch.device, op: str,
-                    implemented: Sequence[str] = KERNEL_BACKENDS) -> str:
+                    implemented: Sequence[str] = KERNEL_BACKENDS, planned: bool = False) -> str:
     """Turns a requested backend into "torch", one kernel backend, or "auto" (= measure in the op).
 
-    ``implemented`` lists the kernel backends this op has. Raises BackendUnavailableError when an
-    explicitly requested backend cannot run.
+    ``implemented`` lists the kernel backends this op has. "auto" on a device the facts call a GPU is
+    "auto" when several of them can run, or when the op has its own planner (``planned``: attention,
+    which also times torch's implementations, so even one kernel backend has a rival); the one runnable
+    kernel backend of an op without a planner (nothing to time); "torch" when none can run, and on
+    every other device. Raises BackendUnavailableError when an explicitly requested backend cannot run.
     """
     name = requested_backend(backend)
     if name == "torch":
@@ -172,12 +240,12 @@ def resolve_backend(backend: str, device: torch.device, op: str,
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {name!r} cannot run: {reason}")
         return name
-    if device.type != "cuda":
+    if not _device_facts.is_gpu(device):
         return "torch"
     runnable = [b for b in implemented if unavailable_reason(b, device) is None]
     if not runnable:
         return "torch"
-    return runnable[0] if len(runnable) == 1 else "auto"
+    return "auto" if planned or len(runnable) > 1 else runnable[0]
 
 
 def runnable_kernel_backends(device: torch.device, implemented: Iterable[str] = KERNEL_BACKENDS) -> Tuple[str, ...]:

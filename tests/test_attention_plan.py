@@ -1,11 +1,13 @@
-"""backend="auto" for attention (dit_fast/ops/attention_planner.py), tested on CPU with injected timings.
+"""backend="auto" for attention (dit_fast/ops/attention_planner.py), tested on CPU with injected facts.
 
 On a GPU "auto" times our kernel against torch's own best for the call (SDPA, grouped SDPA, Flex) once
-per call class and runs the winner. Here the `auto_on_cpu` fixture makes "auto" take that GPU path
-on CPU (our kernel runs in the Triton interpreter) and injects the timings; everything else is the
-code that runs on a GPU: candidates, the cache per call class, precedence, logging, compile, and the
+per call class and runs the winner. Here the `on_a_gpu` fixture injects only what a CPU cannot supply:
+the device facts (dit_fast._backend.StatedFacts: "a GPU with Triton runnable") and the timings (a
+FakeTimer that still runs every candidate). Everything between is the code a GPU runs: the backend
+resolution that sends "auto" to the planner, the candidates, the cache per call class, precedence,
+failures, logging, compile, the diffusers backend and dit_fast.patch reaching the planner, and the
 torch candidates themselves against attention_reference, forward and backward, with NaN/inf behind
-masks. GPU timings: benchmarks/bench_auto.py.
+masks. Our kernel runs in Triton's interpreter. GPU timings: benchmarks/bench_auto.py.
 """
 
 import logging
@@ -17,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dit_fast
 from dit_fast import _backend, ops
+from tests.launches import count_launches
 
 import dit_fast.ops.attention_planner as P  # noqa: E402
 import dit_fast.ops.flash_attention as A  # noqa: E402
@@ -41,18 +44,11 @@ class FakeTimer:
 
 
 @pytest.fixture
-def auto_on_cpu(monkeypatch):
-    """"auto" resolves for attention on CPU as it does on a GPU; returns a function installing a timer."""
-    real = _backend.resolve_backend
-
-    def resolve(backend, device, op, implemented=_backend.KERNEL_BACKENDS):
-        name = real(backend, device, op, implemented)
-        if op == "attention" and name == "torch" and _backend.requested_backend(backend) == "auto":
-            return "auto"
-        return name
-
-    monkeypatch.setattr(_backend, "resolve_backend", resolve)
+def on_a_gpu(monkeypatch):
+    """States the device facts of a GPU with Triton runnable (and no CUDA extension); the tensors stay on
+    CPU. Returns a function installing a FakeTimer. Restores this machine's facts and the timer after."""
     monkeypatch.delenv("DIT_FAST_BACKEND", raising=False)
+    previous = _backend.set_device_facts(_backend.StatedFacts(gpu=True, runnable=("triton",)))
 
     def install(run=True, **times):
         timer = FakeTimer(run, **times)
@@ -60,6 +56,7 @@ def auto_on_cpu(monkeypatch):
         return timer
 
     yield install
+    _backend.set_device_facts(previous)
     P.set_timer(None)
     torch._dynamo.reset()
 
@@ -91,9 +88,9 @@ def test_auto_on_cpu_is_the_reference_and_says_so():
     assert P.cached_plans() == {}
 
 
-def test_the_measured_winner_runs(auto_on_cpu):
+def test_the_measured_winner_runs(on_a_gpu):
     q, k, v = qkv()
-    timer = auto_on_cpu(triton=2.0, sdpa=1.0)
+    timer = on_a_gpu(triton=2.0, sdpa=1.0)
     plan = ops.attention_plan(q, k, v)
     assert (plan.impl, plan.times_ms) == ("sdpa", {"triton": 2.0, "sdpa": 1.0})
     assert "measured fwd: sdpa 1 ms, triton 2 ms" in plan.reason
@@ -103,7 +100,7 @@ def test_the_measured_winner_runs(auto_on_cpu):
     torch.testing.assert_close(out, A.attention_reference(q, k, v))
     assert timer.calls == ["triton", "sdpa"]  # measured once, by attention_plan; the call used the cache
 
-    timer = auto_on_cpu(triton=1.0, sdpa=2.0)  # set_timer clears the cache
+    timer = on_a_gpu(triton=1.0, sdpa=2.0)  # set_timer clears the cache
     with OpLog() as log:
         out = ops.attention(q, k, v)
     assert log.names == ["attention_fwd"] and timer.calls == ["triton", "sdpa"]
@@ -111,8 +108,8 @@ def test_the_measured_winner_runs(auto_on_cpu):
     assert ops.attention_plan(q, k, v).impl == "triton"
 
 
-def test_measured_once_per_call_class(auto_on_cpu):
-    timer = auto_on_cpu(triton=2.0, sdpa=1.0)
+def test_measured_once_per_call_class(on_a_gpu):
+    timer = on_a_gpu(triton=2.0, sdpa=1.0)
     ops.attention(*qkv(S=12))
     ops.attention(*qkv(S=13))  # Sq and Sk in the same power-of-two class (9..16)
     ops.attention(*qkv(B=1, heads=4, S=16))  # B * heads = 4 in both
@@ -127,8 +124,8 @@ def test_measured_once_per_call_class(auto_on_cpu):
     assert reasons == ["measured fwd"] * 4 + ["measured fwd+bwd"]
 
 
-def test_candidates_for_each_kind_of_call(auto_on_cpu):
-    auto_on_cpu(run=False, triton=3.0, sdpa=1.0, sdpa_grouped=1.0, flex=1.0)  # the candidates' runs: below
+def test_candidates_for_each_kind_of_call(on_a_gpu):
+    on_a_gpu(run=False, triton=3.0, sdpa=1.0, sdpa_grouped=1.0, flex=1.0)  # the candidates' runs: below
     q, k, v = qkv(S=48)
     mask = torch.ones(2, 48, dtype=torch.bool)
     grid = (3, 4, 4)
@@ -147,10 +144,10 @@ def test_candidates_for_each_kind_of_call(auto_on_cpu):
 
 
 @pytest.mark.parametrize("winner", ["triton", "sdpa"])
-def test_per_head_mask_is_its_own_call_class(auto_on_cpu, winner):
+def test_per_head_mask_is_its_own_call_class(on_a_gpu, winner):
     """A per-head key padding mask (B, heads, Sk) is measured apart from a (B, Sk) one; either winner
     returns the reference's result."""
-    timer = auto_on_cpu(**{winner: 1.0, ("sdpa" if winner == "triton" else "triton"): 2.0})
+    timer = on_a_gpu(**{winner: 1.0, ("sdpa" if winner == "triton" else "triton"): 2.0})
     q, k, v = qkv(S=9, Sk=13, heads=3)
     head_mask = torch.rand(2, 3, 13) > 0.5
     head_mask[..., 0] = True
@@ -161,8 +158,8 @@ def test_per_head_mask_is_its_own_call_class(auto_on_cpu, winner):
                                atol=1e-5)
 
 
-def test_calls_only_our_kernel_can_serve_are_not_timed(auto_on_cpu):
-    timer = auto_on_cpu(triton=3.0, sdpa=1.0, sdpa_grouped=1.0)
+def test_calls_only_our_kernel_can_serve_are_not_timed(on_a_gpu):
+    timer = on_a_gpu(triton=3.0, sdpa=1.0, sdpa_grouped=1.0)
     q, k, v = qkv(S=12)
     plan = ops.attention_plan(q, k, v, return_lse=True)
     assert plan.impl == "triton" and "return_lse" in plan.reason and plan.times_ms is None
@@ -178,9 +175,9 @@ def test_calls_only_our_kernel_can_serve_are_not_timed(auto_on_cpu):
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_options_ask_for_our_kernel(auto_on_cpu):
+def test_kernel_options_ask_for_our_kernel(on_a_gpu):
     """deterministic= / tma= are options of our kernel: given (not None), "auto" runs it untimed."""
-    timer = auto_on_cpu(triton=2.0, sdpa=1.0, sdpa_grouped=1.0)
+    timer = on_a_gpu(triton=2.0, sdpa=1.0, sdpa_grouped=1.0)
     q, k, v = qkv()
     with OpLog() as log:
         ops.attention(q, k, v, deterministic=True)
@@ -192,8 +189,8 @@ def test_kernel_options_ask_for_our_kernel(auto_on_cpu):
     assert timer.calls == ["triton", "sdpa"]
 
 
-def test_precedence_explicit_backends_are_never_timed(auto_on_cpu, monkeypatch):
-    timer = auto_on_cpu(triton=2.0, sdpa=1.0)
+def test_precedence_explicit_backends_are_never_timed(on_a_gpu, monkeypatch):
+    timer = on_a_gpu(triton=2.0, sdpa=1.0)
     q, k, v = qkv()
     with OpLog() as log:
         ops.attention(q, k, v, backend="triton")  # the call's argument
@@ -213,8 +210,8 @@ def test_precedence_explicit_backends_are_never_timed(auto_on_cpu, monkeypatch):
     assert ops.attention_plan(q, k, v).impl == "sdpa" and timer.calls == ["triton", "sdpa"]
 
 
-def test_float64_under_auto_runs_the_reference(auto_on_cpu):
-    timer = auto_on_cpu()
+def test_float64_under_auto_runs_the_reference(on_a_gpu):
+    timer = on_a_gpu()
     q, k, v = (t.double() for t in qkv())
     plan = ops.attention_plan(q, k, v)
     assert plan.impl == "reference" and "float64" in plan.reason
@@ -222,19 +219,60 @@ def test_float64_under_auto_runs_the_reference(auto_on_cpu):
     assert timer.calls == []
 
 
-def test_a_failing_candidate_is_left_out_and_said(auto_on_cpu, caplog):
-    auto_on_cpu(triton=2.0, sdpa=RuntimeError("no kernel for this shape"))
-    with caplog.at_level(logging.INFO, logger="dit_fast"):
-        plan = ops.attention_plan(*qkv())
-    assert plan.impl == "triton" and "failed: sdpa (RuntimeError: no kernel for this shape)" in plan.reason
-    assert "sdpa cannot run" in caplog.text
-    auto_on_cpu(triton=RuntimeError("a"), sdpa=RuntimeError("b"))
-    with pytest.raises(RuntimeError, match="no implementation could run this call"):
-        ops.attention(*qkv())
+def test_a_torch_candidate_that_cannot_run_is_left_out_and_logged(on_a_gpu, caplog):
+    """A real failure, not an injected one: FlexAttention has no backward on CPU, so timing the window
+    call's forward + backward fails in torch. Flex is left out (WARNING, once per call class, named in
+    the plan's reason) and our kernel runs, forward and backward, matching the reference."""
+    timer = on_a_gpu(triton=2.0, flex=1.0)
+    grid, window = (2, 3, 3), (1, 3, 2)
+    q, k, v = qkv(B=1, S=18, grad=True)
+    with caplog.at_level(logging.WARNING, logger="dit_fast"):
+        with count_launches() as launches:
+            out = ops.spacetime_attention(q, k, v, grid, window=window)
+            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        ops.spacetime_attention(q, k, v, grid, window=window)  # the same class: cached, not logged again
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "left out" in r.getMessage()]
+    assert len(warnings) == 1 and "flex: NotImplementedError" in warnings[0].getMessage()
+    assert "spacetime_attention(grid=(2, 3, 3), mode='full', window=(1, 3, 2))" in warnings[0].getMessage()
+    (plan,) = P.cached_plans().values()
+    assert plan.impl == "triton" and set(plan.times_ms) == {"triton"}
+    assert "left out: flex (NotImplementedError: FlexAttention does not support backward on CPU" in plan.reason
+    assert timer.calls == ["triton"] and launches["_attn_fwd_kernel"] >= 1  # flex raised inside its run
+    want = A.spacetime_attention_reference(q, k, v, grid, window=window)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, torch.autograd.grad(want, (q, k, v), torch.ones_like(want))):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_first_choice_is_logged_at_debug(auto_on_cpu, caplog):
-    auto_on_cpu(triton=2.0, sdpa=1.0)
+def test_a_failing_timing_of_a_torch_candidate_is_left_out(on_a_gpu):
+    """The timer itself failing on torch's candidate (an injected error) counts as that candidate failing."""
+    on_a_gpu(triton=2.0, sdpa=RuntimeError("no kernel for this shape"))
+    plan = ops.attention_plan(*qkv())
+    assert plan.impl == "triton" and "left out: sdpa (RuntimeError: no kernel for this shape)" in plan.reason
+
+
+def test_our_kernel_failing_inside_the_planner_raises(on_a_gpu, monkeypatch):
+    """A broken kernel must not quietly lose to SDPA: its failure raises from the planner, naming the call
+    class, with the kernel's error as the cause; nothing is cached, so the next call raises again."""
+    from dit_fast.triton_kernels import attention as launchers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("illegal memory access (injected)")
+
+    monkeypatch.setattr(launchers, "attention_forward", broken)  # the kernel breaks, not the decision
+    timer = on_a_gpu(triton=2.0, sdpa=1.0)
+    q, k, v = qkv(S=13)
+    with pytest.raises(P.OwnKernelError, match=r"our kernel failed on the call class attention\(\) float32 on cpu, "
+                       r"D = 16, B \* heads <= 4, Sq <= 16, Sk <= 16, fwd: RuntimeError: illegal memory access") as info:
+        ops.attention(q, k, v)
+    assert isinstance(info.value.__cause__, RuntimeError) and P.cached_plans() == {}
+    with pytest.raises(P.OwnKernelError, match="fwd\\+bwd"):
+        ops.attention_plan(*qkv(S=13, grad=True))
+    assert timer.calls == []  # the kernel raised inside fn(), before the timer recorded anything
+
+
+def test_first_choice_is_logged_at_debug(on_a_gpu, caplog):
+    on_a_gpu(triton=2.0, sdpa=1.0)
     with caplog.at_level(logging.DEBUG, logger="dit_fast"):
         ops.attention(*qkv())
         ops.attention(*qkv())
@@ -271,8 +309,8 @@ def test_a_forced_sdpa_backend_runs_forward_and_backward():
     torch._dynamo.reset()
 
 
-def test_nothing_is_timed_or_cached_during_cuda_graph_capture(auto_on_cpu, monkeypatch):
-    timer = auto_on_cpu(triton=2.0, sdpa=1.0)
+def test_nothing_is_timed_or_cached_during_cuda_graph_capture(on_a_gpu, monkeypatch):
+    timer = on_a_gpu(triton=2.0, sdpa=1.0)
     monkeypatch.setattr(P, "_capturing", lambda device: True)
     plan = ops.attention_plan(*qkv())
     assert plan.impl == "triton" and "capture" in plan.reason
@@ -283,8 +321,8 @@ def test_nothing_is_timed_or_cached_during_cuda_graph_capture(auto_on_cpu, monke
 
 
 @pytest.mark.parametrize("winner", ["triton", "sdpa"])
-def test_backward_follows_the_forward_that_ran(auto_on_cpu, winner):
-    auto_on_cpu(**{winner: 1.0, ("sdpa" if winner == "triton" else "triton"): 2.0})
+def test_backward_follows_the_forward_that_ran(on_a_gpu, winner):
+    on_a_gpu(**{winner: 1.0, ("sdpa" if winner == "triton" else "triton"): 2.0})
     q, k, v = qkv(S=11, Sk=13, D=24, grad=True)
     mask = torch.tensor([[True] * 13, [True] * 6 + [False] * 7])
     with OpLog() as log:
@@ -303,13 +341,13 @@ def test_backward_follows_the_forward_that_ran(auto_on_cpu, winner):
     assert all(g is not None for g in grads)
 
 
-def test_gradient_checkpointing_measures_outside_its_hooks(auto_on_cpu):
+def test_gradient_checkpointing_measures_outside_its_hooks(on_a_gpu):
     """The first call of a class times forward + backward inside the user's forward: under activation
     checkpointing that must not meet the checkpoint's saved-tensor hooks (it broke both before)."""
     from dit_fast.models import DiT_models
     from tests import reference_dit as R
 
-    timer = auto_on_cpu(triton=2.0, sdpa_grouped=1.0)
+    timer = on_a_gpu(triton=2.0, sdpa_grouped=1.0)
     model = R.randomize_(DiT_models["DiT-tiny"](input_size=(2, 4, 4), num_classes=5, learn_sigma=False,
                                                 class_dropout_prob=0.0, gradient_checkpointing=True,
                                                 attention="spatial_temporal")).train()
@@ -428,7 +466,7 @@ def test_flex_block_mask_is_built_once_per_layout():
 
 
 @pytest.mark.parametrize("kind", ["key_padding", "temporal", "window_tile"])
-def test_compiled_calls_use_the_measured_winner_or_our_kernel(auto_on_cpu, kind):
+def test_compiled_calls_use_the_measured_winner_or_our_kernel(on_a_gpu, kind):
     q, k, v = qkv(S=32)
     mask = torch.ones(2, 32, dtype=torch.bool)
     mask[1, 20:] = False
@@ -437,7 +475,7 @@ def test_compiled_calls_use_the_measured_winner_or_our_kernel(auto_on_cpu, kind)
           "temporal": lambda q, k, v: ops.spacetime_attention(q, k, v, grid, mode="temporal"),
           "window_tile": lambda q, k, v: ops.spacetime_attention(q, k, v, grid, window=(2, 4, 4),
                                                                  window_tile=(1, 4, 4))}[kind]
-    timer = auto_on_cpu(run=False, triton=2.0, sdpa=1.0, sdpa_grouped=1.0, flex=1.0)
+    timer = on_a_gpu(run=False, triton=2.0, sdpa=1.0, sdpa_grouped=1.0, flex=1.0)
     want = A.spacetime_attention_reference(q, k, v, grid, mode="temporal") if kind == "temporal" else None
     for phase in ("before measuring", "after measuring"):
         torch._dynamo.reset()
@@ -457,10 +495,10 @@ def test_compiled_calls_use_the_measured_winner_or_our_kernel(auto_on_cpu, kind)
     assert timer.calls == ["triton", {"key_padding": "sdpa", "temporal": "sdpa_grouped", "window_tile": "flex"}[kind]]
 
 
-def test_compiled_with_dynamic_shapes_keys_on_size_classes(auto_on_cpu):
+def test_compiled_with_dynamic_shapes_keys_on_size_classes(on_a_gpu):
     """dynamic=True: the call class is computed from symbolic sizes (by guards), and a batch of
     another size class is another graph, with its own measured winner."""
-    auto_on_cpu(run=False, triton=2.0, sdpa_grouped=1.0)
+    on_a_gpu(run=False, triton=2.0, sdpa_grouped=1.0)
 
     def fn(q, k, v):
         return ops.spacetime_attention(q, k, v, (2, 4, 4), mode="spatial")
@@ -480,10 +518,70 @@ def test_compiled_with_dynamic_shapes_keys_on_size_classes(auto_on_cpu):
 
 def test_bench_auto_cpu_smoke_runs():
     """benchmarks/bench_auto.py --cpu-smoke: the GPU benchmark's code path on tiny CPU shapes, so it
-    cannot rot (every provider checked against the reference, auto's plan the argmin of its timings)."""
+    cannot rot (every provider checked against the reference, auto's plan the argmin of its timings).
+    Nothing monkeypatched: the smoke states the device facts of a GPU and restores this machine's."""
     from benchmarks import bench_auto
 
     summaries = bench_auto.smoke()
     assert [(s["case"], s["variant"]) for s in summaries] == [
-        ("dense128", "fwd"), ("dense128", "fwd+bwd"), ("spatial", "fwd"), ("temporal", "fwd"), ("window_tile", "fwd")]
-    assert P._timer[0] is P._default_timer and _backend.resolve_backend.__name__ == "resolve_backend"
+        ("dense", "fwd"), ("dense", "fwd+bwd"), ("spatial", "fwd"), ("temporal", "fwd"), ("window", "fwd"),
+        ("window_tile", "fwd")]
+    assert P._timer[0] is P._default_timer and type(_backend.device_facts()) is _backend.DeviceFacts
+
+
+# ---- where users meet "auto": the diffusers backend, dit_fast.patch, ring-attention blocks ----------
+
+
+@pytest.mark.parametrize("winner", ["triton", "sdpa"])
+def test_diffusers_backend_reaches_the_planner(on_a_gpu, winner):
+    """diffusers' "dit_fast" attention backend calls dit_fast.ops.attention with "auto": on a GPU it is
+    planned (one plan cached) and the winner runs (our kernel's launches, or none)."""
+    pytest.importorskip("diffusers")
+    from dit_fast.integrations.diffusers.backend import dit_fast_attention
+
+    timer = on_a_gpu(**{winner: 1.0, ("sdpa" if winner == "triton" else "triton"): 2.0})
+    q, k, v = qkv(B=1, S=11, Sk=7, heads=3, D=24)
+    with count_launches() as launches:
+        out = dit_fast_attention(q, k, v)
+    assert timer.calls == ["triton", "sdpa"] and len(P.cached_plans()) == 1
+    assert next(iter(P.cached_plans().values())).impl == winner
+    with count_launches() as again:
+        dit_fast_attention(q, k, v)  # the plan is reused: our kernel once per call, or never
+    assert again["_attn_fwd_kernel"] == (1 if winner == "triton" else 0)
+    assert launches["_attn_fwd_kernel"] >= 1  # the timing ran our kernel either way
+    torch.testing.assert_close(out, A.attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_patched_dit_reaches_the_planner(on_a_gpu):
+    """facebookresearch/DiT patched by dit_fast.patch, default backend: each block's attention goes through
+    the planner (both blocks are one call class: one plan, timed once); adaLN, with one runnable kernel
+    backend and no rival to time, runs its Triton kernel directly."""
+    from tests import reference_dit as R
+
+    timer = on_a_gpu(triton=1.0, sdpa=2.0)
+    model = R.randomize_(R.DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                               num_classes=10)).eval()  # eval: no random label dropout
+    x, t, y = torch.randn(2, 4, 4, 4), torch.randint(0, 1000, (2,)), torch.randint(0, 10, (2,))
+    with torch.no_grad():
+        want = model(x, t, y)
+        dit_fast.patch(model)
+        with count_launches() as launches:
+            got = model(x, t, y)
+    assert timer.calls == ["triton", "sdpa"] and len(P.cached_plans()) == 1
+    assert launches["_attn_fwd_kernel"] >= 2 and launches.total("_adaln") >= 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_ring_attention_blocks_run_our_kernel_under_auto(on_a_gpu):
+    """The log-sum-exp blocks of ring attention (dit_fast/parallel/attention_parts.py) have no torch rival:
+    "auto" on a GPU runs our kernel there, untimed (handing "auto" on to the launcher would fail)."""
+    from dit_fast.parallel.attention_parts import attention_block_forward
+
+    timer = on_a_gpu(triton=2.0, sdpa=1.0)
+    q, k, v = qkv(S=9, Sk=5)
+    with count_launches() as launches:
+        out, lse = attention_block_forward(q, k, v)
+    assert launches["_attn_fwd_kernel"] == 1 and timer.calls == [] and P.cached_plans() == {}
+    want, want_lse = A.attention_reference(q, k, v, return_lse=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """Backend resolution (dit_fast/_backend.py): precedence call > use_backend > $DIT_FAST_BACKEND > auto,
-nesting and unwinding of use_backend blocks (also across threads), bad names, and the GPU branch of
-"auto" traced by torch.compile. Compiled models and ops: tests/test_compile.py."""
+nesting and unwinding of use_backend blocks (also across threads), bad names, what "auto" resolves to
+on a GPU (stated through the device facts, so the real decision runs on this CPU), and the GPU branch
+of "auto" traced by torch.compile. Compiled models and ops: tests/test_compile.py."""
 
 import threading
 
@@ -18,6 +19,20 @@ def _no_env(monkeypatch):
     monkeypatch.delenv("DIT_FAST_BACKEND", raising=False)
     yield
     assert _backend._scope_stack == [] and _backend._scoped is None, "a test left a use_backend block open"
+    assert type(_backend.device_facts()) is _backend.DeviceFacts, "a test left stated device facts in place"
+
+
+@pytest.fixture
+def stated():
+    """stated(gpu, runnable): the device facts of another machine, for the rest of the test."""
+    previous = []
+
+    def state(gpu=True, runnable=("triton",)):
+        previous.append(_backend.set_device_facts(_backend.StatedFacts(gpu, runnable)))
+
+    yield state
+    if previous:
+        _backend.set_device_facts(previous[0])
 
 
 def test_precedence_call_block_environment_auto(monkeypatch):
@@ -105,19 +120,60 @@ def test_auto_resolves_to_the_reference_on_cpu_and_explicit_unavailable_raises()
         resolve_backend("auto", cpu, "op")
 
 
+def test_auto_on_a_gpu_plans_attention_even_with_one_kernel_backend(stated):
+    """Issue 17: attention has one kernel backend (Triton) but a rival to time (torch's SDPA / Flex), so on
+    a GPU its "auto" goes to the planner; an op without a planner runs its one runnable kernel backend
+    (nothing to time), and "auto" between several. The facts are stated, the decision is the real one."""
+    cpu = torch.device("cpu")
+    attention = dict(implemented=("triton",), planned=True)
+    stated(gpu=True, runnable=("triton",))
+    assert resolve_backend("auto", cpu, "attention", **attention) == "auto"
+    assert resolve_backend("auto", cpu, "adaln") == "triton"  # adaLN / RoPE / patchify: triton and cuda
+    assert resolve_backend("auto", cpu, "adaln", implemented=("triton",)) == "triton"
+    assert resolve_backend("triton", cpu, "attention", **attention) == "triton"  # explicit: never planned
+    with pytest.raises(BackendUnavailableError, match="'cuda' cannot run: 'cuda' is not runnable on the stated"):
+        resolve_backend("cuda", cpu, "adaln")
+    stated(gpu=True, runnable=("triton", "cuda"))
+    assert resolve_backend("auto", cpu, "adaln") == "auto"  # two kernel backends: timed (pick_fastest)
+    assert resolve_backend("auto", cpu, "attention", **attention) == "auto"
+    stated(gpu=True, runnable=())
+    assert resolve_backend("auto", cpu, "attention", **attention) == "torch"  # no kernel: the reference
+    assert resolve_backend("auto", cpu, "adaln") == "torch"
+    stated(gpu=False, runnable=("triton",))
+    assert resolve_backend("auto", cpu, "attention", **attention) == "torch"  # not a GPU: the reference
+    assert resolve_backend("triton", cpu, "attention", **attention) == "triton"
+
+
+def test_this_machines_facts_and_bad_facts(stated):
+    facts = _backend.device_facts()
+    assert type(facts) is _backend.DeviceFacts
+    assert facts.is_gpu(torch.device("cuda")) and not facts.is_gpu(torch.device("cpu"))
+    assert "CUDA device" in facts.unavailable_reason("cuda", torch.device("cpu"))
+    with pytest.raises(TypeError, match="facts must be a DeviceFacts"):
+        _backend.set_device_facts("gpu")
+    with pytest.raises(ValueError, match="StatedFacts: unknown backend 'gpu'"):
+        _backend.StatedFacts(True, ("gpu",))
+    stated(gpu=True)
+    assert _backend.set_device_facts(None) is not facts  # returns the stated ones; None restores this machine's
+    assert type(_backend.device_facts()) is _backend.DeviceFacts
+
+
 def _as_number(name):
     return float(("torch", "triton", "cuda", "auto").index(name))
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_resolution_traces_with_fullgraph(device):
-    """The whole resolution, including the GPU branch of "auto" (availability checks, the extension's
-    state, the environment), traces without a graph break and gives the eager answer. Only the device
-    object is "cuda": no GPU is needed to trace the branch."""
+@pytest.mark.parametrize("device, facts", [("cpu", None), ("cuda", None), ("cpu", "gpu with triton")])
+def test_resolution_traces_with_fullgraph(device, facts, stated):
+    """The whole resolution, including the GPU branch of "auto" (the device facts, availability checks,
+    the extension's state, the environment), traces without a graph break and gives the eager answer.
+    Only the device object is "cuda", or the facts are stated: no GPU is needed to trace the branch."""
     dev = torch.device(device)
+    if facts:
+        stated(gpu=True, runnable=("triton",))
 
     def f(x):
-        return x + _as_number(resolve_backend("auto", dev, "op"))
+        return (x + _as_number(resolve_backend("auto", dev, "op"))
+                + 10 * _as_number(resolve_backend("auto", dev, "attention", ("triton",), planned=True)))
 
     counter = torch._dynamo.testing.CompileCounter()
     torch._dynamo.reset()

@@ -31,6 +31,17 @@ non-finite key or value then shows in its queries' outputs as SDPA computes it);
 masked blocks multiply masked values by 0, gets the non-finite rows zeroed and a NaN score bias on
 them (Flex turns a masked score into -inf, so only the queries that may see such a key return NaN).
 
+Failures while timing: our kernel failing on a call is a bug, never a lost race, so it raises (a
+RuntimeError naming the call class, from the kernel's error). A torch candidate that cannot run a
+call (a forced SDPA backend without support for the head dim, Flex's backward on CPU) is left out:
+logged once per call class at WARNING on the "dit_fast" logger and named in the plan's reason.
+
+Imports run one way: dit_fast/ops/flash_attention.py (the public functions) imports this module; this
+module imports neither it nor dit_fast.ops. It shares the argument checks through
+dit_fast/ops/_attention_checks.py and runs our kernel through its registered custom op,
+torch.ops.dit_fast.attention_fwd (registered when flash_attention.py is imported, which every caller
+of the planner has done: the public functions and dit_fast.ops).
+
 When nothing is timed: on CPU ("auto" is the reference), under torch.compile tracing (the graph gets
 the plan measured before compiling, else our kernel: call the model once eagerly, or attention_plan()
 for each shape, before compiling to have the winner compiled in), and during CUDA graph capture (our
@@ -39,7 +50,8 @@ kernel, not cached).
 ``dit_fast.ops.attention_plan(q, k, v, ...)`` (the function ``attention_plan`` below, re-exported by
 dit_fast.ops; this module is ``dit_fast.ops.attention_planner``) says which implementation
 a call would run and why; the first choice of each class is also logged at DEBUG level on the
-"dit_fast" logger. Tests inject timings with ``set_timer``.
+"dit_fast" logger. Tests inject timings with ``set_timer`` and the device facts (a GPU with Triton
+runnable) with ``dit_fast._backend.set_device_facts``: everything between is the code a GPU runs.
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dit_fast import _backend
+from dit_fast.ops import _attention_checks as checks
 
 log = logging.getLogger("dit_fast")
 
@@ -319,15 +332,46 @@ def cached_plans() -> Dict[tuple, AttentionPlan]:
     return dict(_plans)
 
 
-def call_class(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) -> tuple:
-    """The cache key of a call (see the module docstring). Plain Python values, also under torch.compile
-    with dynamic shapes (shape_class and exact_int turn symbolic sizes into ints, by guards)."""
+class CallClass(NamedTuple):
+    """The cache key of a call (see the module docstring): plain Python values. Sizes are power-of-two
+    classes (B * heads, Sq, Sk: "up to"); mask 0: none, 2: key padding (B, Sk), 3: per head."""
+    device: str
+    dtype: str
+    head_dim: int
+    batch_heads: int
+    q_len: int
+    k_len: int
+    mask: int
+    grid: Optional[Tuple[int, int, int]]
+    mode: str
+    window: Optional[Tuple[int, int, int]]
+    window_tile: Optional[Tuple[int, int, int]]
+    rope_in_kernel: bool
+    kernel_options: bool
+    return_lse: bool
+    needs_grad: bool
+
+    def __str__(self) -> str:
+        if self.grid is None:
+            what = "attention()"
+        else:
+            extra = "".join(f", {n}={getattr(self, n)}" for n in ("window", "window_tile") if getattr(self, n))
+            what = f"spacetime_attention(grid={self.grid}, mode={self.mode!r}{extra})"
+        mask = {0: "", 2: ", key padding (B, Sk)", 3: ", key padding per head (B, heads, Sk)"}[self.mask]
+        return (f"{what} {self.dtype.replace('torch.', '')} on {self.device}, D = {self.head_dim}, B * heads <= "
+                f"{self.batch_heads}, Sq <= {self.q_len}, Sk <= {self.k_len}{mask}"
+                f"{', return_lse' if self.return_lse else ''}, {'fwd+bwd' if self.needs_grad else 'fwd'}")
+
+
+def call_class(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) -> CallClass:
+    """The cache key of a call. Plain Python values, also under torch.compile with dynamic shapes
+    (shape_class and exact_int turn symbolic sizes into ints, by guards)."""
     B, Sq, heads, D = q.shape
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    sizes = (_backend.shape_class(B * heads), _backend.shape_class(Sq), _backend.shape_class(k.shape[1]))
-    masked = 0 if mask is None else mask.dim()  # 2: key padding, 3: per head
-    return ((str(q.device), str(q.dtype), _backend.exact_int(D)) + sizes + (masked,) + tuple(call[2:])
-            + (call.return_lse, needs_grad))
+    return CallClass(str(q.device), str(q.dtype), _backend.exact_int(D), _backend.shape_class(B * heads),
+                     _backend.shape_class(Sq), _backend.shape_class(k.shape[1]), 0 if mask is None else mask.dim(),
+                     call.grid, call.mode, call.window, call.window_tile, call.rope_in_kernel, call.kernel_options,
+                     call.return_lse, needs_grad)
 
 
 _device_labels: Dict[str, str] = {}
@@ -341,18 +385,22 @@ def _device_label(device: str) -> str:
     return _device_labels[device]
 
 
+def run_ours(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call):
+    """Our kernel on a call, through its custom op (registered by dit_fast/ops/flash_attention.py), as
+    the public functions run it with backend="triton": out, or (out, lse) with return_lse. q and k are
+    already rotated (the planner never times rope_in_kernel calls) and the kernel options are the
+    environment's (calls that name them are not timed)."""
+    grid, window, tile = (list(x) if x is not None else [] for x in (call.grid, call.window, call.window_tile))
+    out, lse = torch.ops.dit_fast.attention_fwd(q, k, v, mask, grid, call.mode, window, tile, 0.0, [], call.scale,
+                                                "triton", None, None)
+    return (out, lse) if call.return_lse else out
+
+
 def _timed(impl: str, q, k, v, mask, call: Call, needs_grad: bool) -> Callable[[], object]:
     """fn() running impl once on these inputs: the forward, or forward + backward of a random dout."""
     if impl == "triton":
-        from dit_fast.ops.flash_attention import attention, spacetime_attention
-
         def run(q, k, v):
-            if call.grid is None:
-                return attention(q, k, v, scale=call.scale, key_padding_mask=mask, return_lse=call.return_lse,
-                                 backend="triton")
-            return spacetime_attention(q, k, v, list(call.grid), mode=call.mode, window=call.window,
-                                       window_tile=call.window_tile, scale=call.scale, return_lse=call.return_lse,
-                                       backend="triton")
+            return run_ours(q, k, v, mask, call)
     else:
         def run(q, k, v):
             return run_torch(impl, q, k, v, mask, call)
@@ -373,27 +421,38 @@ def _timed(impl: str, q, k, v, mask, call: Call, needs_grad: bool) -> Callable[[
     return forward_backward
 
 
-def _measure(key: tuple, q, k, v, mask, call: Call) -> AttentionPlan:
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:200]
+
+
+class OwnKernelError(RuntimeError):
+    """Our kernel failed while "auto" timed it: a bug in dit_fast, reported instead of losing to torch."""
+
+
+def _measure(key: CallClass, q, k, v, mask, call: Call) -> AttentionPlan:
     names, note = candidates(call, q.device)
     if len(names) == 1:
         return AttentionPlan(names[0], note)
-    needs_grad = key[-1]
     times: Dict[str, float] = {}
-    failed: Dict[str, str] = {}
+    left_out: Dict[str, str] = {}
     for impl in names:
         try:
-            times[impl] = float(_timer[0](impl, _timed(impl, q, k, v, mask, call, needs_grad), q.device))
-        except Exception as exc:  # a candidate that cannot run this call is left out, and said so
-            failed[impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            log.info("dit_fast attention auto: %s cannot run %s and is left out: %s", impl, key, failed[impl])
-    if not times:
-        raise RuntimeError(f"attention auto: no implementation could run this call: {failed}")
+            times[impl] = float(_timer[0](impl, _timed(impl, q, k, v, mask, call, key.needs_grad), q.device))
+        except Exception as exc:
+            if impl == "triton":  # never hidden behind torch's result
+                raise OwnKernelError(f"attention auto: our kernel failed on the call class {key}: "
+                                     f"{_one_line(exc)}") from exc
+            left_out[impl] = _one_line(exc)  # torch's candidate cannot run this call
+    if left_out:  # measured once per class (the plan is cached), so logged once per class
+        log.warning("dit_fast attention auto: left out for %s (they cannot run it): %s", key,
+                    "; ".join(f"{n}: {e}" for n, e in left_out.items()))
     best = min(times, key=times.get)
-    what = "fwd+bwd" if needs_grad else "fwd"
+    what = "fwd+bwd" if key.needs_grad else "fwd"
     reason = "measured " + what + ": " + ", ".join(f"{n} {t:.3g} ms" for n, t in sorted(times.items(),
                                                                                        key=lambda x: x[1]))
-    if failed:
-        reason += "; failed: " + ", ".join(f"{n} ({e})" for n, e in failed.items())
+    if left_out:
+        reason += "; left out: " + ", ".join(f"{n} ({e})" for n, e in left_out.items())
     return AttentionPlan(best, reason, times)
 
 
@@ -461,7 +520,7 @@ def auto(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) ->
     """For the public functions, with backend "auto" resolved on a GPU: ("triton", None) when our kernel
     should run, else (impl, the result of torch's winner)."""
     if torch.compiler.is_compiling():
-        impl = _compiled_choice(call_class(q, k, v, mask, call))
+        impl = _compiled_choice(tuple(call_class(q, k, v, mask, call)))  # a plain tuple: Dynamo passes it as a constant
     else:
         impl = plan_for(q, k, v, mask, call).impl
     if impl == "triton":
@@ -483,38 +542,34 @@ def attention_plan(q: Tensor, k: Tensor, v: Tensor, grid: Optional[Sequence[int]
     the candidates if the call's class was not measured yet, exactly as the call would (and caches
     the result, so the call then runs the winner without timing again). Gradients are taken to be
     needed when q, k or v requires grad and grad mode is on, as for the call."""
-    import sys
-
     from dit_fast.ops.rope import as_rope
 
-    A = sys.modules["dit_fast.ops.flash_attention"]
-
-    A._check_qkv(q, k, v)
+    checks._check_qkv(q, k, v)
     if grid is None:
         for name, value in (("mode", mode != "full"), ("window", window), ("window_tile", window_tile),
                             ("rope", rope), ("rope_in_kernel", rope_in_kernel)):
             if value not in (None, False):
                 raise ValueError(f"{name} needs a grid (spacetime_attention); attention() takes only the key "
                                  "padding mask")
-        mask = A._check_key_padding_mask(key_padding_mask, q, k)
-        call = Call(A._check_scale(scale, q.shape[-1]), bool(return_lse))
+        mask = checks._check_key_padding_mask(key_padding_mask, q, k)
+        call = Call(checks._check_scale(scale, q.shape[-1]), bool(return_lse))
     else:
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask is an attention() argument; spacetime_attention takes none")
-        grid = A._check_grid(grid, q, k)
-        window = A._check_mode_window(mode, window, grid, window_tile)
-        window_tile = A._check_window_tile(window_tile, window, grid)
+        grid = checks._check_grid(grid, q, k)
+        window = checks._check_mode_window(mode, window, grid, window_tile)
+        window_tile = checks._check_window_tile(window_tile, window, grid)
         as_rope(rope)
         mask = None
-        call = Call(A._check_scale(scale, q.shape[-1]), bool(return_lse), tuple(grid), mode,
+        call = Call(checks._check_scale(scale, q.shape[-1]), bool(return_lse), tuple(grid), mode,
                     None if window is None else tuple(window), None if window_tile is None else tuple(window_tile),
                     bool(rope_in_kernel) and rope is not None)
     requested = _backend.requested_backend(backend)
-    name = A._resolve(backend, q)
+    name = checks._resolve(backend, q)
     if name == "torch":
         if requested == "torch":
             return AttentionPlan("reference", "backend 'torch' requested (call, use_backend or DIT_FAST_BACKEND)")
-        if q.dtype not in A.FLOAT_DTYPES:
+        if q.dtype not in checks.FLOAT_DTYPES:
             return AttentionPlan("reference", f"{q.dtype}: only the reference takes it")
         return AttentionPlan("reference", f"auto on {q.device.type}: the PyTorch reference")
     if name != "auto":

@@ -24,7 +24,8 @@ both hide them.
 These functions are not differentiable (they run under no_grad): autograd Functions built on them
 (dit_fast/parallel/sequence.py's ring attention) call the backward themselves. backend: "torch" runs
 dit_fast.ops.attention's references (attention_reference, attention_backward_reference); "triton"
-the custom ops torch.ops.dit_fast.attention_fwd / attention_bwd; "auto" as everywhere in dit_fast.
+the custom ops torch.ops.dit_fast.attention_fwd / attention_bwd; "auto" the reference on CPU and our
+kernel on a GPU (torch has no LSE-returning rival to time).
 """
 
 from typing import Optional, Tuple
@@ -32,7 +33,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from dit_fast.ops.flash_attention import (_check_key_padding_mask, _check_qkv, _check_scale, _resolve,
+from dit_fast.ops._attention_checks import _resolve_kernel
+from dit_fast.ops.flash_attention import (_check_key_padding_mask, _check_qkv, _check_scale,
                                     attention_backward_reference, attention_reference, reference_mask)
 
 
@@ -60,7 +62,7 @@ def attention_block_forward(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask
     _check_qkv(q, k, v)
     scale = _check_scale(scale, q.shape[-1])
     mask = _check_key_padding_mask(key_padding_mask, q, k)
-    name = _resolve(backend, q)
+    name = _resolve_kernel(backend, q)  # our kernel's LSE: never torch's
     if name == "torch":
         return attention_reference(q, k, v, scale=scale, mask=reference_mask(mask), return_lse=True)
     return torch.ops.dit_fast.attention_fwd(q, k, v, mask, [], "full", [], [], 0.0, [], scale, name)
@@ -83,7 +85,7 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
         raise ValueError(f"dout must have the shape of out {tuple(out.shape)}, got {shape}")
     scale = _check_scale(scale, q.shape[-1])
     mask = _check_key_padding_mask(key_padding_mask, q, k)
-    name = _resolve(backend, q)
+    name = _resolve_kernel(backend, q)  # our kernel's LSE: never torch's
     if name == "torch":
         return attention_backward_reference(q, k, v, out, lse, dout, scale=scale, mask=reference_mask(mask))
     out, dout = out.to(q.dtype), dout.to(q.dtype)
