@@ -30,15 +30,19 @@ import re
 import shutil
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from dit_fast.models.checkpoint import CheckpointError, CheckpointNotFoundError
+from dit_fast.train_common import DistInfo, atomic_write_text
+from dit_fast.train_config import TrainConfig, launched_world_size
 
-if TYPE_CHECKING:  # pragma: no cover
-    from dit_fast.train import DistInfo, TrainConfig, Trainer
+# Imports run one way: dit_fast/train.py imports this module (lazily, for --sp / --fsdp runs), never the
+# reverse; what both need lives below them (train_common.py, train_config.py). A "trainer" argument
+# here is the run's dit_fast.train.Trainer, used through its attributes (cfg, dist, model, optimizer,
+# ema, step, losses).
 
 SHARDED_DIR = "dcp"  # <out_dir>/dcp: the sharded run's checkpoint root
 RUN_JSON = "run.json"  # <out_dir>/dcp/run.json: {"config": ..., "vocabulary": [...]}
@@ -54,7 +58,7 @@ _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 class Parallel:
     """What one rank of a --sp / --fsdp run needs: who it is, the mesh, its data-parallel slot."""
 
-    dist: "DistInfo"
+    dist: DistInfo
     dims: object  # dit_fast.parallel.ParallelDims
     mesh: object  # DeviceMesh ("dp", "ring", "ulysses")
     fsdp_mesh: object  # 1-D DeviceMesh over every rank (--fsdp), else None
@@ -71,7 +75,6 @@ def join_mesh(ulysses: int, ring: int, device: torch.device):
     """(DistInfo, ParallelDims, mesh): joins torchrun's process group (gloo on CPU, NCCL on GPUs; every
     collective times out) and builds the ("dp", "ring", "ulysses") mesh. Call after every check."""
     from dit_fast.parallel import init_from_env
-    from dit_fast.train import DistInfo
 
     # FSDP2 on gloo calls collectives that torch 2.13 deprecates: one warning per rank and call site, not ours
     warnings.filterwarnings("ignore", category=FutureWarning,
@@ -82,11 +85,9 @@ def join_mesh(ulysses: int, ring: int, device: torch.device):
     return info, dims, mesh
 
 
-def setup_parallel(cfg: "TrainConfig", device: torch.device) -> Parallel:
+def setup_parallel(cfg: TrainConfig, device: torch.device) -> Parallel:
     """The process group, the mesh and this rank's data-parallel slot of a --sp / --fsdp training run."""
     from torch.distributed.device_mesh import init_device_mesh
-
-    from dit_fast.train import launched_world_size
 
     ulysses, ring = cfg.check_parallel(launched_world_size())
     info, dims, mesh = join_mesh(ulysses, ring, device)
@@ -102,7 +103,7 @@ def split_sequence(dit, mesh, dims) -> None:
         sequence_parallel(dit, mesh, mode=dims.sp_mode)
 
 
-def parallelize(model, cfg: "TrainConfig", par: Parallel):
+def parallelize(model, cfg: TrainConfig, par: Parallel):
     """Sequence parallelism on ``model.dit`` (weights loaded before, compile after), then FSDP2: one
     ``fully_shard`` per DiTVideo block and one for the root (text encoder, embeddings, final layer).
     Activation checkpointing is DiTVideo's own (``gradient_checkpointing``), inside each block's call."""
@@ -182,10 +183,9 @@ def read_run_info(path) -> dict:
     return info
 
 
-def save_sharded(trainer: "Trainer") -> str:
+def save_sharded(trainer) -> str:
     """Saves ``<out_dir>/dcp/step_<step>`` on every rank (a collective); returns its path."""
     from dit_fast.parallel.checkpoint import TrainerState, save_checkpoint
-    from dit_fast.train import atomic_write_text
 
     cfg = trainer.cfg
     root = os.path.join(cfg.out_dir, SHARDED_DIR)
@@ -204,7 +204,7 @@ def save_sharded(trainer: "Trainer") -> str:
     return os.fspath(final)
 
 
-def load_sharded(trainer: "Trainer", path) -> None:
+def load_sharded(trainer, path) -> None:
     """Restores model, optimizer, EMA, step and loss history from a sharded run, resharded to these ranks."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 

@@ -10,6 +10,7 @@ minor releases) and raises ImportError outside it. ``DIT_FAST_ALLOW_UNTESTED_DIF
 that error into a warning. ``import dit_fast`` never imports this package.
 
 Layout: backend.py (the registered attention backend, its fallback and context parallelism),
+reach.py (which attention calls the backend reaches; the warning when it reaches none),
 _processor.py (the processor skeleton and adaLN helpers every model module shares), one module per
 model family (wan.py, hunyuan_video.py, ltx.py, cogvideox.py, mochi.py), each with ``patch(model,
 backend)``; the registry from class name to module is ``dit_fast.integrations.DIFFUSERS_MODELS``.
@@ -55,8 +56,10 @@ check_diffusers_version(getattr(_diffusers, "__version__", "unknown"))
 
 from dit_fast.integrations.diffusers.backend import (BACKEND_NAME, backend_member,  # noqa: E402
                                                      dit_fast_attention, register_backend)
+from dit_fast.integrations.diffusers.reach import install_set_attention_backend_hook, what_applies  # noqa: E402
 
 register_backend()
+install_set_attention_backend_hook()  # set_attention_backend("dit_fast") on a model it cannot reach warns
 
 SUPPORTED_MODELS = tuple(DIFFUSERS_MODELS)
 
@@ -66,9 +69,8 @@ def patch(model, backend: str = "auto"):
     _backend._check_name(backend, "backend")
     name = diffusers_model_name(model)
     if name is None:
-        raise ValueError(f"dit_fast.patch does not know the diffusers model {type(model).__name__}; supported: "
-                         f"{', '.join(SUPPORTED_MODELS)} (any other model that calls diffusers' dispatcher can "
-                         f"still use model.set_attention_backend({BACKEND_NAME!r}))")
+        raise ValueError(f"dit_fast.patch has no plan for the diffusers model {type(model).__name__}; "
+                         f"{what_applies(model)}; dit_fast.patch supports {', '.join(SUPPORTED_MODELS)}")
     module = importlib.import_module(f"{__name__}.{DIFFUSERS_MODELS[name]}")
     return module.patch(model, backend=backend)
 
