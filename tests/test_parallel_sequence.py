@@ -5,8 +5,12 @@ gradient checkpointing, with token counts that divide the ranks and ones that do
 
 Spawning a process costs seconds here, so each group of processes runs many cases (tests/dist_utils.py);
 the single-process references run in the test process. Gradients: each rank back-propagates the same
-loss through the gathered output, then reduce_gradients sums the parameter gradients over the ranks;
-the input gradients of the ranks (each its own frames) are summed here.
+loss through the gathered output; every backward ends with the parameter gradients summed over the
+ranks (grad_sync="auto"), and the reduce_gradients call after it must change nothing (the traffic check
+counts every byte, so a second sum fails it). grad_sync="manual" is checked on its own: an optimizer
+step before reduce_gradients raises, accumulation over backwards sums each share once. The input
+gradients of the ranks (each its own frames) are summed here. The Triton cases run the attention
+kernels (interpreter) on every rank: their launches are counted.
 """
 
 import math
@@ -22,6 +26,7 @@ from dit_fast.parallel import comm
 from dit_fast.parallel.ring import pair_mask, rope_on_tokens
 from dit_fast.parallel.sequence import TokenShard
 from tests.dist_utils import run_distributed
+from tests.launches import count_launches
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this torch build")
@@ -41,8 +46,9 @@ CONFIGS = {
     "text_adaln_single_ckpt": dict(model=dict(input_size=(5, 4, 4), text_dim=24, adaln_single=True, qk_norm=True,
                                               num_classes=0, per_frame_timesteps=True, gradient_checkpointing=True)),
     "heads4": dict(model=dict(input_size=(3, 6, 6), hidden_size=64, num_heads=4, attention="spatial_temporal")),
-    # the Triton attention kernels (interpreter here): full attention, padded chunks (key padding masks on the ring)
-    "triton_padded": dict(model=dict(input_size=(3, 4, 6), depth=1), attention_backend="triton"),
+    # the Triton attention kernels (interpreter here): 9 tokens, 5 + 4 (one padded) on 2 ranks; the ring masks
+    # the padded key, Ulysses drops it before attending over the whole grid
+    "triton_padded": dict(model=dict(input_size=(3, 2, 6), depth=1), attention_backend="triton"),
 }
 
 
@@ -109,18 +115,20 @@ def _meshes(world):
 
 
 def _sp_worker(rank, world, cases):
-    """Each case (mode, config name, gather_output): out, x.grad, summed parameter grads, traffic."""
+    """Each case (mode, config name, gather_output): out, x.grad, summed parameter grads, traffic, and the
+    Triton kernel launches of the training step and of the no-grad forward."""
     meshes = _meshes(world)
     results = []
     for mode, name, gather in cases:
         cfg = CONFIGS[name]
         model = sequence_parallel(_build(cfg), meshes[mode], mode, gather_output=gather)
-        with comm.count_traffic() as traffic:
+        with comm.count_traffic() as traffic, count_launches() as step_launches:
             out, x_grad, grads = _step(model, cfg, sp_reduce=True)
         x, t, extra = _inputs(cfg)
-        with torch.no_grad():  # sampling: the same output without autograd
+        with torch.no_grad(), count_launches() as sample_launches:  # sampling: the same output without autograd
             sampled = model.eval()(x, t, force_drop_ids=torch.tensor([False, True]), **extra)
-        results.append(dict(out=out, x_grad=x_grad, grads=grads, traffic=dict(traffic.bytes), sampled=sampled))
+        results.append(dict(out=out, x_grad=x_grad, grads=grads, traffic=dict(traffic.bytes), sampled=sampled,
+                            launches=dict(step_launches), sample_launches=dict(sample_launches)))
     return results
 
 
@@ -150,16 +158,32 @@ def _check_case(case, per_rank, world):
         _close(f"{label} reassembled out", _build(cfg).unpatchify(tokens, grid), want_out)
     for r in range(world):
         _close(f"{label} no_grad eval out (rank {r})", per_rank[r]["sampled"], per_rank[r]["out"], rtol=1e-6)
+    _check_launches(case, per_rank, world)
     _close(f"{label} x.grad (sum over ranks)", sum(per_rank[r]["x_grad"] for r in range(world)), want_xg)
     for pname, want in want_grads.items():
         for r in range(world):
             _close(f"{label} grad {pname} (rank {r})", per_rank[r]["grads"][pname], want)
 
 
+def _check_launches(case, per_rank, world):
+    """Triton cases: every rank ran our attention kernels, forward and backward, once per key block (the ring:
+    one block per rank; Ulysses: the whole grid at once); torch cases launched nothing."""
+    mode, name, _ = case
+    if CONFIGS[name].get("attention_backend") != "triton":
+        assert all(not r["launches"] and not r["sample_launches"] for r in per_rank), (case, per_rank[0]["launches"])
+        return
+    blocks = CONFIGS[name]["model"]["depth"] * (world if mode == "ring" else 1)
+    for r in range(world):
+        step, sample = per_rank[r]["launches"], per_rank[r]["sample_launches"]
+        assert step.get("_attn_fwd_kernel") == blocks and sample.get("_attn_fwd_kernel") == blocks, (case, r, step)
+        assert step.get("_attn_bwd_dkdv_kernel") == blocks and step.get("_attn_bwd_dq_kernel") == blocks, \
+            (case, r, step)
+
+
 TWO_RANK_CASES = [(mode, name, True) for mode in ("ulysses", "ring") for name in (
     "full", "st_rope_frames", "window_frame_local", "st_padded", "window_rope_padded", "tile_window",
     "text_adaln_single_ckpt")] + [("ring", "st_padded", False), ("ulysses", "full", False),
-                                  ("ring", "triton_padded", True)]
+                                  ("ring", "triton_padded", True), ("ulysses", "triton_padded", True)]
 FOUR_RANK_CASES = [("usp", name, True) for name in (
     "full", "st_rope_frames", "st_padded", "window_rope_padded", "text_adaln_single_ckpt")] + [
     ("ring", "st_padded", True), ("ulysses", "heads4", True), ("usp", "window_rope_padded", False)]
@@ -195,36 +219,104 @@ def _bad_input_worker(rank, world):
     return messages
 
 
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _guard_message(model):
+    """What an optimizer step on the model's gradients says now ("" when it steps)."""
+    try:
+        torch.optim.SGD(model.parameters(), lr=0.0).step()
+    except RuntimeError as exc:
+        return str(exc)
+    return ""
+
+
+def _grad_sync_worker(rank, world):
+    """grad_sync="auto" and "manual" on one configuration: the gradients after each phase, the bytes a
+    reduce_gradients call with nothing pending sends, and what an optimizer step says."""
+    cfg, mesh, got = CONFIGS["st_padded"], _meshes(world)["ring"], {}
+    # auto: each backward ends summed; a second backward (no zeroing) adds a second summed gradient
+    model = sequence_parallel(_build(cfg), mesh, "ring")
+    _step(model, cfg)
+    got["auto_1"], got["auto_guard_1"] = _grads(model), _guard_message(model)
+    with comm.count_traffic() as traffic:
+        reduce_gradients(model)
+    got["auto_reduce_bytes"] = sum(traffic.bytes.values())
+    _step(model, cfg)
+    got["auto_2"] = _grads(model)
+    # manual: the local shares until reduce_gradients; an optimizer step before it raises
+    model = sequence_parallel(_build(cfg), mesh, "ring", grad_sync="manual")
+    _step(model, cfg)
+    got["manual_local"], got["manual_guard"] = _grads(model), _guard_message(model)
+    reduce_gradients(model)
+    got["manual_1"], got["manual_guard_1"] = _grads(model), _guard_message(model)
+    with comm.count_traffic() as traffic:
+        reduce_gradients(model)
+    got["manual_reduce_bytes"] = sum(traffic.bytes.values())
+    _step(model, cfg)  # accumulates onto the summed gradients: only the new shares are summed next
+    reduce_gradients(model)
+    got["manual_2"] = _grads(model)
+    return got
+
+
+def _check_grad_sync(got, world):
+    _, _, want = _single_process("st_padded")
+    for r in range(world):
+        g = got[r]
+        for phase, factor in (("auto_1", 1), ("auto_2", 2), ("manual_1", 1), ("manual_2", 2)):
+            assert set(g[phase]) == set(want), phase
+            for pname, w in want.items():
+                _close(f"grad_sync {phase} grad {pname} (rank {r})", g[phase][pname], factor * w)
+        assert g["auto_reduce_bytes"] == 0 and g["manual_reduce_bytes"] == 0, "reduce_gradients summed twice"
+        assert g["auto_guard_1"] == "" and g["manual_guard_1"] == "", (g["auto_guard_1"], g["manual_guard_1"])
+        assert "SGD.step() on gradients that hold this rank's share only" in g["manual_guard"], g["manual_guard"]
+        assert "reduce_gradients(model)" in g["manual_guard"] and "'x_embedder.proj.weight'" in g["manual_guard"], g["manual_guard"]
+    for pname, w in want.items():  # what the guard stopped: each rank's share, the sum of them the gradient
+        _close(f"manual local shares of {pname} sum to the gradient", sum(got[r]["manual_local"][pname]
+                                                                         for r in range(world)), w)
+    assert any(not torch.allclose(got[0]["manual_local"][n], w) for n, w in want.items())
+
+
 def _fsdp_worker(rank, world):
     """Sequence parallel under FSDP2 (fp32), both ways: sharded over the same ranks (FSDP's reduce-scatter
-    sums the ranks' shares: the loss is scaled by the degree, since FSDP averages; no reduce_gradients),
-    and over the mesh's data-parallel dimension (size 1 here) with reduce_gradients on DTensor gradients."""
+    sums the ranks' shares: the loss is scaled by the degree, since FSDP averages; reduce_gradients must add
+    nothing), and over the mesh's data-parallel dimension (size 1 here): the local shards of the DTensor
+    gradients summed at the end of backward (auto), or by reduce_gradients (manual; the optimizer refuses
+    to step before it)."""
     from torch.distributed.device_mesh import init_device_mesh
     from dit_fast.parallel import apply_fsdp, init_from_env
-    cfg, grads = CONFIGS["st_padded"], {}
+    cfg, grads, guards = CONFIGS["st_padded"], {}, {}
     dims, mesh = init_from_env(ulysses=world)  # reuses the group; mesh ("dp", "ring", "ulysses") = (1, 1, 2)
-    for name, shard_mesh, mode, scale in (("same_ranks_ring", init_device_mesh("cpu", (world,)), "ring", world),
-                                          ("dp_dim_ulysses", mesh["dp"], "ulysses", 1)):
-        model = apply_fsdp(sequence_parallel(_build(cfg), mesh if mode == "ulysses" else _meshes(world)[mode], mode),
-                           shard_mesh, mixed_precision=None)
+    for name, shard_mesh, mode, scale, sync in (
+            ("same_ranks_ring", init_device_mesh("cpu", (world,)), "ring", world, "auto"),
+            ("dp_dim_ulysses", mesh["dp"], "ulysses", 1, "auto"),
+            ("dp_dim_ulysses_manual", mesh["dp"], "ulysses", 1, "manual")):
+        sp_mesh = mesh if mode == "ulysses" else _meshes(world)[mode]
+        model = apply_fsdp(sequence_parallel(_build(cfg), sp_mesh, mode, grad_sync=sync), shard_mesh,
+                           mixed_precision=None)
         x, t, extra = _inputs(cfg)
         out = model(x, t, force_drop_ids=torch.tensor([False, True]), **extra)
         (scale * (out * _loss_weights(out.shape)).sum()).backward()
-        if scale == 1:
-            reduce_gradients(model)
+        guards[name] = _guard_message(model)
+        reduce_gradients(model)  # manual: the sum; auto: nothing left to sum
         grads[name] = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
-    return dict(grads=grads, dims=(dims.dp, dims.ring, dims.ulysses, dims.sp_mode), mesh=list(mesh.mesh_dim_names))
+    return dict(grads=grads, guards=guards, dims=(dims.dp, dims.ring, dims.ulysses, dims.sp_mode),
+                mesh=list(mesh.mesh_dim_names))
 
 
 def _two_rank_worker(rank, world):
     return dict(cases=_sp_worker(rank, world, TWO_RANK_CASES), bad=_bad_input_worker(rank, world),
-                fsdp=_fsdp_worker(rank, world))
+                grad_sync=_grad_sync_worker(rank, world), fsdp=_fsdp_worker(rank, world))
 
 
 def _check_fsdp(fsdp, world):
     _, _, want = _single_process("st_padded")
     for r in range(world):
         assert fsdp[r]["dims"] == (1, 1, 2, "ulysses") and fsdp[r]["mesh"] == ["dp", "ring", "ulysses"]
+        guards = fsdp[r]["guards"]
+        assert guards["same_ranks_ring"] == "" and guards["dp_dim_ulysses"] == "", guards
+        assert "were not summed over the sequence-parallel ranks" in guards["dp_dim_ulysses_manual"], guards
         for how, grads in fsdp[r]["grads"].items():
             assert set(grads) == set(want), how
             for pname, g in grads.items():
@@ -299,12 +391,14 @@ def _check_frame_local_traffic(cases, results):
 
 def test_two_ranks_equal_one_process(tmp_path):
     """Ulysses and ring on 2 processes, every configuration (one group of processes: starting them is the
-    slow part); bad configurations raise the same clear error on every rank and leave the group usable;
-    under FSDP2 the gradients are one process's too."""
+    slow part), the Triton kernels among them; bad configurations raise the same clear error on every rank
+    and leave the group usable; automatic and manual gradient sums; under FSDP2 the gradients are one
+    process's too."""
     results = run_distributed(_two_rank_worker, 2, tmp_path, timeout_s=60)
     _check_group(TWO_RANK_CASES, [r["cases"] for r in results], 2)
     _check_bad_input([r["bad"] for r in results])
     _check_frame_local_traffic(TWO_RANK_CASES, results[0]["cases"])
+    _check_grad_sync([r["grad_sync"] for r in results], 2)
     _check_fsdp([r["fsdp"] for r in results], 2)
 
 

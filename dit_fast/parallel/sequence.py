@@ -2,8 +2,7 @@
 
     model = sequence_parallel(model, mesh, mode="ulysses" | "ring" | "usp", gather_output=True)
     out = model(x, t, y)             # every rank: the same full inputs, the same full output
-    loss.backward()
-    reduce_gradients(model)          # sum the parameter gradients over the sequence-parallel ranks
+    loss.backward()                  # ends with the parameter gradients summed over the ranks (as DDP)
 
 How the tokens are split (TokenShard): the N = ulysses x ring ranks each hold one contiguous chunk of
 the raster-order sequence. When N divides the frames, a chunk is whole frames: attention that stays
@@ -24,13 +23,17 @@ Attention, per layer (SequenceParallelAttention swapped in for each SpacetimeAtt
 
 Gradients: every rank back-propagates the same loss through the gathered output (its backward
 keeps this rank's slice, no communication), so each rank's parameter gradients hold its tokens'
-share: reduce_gradients(model) sums them over the sequence-parallel ranks (before the optimizer, as
-DDP would). With FSDP2 (dit_fast.parallel.apply_fsdp) over the mesh's "dp" dimension, call it as well
-(it sums the local shards of the DTensor gradients); with FSDP2 over every rank, sequence-parallel ones
-included (the least memory: benchmarks/parallel_plan.py's setup), FSDP's reduce-scatter already sums
-the shares but divides by the world size: skip reduce_gradients and multiply the loss by the
-sequence-parallel degree. Random draws inside the model (classifier-free-guidance dropout) and the
-training inputs must be the same on every rank of a sequence-parallel group: seed by data-parallel rank.
+share until they are summed over the sequence-parallel ranks (dit_fast/parallel/grad_sync.py).
+grad_sync="auto" (the default) sums them at the end of every backward, as DDP does; "manual" leaves
+it to reduce_gradients(model) (once after several backwards, say), and an optimizer step on gradients
+not yet summed raises. reduce_gradients never sums twice: after "auto" it does nothing. With FSDP2
+(dit_fast.parallel.apply_fsdp) over every rank, sequence-parallel ones included (the least memory:
+benchmarks/parallel_plan.py's setup), FSDP's reduce-scatter sums the shares but divides by the world
+size: multiply the loss by the sequence-parallel degree. Over the mesh's "dp" dimension only, the
+local shards of the DTensor gradients are summed over the sequence-parallel ranks after FSDP's own
+reduction (automatically or by reduce_gradients). Random draws inside the model (classifier-free-guidance
+dropout) and the training inputs must be the same on every rank of a sequence-parallel group: seed by
+data-parallel rank.
 """
 
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from torch import Tensor, nn
 from dit_fast.nn.attention import SpacetimeAttention
 from dit_fast.ops.flash_attention import spacetime_attention
 from dit_fast.parallel import comm
+from dit_fast.parallel.grad_sync import GRAD_SYNC, GradSync
 from dit_fast.parallel.mesh import SP_MODES, mesh_dim_group
 from dit_fast.parallel.ring import DenseBlocks, MaskedBlocks, pair_mask, ring_attention, rope_on_tokens
 
@@ -125,11 +129,13 @@ class SequenceParallel:
     DiTVideo calls embed_patches / shard_tokens / shard_groups / gather_tokens (its hooks), and
     SequenceParallelAttention calls attention(). Holds no parameters."""
 
-    def __init__(self, mesh, mode: str, gather_output: bool):
+    def __init__(self, mesh, mode: str, gather_output: bool, grad_sync: str = "auto"):
         if mode not in SP_MODES:
             raise ValueError(f"mode must be one of {SP_MODES}, got {mode!r}")
         if not isinstance(gather_output, bool):
             raise TypeError(f"gather_output must be True or False, got {gather_output!r}")
+        if grad_sync not in GRAD_SYNC:
+            raise ValueError(f"grad_sync must be one of {GRAD_SYNC}, got {grad_sync!r}")
         self.mode, self.gather_output = mode, gather_output
         self.ulysses_group = mesh_dim_group(mesh, "ulysses", f"mode={mode!r}") if mode != "ring" else None
         self.ring_group = mesh_dim_group(mesh, "ring", f"mode={mode!r}") if mode != "ulysses" else None
@@ -142,9 +148,10 @@ class SequenceParallel:
         self.ring_rank = comm.group_rank(self.ring_group) if self.ring_group is not None else 0
         self.degree = self.ulysses_size * self.ring_size
         self.index = self.ring_rank * self.ulysses_size + ulysses_rank  # the chunk this rank holds
+        self.grad_sync = GradSync([self.ulysses_group, self.ring_group], grad_sync)
 
     def describe(self) -> str:
-        return f"{self.mode}: ulysses {self.ulysses_size} x ring {self.ring_size}"
+        return f"{self.mode}: ulysses {self.ulysses_size} x ring {self.ring_size}, grad_sync={self.grad_sync.mode!r}"
 
     def shard(self, grid: Sequence[int]) -> TokenShard:
         check_shardable(grid, self.degree)
@@ -188,14 +195,6 @@ class SequenceParallel:
         if self.ring_group is not None:
             x = comm.gather_tokens(x, 1, self.ring_group)
         return x[:, :shard.num_tokens]
-
-    def reduce_gradients(self, parameters) -> None:
-        """Sums .grad over the sequence-parallel ranks, in place (DTensor gradients: their local shards)."""
-        grads = [p.grad for p in parameters if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        for group in (self.ulysses_group, self.ring_group):
-            if group is not None:
-                comm.all_reduce_sum(grads, group)
 
     # -- attention -----------------------------------------------------------------------------
 
@@ -299,14 +298,17 @@ class SequenceParallelAttention(nn.Module):
                 f"window_tile={self.window_tile}, rope={self.rope!r}, {self.plan.describe()}")
 
 
-def sequence_parallel(model: nn.Module, mesh, mode: str = "ulysses", gather_output: bool = True) -> nn.Module:
+def sequence_parallel(model: nn.Module, mesh, mode: str = "ulysses", gather_output: bool = True,
+                      grad_sync: str = "auto") -> nn.Module:
     """Splits a DiTVideo's tokens over ``mesh`` (in place; returns the model). See the module docstring.
 
     mesh: a DeviceMesh. mode "ulysses" uses its dim "ulysses" (or its only dim), "ring" its dim "ring"
     (or its only dim), "usp" both. gather_output=False: forward returns this rank's output tokens
     (B, n, pt * ph * pw * C), its chunk of the raster order without padding; the chunks of the ranks in
-    order, concatenated, are model.unpatchify's input. Every check runs before any communication, so
-    a bad configuration raises the same error on every rank.
+    order, concatenated, are model.unpatchify's input. grad_sync "auto": every backward ends with the
+    parameter gradients summed over the sequence-parallel ranks; "manual": reduce_gradients(model) does
+    it, and an optimizer step before it raises. Every check runs before any communication, so a bad
+    configuration raises the same error on every rank.
     """
     from dit_fast.models.dit_video import DiTVideo
 
@@ -314,7 +316,7 @@ def sequence_parallel(model: nn.Module, mesh, mode: str = "ulysses", gather_outp
         raise TypeError(f"sequence_parallel splits a dit_fast DiTVideo, got {type(model).__name__}")
     if model.sequence_parallel_plan is not None:
         raise ValueError(f"this model is already sequence parallel ({model.sequence_parallel_plan.describe()})")
-    plan = SequenceParallel(mesh, mode, gather_output)
+    plan = SequenceParallel(mesh, mode, gather_output, grad_sync)
     if model.num_heads % plan.ulysses_size:
         raise ValueError(f"num_heads = {model.num_heads} is not divisible by the Ulysses degree {plan.ulysses_size} "
                          f"(mode={mode!r}): Ulysses gives each rank num_heads / degree heads; use a degree that "
@@ -326,16 +328,34 @@ def sequence_parallel(model: nn.Module, mesh, mode: str = "ulysses", gather_outp
     for block in model.blocks:
         block.attn = SequenceParallelAttention(block.attn, plan)
     model.sequence_parallel_plan = plan
+    plan.grad_sync.track(model)
+    model.register_forward_pre_hook(_track_parameters)  # parameters FSDP2 (re)placed since
     return model
 
 
-def reduce_gradients(model: nn.Module) -> None:
-    """Sums the parameter gradients of a sequence-parallel model over its sequence-parallel ranks."""
+def _track_parameters(model: nn.Module, args) -> None:
+    model.sequence_parallel_plan.grad_sync.track(model)
+
+
+def _plan_of(model: nn.Module, caller: str) -> SequenceParallel:
     plan = getattr(model, "sequence_parallel_plan", None)
     if plan is None:
-        raise ValueError("reduce_gradients: the model is not sequence parallel (call sequence_parallel first)")
-    plan.reduce_gradients(model.parameters())
+        raise ValueError(f"{caller}: the model is not sequence parallel (call sequence_parallel first)")
+    return plan
 
 
-__all__ = ["sequence_parallel", "reduce_gradients", "SequenceParallel", "SequenceParallelAttention", "TokenShard",
+def reduce_gradients(model: nn.Module) -> None:
+    """Sums the parameter gradients of a sequence-parallel model over its sequence-parallel ranks: the
+    shares added since the last sum only (a no-op after grad_sync="auto", or when called twice)."""
+    _plan_of(model, "reduce_gradients").grad_sync.reduce()
+
+
+def gradients_summed_elsewhere(model: nn.Module) -> None:
+    """Tells a grad_sync="manual" model that the caller has summed its gradients over (at least) its
+    sequence-parallel ranks itself, e.g. one all-reduce over every rank (dit-fast train does): what the
+    optimizer guard waits for, without another sum."""
+    _plan_of(model, "gradients_summed_elsewhere").grad_sync.settle()
+
+
+__all__ = ["sequence_parallel", "reduce_gradients", "gradients_summed_elsewhere", "SequenceParallel", "SequenceParallelAttention", "TokenShard",
            "check_shardable"]
