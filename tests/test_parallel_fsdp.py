@@ -263,18 +263,39 @@ def _block_view_worker(rank, world):
     from dit_fast.models import DiTVideo
     from dit_fast.parallel import apply_fsdp
 
-    torch.manual_seed(0)
-    model = DiTVideo(input_size=(2, 8, 8), patch_size=(1, 4, 4), in_channels=3, hidden_size=32, depth=2,
-                     num_heads=2, num_classes=4, learn_sigma=False)
-    apply_fsdp(model, init_device_mesh("cpu", (world,)), None)
-    with warnings.catch_warnings(record=True) as caught:
-        out = model(torch.randn(2, 3, 2, 8, 8), torch.rand(2), torch.tensor([0, 1]))
-        out.square().mean().backward()
-    return [str(w.message) for w in caught if "returned a view tensor" in str(w.message)]
+    def forward_backward(model):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # nothing hidden by the defaults: only apply_fsdp's own silencing
+            out = model(torch.randn(2, 3, 2, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+            out.square().mean().backward()
+        return [str(w.message) for w in caught if "returned a view tensor" in str(w.message)]
+
+    def build():
+        torch.manual_seed(0)
+        return DiTVideo(input_size=(2, 8, 8), patch_size=(1, 4, 4), in_channels=3, hidden_size=32, depth=2,
+                        num_heads=2, num_classes=4, learn_sigma=False)
+
+    mesh = init_device_mesh("cpu", (world,))
+    before = list(warnings.filters)
+    model = apply_fsdp(build(), mesh, None)
+    after = list(warnings.filters)
+    silenced = forward_backward(model)
+    after_forward = list(warnings.filters)
+    # the same blocks sharded by a bare fully_shard: FSDP2 still warns there (the silencing is apply_fsdp's)
+    from torch.distributed.fsdp import fully_shard
+    bare = build()
+    for block in bare.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(bare, mesh=mesh)
+    return dict(silenced=silenced, bare=forward_backward(bare), same_filters=before == after == after_forward,
+                added=[str(f) for f in after if f not in before])
 
 
 def test_apply_fsdp_dit_blocks_warn_no_view(tmp_path):
     """DiTVideoBlock returns its MLP branch as a view (no copy per block): apply_fsdp silences FSDP2's
-    warning about that for this class only, since nothing modifies the branch in place."""
-    (messages,) = run_distributed(_block_view_worker, 1, tmp_path, timeout_s=60)
-    assert messages == []
+    warning about that for this class only, since nothing modifies the branch in place, and only while
+    FSDP's post-forward hook of such a block runs: the process-wide warning filters are unchanged."""
+    (got,) = run_distributed(_block_view_worker, 1, tmp_path, timeout_s=60)
+    assert got["same_filters"], f"apply_fsdp changed warnings.filters: added {got['added']}"
+    assert got["silenced"] == []
+    assert len(got["bare"]) >= 2 and "DiTVideoBlock) returned a view tensor" in got["bare"][0], got["bare"]

@@ -85,10 +85,40 @@ def apply_fsdp(model: nn.Module, mesh, mixed_precision: Optional[str] = "bf16",
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # DiTVideoBlock returns its MLP branch as a view (nn.Linear's 3-D output) and never lets anything modify
     # it in place, which is what FSDP2's "returned a view tensor" warning is about; a copy per block to
-    # silence it would cost an activation's read and write. Only that class's warning is ignored (fully_shard
-    # renames the class FSDPDiTVideoBlock).
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDP)?DiTVideoBlock\) returned a view tensor",
-                            category=UserWarning)
+    # silence it would cost an activation's read and write. That warning is ignored for DiTVideoBlock alone,
+    # and only while FSDP's post-forward hook of such a block runs: the process-wide filters are left as
+    # they were (fully_shard renames the class FSDPDiTVideoBlock).
+    from dit_fast.models.dit_video import DiTVideoBlock
+
+    for block in blocks:
+        if isinstance(block, DiTVideoBlock):
+            _quiet_returned_view(block)
     # the root: the parameters no block owns; its gathered weights are needed again first in backward
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for module in model.modules():  # sequence-parallel models: hook the sharded parameters' gradient sums
+        plan = getattr(module, "sequence_parallel_plan", None)
+        if plan is not None:
+            plan.grad_sync.track(module, fsdp=True)
     return model
+
+
+_RETURNED_VIEW = r"FSDP2-wrapped module \((FSDP)?DiTVideoBlock\) returned a view tensor"
+
+
+def _quiet_returned_view(block: nn.Module) -> None:
+    """Ignores FSDP2's returned-view warning inside ``block``'s post-forward hooks only: a forward hook put
+    before FSDP's enters a warnings.catch_warnings() context, one after it (always called) leaves it."""
+    contexts = []
+
+    def enter(module, args, output):
+        context = warnings.catch_warnings()
+        context.__enter__()
+        contexts.append(context)
+        warnings.filterwarnings("ignore", message=_RETURNED_VIEW, category=UserWarning)
+
+    def leave(module, args, output):
+        if contexts:
+            contexts.pop().__exit__(None, None, None)
+
+    block.register_forward_hook(enter, prepend=True)
+    block.register_forward_hook(leave, always_call=True)
