@@ -100,7 +100,8 @@ def split_sequence(dit, mesh, dims) -> None:
     if dims.sp > 1:
         from dit_fast.parallel import sequence_parallel
 
-        sequence_parallel(dit, mesh, mode=dims.sp_mode)
+        # sync_gradients sums every parameter over all ranks once per step (text encoder included)
+        sequence_parallel(dit, mesh, mode=dims.sp_mode, grad_sync="manual")
 
 
 def parallelize(model, cfg: TrainConfig, par: Parallel):
@@ -127,6 +128,10 @@ def sync_gradients(model, par: Parallel) -> None:
     if par.dp_size > 1:
         for g in grads:
             g.div_(par.dp_size)
+    if getattr(model.dit, "sequence_parallel_plan", None) is not None:
+        from dit_fast.parallel.sequence import gradients_summed_elsewhere
+
+        gradients_summed_elsewhere(model.dit)  # the sum above covered its sequence-parallel ranks
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +169,9 @@ def sharded_checkpoint(path) -> str:
 
 
 def checkpoint_step(ckpt_dir: str) -> int:
-    return int(_STEP_DIR.match(os.path.basename(os.path.abspath(ckpt_dir))).group(1))
+    from dit_fast.parallel.checkpoint import step_of  # also .step_N.partial / .old, named during a same-step save
+
+    return step_of(os.path.abspath(ckpt_dir))
 
 
 def read_run_info(path) -> dict:
