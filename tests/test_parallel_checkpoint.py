@@ -274,6 +274,113 @@ def test_killed_save_leaves_the_previous_one_loadable(tmp_path):
     assert sorted(os.listdir(root)) == ["latest", "step_00000003"]
 
 
+class _Killed(BaseException):
+    """A simulated kill: not an Exception, so no handler on the way reports it as a failed save."""
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _loaded_params(root):
+    model = make_net(seed=5)
+    ckpt.load_checkpoint(root, model=model)
+    return _params(model)
+
+
+def test_saving_a_step_again_is_atomic_under_a_kill(tmp_path, monkeypatch):
+    """step 1 saved, then saved again with other weights, killed before the k-th rename / replace / removal
+    of the publish, for every k: latest always names a complete directory that loads the old or the new
+    weights, and the next save finishes the swap (nothing left behind)."""
+    import shutil
+
+    old_model, new_model = make_net(seed=1), make_net(seed=2)
+    old, new = _params(old_model), _params(new_model)
+    template = tmp_path / "template"
+    ckpt.save_checkpoint(template, 1, model=old_model)
+    ops = {"count": 0, "kill_at": None, "armed": False}
+    publish = ckpt._publish
+
+    def armed_publish(*args):  # observes where publishing starts; the publish itself runs unchanged
+        ops["armed"] = True
+        return publish(*args)
+
+    def killable(fn):
+        def op(*args, **kwargs):
+            if ops["armed"]:
+                ops["count"] += 1
+                if ops["count"] == ops["kill_at"]:
+                    raise _Killed(f"killed before {fn.__name__}{args}")
+            return fn(*args, **kwargs)
+        return op
+
+    monkeypatch.setattr(ckpt, "_publish", armed_publish)
+    for module, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree")):
+        monkeypatch.setattr(module, name, killable(getattr(module, name)))
+    def which(got):
+        return "new" if all(torch.equal(got[n], new[n]) for n in new) else \
+            "old" if all(torch.equal(got[n], old[n]) for n in old) else "neither"
+
+    seen, after, k = [], [], 1
+    while True:
+        root = tmp_path / f"run{k}"
+        shutil.copytree(template, root)
+        ops.update(count=0, kill_at=k, armed=False)
+        try:
+            ckpt.save_checkpoint(root, 1, model=new_model)
+        except _Killed:
+            pass
+        else:
+            break  # k is past the last operation: the save completed
+        ops.update(armed=False, kill_at=None)
+        latest = (root / "latest").read_text().strip()
+        assert (root / latest / ".metadata").is_file(), f"kill {k}: latest names {latest!r}, not a checkpoint"
+        seen.append(which(_loaded_params(root)))
+        ckpt.save_checkpoint(root, 2, model=old_model)  # any later save finishes (or drops) the swap first
+        assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"], (k, os.listdir(root))
+        after.append(which(_loaded_params(root / "step_00000001")))
+        k += 1
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001"] and which(_loaded_params(root)) == "new"
+    assert "neither" not in seen + after and "old" in seen and "new" in seen and len(seen) >= 5, (seen, after)
+    assert after == sorted(after, key=["old", "new"].index), f"once published, never undone: {after}"
+
+
+def _rank0_fails_worker(rank, world, base):
+    """Rank 0 cannot create the root (a file is in the way), then cannot publish (``latest`` is a directory):
+    every rank gets the error; how long each took, and the group still works."""
+    import time
+
+    model, out = make_net(), {}
+    for case, root in (("prepare", os.path.join(base, "a_file", "run")), ("publish", os.path.join(base, "run"))):
+        start = time.monotonic()
+        try:
+            ckpt.save_checkpoint(root, 1, model=model)
+            out[case] = "no error"
+        except ckpt.CheckpointSaveError as e:
+            out[case] = str(e)
+        out[f"{case}_s"] = time.monotonic() - start
+        torch.distributed.barrier()
+    ok = torch.ones(1)
+    torch.distributed.all_reduce(ok)
+    out["healthy"] = int(ok.item())
+    return out
+
+
+def test_a_failure_on_rank0_reaches_every_rank(tmp_path):
+    base = tmp_path / "shared"
+    base.mkdir()
+    (base / "a_file").write_text("in the way\n")
+    (base / "run" / "latest").mkdir(parents=True)
+    timeout = 30
+    results = run_distributed(_rank0_fails_worker, 2, tmp_path, str(base), timeout_s=timeout)
+    for rank, got in enumerate(results):
+        assert "preparing" in got["prepare"] and "rank 0 failed: " in got["prepare"] \
+            and "Error" in got["prepare"], (rank, got["prepare"])
+        assert "publishing" in got["publish"] and "IsADirectoryError" in got["publish"], (rank, got["publish"])
+        assert got["prepare_s"] < timeout / 3 and got["publish_s"] < timeout / 3, (rank, got)
+        assert got["healthy"] == 2
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))

@@ -15,7 +15,14 @@ newest complete one.
   8, or into one process (``export_safetensors``).
 * Atomic: a save writes into ``root/.step_N.partial``, then rank 0 renames it to ``step_N`` and
   replaces ``latest`` (write a temporary file, fsync, os.replace). A save killed at any point leaves the
-  previous checkpoint and ``latest`` as they were; the next save clears the partial directory.
+  previous checkpoint and ``latest`` as they were; the next save clears the partial directory. Saving a
+  step that exists already swaps the two copies in an order where ``latest`` always names a complete
+  directory, the old copy or the new one (``_publish``; ``latest`` may name ``.step_N.partial`` or
+  ``.step_N.old`` for a moment), and the next save finishes a swap that was killed halfway.
+* Errors reach every rank: what rank 0 does alone (creating the root, clearing a partial directory,
+  publishing, deleting old steps) ends with a broadcast of its outcome, so a failure there raises
+  CheckpointSaveError on every rank at once instead of leaving the others in a barrier until the
+  process group's timeout.
 * Only tensors: every non-tensor value (the optimizer's step counts, lr, betas, ...) is stored as a
   0-d or 1-d tensor and decoded on load from the current optimizer's types; strings and None (settings
   such as proj_type) are not stored: they come from the current optimizer, whose load_state_dict checks
@@ -49,6 +56,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, Mapping, Optional
@@ -67,8 +75,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from dit_fast.models.checkpoint import CheckpointError, CheckpointNotFoundError
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+# what ``latest`` may name: a step directory, or for a moment during a same-step swap its hidden copies
+_LATEST_NAME = re.compile(r"^(?:step_(\d{8,})|\.step_(\d{8,})\.(?:partial|old))$")
 _METADATA = ".metadata"
-
 
 
 class CheckpointSaveError(RuntimeError):
@@ -368,6 +377,35 @@ def _barrier(group) -> None:
         dist.barrier(group=group)
 
 
+_OUTCOME_BYTES = 2048
+
+
+def _on_rank0(fn, rank0: bool, group, what: str) -> None:
+    """Runs ``fn`` on rank 0 only, then tells every rank how it went (one broadcast, also a barrier): an
+    exception on rank 0 becomes a CheckpointSaveError on every rank, not a peer stuck in a barrier."""
+    error = None
+    if rank0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported to every rank below, then raised
+            error = e
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    if _distributed():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+            else torch.device("cpu")
+        box = torch.zeros(_OUTCOME_BYTES, dtype=torch.uint8, device=device)
+        if message is not None:  # byte 0: 1 = failed; then the message, utf-8, truncated
+            data = message.encode("utf-8", "replace")[:_OUTCOME_BYTES - 1]
+            box[0] = 1
+            box[1:1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+        source = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.broadcast(box, src=source, group=group)
+        if box[0].item():
+            message = bytes(box[1:].cpu().tolist()).rstrip(b"\0").decode("utf-8", "replace")
+    if message is not None:
+        raise CheckpointSaveError(f"{what}; rank 0 failed: {message}") from error
+
+
 @contextlib.contextmanager
 def _quiet_single_process():
     """DCP warns on every single-process save / load that it assumes one process: that is intended here."""
@@ -406,16 +444,85 @@ def _complete_steps(root: Path):
     return sorted(steps)
 
 
+def _latest_name(root: Path) -> Optional[str]:
+    pointer = root / "latest"
+    try:
+        name = pointer.read_text().strip() if pointer.is_file() else None
+    except OSError:
+        return None
+    return name if name is not None and _LATEST_NAME.match(name) else None
+
+
+def step_of(ckpt_dir) -> int:
+    """The step of a checkpoint directory: ``step_N``, or ``.step_N.partial`` / ``.step_N.old`` (what
+    ``latest`` names while the same step is being saved again)."""
+    match = _LATEST_NAME.match(Path(ckpt_dir).name)
+    if match is None:
+        raise ValueError(f"{os.fspath(ckpt_dir)!r} is not a checkpoint step directory (step_<8+ digits>)")
+    return int(match.group(1) or match.group(2))
+
+
 def latest_checkpoint(root) -> Optional[Path]:
     """The newest complete checkpoint directory under root (what ``latest`` names), or None."""
     root = Path(root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if _STEP_DIR.match(name) and (root / name / _METADATA).is_file():
-            return root / name
-    steps = _complete_steps(root)  # latest missing or stale (a save killed between its two renames)
+    name = _latest_name(root)
+    if name is not None and (root / name / _METADATA).is_file():
+        return root / name
+    steps = _complete_steps(root)  # latest missing or stale (a first save killed between rename and pointer)
     return steps[-1][1] if steps else None
+
+
+def _publish(root: Path, name: str) -> None:
+    """Rank 0: makes the complete ``.<name>.partial`` the checkpoint ``name`` and points ``latest`` at it.
+
+    A new step: one rename, then ``latest``. The same step again (``name`` exists): every state between
+    two of these operations has ``latest`` naming a complete directory, the old copy or the new one:
+
+        latest := .name.partial (new)    name -> .name.old    latest := .name.old (old)
+        .name.partial -> name            latest := name (new)  remove .name.old
+    """
+    final, partial, old = root / name, root / f".{name}.partial", root / f".{name}.old"
+    if not final.exists():
+        os.rename(partial, final)
+        _fsync_dir(root)
+        _write_latest(root, name)
+        return
+    if old.exists():  # left by an earlier swap; ``latest`` names ``name`` or another step, never it
+        shutil.rmtree(old)
+    _write_latest(root, partial.name)
+    _finish_swap(root, name)
+
+
+def _finish_swap(root: Path, name: str) -> None:
+    """Continues a same-step swap from the state ``latest`` says it reached (also after a killed save)."""
+    final, partial, old = root / name, root / f".{name}.partial", root / f".{name}.old"
+    at = _latest_name(root)
+    if at == partial.name:
+        if final.exists():
+            os.rename(final, old)
+            _fsync_dir(root)
+        if old.exists():
+            _write_latest(root, old.name)
+            at = old.name
+    if at == old.name and partial.exists():
+        os.rename(partial, final)
+        _fsync_dir(root)
+    if final.exists():
+        _write_latest(root, name)
+    if old.exists() and _latest_name(root) == name:
+        shutil.rmtree(old)
+
+
+def _recover(root: Path) -> None:
+    """Rank 0, before a save: finishes a same-step swap that a killed save left halfway, then removes what
+    killed or failed saves left behind (``.step_N.partial``, ``.step_N.old``) that ``latest`` does not name."""
+    at = _latest_name(root)
+    if at is not None and at.startswith("."):
+        _finish_swap(root, f"step_{step_of(at):08d}")
+    at = _latest_name(root)
+    for child in root.iterdir():
+        if child.name != at and child.name.startswith(".") and _LATEST_NAME.match(child.name):
+            shutil.rmtree(child)
 
 
 def _resolve(path) -> Path:
@@ -470,11 +577,15 @@ def save_checkpoint(root, step: int, *, model: nn.Module, optimizer: Optional[to
     name = f"step_{step:08d}"
     final, partial = root / name, root / f".{name}.partial"
     rank0 = dist.get_rank(process_group) == 0 if _distributed() else True
-    if rank0:
+
+    def prepare():
         root.mkdir(parents=True, exist_ok=True)
+        _recover(root)
         if partial.exists():  # left by a save that was killed
             shutil.rmtree(partial)
-    _barrier(process_group)
+
+    _on_rank0(prepare, rank0, process_group, f"preparing {os.fspath(final)!r}: the previous checkpoint and "
+                                                 f"{os.fspath(root / 'latest')!r} are untouched")
     try:
         with _quiet_single_process():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(partial, sync_files=True),
@@ -484,24 +595,17 @@ def save_checkpoint(root, step: int, *, model: nn.Module, optimizer: Optional[to
                                   f"checkpoint and {os.fspath(root / 'latest')!r} are untouched: "
                                   f"{'; '.join(repr(p[0]) for p in e.failures.values())}") from None
     _barrier(process_group)  # every rank's shards and rank 0's .metadata are on disk
-    if rank0:
+
+    def publish():
         _fsync_dir(partial)
-        if final.exists():  # the same step saved again: the old copy goes only once the new one is complete
-            old = root / f".{name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(final, old)
-            os.rename(partial, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(partial, final)
-        _fsync_dir(root)
-        _write_latest(root, name)
+        _publish(root, name)
         if keep is not None:
             for _, old_dir in _complete_steps(root)[:-keep]:
                 if old_dir != final:
                     shutil.rmtree(old_dir)
-    _barrier(process_group)
+
+    _on_rank0(publish, rank0, process_group, f"publishing {os.fspath(final)!r}: {os.fspath(root / 'latest')!r} "
+                                                 "names the previous checkpoint or this one, complete")
     return final
 
 
@@ -579,7 +683,37 @@ def export_safetensors(ckpt, out_path, which: str = "model", metadata: Optional[
     if step is not None:
         meta["checkpoint"] = ckpt_dir.name
     meta.update(metadata or {})
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    save_file({k: v.contiguous() for k, v in template.items()}, os.fspath(tmp), metadata=meta)
-    os.replace(tmp, out_path)
+    tensors = {k: v.contiguous() for k, v in template.items()}
+    _write_atomically(out_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return out_path
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux says it (os.umask is a set-and-restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomically(path: Path, write) -> None:
+    """write(tmp) beside ``path``, fsync, os.replace: readers see no file or a whole one, which gets the mode
+    open() would give it (0666 & ~umask, as dit_fast.train's single-file writer; safetensors writes 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
