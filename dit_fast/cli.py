@@ -190,6 +190,7 @@ def cmd_generate(args) -> int:
 def cmd_train(args) -> int:
     from dit_fast.train import (TrainConfig, Trainer, check_backend, check_launch, cleanup_distributed, find_run,
                                 launched_world_size, read_weights, resolve_device, resolve_run)
+    from dit_fast.train_config import prepare_out_dir
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.patch = tuple(cfg.patch)
@@ -204,6 +205,7 @@ def cmd_train(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     resume = None if args.no_resume else (args.resume or "auto")
+    prepare_out_dir(cfg.out_dir)  # last of the checks: creates it; before any model is built
     trainer = Trainer(cfg, resume=resume, progress_bar=not args.quiet)
     ok = False
     try:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -268,6 +269,20 @@ def launched_world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def prepare_out_dir(path: str) -> None:
+    """Creates the run directory (and its parents) and writes and removes a probe file in it, so that a
+    directory a run could not save into fails before any model is built: ConfigError naming out_dir.
+    Safe on every rank at once (exist_ok, a unique probe name); leaves the directory in place."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".dit_fast_write_check.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError("out_dir", f"cannot create or write the run directory {path!r} "
+                                     f"({type(e).__name__}: {e.strerror or e})") from None
 
 
 def _check_out_dir(path: str) -> None:

@@ -331,6 +331,50 @@ def test_every_mistake_is_one_line_and_exit_2(name, bad_files, tiny_run, capsys,
     assert (_tree(bad_files), _tree(tiny_run)) == before  # nothing created, nothing left behind
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux's /proc: a directory nobody can create in")
+@pytest.mark.parametrize("where", ["/proc/dit_fast_run", "{d}/a_file", "{d}/a_file/run"])
+def test_train_out_dir_checked_before_any_model(where, bad_files, capsys, monkeypatch):
+    """A run directory that cannot be created or written (even by root: /proc), or a file in the way: one line,
+    exit 2, before the trainer is built (today's cost of finding out late: a whole training run)."""
+    import dit_fast.train
+
+    def never(*a, **k):
+        raise AssertionError("built the trainer before checking --out-dir")
+
+    monkeypatch.setattr(dit_fast.train.Trainer, "__init__", never)
+    code = main(["train", "--out-dir", where.format(d=bad_files), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "argument --out-dir" in err and where.format(d=bad_files) in err, err
+
+
+def test_export_writes_the_same_file_modes_from_single_file_and_sharded_runs(tiny_run, tmp_path):
+    """dit-fast export: the model file and its json get the mode open() gives (0666 & ~umask) from a single-file
+    run and from a sharded one (safetensors' own writer makes 0600; mkstemp too)."""
+    import stat
+
+    from dit_fast.generate import checkpoint_paths
+    from dit_fast.models.checkpoint import read_safetensors
+    from dit_fast.parallel.checkpoint import TrainerState, save_checkpoint
+
+    tensors, meta = read_safetensors(checkpoint_paths(tiny_run)[0])
+    sharded = tmp_path / "sharded"  # the tiny run's EMA as a sharded run (one rank)
+    save_checkpoint(sharded / "dcp", int(meta["step"]), model=torch.nn.Linear(1, 1), trainer=TrainerState(
+        ema={k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, rng=False))
+    (sharded / "dcp" / "run.json").write_text(json.dumps({"config": json.loads(meta["config"]),
+                                                          "vocabulary": json.loads(meta["vocabulary"])}))
+    for umask in (0o027, 0o002):
+        old = os.umask(umask)
+        try:
+            for name, run in (("single", tiny_run), ("sharded", str(sharded))):
+                assert main(["export", run, str(tmp_path / f"{name}-u{umask:03o}.safetensors")]) == 0
+            (tmp_path / f"plain-u{umask:03o}").write_text("made by open()")
+        finally:
+            os.umask(old)
+        modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in tmp_path.glob(f"*-u{umask:03o}*")}
+        assert len(modes) == 5 and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
 def test_finished_run_says_it_is_done(tiny_run, capsys):
     argv = ["train", "--out-dir", tiny_run, *TINY]
     assert main(argv) == 0
