@@ -20,8 +20,10 @@ from dit_fast._backend import BACKENDS, BackendUnavailableError, use_backend  # 
 from dit_fast import ops, nn  # noqa: E402
 
 # Imported on first access (module __getattr__, PEP 562): name -> module, or (module, attribute).
-_LAZY_SUBMODULES = ("models", "diffusion", "optim", "integrations", "parallel", "data", "train", "generate", "cli")
-_LAZY_ATTRIBUTES = {"patch": ("dit_fast.models.patching", "patch")}  # dit_fast.patch(model)
+_LAZY_SUBMODULES = ("models", "diffusion", "optim", "integrations", "parallel", "sparse", "data", "train", "generate",
+                    "cli")
+_LAZY_ATTRIBUTES = {"patch": ("dit_fast.models.patching", "patch"),  # dit_fast.patch(model)
+                    "SparseAttention": ("dit_fast.sparse.config", "SparseAttention")}  # patch(..., sparse=...)
 
 
 def __getattr__(name):
@@ -39,5 +41,6 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY_SUBMODULES) | set(_LAZY_ATTRIBUTES))
 
 
-__all__ = ["ops", "nn", "models", "diffusion", "optim", "integrations", "parallel", "patch", "use_backend",
+__all__ = ["ops", "nn", "models", "diffusion", "optim", "integrations", "parallel", "sparse", "patch",
+           "SparseAttention", "use_backend",
            "BACKENDS", "BackendUnavailableError", "__version__"]
