@@ -10,7 +10,7 @@ Fields (all validated: a ValueError / TypeError naming the field):
     pattern       a name of dit_fast.sparse.PATTERNS ("sliding_tile", "radial", "topk"), or several (the
                   calibration then chooses among all of them, per layer and head)
     density       the sparsest kept fraction allowed, of the video token pairs (the text is always dense),
-                  in (0, 1]; 1 is dense attention on the block-sparse path
+                  in (0, 1]; 1 keeps every tile: dense attention computed by the block-sparse op
     dense_steps   the first denoising steps run dense (the step read from the timestep: schedule.py)
     dense_layers  attention layers (0-based, the model's order) that stay dense
     tolerance     None: every sparse layer and head runs ``pattern`` at ``density`` (one pattern). A number:
@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from dit_fast._checks import check_int, check_int_triple, check_number
 from dit_fast.ops.sparse_layout import TileLayout
-from dit_fast.sparse.patterns import PATTERNS
+from dit_fast.sparse.patterns import PATTERNS, video_fraction, video_mask
 
 FORMAT = "dit_fast.sparse_calibration"
 VERSION = 1
@@ -77,6 +77,13 @@ def check_choice(choice, where: str = "choice") -> Choice:
             raise TypeError(f"{where}.sink must be true or false, got {value!r}")
         out[key] = value
     return out
+
+
+def _keeps_everything(choice: Choice, layout: TileLayout) -> bool:
+    """Whether a choice keeps every tile pair (dense: no candidate of its own)."""
+    if choice["pattern"] == "topk":
+        return choice["keep"] + math.prod(choice["local"]) >= layout.n_video_tiles
+    return video_fraction(layout, video_mask(choice, layout)) >= 1 - 1e-12
 
 
 class SparseAttention:
@@ -123,8 +130,6 @@ class SparseAttention:
         """Pattern ``name`` (default: the first) at ``density`` (default: the configured one)."""
         name = name or self.patterns[0]
         density = self.density if density is None else density
-        if density >= 1:
-            return {"pattern": "dense"}
         options = {"local": list(self.local)} if name == "topk" else {}
         return {"pattern": name, **PATTERNS[name].for_density(layout, density, **options)}
 
@@ -142,7 +147,7 @@ class SparseAttention:
             for name in self.patterns:
                 choice = self.density_choice(layout, name, density)
                 key = json.dumps(choice, sort_keys=True)
-                if key not in seen:
+                if key not in seen and not _keeps_everything(choice, layout):
                     seen.add(key)
                     out.append(choice)
         return out + [{"pattern": "dense"}]
