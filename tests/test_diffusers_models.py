@@ -266,3 +266,99 @@ def test_anyflow_far_causal_processor_refuses_the_backend():
         model.set_attention_backend("dit_fast")
     with pytest.raises(ValueError, match="requires the 'flex' attention backend"):
         _run(model, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# dit_fast.patch on the families added to tests/test_diffusers.py's five
+# ---------------------------------------------------------------------------------------------
+
+# case -> the fused ops its patched forward must reach (a patch that fell through to diffusers' code reaches none)
+ADALN = {"layernorm_modulate", "gated_residual", "residual_layernorm_modulate"}
+PATCHED = {
+    "wan_vace": ADALN | {"apply_rope_3d", "attention"},
+    "wan_animate": ADALN | {"apply_rope_3d", "attention"},
+    "skyreels_v2": ADALN | {"apply_rope_3d", "attention"},
+    "skyreels_v2_df": ADALN | {"apply_rope_3d", "attention"},
+    "chronoedit": ADALN | {"attention"},  # RoPE from the model's tables (see wan.py)
+}
+# (kernel launches) the Triton kernels each patched family must launch
+KERNELS = {"_attn_fwd_kernel", "_adaln_forward_kernel"}
+PATCHED_KERNELS = {"wan_vace": KERNELS | {"_rope_3d_kernel"}, "wan_animate": KERNELS | {"_rope_3d_kernel"},
+                   "skyreels_v2": KERNELS | {"_rope_3d_kernel"}, "chronoedit": KERNELS}
+PATCH_BACKWARD = ("wan_vace", "skyreels_v2_df")
+
+
+class OpCalls:
+    """Counts the dit_fast ops the patched model reaches (observes; the patch decides nothing from it)."""
+
+    def __init__(self, monkeypatch):
+        from dit_fast import ops
+
+        self.counts = {}
+        for module, name in [(ops, n) for n in ("apply_rope_3d", *sorted(ADALN))] + [(dd_backend, "attention")]:
+            monkeypatch.setattr(module, name, self._counting(name, getattr(module, name)))
+
+    def _counting(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+
+def _patched(model, backend="auto"):
+    other = copy.deepcopy(model)
+    assert dit_fast.patch(other, backend=backend) is other
+    return other
+
+
+@pytest.mark.parametrize("case", list(PATCHED))
+def test_patched_equals_native_torch_path(case, monkeypatch):
+    model, inputs = zoo.build(case)
+    expected = _run(model, inputs)
+    patched = _patched(model)
+    calls = OpCalls(monkeypatch)
+    monkeypatch.setattr(dd_backend, "_warned", set())
+    with dit_fast.use_backend("torch"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = _run(patched, inputs)
+    _expected_warnings(case, caught)
+    for a, e in zip(actual, expected):
+        assert _rel_err(a, e) <= 1e-5
+    assert PATCHED[case] <= set(calls.counts), calls.counts
+    assert set(patched.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("case", list(PATCHED_KERNELS))
+def test_patched_on_triton_kernels(case):
+    model, inputs = zoo.build(case)
+    ref32 = _run(model, inputs)
+    ref64 = _run(copy.deepcopy(model).double(), inputs, torch.float64)
+    patched = _patched(model)
+    with dit_fast.use_backend("triton"), count_launches() as launches, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to diffusers' attention
+        actual = _run(patched, inputs, device=KERNEL_DEVICE)
+    assert PATCHED_KERNELS[case] <= {k for k, n in launches.items() if n > 0}, dict(launches)
+    for i, (a, r64, r32) in enumerate(zip(actual, ref64, ref32)):
+        assert_close_to_reference(f"{case} output {i}", a, r64, r32)
+
+
+def _grads(model, inputs):
+    model.train()
+    kwargs = inputs(torch.float32, torch.Generator().manual_seed(2))
+    x = kwargs["hidden_states"].requires_grad_(True)
+    out = zoo.tensors(model(**kwargs, return_dict=False))[0]
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("case", PATCH_BACKWARD)
+def test_patched_backward_equals_native_torch_path(case):
+    model, inputs = zoo.build(case)
+    out_ref, dx_ref, grads_ref = _grads(copy.deepcopy(model), inputs)
+    with dit_fast.use_backend("torch"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="dit_fast attention backend")  # DF's block-causal mask
+        out, dx, grads = _grads(_patched(model), inputs)
+    assert _rel_err(out, out_ref) <= 1e-5 and _rel_err(dx, dx_ref) <= 1e-5
+    assert grads.keys() == grads_ref.keys()
+    for key, ref in grads_ref.items():
+        assert _rel_err(grads[key], ref) <= 1e-5, key

@@ -14,6 +14,11 @@ DIFFUSERS_MODELS = {
     "LTXVideoTransformer3DModel": "ltx",
     "CogVideoXTransformer3DModel": "cogvideox",
     "MochiTransformer3DModel": "mochi",
+    # the Wan family: Wan's plan with a small delta each (wan.PLANS)
+    "WanVACETransformer3DModel": "wan",
+    "WanAnimateTransformer3DModel": "wan",
+    "SkyReelsV2Transformer3DModel": "wan",
+    "ChronoEditTransformer3DModel": "wan",
 }
 
 
