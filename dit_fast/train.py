@@ -44,24 +44,23 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from dit_fast.models.checkpoint import (CheckpointError, CheckpointNotFoundError, check_state_dict, read_safetensors,
                                         read_torch_file)
+from dit_fast.train_common import (  # noqa: F401  (re-exported: dit_fast.generate imports them from here)
+    DistInfo, atomic_save_safetensors, atomic_torch_save, atomic_write_text)
 from dit_fast.train_config import (  # noqa: F401  (re-exported: dit_fast.cli and the tests import them from here)
     TrainConfig, OPTIMIZERS, SP_MODES, PREDICTIONS, TIMESTEP_SAMPLING, BACKEND_CHOICES, TEXT_HEADS,
     ARCHITECTURE_FIELDS, ConfigError, _check_choice, sequence_parallel_degrees, check_launch,
     launched_world_size)
 
 # --------------------------------------------------------------------------------------------
-# Small pieces: seeds, learning rate, EMA, atomic files, distributed setup
+# Small pieces: seeds, learning rate, EMA, distributed setup (atomic files, DistInfo: train_common.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -85,54 +84,6 @@ def ema_update(ema: Dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
     """ema <- decay * ema + (1 - decay) * params (fp32 copies, keyed by parameter name)."""
     for name, p in model.named_parameters():
         ema[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
-
-
-def _atomic_write(path: str, write_fn) -> None:
-    """write_fn(tmp_path) then os.replace onto ``path``: readers see the old file or the new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[dict] = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    _atomic_write(path, write)
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def setup_distributed(device: torch.device) -> DistInfo:
