@@ -517,3 +517,45 @@ def test_sampler_guidance_scale_must_be_finite():
     with pytest.raises(ValueError, match="eta"):
         GaussianDiffusion(timestep_respacing="ddim5").ddim_sample_loop(model, (2, 4, 1, 4, 4), eta=-1.0,
                                                                       model_kwargs={"y": y}, progress_bar=False)
+
+
+import dit_fast.nn as _nn  # noqa: E402
+
+BAD_CALLS = [  # (what, call, error, message): each one error naming the argument and the shapes
+    ("self-attention input width", lambda: _nn.SpacetimeAttention(64, 4, backend="torch")(
+        torch.randn(2, 12, 48), (1, 3, 4)), ValueError, r"x must be \(B, S, dim\) = \(B, S, 64\), got \(2, 12, 48\)"),
+    ("self-attention 2-D input", lambda: _nn.SpacetimeAttention(64, 4, backend="torch")(
+        torch.randn(12, 64), (1, 3, 4)), ValueError, r"x must be \(B, S, dim\) = \(B, S, 64\), got \(12, 64\)"),
+    ("cross-attention input width", lambda: _nn.CrossAttention(64, 32, 4, backend="torch")(
+        torch.randn(2, 5, 48), torch.randn(2, 3, 32)), ValueError, r"x must be \(B, S, dim\) = \(B, S, 64\), got \(2, 5, 48\)"),
+    ("cross-attention context width", lambda: _nn.CrossAttention(64, 32, 4, backend="torch")(
+        torch.randn(2, 5, 64), torch.randn(2, 3, 16)), ValueError,
+     r"context must be \(B, L, context_dim\) = \(B, L, 32\), got \(2, 3, 16\)"),
+    ("cross-attention context batch", lambda: _nn.CrossAttention(64, 32, 4, backend="torch")(
+        torch.randn(2, 5, 64), torch.randn(3, 3, 32)), ValueError, r"context \(3, 3, 32\) must have x's batch size 2"),
+    ("cross-attention context_mask", lambda: _nn.CrossAttention(64, 32, 4, backend="torch")(
+        torch.randn(2, 5, 64), torch.randn(2, 3, 32), torch.ones(2, 4, dtype=torch.bool)), ValueError,
+     r"context_mask must be \(B, L\) = \(2, 3\)"),
+    ("rectified flow t batch", lambda: RectifiedFlow().add_noise(
+        torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 3, 4, 4), torch.rand(3)), ValueError,
+     r"t must hold one timestep per sample, \(B,\) = \(2,\) or per frame \(B, T\) = \(2, 3\), for x \(2, 4, 3, 4, 4\), "
+     r"got \(3,\)"),
+    ("rectified flow t broadcast", lambda: RectifiedFlow().add_noise(
+        torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 3, 4, 4), torch.rand(1)), ValueError, r"got \(1,\)"),
+    ("rectified flow noise shape", lambda: RectifiedFlow().add_noise(
+        torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 3, 4, 5), torch.rand(2)), ValueError,
+     r"noise must have x0's shape \(2, 4, 3, 4, 4\), got \(2, 4, 3, 4, 5\)"),
+    ("DDPM t batch", lambda: GaussianDiffusion().q_sample(
+        torch.randn(2, 4, 3, 4, 4), torch.tensor([1, 2, 3]), torch.randn(2, 4, 3, 4, 4)), ValueError,
+     r"t must hold one timestep per sample, shape \(B,\) = \(2,\) for x_start \(2, 4, 3, 4, 4\), got \(3,\)"),
+    ("DDPM t out of range", lambda: GaussianDiffusion().q_sample(
+        torch.randn(2, 4), torch.tensor([1, 1000]), torch.randn(2, 4)), ValueError, r"t must be in \[0, 1000\)"),
+    ("DDPM float t", lambda: GaussianDiffusion().q_sample(
+        torch.randn(2, 4), torch.rand(2), torch.randn(2, 4)), TypeError, r"t must hold integer timesteps"),
+]
+
+
+@pytest.mark.parametrize("what, call, error, match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_call_arguments(what, call, error, match):
+    with pytest.raises(error, match=match):
+        call()

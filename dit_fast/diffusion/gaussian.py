@@ -166,7 +166,12 @@ class GaussianDiffusion:
     # ---- the forward process ----
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """Sample x_t ~ q(x_t | x_0)."""
+        """Sample x_t ~ q(x_t | x_0) (diffusers' ``add_noise``): t holds B integer steps in [0, num_timesteps)."""
+        _check_noising(x_start, noise, t, "x_start")
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"t must hold integer timesteps (torch.long), got {t.dtype}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+            raise ValueError(f"t must be in [0, {self.num_timesteps}), got values in [{int(t.min())}, {int(t.max())}]")
         return (_extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
                 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
 
@@ -272,6 +277,18 @@ class GaussianDiffusion:
         nll = -discretized_gaussian_log_likelihood(x_start.float(), out["mean"], 0.5 * out["log_variance"])
         nll = _mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
+
+
+def _check_noising(x: Tensor, noise: Tensor, t: Tensor, x_name: str) -> None:
+    """The shared checks of add_noise / q_sample: tensors, noise shaped like x, one timestep per sample (B,)."""
+    for name, value in ((x_name, x), ("noise", noise), ("t", t)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    if x.dim() < 1 or noise.shape != x.shape:
+        raise ValueError(f"noise must have {x_name}'s shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    if tuple(t.shape) != (x.shape[0],):
+        raise ValueError(f"t must hold one timestep per sample, shape (B,) = ({x.shape[0]},) for {x_name} "
+                         f"{tuple(x.shape)}, got {tuple(t.shape)}")
 
 
 def _extract(arr: np.ndarray, t: Tensor, like: Tensor) -> Tensor:

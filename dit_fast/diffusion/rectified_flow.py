@@ -71,7 +71,12 @@ class RectifiedFlow:
         return torch.sigmoid(draw(torch.randn, shape, generator, device))
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """x_t = (1 - t) x_0 + t noise; t: (B,) or per frame (B, T)."""
+        """x_t = (1 - t) x_0 + t noise; t: (B,) or per frame (B, T), in [0, 1]."""
+        for name, value in (("x0", x0), ("noise", noise), ("t", t)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
         t = _broadcast(t, x0)
         return (1 - t) * x0 + t * noise
 
@@ -127,8 +132,10 @@ class RectifiedFlow:
 
 def _broadcast(t: Tensor, x: Tensor) -> Tensor:
     """(B,) -> (B, 1, 1, 1, 1); per frame (B, T) -> (B, 1, T, 1, 1), to scale x of shape (B, C, T, H, W)."""
-    if t.dim() == 1:
+    if x.dim() >= 1 and tuple(t.shape) == (x.shape[0],):
         return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
     if t.dim() == 2 and x.dim() == 5 and t.shape == (x.shape[0], x.shape[2]):
         return t[:, None, :, None, None].to(x.dtype)
-    raise ValueError(f"t must be (B,) or (B, T) for x {tuple(x.shape)}, got {tuple(t.shape)}")
+    per_frame = f" or per frame (B, T) = ({x.shape[0]}, {x.shape[2]})" if x.dim() == 5 else ""
+    raise ValueError(f"t must hold one timestep per sample, (B,) = ({x.shape[0] if x.dim() else '?'},){per_frame}, "
+                     f"for x {tuple(x.shape)}, got {tuple(t.shape)}")

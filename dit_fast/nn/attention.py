@@ -27,6 +27,14 @@ def check_heads(dim: int, num_heads: int, name: str = "dim") -> int:
     return head_dim
 
 
+def check_tokens(name: str, x, width: int, width_name: str, tokens: str = "S") -> None:
+    """x must be a (B, tokens, width) tensor: one ValueError / TypeError naming ``name`` and the shapes."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor (B, {tokens}, {width_name} = {width}), got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != width:
+        raise ValueError(f"{name} must be (B, {tokens}, {width_name}) = (B, {tokens}, {width}), got {tuple(x.shape)}")
+
+
 class SpacetimeAttention(nn.Module):
     """Multi-head self-attention over video tokens: qkv projection, optional qk-norm, attention, projection.
 
@@ -55,6 +63,7 @@ class SpacetimeAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        check_tokens("x", x, self.dim, "dim")
         B, S, C = x.shape
         qkv = self.qkv(x).reshape(B, S, 3, self.num_heads, self.head_dim)  # (B, S, 3, heads, D), timm's order
         q, k, v = qkv.unbind(2)  # each (B, S, heads, D): strided views, read in place by the kernels
@@ -90,8 +99,18 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_tokens("x", x, self.dim, "dim")
+        check_tokens("context", context, self.context_dim, "context_dim", "L")
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(f"context {tuple(context.shape)} must have x's batch size {x.shape[0]} "
+                             f"(x is {tuple(x.shape)})")
         B, S, C = x.shape
         L = context.shape[1]
+        if context_mask is not None and (not isinstance(context_mask, torch.Tensor)
+                                         or tuple(context_mask.shape) != (B, L)):
+            shape = tuple(context_mask.shape) if isinstance(context_mask, torch.Tensor) else type(context_mask).__name__
+            raise ValueError(f"context_mask must be (B, L) = ({B}, {L}) like context {tuple(context.shape)}, "
+                             f"got {shape}")
         q = self.q_linear(x).reshape(B, S, self.num_heads, self.head_dim)  # (B, S, heads, D)
         kv = self.kv_linear(context).reshape(B, L, 2, self.num_heads, self.head_dim)  # (B, L, 2, heads, D)
         k, v = kv.unbind(2)  # each (B, L, heads, D)
