@@ -151,13 +151,15 @@ def _check_not_patched(model: nn.Module) -> None:
                          "model (patching twice would wrap the patched code again)")
 
 
-def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
+def patch(model: nn.Module, backend: str = "auto", sparse=None) -> nn.Module:
     """Replaces, in place, the norms, modulation and attention of a DiT-style model with dit_fast's ops.
 
     Returns ``model``. Parameters, buffers and the state dict are untouched; outputs stay equal up to
     floating-point rounding. A diffusers video transformer (Wan, HunyuanVideo, LTX-Video, CogVideoX,
     Mochi) is patched by ``dit_fast.integrations.diffusers`` (imported only then). Raises ValueError
     when no DiT block is found, for an unsupported diffusers model, a model patched before, or a DiTVideo.
+    sparse: a ``dit_fast.SparseAttention`` giving Wan's and HunyuanVideo's self-attention block-sparse
+    attention with its schedule and calibration (dit_fast/integrations/diffusers/sparse.py).
     """
     if not isinstance(model, nn.Module):
         hint = "; for a diffusers pipeline, patch pipe.transformer" if hasattr(model, "transformer") else ""
@@ -165,7 +167,10 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
     _check_not_patched(model)
     if is_diffusers_model(model):  # imported only for diffusers models: `import dit_fast` never imports diffusers
         from dit_fast.integrations import diffusers as diffusers_integration
-        return diffusers_integration.patch(model, backend=backend)
+        return diffusers_integration.patch(model, backend=backend, sparse=sparse)
+    if sparse is not None:
+        raise ValueError(f"dit_fast.patch(..., sparse=...) patches diffusers' Wan and HunyuanVideo transformers, not a "
+                         f"{type(model).__name__}; a DiTVideo takes DiTVideo(attention='block_sparse', sparse=...)")
     counts = {"blocks": 0, "final_layers": 0, "attention": 0}
     for module in model.modules():
         if _is_dit_block(module):

@@ -64,15 +64,22 @@ install_set_attention_backend_hook()  # set_attention_backend("dit_fast") on a m
 SUPPORTED_MODELS = tuple(DIFFUSERS_MODELS)
 
 
-def patch(model, backend: str = "auto"):
-    """Patches a supported diffusers video transformer in place (what ``dit_fast.patch`` calls); returns it."""
+def patch(model, backend: str = "auto", sparse=None):
+    """Patches a supported diffusers video transformer in place (what ``dit_fast.patch`` calls); returns it.
+    sparse: a dit_fast.SparseAttention for Wan and HunyuanVideo's self-attention (sparse.py)."""
     _backend._check_name(backend, "backend")
     name = diffusers_model_name(model)
     if name is None:
         raise ValueError(f"dit_fast.patch has no plan for the diffusers model {type(model).__name__}; "
                          f"{what_applies(model)}; dit_fast.patch supports {', '.join(SUPPORTED_MODELS)}")
     module = importlib.import_module(f"{__name__}.{DIFFUSERS_MODELS[name]}")
-    return module.patch(model, backend=backend)
+    if sparse is not None:  # checked before anything is patched
+        from dit_fast.integrations.diffusers import sparse as sparse_attention
+        sparse_attention.check(name, sparse)
+    model = module.patch(model, backend=backend)
+    if sparse is not None:
+        sparse_attention.install(model, name, sparse)
+    return model
 
 
 __all__ = ["BACKEND_NAME", "SUPPORTED_MODELS", "TESTED_DIFFUSERS", "backend_member", "check_diffusers_version",

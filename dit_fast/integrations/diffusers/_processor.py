@@ -94,6 +94,7 @@ class DitFastProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    sparse = None  # a self-attention layer under dit_fast.patch(..., sparse=...): sparse.SparseLayer
 
     def __init__(self, original, backend: str = "auto", grid: Optional[GridState] = None,
                  rope_theta: float = 10000.0, rope_split: Optional[Sequence[int]] = None):
@@ -111,7 +112,12 @@ class DitFastProcessor:
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                parallel: bool = True) -> Tensor:
-        """(B, Sq, heads, D) attention through diffusers' dispatcher, on "dit_fast" unless another backend was set."""
+        """(B, Sq, heads, D) attention through diffusers' dispatcher, on "dit_fast" unless another backend was set.
+        A sparse layer's block-sparse attention first (None: dense at this step; integrations/diffusers/sparse.py)."""
+        if self.sparse is not None:
+            out = self.sparse.attend(self, query, key, value, attn_mask, parallel)
+            if out is not None:
+                return out
         backend = self._attention_backend or backend_member()
         with self.ops_backend():
             return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, backend=backend,

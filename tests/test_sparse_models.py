@@ -1,0 +1,168 @@
+"""Sparse attention in models: ``dit_fast.patch(transformer, sparse=...)`` on the tiny Wan and HunyuanVideo
+of tests/test_diffusers.py (3 x 3 x 5 token grid, HunyuanVideo's 7 padded text tokens as the extra tiles).
+
+The reference for a pattern is diffusers' own model whose self-attention processors get the token mask of
+the same blocks as an attention mask (its native attention, masked): an independent path. At density 1
+the sparse op keeps every tile and equals the dense patched model; the schedule's dense steps equal it
+too; a calibration saved and loaded reproduces the choices and the outputs bitwise.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="diffusers is a test extra (pip install -e '.[test]')")
+
+import dit_fast  # noqa: E402
+from dit_fast.integrations.diffusers.sparse import SELF_ATTENTION  # noqa: E402
+from dit_fast.sparse import SparseAttention  # noqa: E402
+from dit_fast.sparse.patterns import sliding_tile  # noqa: E402
+from tests.launches import count_launches  # noqa: E402
+from tests.test_diffusers import assert_close_to_reference, build, rel_err, run  # noqa: E402
+
+FAMILIES = {"wan": "WanTransformer3DModel", "hunyuan_video": "HunyuanVideoTransformer3DModel"}
+GRID, TILE = (3, 3, 5), (1, 2, 2)  # 3 x 2 x 3 tiles, partial along h and w
+
+
+class MaskedReference:
+    """diffusers' own processor with a token mask (1, heads | 1, S, S) as its attention mask (and the model's
+    key padding mask on top): the reference of a sparse self-attention layer."""
+
+    def __init__(self, original, token_mask):
+        self.original, self.token_mask = original, token_mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 image_rotary_emb=None):
+        mask = self.token_mask if attention_mask is None else attention_mask.bool() & self.token_mask
+        return self.original(attn, hidden_states, encoder_hidden_states, mask, rotary_emb or image_rotary_emb)
+
+
+def masked_reference(model, name, blocks):
+    ref = copy.deepcopy(model)
+    for module in SELF_ATTENTION[FAMILIES[name]](ref):
+        module.set_processor(MaskedReference(module.processor, blocks.token_mask("raster")))
+    return ref
+
+
+def sparse_copy(model, sparse, backend="auto"):
+    other = copy.deepcopy(model)
+    dit_fast.patch(other, backend=backend, sparse=sparse)
+    return other
+
+
+def _inputs(name, seed=1):
+    model, inputs = build(name)
+    return model, inputs(torch.float32, torch.Generator().manual_seed(seed))
+
+
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_sliding_tile_equals_masked_reference(name):
+    model, kwargs = _inputs(name)
+    sparse = SparseAttention(pattern="sliding_tile", density=0.3, tile=TILE)
+    patched = sparse_copy(model, sparse)
+    with torch.no_grad(), dit_fast.use_backend("torch"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no dense fallback
+        actual = run(patched, kwargs)
+    runtime = patched._dit_fast_sparse
+    layers = len(SELF_ATTENTION[FAMILIES[name]](model))
+    kept = runtime.kept_fractions()
+    assert sorted(kept) == list(range(layers)) and all(f < 1 for f in kept.values()), kept
+    window = sparse.choices_for(GRID, 0)[0]["window"]
+    extra = 7 if name == "hunyuan_video" else 0
+    blocks = sliding_tile(sparse.layout(GRID, extra), window)
+    with torch.no_grad():
+        expected = run(masked_reference(model, name, blocks), kwargs)
+        dense = run(model, kwargs)
+    assert rel_err(actual, expected) <= 1e-5
+    assert rel_err(actual, dense) > 1e-3  # the pattern changed the result: the sparse path really ran
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("pattern", ["sliding_tile", "radial", "topk"])
+def test_density_one_equals_dense(name, pattern):
+    model, kwargs = _inputs(name, seed=2)
+    patched = sparse_copy(model, SparseAttention(pattern=pattern, density=1.0, tile=TILE))
+    with torch.no_grad(), dit_fast.use_backend("torch"):
+        actual = run(patched, kwargs)
+        expected = run(model, kwargs)
+    assert set(patched._dit_fast_sparse.kept_fractions().values()) == {1.0}  # the block-sparse op ran every layer
+    assert rel_err(actual, expected) <= 1e-5
+
+
+def test_schedule_dense_steps_then_sparse_wan():
+    """Step 0 (twice, as CFG's two calls) dense, step 1 sparse, a new generation dense again; dense_layers stay dense."""
+    model, kwargs = _inputs("wan", seed=3)
+    sparse = SparseAttention(pattern="sliding_tile", density=0.3, tile=TILE, dense_steps=1, dense_layers=[1])
+    patched = sparse_copy(model, sparse)
+    dense_patched = sparse_copy(model, None)
+    runtime = patched._dit_fast_sparse
+    outputs = {}
+    with torch.no_grad(), dit_fast.use_backend("torch"):
+        for label, t in [("s0", 800.0), ("s0-cfg", 800.0), ("s1", 600.0), ("new", 900.0)]:
+            timestep = torch.full((2,), t)
+            outputs[label] = run(patched, {**kwargs, "timestep": timestep})
+            outputs[label + "-dense"] = run(dense_patched, {**kwargs, "timestep": timestep})
+            outputs[label + "-kept"] = runtime.kept_fractions()
+    for label in ("s0", "s0-cfg", "new"):
+        assert torch.equal(outputs[label], outputs[label + "-dense"]), label
+        assert outputs[label + "-kept"] == {0: 1.0, 1: 1.0}
+    assert rel_err(outputs["s1"], outputs["s1-dense"]) > 1e-3
+    assert outputs["s1-kept"][1] == 1.0 and outputs["s1-kept"][0] < 1.0
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_calibration_reproducible_from_json(name, tmp_path):
+    model, kwargs = _inputs(name, seed=4)
+    sparse = SparseAttention(pattern=("sliding_tile", "radial"), density=0.2, tolerance=0.3, tile=TILE)
+    patched = sparse_copy(model, sparse)
+    with torch.no_grad(), dit_fast.use_backend("torch"):
+        first = run(patched, kwargs)
+    assert patched._dit_fast_sparse.calibration_errors  # it calibrated
+    path = sparse.save(tmp_path / f"{name}.json")
+    loaded = SparseAttention.load(path)
+    assert loaded.model == FAMILIES[name] and loaded.choices == sparse.choices
+    again = sparse_copy(model, loaded)
+    with torch.no_grad(), dit_fast.use_backend("torch"):
+        second = run(again, kwargs)
+    assert not again._dit_fast_sparse.calibration_errors  # the file's choices ran, nothing was measured
+    assert torch.equal(first, second)
+
+
+def test_patch_sparse_errors():
+    model, _ = build("ltx")
+    with pytest.raises(ValueError, match="supports WanTransformer3DModel, HunyuanVideoTransformer3DModel"):
+        dit_fast.patch(model, sparse=SparseAttention())
+    assert not hasattr(model, "_dit_fast_patched")  # refused before anything was patched
+    wan, _ = build("wan")
+    with pytest.raises(TypeError, match="sparse must be a dit_fast.SparseAttention"):
+        dit_fast.patch(wan, sparse="sliding_tile")
+    with pytest.raises(ValueError, match="dense_layers"):
+        dit_fast.patch(copy.deepcopy(wan), sparse=SparseAttention(dense_layers=[5]))
+    loaded = SparseAttention()
+    loaded.record(GRID, 0, [{"pattern": "dense"}])
+    loaded.bind("HunyuanVideoTransformer3DModel")
+    with pytest.raises(ValueError, match="calibration for HunyuanVideoTransformer3DModel"):
+        dit_fast.patch(copy.deepcopy(wan), sparse=loaded)
+
+
+def test_sparse_wan_on_the_kernels():
+    """The patched tiny Wan (one block) on the Triton kernels (interpreter): the block-sparse kernels launch and
+    the output is within the tolerance rule of the same blocks in float64."""
+    model, inputs = build("wan", layers=1)
+    kwargs = inputs(torch.float32, torch.Generator().manual_seed(5))
+    sparse = SparseAttention(pattern="sliding_tile", density=0.3, tile=TILE)
+    patched = sparse_copy(model, sparse, backend="triton")
+    with torch.no_grad(), count_launches() as launches:
+        actual = run(patched, kwargs)
+    assert launches.total("_sparse_fwd") == 1, launches
+    blocks = sliding_tile(sparse.layout(GRID), sparse.choices_for(GRID, 0)[0]["window"])
+    reference = masked_reference(model, "wan", blocks)
+    kwargs64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+    with torch.no_grad():
+        ref64 = run(copy.deepcopy(reference).double(), kwargs64)
+        ref32 = run(reference, kwargs)
+    assert_close_to_reference("sparse wan", actual, ref64.float(), ref32)
