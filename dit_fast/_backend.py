@@ -7,8 +7,11 @@ Every op has up to three backends:
 
 The backend of a call is, in order of precedence: the call's own ``backend=`` argument, the
 innermost ``use_backend(...)`` block, the ``DIT_FAST_BACKEND`` environment variable, then
-"auto". "auto" means the reference on CPU and, on a GPU, the fastest kernel backend measured
-on that device for that op and shape class (timed once, then cached for the process).
+"auto". "auto" means the reference on CPU and, on a GPU, the fastest implementation measured on
+that device for that op and shape class (timed once, then cached for the process): among the
+runnable kernel backends (adaLN, RoPE, patchify: with one runnable, it runs untimed), and for
+attention, which has its own planner (dit_fast/ops/attention_planner.py), our kernel against
+torch's own best even when Triton is the only kernel backend (``resolve_backend(planned=True)``).
 
 Compile-safe by construction: torch.compile (Dynamo) traces the resolution below, so it is written
 in what Dynamo understands. The innermost block's name is one module global, ``_scoped`` (a str or
