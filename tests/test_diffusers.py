@@ -26,6 +26,7 @@ import dit_fast  # noqa: E402
 import dit_fast.integrations.diffusers as dd  # noqa: E402
 from dit_fast.integrations.diffusers import backend as dd_backend  # noqa: E402
 from dit_fast.models import DiT_models  # noqa: E402
+from tests.launches import count_launches  # noqa: E402
 from tests.utils import REPO_ROOT, assert_close_to_reference  # noqa: E402
 
 import diffusers  # noqa: E402
@@ -273,10 +274,32 @@ def _fp64_reference(model, kwargs):
     return copy.deepcopy(model).double(), as64
 
 
+# attention calls of one forward of each tiny model in test_patched_model_on_triton_kernels (1 layer; HunyuanVideo
+# 1 double and 1 single block): Wan and LTX self + cross; HunyuanVideo, CogVideoX and Mochi one joint attention
+ATTENTION_CALLS = {"wan": 2, "hunyuan_video": 2, "ltx": 2, "cogvideox": 1, "mochi": 1}
+ATTENTION_BACKWARD_KERNELS = ("_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+
+
+def assert_launched(launches, kernel, times):
+    """``kernel`` ran ``times`` times: exactly in the interpreter; at least on a GPU, where a cold autotuner
+    launches each configuration it times."""
+    assert launches[kernel] == times or (HAS_GPU and launches[kernel] > times), (kernel, times, dict(launches))
+
+
+def assert_fused_ops_launched(launches, family):
+    """The adaLN and RoPE kernels of the ops the family's patch reaches (EXPECTED_OPS) ran."""
+    ops = EXPECTED_OPS[family]
+    if ops & {"layernorm_modulate", "gated_residual", "residual_layernorm_modulate"}:
+        assert launches["_adaln_forward_kernel"] > 0, dict(launches)
+    if "apply_rope_3d" in ops:
+        assert launches["_rope_3d_kernel"] > 0, dict(launches)
+
+
 @pytest.mark.parametrize("name", ["wan", "hunyuan_video", "ltx", "cogvideox", "mochi"])
 def test_patched_model_on_triton_kernels(name):
     """The Triton kernels (interpreter on CPU) within the tolerance rule; the backward too for Wan and
-    HunyuanVideo."""
+    HunyuanVideo. Every attention call launches the kernels (counted), none falls back to diffusers'
+    attention (a fallback's RuntimeWarning is an error)."""
     model, inputs = build(name, layers=1 if name != "hunyuan_video" else 2)
     kwargs = inputs(torch.float32, torch.Generator().manual_seed(3))
     model64, kwargs64 = _fp64_reference(model, kwargs)
@@ -284,14 +307,22 @@ def test_patched_model_on_triton_kernels(name):
     if not backward:
         with torch.no_grad():
             ref64, ref32 = run(model64, kwargs64), run(model, kwargs)
-            with dit_fast.use_backend("triton"):
+            with dit_fast.use_backend("triton"), count_launches() as launches, warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
                 out = run(patched_copy(model), kwargs, KERNEL_DEVICE).cpu()
+        assert_launched(launches, "_attn_fwd_kernel", ATTENTION_CALLS[name])
+        assert_fused_ops_launched(launches, name)
         assert_close_to_reference(name, out, ref64, ref32)
         return
     ref64, dx64, grads64 = _grads(model64, kwargs64, dtype=torch.float64)
     ref32, dx32, grads32 = _grads(model, kwargs)
-    with dit_fast.use_backend("triton"):
+    with dit_fast.use_backend("triton"), count_launches() as launches, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
         out, dx, grads = _grads(patched_copy(model), kwargs, KERNEL_DEVICE)
+    for kernel in ("_attn_fwd_kernel",) + ATTENTION_BACKWARD_KERNELS:
+        assert_launched(launches, kernel, ATTENTION_CALLS[name])
+    assert_fused_ops_launched(launches, name)
+    assert launches["_adaln_backward_kernel"] > 0, dict(launches)
     assert_close_to_reference(name, out, ref64, ref32)
     assert_close_to_reference(f"{name} d(input)", dx, dx64, dx32)
     for key in grads64:
@@ -316,13 +347,16 @@ def test_set_attention_backend(name, backend, monkeypatch):
         ours = copy.deepcopy(model)
         ours.set_attention_backend("dit_fast")
         calls = Calls(monkeypatch)
-        with dit_fast.use_backend(backend), warnings.catch_warnings():
+        with dit_fast.use_backend(backend), count_launches() as launches, warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # LTX's -10000 text mask runs on our kernels
             actual = run(ours, kwargs, "cpu" if backend == "torch" else KERNEL_DEVICE).cpu()
     assert calls.counts.get("attention", 0) > 0
     if backend == "torch":
         assert rel_err(actual, expected) <= 1e-5
+        assert launches.total() == 0
     else:
+        assert calls.counts == {"attention": ATTENTION_CALLS[name]}  # 1 layer, as in the patched models' test
+        assert_launched(launches, "_attn_fwd_kernel", ATTENTION_CALLS[name])
         assert_close_to_reference(name, actual, expected64, expected)
 
 
@@ -392,10 +426,11 @@ def test_backend_key_padding_masks_run_on_dit_fast(mask, backend, monkeypatch):
     counted = dd_backend.attention
     monkeypatch.setattr(dd_backend, "attention",
                         lambda *a, **kw: given.append(kw["key_padding_mask"]) or counted(*a, **kw))
-    with dit_fast.use_backend(backend), warnings.catch_warnings():
+    with dit_fast.use_backend(backend), count_launches() as launches, warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         out = dd.dit_fast_attention(q, k, v, attn_mask=m)
     assert calls.counts == {"attention": 1}
+    assert_launched(launches, "_attn_fwd_kernel", 1 if backend == "triton" else 0)
     assert given[0].shape == ((2, 3, 19) if mask in PER_HEAD_MASKS else (2, 19))  # per head only when it must be
     native_mask = m[:, None, None, :] if m.dim() == 2 else m
     assert rel_err(out, _sdpa(q, k, v, native_mask)) <= 1e-5
@@ -405,8 +440,10 @@ def test_backend_key_padding_masks_run_on_dit_fast(mask, backend, monkeypatch):
 def test_backend_return_lse_in_diffusers_layout(backend):
     q, k, v = (t.to(KERNEL_DEVICE if backend == "triton" else "cpu") for t in _qkv(sq=21, sk=40))
     mask = _padding(40)[:, None, None, :].to(q.device)
-    with dit_fast.use_backend(backend):
+    with dit_fast.use_backend(backend), count_launches() as launches, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
         out, lse = dd.dit_fast_attention(q, k, v, attn_mask=mask, scale=0.3, return_lse=True)
+    assert_launched(launches, "_attn_fwd_kernel", 1 if backend == "triton" else 0)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 0.3
     expected = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1).transpose(1, 2)  # (B, Sq, heads)
     assert lse.dtype == torch.float32 and lse.shape == (2, 21, 3)
