@@ -30,9 +30,10 @@ CASES = {
     # per-head mask, tile order, D = 40 in two chunks (32 + 16)
     "bf16-per-head-tiles": (TileLayout((2, 5, 7), (1, 3, 5), extra=0), 1, 2, 40, (1, 2), "head", 0.3,
                             torch.bfloat16, "tiles"),
-    # shared blocks, every tile kept (dense as blocks), no mask
-    "fp16-dense-shared": (TileLayout((3, 4, 5), (2, 4, 4), extra=3), 1, 2, 16, (1, 1), None, 1.0,
-                          torch.float16, "raster"),
+    # whole tiles of two blocks each (EVEN: no bounds masks), one text tile, shared blocks, every tile kept
+    # (dense attention as blocks), no mask
+    "fp16-whole-tiles-dense": (TileLayout((2, 4, 12), (2, 4, 4), extra=32), 1, 2, 16, (1, 1), None, 1.0,
+                               torch.float16, "raster"),
 }
 
 
@@ -95,12 +96,12 @@ def test_visited_block_pairs_are_the_index_lists(layout):
     """RECORD: each kernel counts the (query tile, key tile) block pairs it visits. Every kept pair is
     visited once per (query block, key block) of the two tiles, and no other pair at all, in the forward,
     the dK / dV kernel (walking the transposed lists) and the dQ kernel."""
-    blocks, mask = _blocks(layout, (2, 2), 0.4)
+    blocks, mask = _blocks(layout, (1, 2), 0.4)  # per head
     sizes = layout.tile_sizes()
     per_pair = (-(-sizes // BLOCK))[:, None] * (-(-sizes // BLOCK))[None, :]  # (query blocks) x (key blocks)
     want = (mask.int() * per_pair.int()).to(DEVICE)
-    q, k, v, dout = (torch.randn(2, layout.tokens, 2, 16, device=DEVICE) for _ in range(4))
-    visits = [torch.zeros(2, 2, layout.n_tiles, layout.n_tiles, dtype=torch.int32, device=DEVICE) for _ in range(3)]
+    q, k, v, dout = (torch.randn(1, layout.tokens, 2, 16, device=DEVICE) for _ in range(4))
+    visits = [torch.zeros(1, 2, layout.n_tiles, layout.n_tiles, dtype=torch.int32, device=DEVICE) for _ in range(3)]
     out, lse = attention_sparse.block_sparse_forward(q, k, v, blocks.kv_count, blocks.kv_index, None, layout, 0.25,
                                                      visits=visits[0])
     q_count, q_index = backward_lists(blocks)
@@ -115,7 +116,7 @@ def test_masked_keys_never_reach_the_kernels_outputs():
     padded keys): every output and gradient equals the clean run's, the hidden keys' dK, dV are exactly 0.
     Hidden from one query tile only (the tiles it does not keep): its outputs and dQ rows equal the clean
     run's (other tiles may see those keys, and return NaN themselves)."""
-    layout = TileLayout((3, 5, 7), (2, 4, 4), extra=5)
+    layout = TileLayout((2, 5, 7), (1, 3, 5), extra=5)
     blocks, mask = _blocks(layout, (1, 1), 0.5, seed=3)
     q, k, v, dout = (torch.randn(1, layout.tokens, 1, 16, device=DEVICE) for _ in range(4))
     padding = torch.ones(1, layout.tokens, dtype=torch.bool, device=DEVICE)

@@ -6,9 +6,9 @@ attention_bwd._dkdv_tile / _dq_tile, _load_chunks, _store_chunks), imported, not
 drivers differ. They visit exactly the kept tile pairs of a ``SparseBlocks`` (dit_fast/ops/sparse_layout.py),
 as FlexAttention's block-sparse kernels and Video Sparse Attention's do:
 
-    forward   a program per (batch * head, query tile, BLOCK_M rows of it); for each kept key tile
-              kv_index[b, h, tile, :kv_count[b, h, tile]], its run of rows [starts[j], starts[j + 1]) in
-              BLOCK_N blocks, online softmax as the dense forward (flash attention 2).
+    forward   a program per (batch * head, query tile, BLOCK_M rows of it); one flat loop over the
+              blocks of BLOCK_N rows of its kept key tiles, kv_index[b, h, tile, :kv_count[b, h, tile]]
+              (tile j's rows are [starts[j], starts[j + 1])), online softmax as the dense forward.
     dK, dV    a program per (batch * head, key tile, BLOCK_N rows of it), walking the transposed lists
               (the query tiles that keep it; SparseBlocks.transposed, cached per blocks object by the op).
     dQ        a program per (batch * head, query tile, BLOCK_M rows of it), walking kv_index again.
@@ -18,11 +18,14 @@ q, k, v, out, the key padding mask and lse are in tile order (every tile one con
 tile i at [starts[i], starts[i + 1]), TileLayout.tile_starts), so a tile's rows are plain strided loads
 (16-byte vectors, ALIGNED), never gathers. Tiles hold V = tt * th * tw tokens, fewer at the grid's edges
 and in the last text tile: a program's rows past its tile's end are masked on load and store, and the
-programs of a partial tile past its end return at once. Within a kept tile every block of BLOCK_N rows
-that lies inside it runs without bounds masks (EVEN, as the dense kernel's whole tiles); only the last,
-partial block of a tile masks the rows past its end (rows of the next tile, which may not be kept).
-Where V is a multiple of BLOCK_N that happens in the grid's edge tiles only; the launcher picks blocks
-that divide V when it can.
+programs of a partial tile past its end return at once.
+
+The walk. Each list entry is cdiv(V, BLOCK) blocks, and the loop runs count x that many steps (one flat
+loop, not a loop per tile: Triton pipelines the loads of step i + 1 under the products of step i, which
+a loop of one block per tile, V = BLOCK, never would). EVEN (every tile whole, WHOLE_TILES, and V a
+multiple of the block): no bounds masks at all, as the dense kernel's whole tiles. Otherwise every block
+masks the rows past its tile's end (rows of the next tile, which may not be kept), and a partial tile's
+blocks past its end are empty (masked whole; a V = BLOCK configuration, which _prune prefers, has none).
 
 Masked keys: a key outside every kept tile of a query is never loaded with it; a padded key (HAS_MASK)
 is masked by a select and its value rows zeroed before the products (attention_common.py: MASKED). A
@@ -35,6 +38,7 @@ really visited against the index lists.
 The readable PyTorch reference is block_sparse_attention_reference in dit_fast/ops/block_sparse.py.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -49,10 +53,8 @@ from dit_fast.triton_kernels.attention_bwd import _attn_bwd_preprocess_kernel, _
 from dit_fast.triton_kernels.attention_common import _load_chunks, _store_chunks, _zero_rows
 from dit_fast.triton_kernels.attention_fwd import _fwd_tile
 
-LOG2E = 1.4426950408889634
-
 # ---------------------------------------------------------------------------------------------
-# Program coordinates and the walk over one tile's rows
+# Program coordinates and the walk over an index list
 # ---------------------------------------------------------------------------------------------
 
 
@@ -71,10 +73,22 @@ def _tile_program(STARTS_ptr, HEADS, TILE_V: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, RECORD: tl.constexpr):
-    """RECORD (tests): one more visit of the block pair (query tile, key tile)."""
+def _listed_block(index_base, it, STARTS_ptr, TILE_V: tl.constexpr, BLOCK: tl.constexpr):
+    """Step `it` of the walk over an index list's tiles, cdiv(TILE_V, BLOCK) blocks of rows per tile:
+    (the tile, the block's first row, the end of the tile's rows). A partial tile's blocks past its end
+    start at or after that end: empty, masked whole (the walk is one flat loop, which Triton pipelines,
+    not a loop per tile)."""
+    per_tile: tl.constexpr = (TILE_V + BLOCK - 1) // BLOCK
+    tile = tl.load(index_base + it // per_tile)
+    return tile, tl.load(STARTS_ptr + tile) + (it % per_tile) * BLOCK, tl.load(STARTS_ptr + tile + 1)
+
+
+@triton.jit
+def _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, start, end, RECORD: tl.constexpr):
+    """RECORD (tests): one more visit of the block pair (query tile, key tile), if the streamed block
+    [start, ...) holds rows of its tile (start < end)."""
     if RECORD:
-        tl.atomic_add(VISITS_ptr + ((b * HEADS + h) * N_TILES + q_tile) * N_TILES + k_tile, 1)
+        tl.atomic_add(VISITS_ptr + ((b * HEADS + h) * N_TILES + q_tile) * N_TILES + k_tile, 1, mask=start < end)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,13 +113,14 @@ def _sparse_fwd_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_mb, stride_mh,  # key padding mask batch and head strides (0: one mask for every head)
-    stride_cb, stride_ch,  # COUNT's batch and head strides (0: shared)
-    stride_ib, stride_ih, stride_it,  # INDEX's batch, head and tile strides (0: shared)
+    count_sb, count_sh,  # COUNT's batch and head strides (0: shared)
+    index_sb, index_sh, index_st,  # INDEX's batch, head and tile strides (0: shared)
     HEADS, S, N_TILES,
     D: tl.constexpr,  # head dim
     sm_scale,
     S_BUCKET,  # autotune key: next power of two of S
     TILE_V: tl.constexpr,  # tokens in a whole tile
+    WHOLE_TILES: tl.constexpr,  # every tile holds TILE_V tokens (no partial edge or text tile)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,  # the head dim's chunks (attention_common.py: HEAD DIM)
     HAS_MASK: tl.constexpr,
@@ -132,25 +147,17 @@ def _sparse_fwd_kernel(
     acc1 = 0.0  # the second chunk's accumulator (a placeholder without one)
     if BLOCK_D1 > 0:
         acc1 = tl.zeros((BLOCK_M, BLOCK_D1), dtype=tl.float32)
-    count = tl.load(COUNT_ptr + b * stride_cb + h * stride_ch + q_tile)
-    index_base = INDEX_ptr + b * stride_ib + h * stride_ih + q_tile * stride_it
-    for j in range(0, count):
-        k_tile = tl.load(index_base + j)
-        k_start = tl.load(STARTS_ptr + k_tile)
-        k_end = tl.load(STARTS_ptr + k_tile + 1)
-        k_full = k_end - (k_end - k_start) % BLOCK_N
-        for start_n in range(k_start, k_full, BLOCK_N):  # whole blocks: no bounds masks
-            acc0, acc1, m_i, l_i = _fwd_tile(
-                acc0, acc1, m_i, l_i, q0, q1, offs_m, start_n, k_end, False, k_base, v_base, kpm_base, K_ptr,
-                stride_ks, stride_vs, 0, 1, qk_scale, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, D, BLOCK_N, BLOCK_D0,
-                BLOCK_D1, False, HAS_MASK, False, False, DOT_PRECISION, True, OFFS_64, ALIGNED)
-            _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, RECORD)
-        if k_full < k_end:  # the tile's last rows: masked at its end
-            acc0, acc1, m_i, l_i = _fwd_tile(
-                acc0, acc1, m_i, l_i, q0, q1, offs_m, k_full, k_end, False, k_base, v_base, kpm_base, K_ptr,
-                stride_ks, stride_vs, 0, 1, qk_scale, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, D, BLOCK_N, BLOCK_D0,
-                BLOCK_D1, False, HAS_MASK, False, False, DOT_PRECISION, False, OFFS_64, ALIGNED)
-            _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, RECORD)
+    count = tl.load(COUNT_ptr + b * count_sb + h * count_sh + q_tile)
+    index_base = INDEX_ptr + b * index_sb + h * index_sh + q_tile * index_st
+    # every block of every kept key tile; EVEN (whole tiles of whole blocks): no bounds masks
+    EVEN: tl.constexpr = WHOLE_TILES and TILE_V % BLOCK_N == 0
+    for it in range(0, count * ((TILE_V + BLOCK_N - 1) // BLOCK_N)):
+        k_tile, start_n, k_end = _listed_block(index_base, it, STARTS_ptr, TILE_V, BLOCK_N)
+        acc0, acc1, m_i, l_i = _fwd_tile(
+            acc0, acc1, m_i, l_i, q0, q1, offs_m, start_n, k_end, False, k_base, v_base, kpm_base, K_ptr, stride_ks,
+            stride_vs, 0, 1, qk_scale, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, D, BLOCK_N, BLOCK_D0, BLOCK_D1, False,
+            HAS_MASK, False, False, DOT_PRECISION, EVEN, OFFS_64, ALIGNED)
+        _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, start_n, k_end, RECORD)
 
     # a query tile that keeps nothing (or a fully padded row) has l = 0, acc = 0: zeros, and lse = -inf
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
@@ -188,11 +195,11 @@ def _sparse_bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_mb, stride_mh,
-    stride_cb, stride_ch,
-    stride_ib, stride_ih, stride_it,
+    count_sb, count_sh,
+    index_sb, index_sh, index_st,
     HEADS, S, N_TILES,
     D: tl.constexpr, sm_scale, S_BUCKET,
-    TILE_V: tl.constexpr,
+    TILE_V: tl.constexpr, WHOLE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query block (inner loop)
     BLOCK_N: tl.constexpr,  # key block (owned by the program)
     BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
@@ -227,27 +234,17 @@ def _sparse_bwd_dkdv_kernel(
     if BLOCK_D1 > 0:
         dk1 = tl.zeros((BLOCK_N, BLOCK_D1), dtype=tl.float32)
         dv1 = tl.zeros((BLOCK_N, BLOCK_D1), dtype=tl.float32)
-    count = tl.load(COUNT_ptr + b * stride_cb + h * stride_ch + k_tile)
-    index_base = INDEX_ptr + b * stride_ib + h * stride_ih + k_tile * stride_it
-    for j in range(0, count):
-        q_tile = tl.load(index_base + j)
-        q_start = tl.load(STARTS_ptr + q_tile)
-        q_end = tl.load(STARTS_ptr + q_tile + 1)
-        q_full = q_end - (q_end - q_start) % BLOCK_M
-        for start_m in range(q_start, q_full, BLOCK_M):
-            dk0, dk1, dv0, dv1 = _dkdv_tile(
-                dk0, dk1, dv0, dv1, k0, k1, v0, v1, offs_n, kpm_k, start_m, q_end, False, q_base, do_base,
-                lse_base, delta_base, Q_ptr, K_ptr, stride_qs, stride_dos, 0, 0, 1, qk_scale, 1, 1, 1, 1, 1, 1,
-                1, 1, 1, 0, 0, D, BLOCK_M, BLOCK_D0, BLOCK_D1, False, HAS_MASK, False, False, False, DOT_PRECISION,
-                True, OFFS_64, ALIGNED)
-            _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, RECORD)
-        if q_full < q_end:
-            dk0, dk1, dv0, dv1 = _dkdv_tile(
-                dk0, dk1, dv0, dv1, k0, k1, v0, v1, offs_n, kpm_k, q_full, q_end, False, q_base, do_base,
-                lse_base, delta_base, Q_ptr, K_ptr, stride_qs, stride_dos, 0, 0, 1, qk_scale, 1, 1, 1, 1, 1, 1,
-                1, 1, 1, 0, 0, D, BLOCK_M, BLOCK_D0, BLOCK_D1, False, HAS_MASK, False, False, False, DOT_PRECISION,
-                False, OFFS_64, ALIGNED)
-            _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, RECORD)
+    count = tl.load(COUNT_ptr + b * count_sb + h * count_sh + k_tile)
+    index_base = INDEX_ptr + b * index_sb + h * index_sh + k_tile * index_st
+    # every block of every query tile that keeps this key tile
+    EVEN: tl.constexpr = WHOLE_TILES and TILE_V % BLOCK_M == 0
+    for it in range(0, count * ((TILE_V + BLOCK_M - 1) // BLOCK_M)):
+        q_tile, start_m, q_end = _listed_block(index_base, it, STARTS_ptr, TILE_V, BLOCK_M)
+        dk0, dk1, dv0, dv1 = _dkdv_tile(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, offs_n, kpm_k, start_m, q_end, False, q_base, do_base, lse_base,
+            delta_base, Q_ptr, K_ptr, stride_qs, stride_dos, 0, 0, 1, qk_scale, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, D,
+            BLOCK_M, BLOCK_D0, BLOCK_D1, False, HAS_MASK, False, False, False, DOT_PRECISION, EVEN, OFFS_64, ALIGNED)
+        _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, start_m, q_end, RECORD)
 
     dk0 = dk0 * sm_scale
     if BLOCK_D1 > 0:
@@ -272,11 +269,11 @@ def _sparse_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_mb, stride_mh,
-    stride_cb, stride_ch,
-    stride_ib, stride_ih, stride_it,
+    count_sb, count_sh,
+    index_sb, index_sh, index_st,
     HEADS, S, N_TILES,
     D: tl.constexpr, sm_scale, S_BUCKET,
-    TILE_V: tl.constexpr,
+    TILE_V: tl.constexpr, WHOLE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -308,25 +305,17 @@ def _sparse_bwd_dq_kernel(
     dq1 = 0.0
     if BLOCK_D1 > 0:
         dq1 = tl.zeros((BLOCK_M, BLOCK_D1), dtype=tl.float32)
-    count = tl.load(COUNT_ptr + b * stride_cb + h * stride_ch + q_tile)
-    index_base = INDEX_ptr + b * stride_ib + h * stride_ih + q_tile * stride_it
-    for j in range(0, count):
-        k_tile = tl.load(index_base + j)
-        k_start = tl.load(STARTS_ptr + k_tile)
-        k_end = tl.load(STARTS_ptr + k_tile + 1)
-        k_full = k_end - (k_end - k_start) % BLOCK_N
-        for start_n in range(k_start, k_full, BLOCK_N):
-            dq0, dq1 = _dq_tile(
-                dq0, dq1, q0, q1, do0, do1, lse, delta, offs_m, start_n, k_end, False, k_base, v_base, kpm_base,
-                K_ptr, stride_ks, stride_vs, 0, 1, qk_scale, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, D, BLOCK_N, BLOCK_D0,
-                BLOCK_D1, False, HAS_MASK, False, False, DOT_PRECISION, True, OFFS_64, ALIGNED)
-            _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, RECORD)
-        if k_full < k_end:
-            dq0, dq1 = _dq_tile(
-                dq0, dq1, q0, q1, do0, do1, lse, delta, offs_m, k_full, k_end, False, k_base, v_base, kpm_base,
-                K_ptr, stride_ks, stride_vs, 0, 1, qk_scale, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, D, BLOCK_N, BLOCK_D0,
-                BLOCK_D1, False, HAS_MASK, False, False, DOT_PRECISION, False, OFFS_64, ALIGNED)
-            _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, RECORD)
+    count = tl.load(COUNT_ptr + b * count_sb + h * count_sh + q_tile)
+    index_base = INDEX_ptr + b * index_sb + h * index_sh + q_tile * index_st
+    # every block of every kept key tile (the forward's walk)
+    EVEN: tl.constexpr = WHOLE_TILES and TILE_V % BLOCK_N == 0
+    for it in range(0, count * ((TILE_V + BLOCK_N - 1) // BLOCK_N)):
+        k_tile, start_n, k_end = _listed_block(index_base, it, STARTS_ptr, TILE_V, BLOCK_N)
+        dq0, dq1 = _dq_tile(
+            dq0, dq1, q0, q1, do0, do1, lse, delta, offs_m, start_n, k_end, False, k_base, v_base, kpm_base, K_ptr,
+            stride_ks, stride_vs, 0, 1, qk_scale, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, D, BLOCK_N, BLOCK_D0, BLOCK_D1,
+            False, HAS_MASK, False, False, DOT_PRECISION, EVEN, OFFS_64, ALIGNED)
+        _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, start_n, k_end, RECORD)
 
     dq0 = dq0 * sm_scale
     if BLOCK_D1 > 0:
@@ -336,41 +325,59 @@ def _sparse_bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Tile configurations. (BLOCK_M, BLOCK_N, num_warps, num_stages), the dense kernels' choices
-# (triton_kernels/attention.py: QUICK_SPACE and the sm_90a reports behind it): 128 x 128 / 8 warps for
-# the forward, 32 x 128 / 8 for dK / dV (its two fp32 accumulators fit at D = 128), 64 x 64 for fp32 and
-# small tiles. _prune keeps blocks no longer than a tile and, where it can, blocks that divide the tile's
-# volume (whole blocks need no bounds masks). The interpreter (CPU tests) runs one tiny configuration.
+# Tile configurations: visible lists per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages, spills).
+# From the sm_90a compile reports (benchmarks/kernel_resources.py --kernels sparse_fwd sparse_dkdv
+# sparse_dq): 128 x 128 / 8 warps for the forward, 32 x 128 / 8 for dK / dV (its two fp32 accumulators
+# fit at D = 128), 128 x 64 / 8 for dQ, as the dense kernels; `spills` names where a configuration
+# spills at a head dim over 64 ("mask": with a padding mask; "always"), and _prune drops it there.
+# _prune also keeps blocks no longer than a tile and, where it can, blocks that divide the tile's volume
+# (whole blocks need no bounds masks). The interpreter (CPU tests) runs one tiny configuration.
 # ---------------------------------------------------------------------------------------------
 
-SPACE = [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (128, 32, 4, 3),
-         (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)]
-TUNING_KEY = ["S_BUCKET", "TILE_V", "BLOCK_D0", "BLOCK_D1", "HAS_MASK", "DOT_PRECISION"]
+FWD_SPACE = [(128, 128, 8, 2, "mask"), (128, 64, 8, 3, None), (64, 64, 4, 3, None), (64, 32, 4, 3, None),
+             (32, 32, 4, 2, None), (16, 16, 4, 2, None)]
+DKDV_SPACE = [(32, 128, 8, 2, None), (32, 64, 4, 3, None), (64, 64, 4, 3, "always"), (32, 32, 4, 2, None),
+              (16, 16, 4, 2, None)]
+DQ_SPACE = [(128, 64, 8, 3, "mask"), (128, 32, 8, 2, None), (64, 64, 4, 3, "mask"), (64, 32, 4, 3, None),
+            (32, 32, 4, 2, None), (16, 16, 4, 2, None)]
+TUNING_KEY = ["S_BUCKET", "TILE_V", "WHOLE_TILES", "BLOCK_D0", "BLOCK_D1", "HAS_MASK", "DOT_PRECISION"]
 
 
-def _configs():
+def _configs(space):
     if _backend.triton_interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in SPACE]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st, _ in space]
 
 
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    volume = args["TILE_V"]
-    wide = args["BLOCK_D0"] + args["BLOCK_D1"] > 128 or named_args["Q_ptr"].dtype == torch.float32
-    fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, volume) and c.kwargs["BLOCK_N"] <= max(16, volume)
-           and not (wide and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
-    whole = [c for c in fit if volume % c.kwargs["BLOCK_M"] == 0 and volume % c.kwargs["BLOCK_N"] == 0]
-    return whole or fit or configs[-1:]
+def _pruner(space):
+    spills = {(bm, bn, w, st): where for bm, bn, w, st, where in space}
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        volume, width = args["TILE_V"], args["BLOCK_D0"] + args["BLOCK_D1"]
+        wide = width > 128 or named_args["Q_ptr"].dtype == torch.float32  # fp32 tiles: twice the registers
+
+        def kept(c):
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            where = spills.get((bm, bn, c.num_warps, c.num_stages))
+            spilled = width > 64 and (where == "always" or (where == "mask" and args["HAS_MASK"]))
+            return bm <= max(16, volume) and bn <= max(16, volume) and not spilled and not (wide and bm * bn > 64 * 64)
+
+        fit = [c for c in configs if kept(c)]
+        whole = [c for c in fit if volume % c.kwargs["BLOCK_M"] == 0 and volume % c.kwargs["BLOCK_N"] == 0]
+        return whole or fit or configs[-1:]
+
+    return {"early_config_prune": prune}
 
 
-_PRUNE = {"early_config_prune": _prune}
-_sparse_fwd = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRUNE, reset_to_zero=["VISITS_ptr"])(
-    _sparse_fwd_kernel)
-_sparse_bwd_dkdv = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRUNE,
-                                   reset_to_zero=["VISITS_ptr"])(_sparse_bwd_dkdv_kernel)
-_sparse_bwd_dq = triton.autotune(_configs(), key=TUNING_KEY, prune_configs_by=_PRUNE, reset_to_zero=["VISITS_ptr"])(
-    _sparse_bwd_dq_kernel)
+def _autotuned(kernel, space):
+    return triton.autotune(_configs(space), key=TUNING_KEY, prune_configs_by=_pruner(space),
+                           reset_to_zero=["VISITS_ptr"])(kernel)
+
+
+_sparse_fwd = _autotuned(_sparse_fwd_kernel, FWD_SPACE)
+_sparse_bwd_dkdv = _autotuned(_sparse_bwd_dkdv_kernel, DKDV_SPACE)
+_sparse_bwd_dq = _autotuned(_sparse_bwd_dq_kernel, DQ_SPACE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +394,12 @@ def tile_starts(layout: TileLayout, device) -> torch.Tensor:
     if key not in _starts_cache:
         _starts_cache[key] = layout.tile_starts().to(device=device, dtype=torch.int32)
     return _starts_cache[key]
+
+
+@functools.lru_cache(maxsize=None)
+def whole_tiles(layout: TileLayout) -> bool:
+    """Every tile holds layout.volume tokens: no partial edge tile, no partial text tile."""
+    return bool((layout.tile_sizes() == layout.volume).all())
 
 
 def _lastdim_contiguous(t):
@@ -411,8 +424,8 @@ def _common(q, tensors, key_padding_mask, layout: TileLayout, visits):
     if visits is None:
         visits = q.new_empty(0, dtype=torch.int32)
     stride_s = max([t.stride(1) for t in tensors] + [heads * D])
-    flags = dict(TILE_V=layout.volume, BLOCK_D0=block_d0, BLOCK_D1=block_d1, HAS_MASK=key_padding_mask is not None,
-                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    flags = dict(TILE_V=layout.volume, WHOLE_TILES=whole_tiles(layout), BLOCK_D0=block_d0, BLOCK_D1=block_d1,
+                 HAS_MASK=key_padding_mask is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  OFFS_64=(S + 128) * stride_s + D >= 2**31, ALIGNED=aligned_16(tensors, D), RECORD=visits.numel() > 0)
     tail = (heads, S, layout.n_tiles, D, triton.next_power_of_2(S))
     return kpm, mask_strides, visits, flags, tail
