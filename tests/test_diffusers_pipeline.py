@@ -10,7 +10,13 @@ with a negative prompt, a padded 16-token prompt.
 dit_fast's torch path equals diffusers' own frames to fp32 rounding; the Triton kernels (the CPU
 interpreter here) within the tolerance rule of tests/utils.py against the same pipeline in float64.
 diffusers' hooks compose with the patch: First Block Cache (``enable_cache``) and group offloading
-to disk run on both models with equal frames.
+to disk run on both models with equal frames. A second family, LTXPipeline (T5 text encoder, LTX's
+VAE, the text mask on dit_fast's attention), patched equals unpatched on the torch path.
+
+Not here: ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``. Without an accelerator
+diffusers refuses them ("requires accelerator"), and with ``device="cpu"`` accelerate's hooks would
+move each model from the CPU to the CPU: nothing offloaded, nothing proven. Group offloading to disk
+is the offload that really moves the weights on a CPU-only machine.
 """
 
 import copy
@@ -194,5 +200,58 @@ def test_pipeline_with_group_offloading_to_disk(parts, tmp_path):
                 warnings.simplefilter("error", RuntimeWarning)
                 runs[name] = generate(pipeline(parts, transformer))
             assert len(list((tmp_path / name).glob("*.safetensors"))) >= 2
+    assert rel_err(runs["dit_fast"][1], runs["diffusers"][1]) <= 1e-5  # latents
+    assert (runs["dit_fast"][0] - runs["diffusers"][0]).abs().max().item() <= 1e-5  # frames
+
+
+# ---------------------------------------------------------------------------------------------
+# A second family: LTXPipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_ltx_pipeline(transformer):
+    """LTXPipeline from small configs (T5EncoderModel, AutoencoderKLLTXVideo with 4x spatial and temporal
+    compression): 9 frames of 32 x 32 pixels -> 3 x 8 x 8 latents, 192 tokens."""
+    from diffusers import AutoencoderKLLTXVideo, LTXPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(WORDS) + 3, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False)
+    pipe = LTXPipeline(tokenizer=tiny_tokenizer(), text_encoder=T5EncoderModel(config).eval(), vae=vae.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_ltx_pipeline_patched_equals_unpatched_torch_path(monkeypatch):
+    """LTXPipeline (its text mask becomes a key-padding mask on dit_fast's attention), 2 steps with guidance."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    model = perturb_(LTXVideoTransformer3DModel(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+                                                num_attention_heads=3, attention_head_dim=24, cross_attention_dim=72,
+                                                num_layers=2, caption_channels=16))
+    call = dict(height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=3.0, max_sequence_length=16)
+    runs = {}
+    with torch.no_grad():
+        for name, transformer in (("diffusers", model), ("dit_fast", patched(model))):
+            latents = []
+            calls = Calls(monkeypatch)
+            with dit_fast.use_backend("torch"), warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # the -10000 text mask runs on dit_fast's kernels
+                frames = tiny_ltx_pipeline(transformer)(
+                    PROMPT, negative_prompt=NEGATIVE, **call, output_type="pt", generator=torch.Generator().manual_seed(0),
+                    callback_on_step_end=lambda p, i, t, kw: latents.append(kw["latents"]) or {}).frames
+            runs[name] = frames, latents[-1], dict(calls.counts)
+            monkeypatch.undo()
+    assert runs["diffusers"][2] == {} and EXPECTED_OPS["ltx"] <= set(runs["dit_fast"][2]), runs["dit_fast"][2]
+    assert runs["dit_fast"][0].shape == (1, 9, 3, 32, 32)
     assert rel_err(runs["dit_fast"][1], runs["diffusers"][1]) <= 1e-5  # latents
     assert (runs["dit_fast"][0] - runs["diffusers"][0]).abs().max().item() <= 1e-5  # frames
