@@ -247,8 +247,9 @@ def test_ltx_pipeline_patched_equals_unpatched_torch_path(monkeypatch):
             with dit_fast.use_backend("torch"), warnings.catch_warnings():
                 warnings.simplefilter("error", RuntimeWarning)  # the -10000 text mask runs on dit_fast's kernels
                 frames = tiny_ltx_pipeline(transformer)(
-                    PROMPT, negative_prompt=NEGATIVE, **call, output_type="pt", generator=torch.Generator().manual_seed(0),
-                    callback_on_step_end=lambda p, i, t, kw: latents.append(kw["latents"]) or {}).frames
+                    PROMPT, negative_prompt=NEGATIVE, **call, output_type="pt",
+                    generator=torch.Generator().manual_seed(0),
+                    callback_on_step_end=lambda p, i, t, kw, _l=latents: _l.append(kw["latents"]) or {}).frames
             runs[name] = frames, latents[-1], dict(calls.counts)
             monkeypatch.undo()
     assert runs["diffusers"][2] == {} and EXPECTED_OPS["ltx"] <= set(runs["dit_fast"][2]), runs["dit_fast"][2]
