@@ -39,6 +39,7 @@ from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPip
                        WanTransformer3DModel)
 from diffusers.hooks import FirstBlockCacheConfig, apply_group_offloading  # noqa: E402
 
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPT, NEGATIVE = "a red fox running through snow", "a dog in the garden"
 WORDS = sorted(set(f"{PROMPT} {NEGATIVE}".split()))
 CALL = dict(height=48, width=80, num_frames=9, num_inference_steps=2, guidance_scale=5.0, max_sequence_length=16)
@@ -144,19 +145,22 @@ def test_pipeline_patched_equals_unpatched_torch_path(parts, variant, monkeypatc
 
 
 def test_pipeline_on_triton_kernels(parts):
-    """The patched pipeline on dit_fast's Triton kernels within the tolerance rule: the unpatched pipeline in
-    float64 is the oracle, in float32 PyTorch's own error. One block, no guidance (the interpreter is slow)."""
+    """The patched pipeline on dit_fast's Triton kernels (the GPU when there is one, else the interpreter)
+    within the tolerance rule: the unpatched pipeline in float64 is the oracle, in float32 PyTorch's own
+    error. One block, no guidance (the interpreter is slow)."""
     model = tiny_transformer(layers=1)
     call = dict(guidance_scale=1.0)
     with torch.no_grad():
         frames64, latents64 = generate(pipeline(float64(parts), copy.deepcopy(model).double()), **call)
         frames32, latents32 = generate(pipeline(parts, model), **call)
+        ours = pipeline(copy.deepcopy(parts), patched(model, backend="triton")).to(KERNEL_DEVICE)
         with count_launches() as launches, warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
-            frames, latents = generate(pipeline(parts, patched(model, backend="triton")), **call)
-    steps = CALL["num_inference_steps"]
-    assert launches["_attn_fwd_kernel"] == 2 * steps and launches["_rope_3d_kernel"] == 2 * steps
-    assert launches["_adaln_forward_kernel"] >= 4 * steps
+            frames, latents = (t.cpu() for t in generate(ours, **call))
+    steps = CALL["num_inference_steps"]  # one transformer call per step, one self- and one cross-attention
+    counted = {"_attn_fwd_kernel": 2 * steps, "_rope_3d_kernel": 2 * steps, "_adaln_forward_kernel": 4 * steps}
+    for kernel, n in counted.items():  # on a GPU a cold autotune cache may launch more
+        assert launches[kernel] == n if KERNEL_DEVICE == "cpu" else launches[kernel] >= n, (kernel, dict(launches))
     assert_close_to_reference("Wan pipeline latents", latents, latents64, latents32)
     assert_close_to_reference("Wan pipeline frames", frames, frames64, frames32)
 
