@@ -145,6 +145,8 @@ def attention_signature(fn, dtype: str) -> Dict[str, str]:
             sig[name] = "*fp32"
         elif name == "KPM_ptr":
             sig[name] = "*u8"
+        elif name in ("STARTS_ptr", "COUNT_ptr", "INDEX_ptr", "VISITS_ptr"):  # the block-sparse index lists
+            sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*" + dtype
         elif name == "sm_scale":
@@ -194,6 +196,11 @@ KERNELS = {
     # the Hopper forward: TMA descriptors and, without a padding mask, the warp-specialized loop
     "fwd_tma": ("_attn_fwd_kernel", dict(TMA=True, WARP_SPECIALIZE=True)),
     "dq_convert": ("_attn_bwd_dq_convert_kernel", {}),  # the one-pass backward's epilogue
+    # block-sparse attention (triton_kernels/attention_sparse.py): variants dense / padding; tiles of 4 x 8 x 8
+    # tokens, partial ones at the edges (WHOLE_TILES False: every block masked at its tile's end, as on Wan)
+    "sparse_fwd": ("attention_sparse._sparse_fwd_kernel", dict(TILE_V=256, WHOLE_TILES=False, RECORD=False)),
+    "sparse_dkdv": ("attention_sparse._sparse_bwd_dkdv_kernel", dict(TILE_V=256, WHOLE_TILES=False, RECORD=False)),
+    "sparse_dq": ("attention_sparse._sparse_bwd_dq_kernel", dict(TILE_V=256, WHOLE_TILES=False, RECORD=False)),
 }
 
 
@@ -202,12 +209,15 @@ def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str]
     """chunks: "auto" the head dim in the kernels' power-of-two chunks (head_chunks), "padded" one chunk
     padded to a power of two (the kernels before the chunks: the comparison), or "D0,D1"."""
     _import_triton_kernels()
+    import importlib
+
     from dit_fast.triton_kernels import attention as A
 
     rows = []
     for kernel in kernels:
         name, kernel_flags = KERNELS[kernel]
-        fn = getattr(A, name)
+        module, _, name = name.rpartition(".")  # "module.function": another file of the family
+        fn = getattr(importlib.import_module(f"dit_fast.triton_kernels.{module}") if module else A, name)
         fn = triton.JITFunction(getattr(fn, "fn", fn)) if not isinstance(fn, triton.JITFunction) else fn
         params = {p.name for p in fn.params}
         for d in head_dims:

@@ -160,3 +160,90 @@ def test_custom_ops_pass_opcheck():
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, *args[3:])
     torch.library.opcheck(torch.ops.dit_fast.block_sparse_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels compiled for an H100 / H200 (sm_90a) without a GPU (benchmarks/kernel_resources.py; see
+# tests/test_attention_compile.py): registers, spills, load widths and wgmma shapes against the dense
+# kernels at the same tiles.
+# ---------------------------------------------------------------------------------------------
+
+# KERNEL:D:VARIANT:BLOCK_M,BLOCK_N,num_warps,num_stages; each sparse row beside the dense kernel's row at its tile
+COMPILE_PAIRS = [
+    ("sparse_fwd:128:dense:128,128,8,2", "fwd:128:dense:128,128,8,2"),
+    ("sparse_dkdv:128:dense:32,128,8,2", "dkdv:128:dense:32,128,8,2"),
+    ("sparse_dq:128:dense:128,64,8,3", "dq:128:dense:128,64,8,3"),
+    ("sparse_fwd:128:padding:128,64,8,3", "fwd:128:padding:128,64,8,3"),
+    ("sparse_dq:128:padding:128,32,8,2", None),
+]
+COMPILE_ROWS_36 = ["sparse_fwd:128:dense:128,128,8,2", "sparse_dkdv:128:dense:32,128,8,2",
+                   "sparse_dq:128:padding:128,32,8,2"]
+
+
+def _compiled(rows, python=None):
+    from tests.test_attention_compile import _key, _rows
+    from tests.utils import compile_in_subprocess
+
+    compiled = _rows(compile_in_subprocess(["--rows", *rows], python=python))
+    for row in compiled.values():
+        assert "error" not in row, row
+    return {spec: compiled[_key(spec)] for spec in rows}
+
+
+def _assert_clean(spec, row):
+    assert row["ldl_stl"] == 0 and row["local_bytes"] == 0, f"{spec} spills: {row}"
+    assert row["hgmma"] > 0 and row["hmma"] == 0, f"{spec}: not on wgmma: {row}"
+    assert row["ldg128"] > 0, f"{spec}: no 16-byte loads: {row}"
+    if ":dense:" in spec:  # the padding mask is read a byte per key; q, k, v, dO never narrower than 16 bytes
+        assert row["ldg_narrow"] == 0, f"{spec}: narrow loads: {row}"
+
+
+def test_sparse_kernels_compile_for_sm90_like_the_dense_ones():
+    """sm_90a, bf16, D = 128, the tiles the sparse spaces start from (tiles of 4 x 8 x 8 tokens, partial
+    ones at the edges: every block bounds-masked): no spills, 16-byte loads, wgmma only, and the same
+    wgmma shapes as the dense kernel at that tile (one tile body in the flat loop: the dense kernel has
+    a second for its last partial block, so its counts may be double)."""
+    pytest.importorskip("triton.compiler")
+    rows = _compiled([spec for pair in COMPILE_PAIRS for spec in pair if spec])
+    for sparse, dense in COMPILE_PAIRS:
+        _assert_clean(sparse, rows[sparse])
+        if dense:
+            assert set(rows[sparse]["hgmma_shapes"]) == set(rows[dense]["hgmma_shapes"]), (rows[sparse], rows[dense])
+
+
+def test_sparse_kernels_compile_under_triton_36():
+    """The GPU machines' Triton (3.6), the same three kernels: no spills, wgmma, 16-byte loads."""
+    from tests.test_attention_compile import _triton36_python
+
+    python = _triton36_python()
+    if python is None:
+        pytest.skip("needs a Python with Triton 3.6 (the GPU machines' version): set DIT_FAST_TRITON36_PYTHON")
+    for spec, row in _compiled(COMPILE_ROWS_36, python).items():
+        assert row["triton"].startswith("3.6"), row["triton"]
+        _assert_clean(spec, row)
+
+
+def test_tile_spaces_drop_what_spills_and_prefer_whole_blocks():
+    """_prune, on the facts it is given (no compile): configurations the sm_90a reports show spilling at
+    D = 128 are dropped there (with a padding mask where that is when), blocks longer than a tile never
+    run, and blocks that divide the tile's volume are preferred."""
+    def kept(space, volume, head_dim, mask, dtype=torch.bfloat16):
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                   for bm, bn, w, st, _ in space]
+        d0, d1 = head_chunks(head_dim)
+        args = dict(TILE_V=volume, BLOCK_D0=d0, BLOCK_D1=d1, HAS_MASK=mask, Q_ptr=torch.empty(0, dtype=dtype))
+        pruned = attention_sparse._pruner(space)["early_config_prune"](configs, args)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned}
+
+    import triton
+
+    from dit_fast.triton_kernels.attention import head_chunks
+
+    fwd, dkdv, dq = attention_sparse.FWD_SPACE, attention_sparse.DKDV_SPACE, attention_sparse.DQ_SPACE
+    assert (128, 128, 8, 2) in kept(fwd, 256, 128, False) and (128, 128, 8, 2) not in kept(fwd, 256, 128, True)
+    assert (128, 128, 8, 2) in kept(fwd, 256, 64, True)  # spill-free at D = 64
+    assert (64, 64, 4, 3) not in kept(dkdv, 256, 128, False) and (64, 64, 4, 3) in kept(dkdv, 256, 64, False)
+    assert (128, 64, 8, 3) not in kept(dq, 256, 128, True) and (128, 32, 8, 2) in kept(dq, 256, 128, True)
+    assert all(bm <= 64 and bn <= 64 for bm, bn, _, _ in kept(fwd, 64, 128, False))  # Wan's 4 x 4 x 4 tiles
+    assert kept(fwd, 15, 64, False) == {(16, 16, 4, 2)}  # nothing divides 15: the blocks that fit
+    assert all(bm * bn <= 64 * 64 for bm, bn, _, _ in kept(fwd, 256, 64, False, torch.float32))
