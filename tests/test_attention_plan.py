@@ -262,8 +262,9 @@ def test_our_kernel_failing_inside_the_planner_raises(on_a_gpu, monkeypatch):
     monkeypatch.setattr(launchers, "attention_forward", broken)  # the kernel breaks, not the decision
     timer = on_a_gpu(triton=2.0, sdpa=1.0)
     q, k, v = qkv(S=13)
-    with pytest.raises(P.OwnKernelError, match=r"our kernel failed on the call class attention\(\) float32 on cpu, "
-                       r"D = 16, B \* heads <= 4, Sq <= 16, Sk <= 16, fwd: RuntimeError: illegal memory access") as info:
+    expected = (r"our kernel failed on the call class attention\(\) float32 on cpu, D = 16, B \* heads <= 4, "
+                r"Sq <= 16, Sk <= 16, fwd: RuntimeError: illegal memory access")
+    with pytest.raises(P.OwnKernelError, match=expected) as info:
         ops.attention(q, k, v)
     assert isinstance(info.value.__cause__, RuntimeError) and P.cached_plans() == {}
     with pytest.raises(P.OwnKernelError, match="fwd\\+bwd"):
@@ -280,11 +281,14 @@ def test_first_choice_is_logged_at_debug(on_a_gpu, caplog):
     assert len(lines) == 1 and "sdpa (measured fwd" in lines[0]
 
 
-def test_gpu_candidates_add_cudnn_forced_sdpa():
+def test_gpu_candidates_add_forced_sdpa_backends_in_half_precision():
     cuda = torch.device("cuda")
-    assert P.candidates(P.Call(0.1), cuda)[0] == ("triton", "sdpa", "sdpa:cudnn")
+    assert P.candidates(P.Call(0.1), cuda)[0] == ("triton", "sdpa", "sdpa:cudnn", "sdpa:flash")
+    assert P.candidates(P.Call(0.1), cuda, torch.bfloat16)[0] == ("triton", "sdpa", "sdpa:cudnn", "sdpa:flash")
+    assert P.candidates(P.Call(0.1), cuda, torch.float32)[0] == ("triton", "sdpa")  # neither takes fp32
     spatial = P.Call(0.1, grid=(2, 2, 2), mode="spatial")
-    assert P.candidates(spatial, cuda)[0] == ("triton", "sdpa_grouped", "sdpa_grouped:cudnn")
+    assert P.candidates(spatial, cuda, torch.float16)[0] == ("triton", "sdpa_grouped", "sdpa_grouped:cudnn",
+                                                            "sdpa_grouped:flash")
     assert P.candidates(spatial, torch.device("cpu"))[0] == ("triton", "sdpa_grouped")
     window = P.Call(0.1, grid=(2, 2, 2), window=(1, 2, 2))
     assert P.candidates(window, cuda)[0] == ("triton", "flex")

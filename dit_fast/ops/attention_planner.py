@@ -8,9 +8,9 @@ winner:
     "triton"        our kernel (torch.ops.dit_fast.attention_fwd)                 every call
     "sdpa"          F.scaled_dot_product_attention (SDPA's own dispatch: cuDNN,   attention(), spacetime mode="full"
                     flash, efficient); key padding as a boolean mask; on a GPU
-                    also "sdpa:cudnn", cuDNN's backend forced
+                    in fp16 / bf16 also "sdpa:cudnn" and "sdpa:flash" (forced)
     "sdpa_grouped"  SDPA over frames (spatial: a view, no copy) or (h, w) columns mode="spatial" / "temporal"
-                    (temporal: permute + copy in and out); also ":cudnn" on a GPU
+                    (temporal: permute + copy in and out); also ":cudnn", ":flash"
     "flex"          FlexAttention (torch.compile'd on a GPU) on tokens permuted   window= / window_tile=
                     to 3D-tile order, with a block mask built once per
                     (grid, window, window_tile, device)
@@ -274,10 +274,14 @@ def run_torch(impl: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
 # ---------------------------------------------------------------------------------------------
 
 
-def candidates(call: Call, device: torch.device) -> Tuple[Tuple[str, ...], str]:
-    """(implementations to time, a note on what was left out and why). On a GPU the SDPA calls are also
-    timed with cuDNN's backend forced: SDPA's dispatch does not always pick it where it is fastest
-    (H100, D = 128, S = 16k: cuDNN 1.25x our kernel, our kernel 1.38x flash; README)."""
+FORCED_SDPA = ("cudnn", "flash")  # SDPA backends also timed forced on a GPU (fp16 / bf16: what they take)
+
+
+def candidates(call: Call, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tuple[Tuple[str, ...], str]:
+    """(implementations to time, a note on what was left out and why). On a GPU, for fp16 / bf16 (or
+    dtype None), the SDPA calls are also timed with cuDNN's and flash's backends forced: SDPA's
+    dispatch does not always pick the fastest (H100, D = 128, S = 16k: cuDNN 1.25x our kernel, our
+    kernel 1.38x flash; README), and "auto" must not lose to any of them."""
     if call.rope_in_kernel:
         return ("triton",), "rope_in_kernel=True asks for our fused kernel"
     if call.kernel_options:
@@ -292,8 +296,8 @@ def candidates(call: Call, device: torch.device) -> Tuple[Tuple[str, ...], str]:
             return ("triton",), "FlexAttention needs torch >= 2.5"
     if call.return_lse and torch_impl != "flex":
         return ("triton",), "return_lse: SDPA gives no log-sum-exp, our kernel does"
-    if torch_impl != "flex" and device.type == "cuda":
-        return ("triton", torch_impl, torch_impl + ":cudnn"), ""
+    if torch_impl != "flex" and device.type == "cuda" and dtype in (None, torch.float16, torch.bfloat16):
+        return ("triton", torch_impl) + tuple(f"{torch_impl}:{b}" for b in FORCED_SDPA), ""
     return ("triton", torch_impl), ""
 
 
@@ -431,7 +435,7 @@ class OwnKernelError(RuntimeError):
 
 
 def _measure(key: CallClass, q, k, v, mask, call: Call) -> AttentionPlan:
-    names, note = candidates(call, q.device)
+    names, note = candidates(call, q.device, q.dtype)
     if len(names) == 1:
         return AttentionPlan(names[0], note)
     times: Dict[str, float] = {}
