@@ -20,7 +20,7 @@ Nothing is monkeypatched: "auto" is the default backend on a GPU (dit_fast._back
 sends attention to the planner whenever Triton can run), as a user's call meets it.
 
     python -m benchmarks.bench_auto [--quick] [--cases dense64,dense128,spatial,temporal,window,window_tile]
-                                    [--variants fwd,fwd+bwd] [--no-write] [--no-check]
+                                    [--variants fwd,fwd+bwd] [--no-write] [--no-check] [--budget-s S]
     python -m benchmarks.bench_auto --cpu-smoke   # tiny shapes on CPU, fp32, our kernel in Triton's
                                                   # interpreter: the code path above, without the check
 
@@ -228,20 +228,19 @@ def run(device="cuda", quick: bool = False, cases=DEFAULT_CASES, variants=VARIAN
     if not common.require_cuda(device):
         return []
     rows, summaries = [], []
-    for name in cases:
-        for variant in variants:
-            if common.out_of_time():
-                print("[attention_auto] out of time budget; stopping")
-                break
-            case_rows, summary = run_case(GPU_CASES[name], variant, device, _cuda_time)
-            rows += case_rows
-            summaries.append(summary)
-            print(f"[attention_auto] {name} {variant}: auto={summary['plan']} ratio {summary['ratio']:.3f}",
-                  flush=True)
-            if write:  # after each case: a run cut by its time limit keeps what it measured
-                path = common.write_rows(case_rows, OP)
-                if path and len(summaries) == 1:
-                    print(f"rows: {path}")
+    for name, variant in [(n, v) for n in cases for v in variants]:
+        if common.out_of_time():
+            print(f"[attention_auto] out of time budget; stopping before {name} {variant}")
+            break
+        case_rows, summary = run_case(GPU_CASES[name], variant, device, _cuda_time)
+        rows += case_rows
+        summaries.append(summary)
+        print(f"[attention_auto] {name} {variant}: auto={summary['plan']} ratio {summary['ratio']:.3f}",
+              flush=True)
+        if write:  # after each case: a run cut by its time limit keeps what it measured
+            path = common.write_rows(case_rows, OP)
+            if path and len(summaries) == 1:
+                print(f"rows: {path}")
     ok = report(summaries, check)
     if check and not ok:
         raise SystemExit(f"auto was more than {TOLERANCE:.2f}x the faster side in some case (FAIL rows above)")
@@ -308,7 +307,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", action="store_true", help="report the ratios without failing")
     parser.add_argument("--quick", action="store_true", help="DIT_FAST_ATTENTION_TUNE=quick (unless set)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (no GPU needed)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new case after this many seconds (rows so far are kept)")
     args = parser.parse_args(argv)
+    cases, variants = tuple(args.cases.split(",")), tuple(args.variants.split(","))
+    for name, given, known in (("--cases", cases, GPU_CASES), ("--variants", variants, VARIANTS)):
+        unknown = [x for x in given if x not in known]
+        if unknown:
+            parser.error(f"{name}: unknown {', '.join(unknown)}; expected a comma list from {','.join(known)}")
+    if args.budget_s is not None:
+        common.DEADLINE = time.monotonic() + args.budget_s
     if args.cpu_smoke:
         smoke()
         return 0
@@ -316,8 +324,8 @@ def main(argv=None) -> int:
         print(f"{common.GPU_MESSAGE}: auto's choice is timed on a CUDA device only. Exiting without numbers "
               "(--cpu-smoke runs the code path on tiny CPU shapes).")
         return 0
-    run(args.device, quick=args.quick, cases=tuple(args.cases.split(",")), variants=tuple(args.variants.split(",")),
-        write=not args.no_write, check=not args.no_check)
+    run(args.device, quick=args.quick, cases=cases, variants=variants, write=not args.no_write,
+        check=not args.no_check)
     return 0
 
 
