@@ -166,3 +166,147 @@ def test_sparse_wan_on_the_kernels():
         ref64 = run(copy.deepcopy(reference).double(), kwargs64)
         ref32 = run(reference, kwargs)
     assert_close_to_reference("sparse wan", actual, ref64.float(), ref32)
+
+
+# ---------------------------------------------------------------------------------------------
+# DiTVideo(attention="block_sparse", sparse=...): tokens tile-major inside the model, RoPE included
+# ---------------------------------------------------------------------------------------------
+
+
+class MaskedSpacetimeAttention(torch.nn.Module):
+    """SpacetimeAttention's math with attention_reference and a fixed token mask: the reference of a sparse layer."""
+
+    def __init__(self, attn, token_mask):
+        super().__init__()
+        self.attn, self.token_mask = attn, token_mask
+
+    def forward(self, x, grid):
+        from dit_fast.ops.flash_attention import attention_reference
+        from dit_fast.ops.rope import apply_rope_3d_reference
+
+        a = self.attn
+        B, S, C = x.shape
+        q, k, v = a.qkv(x).reshape(B, S, 3, a.num_heads, a.head_dim).unbind(2)
+        q, k = a.q_norm(q), a.k_norm(k)
+        if a.rope is not None:
+            q = apply_rope_3d_reference(q, grid, a.rope.theta, a.rope.split)
+            k = apply_rope_3d_reference(k, grid, a.rope.theta, a.rope.split)
+        return a.proj(attention_reference(q, k, v, mask=self.token_mask).reshape(B, S, C))
+
+
+def tiny_dit(sparse=None, seed=0, **kwargs):
+    from dit_fast.models import DiT_models
+
+    torch.manual_seed(seed)
+    extra = dict(attention="block_sparse", sparse=sparse) if sparse is not None else {}
+    model = DiT_models["DiT-tiny"](pos="both", qk_norm=True, **extra, **kwargs)  # grid (4, 4, 4): 64 tokens
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero and the zeroed output layer would hide every branch
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.1)
+    return model
+
+
+def dit_inputs(per_frame=False, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor([[10.0, 300.0, 500.0, 900.0], [700.0] * 4]) if per_frame else torch.tensor([10.0, 700.0])
+    return torch.randn(2, 4, 4, 8, 8, generator=g), t, torch.tensor([1, 2])
+
+
+def _forward_backward(model, x, t, y):
+    model.train()
+    model.zero_grad()
+    out = model(x, t, y, force_drop_ids=torch.zeros(2, dtype=torch.bool))
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(9))).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("per_frame", [False, True], ids=["tile-major", "raster"])
+def test_dit_video_sparse_equals_masked_reference_forward_and_backward(per_frame):
+    """Sliding tiles in DiTVideo (tile-major tokens, RoPE at raster positions; per-frame timesteps keep raster order)
+    equal the same weights with every attention masked by the same blocks' token mask, output and every gradient."""
+    from dit_fast.models.dit_video import DiTVideo
+
+    sparse = SparseAttention(pattern="sliding_tile", density=0.3, tile=(2, 2, 2))
+    model = tiny_dit(sparse, per_frame_timesteps=per_frame, backend="torch")
+    x, t, y = dit_inputs(per_frame)
+    out, grads = _forward_backward(model, x, t, y)
+    assert model.sparse.order == ("raster" if per_frame else "tiles")
+    assert set(model.sparse.kept_fractions()) == {0, 1} and max(model.sparse.kept_fractions().values()) < 1
+    window = sparse.choices_for((4, 4, 4), 0)[0]["window"]
+    mask = sliding_tile(sparse.layout((4, 4, 4)), window).token_mask("raster")
+    reference = tiny_dit(None, per_frame_timesteps=per_frame, backend="torch")
+    reference.load_state_dict(model.state_dict())
+    for block in reference.blocks:
+        block.attn = MaskedSpacetimeAttention(block.attn, mask)
+    assert isinstance(reference, DiTVideo)
+    out_ref, grads_ref = _forward_backward(reference, x, t, y)
+    assert rel_err(out, out_ref) <= 1e-5
+    names = {n.replace("attn.attn.", "attn.") for n in grads_ref}
+    assert {n for n in grads} == names
+    for name, g in grads_ref.items():
+        assert rel_err(grads[name.replace("attn.attn.", "attn.")], g) <= 1e-5, name
+
+
+def test_dit_video_density_one_equals_full_attention():
+    model = tiny_dit(SparseAttention(pattern="topk", density=1.0, tile=(1, 2, 2)), backend="torch")
+    full = tiny_dit(None, backend="torch")
+    full.load_state_dict(model.state_dict())
+    x, t, y = dit_inputs()
+    with torch.no_grad():
+        assert rel_err(model.eval()(x, t, y), full.eval()(x, t, y)) <= 1e-5
+    assert model.sparse.kept_fractions() == {0: 1.0, 1: 1.0}
+
+
+def test_sparse_gradient_reaches_kept_keys_only():
+    """Through a DiTVideo sparse layer: the loss of one query tile's outputs gives zero gradient to every key
+    and value outside its kept tiles, and a non-zero one inside."""
+    from dit_fast.sparse.runtime import SelfAttentionLayer, SparseRuntime
+
+    sparse = SparseAttention(pattern="sliding_tile", density=0.2, tile=(2, 2, 2))
+    runtime = SparseRuntime(sparse, "Test")
+    layer = SelfAttentionLayer(runtime, 0)
+    grid = (4, 4, 4)
+    q, k, v = (torch.randn(1, 64, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    runtime.observe(0, training=True)
+    out = layer(q, k, v, grid, rope="3d", backend="torch")
+    layout = sparse.layout(grid)
+    tile_of = layout.token_tile()
+    out[:, tile_of == 0].sum().backward()  # only query tile 0's outputs
+    kept = sliding_tile(layout, sparse.choices_for(grid, 0)[0]["window"]).tile_mask()[0, 0, 0]  # key tiles of tile 0
+    visible = kept[tile_of]  # (S,) keys tile 0 sees
+    assert 0 < int(visible.sum()) < 64
+    for grad in (k.grad, v.grad):
+        assert (grad[:, ~visible] == 0).all()
+        assert (grad[:, visible].abs().sum((-1, -2)) > 0).all()
+
+
+def test_dit_video_sparse_errors():
+    from dit_fast.models import DiT_models
+
+    with pytest.raises(ValueError, match="attention='block_sparse' takes sparse="):
+        DiT_models["DiT-tiny"](attention="block_sparse")
+    with pytest.raises(ValueError, match="sparse= needs attention='block_sparse'"):
+        DiT_models["DiT-tiny"](sparse=SparseAttention())
+    with pytest.raises(TypeError, match="sparse must be a dit_fast.SparseAttention"):
+        DiT_models["DiT-tiny"](attention="block_sparse", sparse="sliding_tile")
+    with pytest.raises(ValueError, match="dense_layers"):
+        DiT_models["DiT-tiny"](attention="block_sparse", sparse=SparseAttention(dense_layers=[2]))
+    with pytest.raises(ValueError, match="DiTVideo"):
+        dit_fast.patch(torch.nn.Linear(2, 2), sparse=SparseAttention())
+
+
+def test_dit_video_sparse_on_the_kernels():
+    """One DiTVideo block with topk blocks on the Triton kernels (interpreter), forward and backward: the
+    block-sparse kernels launch (forward, dK/dV, dQ) and output and gradients equal the torch path's (fp32)."""
+    sparse = SparseAttention(pattern="topk", density=0.3, tile=(2, 2, 2))
+    model = tiny_dit(sparse, backend="triton", depth=1)
+    x, t, y = dit_inputs()
+    with count_launches() as launches:
+        out, grads = _forward_backward(model, x, t, y)
+    assert launches.total("_sparse_fwd") == 1 and launches.total("_sparse") >= 3, launches
+    reference = tiny_dit(SparseAttention(pattern="topk", density=0.3, tile=(2, 2, 2)), backend="torch", depth=1)
+    reference.load_state_dict(model.state_dict())
+    out_ref, grads_ref = _forward_backward(reference, x, t, y)
+    assert rel_err(out, out_ref) <= 1e-4
+    for name in ("blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "x_embedder.proj.weight"):
+        assert rel_err(grads[name], grads_ref[name]) <= 1e-4, name

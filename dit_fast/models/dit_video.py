@@ -24,8 +24,10 @@ from dit_fast.models.embeddings import (CaptionEmbedder, LabelEmbedder, PatchEmb
 from dit_fast.nn.attention import CrossAttention, SpacetimeAttention, check_heads
 from dit_fast.ops.patchify import unpatchify_3d
 from dit_fast.ops.rope import RoPE3D
+from dit_fast.sparse.config import SparseAttention
+from dit_fast.sparse.runtime import SelfAttentionLayer, SparseRuntime
 
-ATTENTION_LAYOUTS = ("full", "spatial_temporal")
+ATTENTION_LAYOUTS = ("full", "spatial_temporal", "block_sparse")
 POSITIONS = ("sincos", "rope", "both")
 
 
@@ -166,6 +168,7 @@ class DiTVideo(nn.Module):
         gradient_checkpointing: bool = False,
         cfg_channels: Optional[int] = None,
         backend: str = "auto",
+        sparse: Optional[SparseAttention] = None,
     ):
         super().__init__()
         self.input_size = _triple(input_size, "input_size")
@@ -173,6 +176,14 @@ class DiTVideo(nn.Module):
         if any(s % p for s, p in zip(self.input_size, self.patch_size)):
             raise ValueError(f"input_size {self.input_size} must be divisible by patch_size {self.patch_size}")
         check_choice("attention", attention, ATTENTION_LAYOUTS)
+        if (attention == "block_sparse") != (sparse is not None):
+            raise ValueError("attention='block_sparse' takes sparse=dit_fast.SparseAttention(...) (the pattern, density, "
+                             f"schedule), and sparse= needs attention='block_sparse'; got attention={attention!r}, "
+                             f"sparse={sparse!r}")
+        if sparse is not None and not isinstance(sparse, SparseAttention):
+            raise TypeError(f"sparse must be a dit_fast.SparseAttention, got {type(sparse).__name__}")
+        if sparse is not None and any(i >= depth for i in sparse.dense_layers):
+            raise ValueError(f"sparse.dense_layers {sparse.dense_layers} names layers past depth = {depth}")
         check_choice("pos", pos, POSITIONS)
         check_int("in_channels", in_channels)
         check_int("hidden_size", hidden_size)
@@ -223,13 +234,18 @@ class DiTVideo(nn.Module):
         else:
             self.pos_embed = None
         rope = RoPE3D() if pos in ("rope", "both") else None
-        modes = ["full"] * depth if attention == "full" else ["spatial", "temporal"] * (depth // 2) + ["spatial"] * (depth % 2)
+        modes = (["spatial", "temporal"] * (depth // 2) + ["spatial"] * (depth % 2) if attention == "spatial_temporal"
+                 else ["full"] * depth)
         self.blocks = nn.ModuleList([
             DiTVideoBlock(hidden_size, num_heads, mlp_ratio, mode=mode, cross_attention=text_dim is not None,
                           rope=rope, qk_norm=qk_norm, adaln_single=adaln_single, backend=backend)
             for mode in modes
         ])
         self.final_layer = FinalLayer(hidden_size, self.patch_size, self.out_channels, adaln_single, backend)
+        # block-sparse self-attention: one runtime (schedule, calibration, blocks) shared by the blocks' layers
+        self.sparse = None if sparse is None else SparseRuntime(sparse, type(self).__name__)
+        for i, block in enumerate(self.blocks if sparse is not None else []):
+            block.attn.sparse = SelfAttentionLayer(self.sparse, i)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -335,6 +351,9 @@ class DiTVideo(nn.Module):
             pos = self.position_embedding(grid, x.device, x.dtype)  # (1, N, D)
             x = x + (pos if sp is None else sp.shard_tokens(pos, grid))  # (B, N or n, D)
         c = self.t_embedder(t)                             # (B, D) or per frame (B, G, D)
+        tiles = self._sparse_order(t, grid, per_sample=c.dim() == 2)  # a TileLayout: tokens tile-major, or None
+        if tiles is not None:
+            x = tiles.to_tiles(x)                          # (B, N, D), each 3D tile contiguous
         if self.y_embedder is not None:
             y = self.y_embedder(y, drop_ids)               # (B, D)
             c = c + (y if c.dim() == 2 else y[:, None])    # (B, [G,] D)
@@ -352,11 +371,24 @@ class DiTVideo(nn.Module):
             else:
                 x, gate, branch = block(x, gate, branch, block_c, grid, context, context_mask)  # (B, N, D)
         x = self.final_layer(x, gate, branch, c)           # (B, N, pt * ph * pw * out_channels)
+        if tiles is not None:
+            x = tiles.from_tiles(x)                        # back to (t, h, w) raster order
         if sp is not None:
             x = sp.gather_tokens(x, grid)                  # (B, N, ...) on every rank, or this rank's tokens
             if not sp.gather_output:
                 return x
         return self.unpatchify(x, grid)                    # (B, out_channels, T, H, W)
+
+    def _sparse_order(self, t, grid, per_sample: bool):
+        """Block-sparse attention: the step from t (the schedule), and the token order of this call: tile-major
+        (the layout, returned) when every op between input and output is per token (one modulation per
+        sample, no sequence parallelism), else raster (None; the op gathers per layer)."""
+        if self.sparse is None:
+            return None
+        self.sparse.observe(t, training=self.training and torch.is_grad_enabled())
+        tile_major = per_sample and self.sequence_parallel_plan is None
+        self.sparse.order = "tiles" if tile_major else "raster"
+        return self.sparse.config.layout(grid) if tile_major else None
 
     def _drop_ids(self, batch, device, force_drop_ids):
         """(B,) bool: which samples lose their label and caption (CFG dropout), or None."""

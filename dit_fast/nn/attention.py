@@ -40,7 +40,11 @@ class SpacetimeAttention(nn.Module):
 
     forward(x, grid): x (B, S, C) with S = T * H * W tokens in (t, h, w) raster order. ``mode``,
     ``window``, ``window_tile`` and ``rope`` are those of ``dit_fast.ops.spacetime_attention``.
+    ``sparse``: set by DiTVideo(attention="block_sparse"), a dit_fast.sparse.runtime.SelfAttentionLayer
+    that runs the layer's block-sparse attention (and the tokens' order, which may be tile-major).
     """
+
+    sparse = None
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False, mode: str = "full",
                  window: Optional[Sequence[int]] = None, rope=None, backend: str = "auto",
@@ -68,8 +72,11 @@ class SpacetimeAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, S, 3, self.num_heads, self.head_dim)  # (B, S, 3, heads, D), timm's order
         q, k, v = qkv.unbind(2)  # each (B, S, heads, D): strided views, read in place by the kernels
         q, k = self.q_norm(q), self.k_norm(k)
-        x = spacetime_attention(q, k, v, grid, mode=self.mode, window=self.window,
-                                window_tile=self.window_tile, rope=self.rope, backend=self.backend)  # (B, S, heads, D)
+        if self.sparse is not None:
+            x = self.sparse(q, k, v, grid, rope=self.rope, backend=self.backend)  # (B, S, heads, D)
+        else:
+            x = spacetime_attention(q, k, v, grid, mode=self.mode, window=self.window,
+                                    window_tile=self.window_tile, rope=self.rope, backend=self.backend)
         return self.proj(x.reshape(B, S, C))
 
     def extra_repr(self):

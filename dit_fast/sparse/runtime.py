@@ -27,6 +27,7 @@ from torch import Tensor
 
 from dit_fast.ops.block_sparse import block_sparse_attention
 from dit_fast.ops.flash_attention import attention
+from dit_fast.ops.rope import apply_rope_3d, as_rope, rope_3d_angles
 from dit_fast.ops.sparse_layout import SparseBlocks, TileLayout
 from dit_fast.sparse.config import Choice, SparseAttention
 from dit_fast.sparse.patterns import PATTERNS, blocks_for_heads
@@ -72,6 +73,7 @@ class SparseRuntime:
         self._blocks: Dict[tuple, SparseBlocks] = {}
         self.last_blocks: Dict[int, Optional[SparseBlocks]] = {}  # layer -> blocks of its last call (None: dense)
         self.calibration_errors: Dict[Tuple[str, int], List[float]] = {}  # (grid, layer) -> chosen error per head
+        self.order = "raster"  # the token order of the model's current call (DiTVideo: "tiles" where it can)
 
     def __getstate__(self):  # a pickled / deep-copied model keeps the configuration, not the caches
         return {**self.__dict__, "_blocks": {}, "last_blocks": {}}
@@ -163,6 +165,45 @@ class SparseRuntime:
                 for layer, blocks in sorted(self.last_blocks.items())}
 
 
+class SelfAttentionLayer:
+    """A dit_fast model's sparse self-attention layer (DiTVideo's SpacetimeAttention.sparse): RoPE, then the
+    runtime's block-sparse attention, or dense attention when the layer is dense now; tokens in the
+    runtime's current order ("tiles": tile-major, RoPE at the tokens' raster positions)."""
+
+    def __init__(self, runtime: SparseRuntime, layer: int):
+        self.runtime, self.layer = runtime, layer
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], rope=None, backend: str = "auto",
+                 heads: Optional[Tuple[int, int]] = None, group=None) -> Tensor:
+        """q, k, v (B, S, heads, D) of the whole ``grid`` -> (B, S, heads, D). heads / group: a Ulysses rank's
+        share of the heads (SparseRuntime.attend)."""
+        runtime, order = self.runtime, self.runtime.order
+        layout = runtime.config.layout(grid)
+        rope = as_rope(rope)
+        if rope is not None:
+            if order == "tiles" or q.dtype == torch.float64:  # float64: the tests' oracle, PyTorch's math
+                q, k = rope_in_order(q, layout, rope, order), rope_in_order(k, layout, rope, order)
+            else:
+                q = apply_rope_3d(q, grid, theta=rope.theta, split=rope.split, backend=backend)
+                k = apply_rope_3d(k, grid, theta=rope.theta, split=rope.split, backend=backend)
+        out = runtime.attend(self.layer, q, k, v, layout, order=order, backend=backend, heads=heads, group=group)
+        return attention(q, k, v, backend=backend) if out is None else out  # dense: any order
+
+
+def rope_in_order(x: Tensor, layout: TileLayout, rope, order: str) -> Tensor:
+    """apply_rope_3d_reference's rotation of x (B, S, heads, D) whose tokens are in ``order``: in tile order
+    each token's angles are those of its raster position (layout.perm). PyTorch ops, differentiable."""
+    B, S, heads, D = x.shape
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    angles = rope_3d_angles(layout.grid, D, rope.theta, rope.split, x.device, dtype=compute)
+    if order == "tiles":
+        angles = angles[layout.perm(x.device)]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, S, 1, D / 2)
+    pairs = x.to(compute).reshape(B, S, heads, D // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).reshape(B, S, heads, D).to(x.dtype)
+
+
 def _local_heads(choices: List[Choice], heads: Optional[Tuple[int, int]], local: int) -> List[Choice]:
     """The choices of the heads this call holds: one shared choice, or the slice [first, first + local)."""
     if len(choices) == 1:
@@ -175,4 +216,4 @@ def _local_heads(choices: List[Choice], heads: Optional[Tuple[int, int]], local:
     return part if any(c != part[0] for c in part) else part[:1]
 
 
-__all__ = ["SparseRuntime", "StepTracker", "relative_error_per_head"]
+__all__ = ["SelfAttentionLayer", "SparseRuntime", "StepTracker", "relative_error_per_head", "rope_in_order"]
