@@ -137,7 +137,7 @@ def hunyuan_video15():
         rope_axes_dim=(4, 6, 6), target_size=16, task_type="i2v")
 
     def inputs(dtype, g):  # a 2 x 3 x 4 grid; mLLM text (7, padded), ByT5 text (5, padded), 3 image tokens
-        return dict(hidden_states=rand(g, B, 4, 2, 3, 4, dtype=dtype), timestep=T_STEPS,
+        return dict(hidden_states=rand(g, B, 4, 2, 3, 4, dtype=dtype), timestep=T_STEPS.to(dtype),
                     encoder_hidden_states=text(g, dtype), encoder_attention_mask=text_mask(dtype=torch.long),
                     encoder_hidden_states_2=text(g, dtype, dim=8, length=5),
                     encoder_attention_mask_2=text_mask(5, torch.long, valid=3),

@@ -159,10 +159,9 @@ def _rel_err(actual, expected):
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _expected_warnings(case, caught):
-    """The fallback warnings of ``caught`` are exactly those the case names (each once)."""
+def _expected_warnings(reasons, caught):
+    """The fallback warnings of ``caught`` are exactly the ``reasons`` (each once)."""
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    reasons = FALLBACKS.get(case, ())
     assert len(messages) == len(reasons), messages
     for reason in reasons:
         assert any(reason in m for m in messages), (reason, messages)
@@ -201,7 +200,7 @@ def test_backend_equals_native_torch_path(case, monkeypatch):
     with dit_fast.use_backend("torch"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         actual = _run(ours, inputs)
-    _expected_warnings(case, caught)
+    _expected_warnings(FALLBACKS.get(case, ()), caught)
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
         assert _rel_err(a, e) <= 1e-5
@@ -220,7 +219,7 @@ def test_backend_on_triton_kernels(case, monkeypatch):
     with dit_fast.use_backend("triton"), count_launches() as launches, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         actual = _run(ours, inputs, device=KERNEL_DEVICE)
-    _expected_warnings(case, caught)
+    _expected_warnings(FALLBACKS.get(case, ()), caught)
     assert calls.count > 0 and launches["_attn_fwd_kernel"] >= calls.count, (calls.count, dict(launches))
     for i, (a, r64, r32) in enumerate(zip(actual, ref64, ref32)):
         assert_close_to_reference(f"{case} output {i}", a, r64, r32)
@@ -280,12 +279,15 @@ PATCHED = {
     "skyreels_v2": ADALN | {"apply_rope_3d", "attention"},
     "skyreels_v2_df": ADALN | {"apply_rope_3d", "attention"},
     "chronoedit": ADALN | {"attention"},  # RoPE from the model's tables (see wan.py)
+    "hunyuan_video15": ADALN | {"apply_rope_3d", "attention"},
 }
+PATCH_FALLBACKS = {"skyreels_v2_df": ("a per-query mask",)}  # the block-causal mask (HunyuanVideo 1.5's: kernels)
 # (kernel launches) the Triton kernels each patched family must launch
 KERNELS = {"_attn_fwd_kernel", "_adaln_forward_kernel"}
 PATCHED_KERNELS = {"wan_vace": KERNELS | {"_rope_3d_kernel"}, "wan_animate": KERNELS | {"_rope_3d_kernel"},
-                   "skyreels_v2": KERNELS | {"_rope_3d_kernel"}, "chronoedit": KERNELS}
-PATCH_BACKWARD = ("wan_vace", "skyreels_v2_df")
+                   "skyreels_v2": KERNELS | {"_rope_3d_kernel"}, "chronoedit": KERNELS,
+                   "hunyuan_video15": KERNELS | {"_rope_3d_kernel"}}
+PATCH_BACKWARD = ("wan_vace", "skyreels_v2_df", "hunyuan_video15")
 
 
 class OpCalls:
@@ -321,7 +323,7 @@ def test_patched_equals_native_torch_path(case, monkeypatch):
     with dit_fast.use_backend("torch"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         actual = _run(patched, inputs)
-    _expected_warnings(case, caught)
+    _expected_warnings(PATCH_FALLBACKS.get(case, ()), caught)
     for a, e in zip(actual, expected):
         assert _rel_err(a, e) <= 1e-5
     assert PATCHED[case] <= set(calls.counts), calls.counts
@@ -360,5 +362,8 @@ def test_patched_backward_equals_native_torch_path(case):
         out, dx, grads = _grads(_patched(model), inputs)
     assert _rel_err(out, out_ref) <= 1e-5 and _rel_err(dx, dx_ref) <= 1e-5
     assert grads.keys() == grads_ref.keys()
+    # a gradient that is zero by the math (a key bias: softmax ignores it) is fp32 noise: judged against
+    # a thousandth of the largest gradient, not against itself
+    floor = 1e-3 * max(ref.abs().max().item() for ref in grads_ref.values())
     for key, ref in grads_ref.items():
-        assert _rel_err(grads[key], ref) <= 1e-5, key
+        assert (grads[key] - ref).abs().max().item() <= 1e-5 * max(ref.abs().max().item(), floor), key

@@ -19,6 +19,7 @@ DIFFUSERS_MODELS = {
     "WanAnimateTransformer3DModel": "wan",
     "SkyReelsV2Transformer3DModel": "wan",
     "ChronoEditTransformer3DModel": "wan",
+    "HunyuanVideo15Transformer3DModel": "hunyuan_video15",
 }
 
 
