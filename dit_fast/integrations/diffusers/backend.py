@@ -22,7 +22,14 @@ cross-attention keys, fp32 / fp16 / bf16):
     over the mesh (one all-reduce), so every rank takes the same path.
 Everything else (dropout, causal, grouped-query heads, float biases, masks that differ between
 queries, rows with no visible key, float64, other head dims) runs diffusers' native attention, with
-one RuntimeWarning per kind of reason: never a silently different result.
+one RuntimeWarning per distinct reason (each head dim, dtype combination, mask shape: the numbers are
+kept): never a silently different result.
+
+Under torch.compile (fullgraph=True included) nothing is read on the host while tracing: flags,
+shapes and dtypes decide what they can (a static fallback is warned while tracing), and a mask's
+values are checked on the device, ``torch.cond`` running our kernels or the native fallback
+(``_device_checked``): the eager result, no graph break. Context parallelism keeps its host read (the
+mesh-wide check), so it is for eager runs.
 """
 
 import warnings
