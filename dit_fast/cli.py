@@ -297,6 +297,9 @@ TRAIN_HELP = {
     "text_dim": "text encoder width; a multiple of 4",
     "text_dropout": "fraction of captions dropped (for classifier-free guidance)",
     "backend": "op backend (auto: the fastest kernels on a GPU, torch on CPU)",
+    "sparse": "block-sparse self-attention, PATTERN[+PATTERN][:key=value,...] with patterns sliding_tile, radial, "
+              "topk and keys density, dense_layers (0/3), tile (4x4x4), local, tolerance "
+              "(e.g. sliding_tile:density=0.25); kept in the run's config: resume and generate use it",
     "steps": "optimizer steps in total (a resumed run trains up to this)",
     "batch_size": "global batch, over all ranks and micro-batches",
     "grad_accum": "micro-batches per step",

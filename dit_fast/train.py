@@ -167,7 +167,8 @@ class TextToVideo(torch.nn.Module):
                             in_channels=3, hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
                             mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.text_dropout, num_classes=0,
                             text_dim=cfg.text_dim, learn_sigma=False, backend=cfg.backend,
-                            gradient_checkpointing=cfg.gradient_checkpointing)
+                            gradient_checkpointing=cfg.gradient_checkpointing,
+                            **({"attention": "block_sparse", "sparse": cfg.sparse_attention()} if cfg.sparse else {}))
         self.prediction, self.t_min = cfg.prediction, cfg.t_min
         self.num_timesteps = 1000  # RectifiedFlow's scale of t (make_flow)
 

@@ -41,6 +41,8 @@ class TrainConfig:
     text_dim: int = 64
     text_dropout: float = 0.1  # caption dropped (empty prompt) this often, for classifier-free guidance
     backend: str = "torch"
+    # block-sparse self-attention (dit_fast.SparseAttention.from_spec), e.g. "sliding_tile:density=0.25"; "": dense
+    sparse: str = ""
     # optimisation
     steps: int = 1000
     batch_size: int = 32  # global batch, over all ranks and micro-batches
@@ -132,6 +134,7 @@ class TrainConfig:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("grad_accum", self.grad_accum, 1)
         self.check_parallel(world_size)
+        self.sparse_attention()  # ConfigError("sparse", ...) for a bad spec
         dp = world_size // self.sp  # data-parallel replicas (or FSDP shards with their own samples)
         if self.batch_size % (dp * self.grad_accum):
             what = f"world_size / sp * grad_accum = {world_size} / {self.sp} * {self.grad_accum}" if self.sp > 1 \
@@ -162,6 +165,25 @@ class TrainConfig:
         _check_int("log_every", self.log_every, 1)
         if not isinstance(self.device, str):
             raise ConfigError("device", f"expected a device name, got {self.device!r}")
+
+    def sparse_attention(self):
+        """The DiT's SparseAttention from ``sparse`` (None when ""); ConfigError naming the field if it cannot run."""
+        if not isinstance(self.sparse, str):
+            raise ConfigError("sparse", f"expected a spec such as 'sliding_tile:density=0.25' or '', got {self.sparse!r}")
+        if not self.sparse:
+            return None
+        from dit_fast.sparse.config import SparseAttention
+
+        try:
+            sparse = SparseAttention.from_spec(self.sparse)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("sparse", str(exc)) from None
+        if any(i >= self.depth for i in sparse.dense_layers):
+            raise ConfigError("sparse", f"dense_layers {sparse.dense_layers} name blocks past depth = {self.depth}")
+        if self.sp > 1 and self.sp_mode != "ulysses":
+            raise ConfigError("sparse", f"block-sparse attention runs under --sp-mode ulysses (each rank whole heads), "
+                                        f"not {self.sp_mode!r}")
+        return sparse
 
     def check_parallel(self, world_size: int) -> Tuple[int, int]:
         """(ulysses, ring) degrees of --sp / --sp-mode / --ring; ConfigError if they cannot split this

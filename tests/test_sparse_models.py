@@ -310,3 +310,45 @@ def test_dit_video_sparse_on_the_kernels():
     assert rel_err(out, out_ref) <= 1e-4
     for name in ("blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "x_embedder.proj.weight"):
         assert rel_err(grads[name], grads_ref[name]) <= 1e-4, name
+
+
+# ---------------------------------------------------------------------------------------------
+# dit-fast train --sparse: saved in the run's config, used by resume and generate
+# ---------------------------------------------------------------------------------------------
+
+SPARSE_SPEC = "sliding_tile:density=0.5,tile=1x1x1"
+TINY_TRAIN = ["--num-frames", "4", "--size", "16", "--patch", "2", "4", "4", "--hidden-size", "32", "--depth", "2",
+              "--num-heads", "2", "--text-dim", "16", "--batch-size", "2", "--checkpoint-every", "2", "--warmup", "1",
+              "--device", "cpu", "--backend", "torch", "--quiet"]  # a 2 x 4 x 4 token grid
+
+
+def test_train_with_sparse_then_resume_and_generate(tmp_path, capsys):
+    from dit_fast.cli import main
+    from dit_fast.generate import load_model
+
+    run = str(tmp_path / "run")
+    assert main(["train", "--out-dir", run, *TINY_TRAIN, "--steps", "2", "--sparse", SPARSE_SPEC]) == 0
+    model, cfg = load_model(run, ema=False)
+    assert cfg.sparse == SPARSE_SPEC and model.dit.attention == "block_sparse"
+    assert model.dit.sparse.config.spec() == SparseAttention.from_spec(SPARSE_SPEC).spec()
+    assert main(["train", "--out-dir", run, *TINY_TRAIN, "--steps", "3", "--sparse", SPARSE_SPEC]) == 0  # resumed
+    model, cfg = load_model(run, ema=False)
+    assert cfg.steps == 3
+    out = tmp_path / "x.gif"
+    assert main(["generate", "a red circle moving left", "--checkpoint", run, "--steps", "2", "--device", "cpu",
+                 "--quiet", "-o", str(out)]) == 0 and out.exists()
+    from dit_fast.generate import generate
+
+    generate(model, cfg, ["a red circle moving left"], steps=2, progress_bar=False)  # what generate runs
+    kept = model.dit.sparse.kept_fractions()
+    assert kept and all(f < 1 for f in kept.values()), kept  # every block ran sparse while sampling
+
+
+@pytest.mark.parametrize("spec,match", [("magic", "pattern must be one of"), ("sliding_tile:density=2", "density"),
+                                        ("sliding_tile:dense_layers=5", "past depth")])
+def test_train_sparse_mistakes_are_one_line(tmp_path, capsys, spec, match):
+    from dit_fast.cli import main
+
+    assert main(["train", "--out-dir", str(tmp_path / "r"), *TINY_TRAIN, "--steps", "1", "--sparse", spec]) == 2
+    err = capsys.readouterr().err
+    assert "argument --sparse" in err and match in err and len(err.strip().splitlines()) == 1
