@@ -24,8 +24,11 @@ import dit_fast  # noqa: E402
 from dit_fast.integrations.diffusers import _processor as P  # noqa: E402
 from dit_fast.models import patching  # noqa: E402
 from dit_fast.models.patching import PatchedMethod, patch_method  # noqa: E402
+from tests import diffusers_zoo as zoo  # noqa: E402
 from tests import reference_dit as R  # noqa: E402
 from tests.test_diffusers import EXPECTED_OPS, Calls, build, patched_copy, rel_err, run  # noqa: E402
+from tests.test_diffusers_models import PATCHED  # noqa: E402
+from tests.test_diffusers_models import _run as run_zoo  # noqa: E402
 from tests.utils import REPO_ROOT  # noqa: E402
 
 FAMILIES = ("wan", "hunyuan_video", "ltx", "cogvideox", "mochi")
@@ -96,6 +99,25 @@ def test_patched_diffusers_model_copies_stay_patched(name, monkeypatch):
             assert rel_err(actual, expected) <= 1e-5, how
             assert EXPECTED_OPS[name] <= set(calls.counts), (how, calls.counts)
             monkeypatch.undo()
+
+
+@pytest.mark.parametrize("case", list(PATCHED))
+def test_other_patched_families_survive_torch_save(case):
+    """The families past the first five (tests/test_diffusers_models.py's PATCHED table: a family added there
+    is checked here too) through torch.save / torch.load: patched, same state dict, same output."""
+    model, inputs = zoo.build(case)
+    expected = run_zoo(model, inputs)
+    patched = patched_copy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # SkyReels-V2 DF's named fallback, tested in that file
+        run_zoo(patched, inputs)  # a grid recorded before saving
+        other = _save_load(patched)
+        assert_patched_like(other, patched)
+        assert_same_state(other, model)
+        with dit_fast.use_backend("torch"):
+            actual = run_zoo(other, inputs)
+    for a, e in zip(actual, expected):
+        assert rel_err(a, e) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["wan", "hunyuan_video"])
