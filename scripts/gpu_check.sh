@@ -19,6 +19,8 @@
 #   BENCH_OPS=adaln,...  ops for benchmarks.run (default: all; adaln first)
 #   BENCH_FULL=1         all cases instead of --quick
 #   BENCH_FIRST=1        benchmarks before tests (tests then get what is left of TEST_TIMEOUT)
+#   EXTRA_FIRST=1        the EXTRA_BENCH benches right after the build, before the tests and benchmarks.run
+#                        (the rows that decide open targets first: a call cut short still brings them back)
 #   TUNE_ADALN=1         after the benchmarks, the adaLN launch-shape sweep (benchmarks/tune_adaln.py),
 #                        appended to bench.log
 #   PYTEST_ARGS="..."    default "-v -n 6 --timeout 200" with pytest-xdist and pytest-timeout (both in the
@@ -217,7 +219,7 @@ run_extra_bench() {
     limit=${item#*:}
     local args=()
     case $name in
-      auto) args=(--quick) ;;
+      auto) args=(--quick --budget-s $((limit > 80 ? limit - 40 : 40))) ;;
       diffusers) args=() ;;
       parallel) args=(--quick --json "$RESULTS/parallel_plan_bench.json") ;;
       *) note "extra bench $name: unknown (auto, diffusers, parallel)"; continue ;;
@@ -246,7 +248,14 @@ run_bench() {
 
 stage env 60 1 env_report
 [[ ${SKIP_BUILD:-0} == 1 ]] || stage build "${BUILD_TIMEOUT:-240}" 1 build
-if [[ ${BENCH_FIRST:-0} == 1 ]]; then
+if [[ ${EXTRA_FIRST:-0} == 1 ]]; then
+  # the extra benches that decide open targets first (issue 17's auto rows, issue 18's sparse rows), then
+  # the tests and benchmarks.run with what is left
+  run_extra_bench
+  EXTRA_BENCH=
+  run_tests
+  run_bench
+elif [[ ${BENCH_FIRST:-0} == 1 ]]; then
   run_bench
   run_extra_bench
   run_tests
