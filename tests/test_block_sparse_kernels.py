@@ -247,3 +247,21 @@ def test_tile_spaces_drop_what_spills_and_prefer_whole_blocks():
     assert all(bm <= 64 and bn <= 64 for bm, bn, _, _ in kept(fwd, 64, 128, False))  # Wan's 4 x 4 x 4 tiles
     assert kept(fwd, 15, 64, False) == {(16, 16, 4, 2)}  # nothing divides 15: the blocks that fit
     assert all(bm * bn <= 64 * 64 for bm, bn, _, _ in kept(fwd, 256, 64, False, torch.float32))
+
+
+def test_bench_sparse_counts_pairs_and_its_cpu_smoke_runs():
+    """benchmarks/bench_sparse.py: the kept pairs its FLOPs count are the token mask's True entries; the
+    issued pairs are the whole blocks the kernels run (kept ones when every tile is one whole block); and
+    its --cpu-smoke mode runs the GPU code path on a tiny case (every provider checked against the
+    reference, both variants), so it cannot rot."""
+    from benchmarks import bench_sparse
+
+    layout = TileLayout((3, 5, 7), (2, 4, 4), extra=5)
+    blocks, _ = _blocks(layout, (1, 2), 0.4)
+    kept, issued = bench_sparse.pair_counts(blocks, block=16)
+    assert kept == int(blocks.token_mask().sum()) and issued > kept
+    whole = TileLayout((2, 4, 8), (1, 4, 4))  # 16-token tiles, all whole
+    blocks, _ = _blocks(whole, (1, 1), 0.5)
+    assert bench_sparse.pair_counts(blocks, block=16) == (int(blocks.token_mask().sum()),) * 2
+    summaries = bench_sparse.smoke()
+    assert [s["variant"] for s in summaries] == ["fwd", "fwd+bwd"]
