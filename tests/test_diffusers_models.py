@@ -66,7 +66,7 @@ CLASSES = {
                                                     "HunyuanVideoAttnProcessor2_0": "dispatch"}),
     # LTX, Cosmos
     "LTXVideoTransformer3DModel": Row(("ltx",), {"LTXVideoAttnProcessor": "dispatch"}),
-    "LTX2VideoTransformer3DModel": Row(("ltx2",), {"LTX2AudioVideoAttnProcessor": "dispatch"}),
+    "LTX2VideoTransformer3DModel": Row(("ltx2", "ltx2_stg"), {"LTX2AudioVideoAttnProcessor": "dispatch"}),
     "CosmosTransformer3DModel": Row(("cosmos",), {"CosmosAttnProcessor2_0": "dispatch"}),
     "Cosmos3OmniTransformer": Row(("cosmos3", "cosmos3_mha"), {"Cosmos3AttnProcessor": "dispatch"}),
     # Kandinsky, Helios, MiniMax, Motif, Sana, AnyFlow
@@ -280,14 +280,17 @@ PATCHED = {
     "skyreels_v2_df": ADALN | {"apply_rope_3d", "attention"},
     "chronoedit": ADALN | {"attention"},  # RoPE from the model's tables (see wan.py)
     "hunyuan_video15": ADALN | {"apply_rope_3d", "attention"},
+    "ltx2": {"attention"},  # RMSNorm blocks stay diffusers'; RoPE from the model's tables
+    "ltx2_stg": {"attention"},
+    "cosmos": ADALN | {"attention"},  # RoPE from the model's tables
 }
 PATCH_FALLBACKS = {"skyreels_v2_df": ("a per-query mask",)}  # the block-causal mask (HunyuanVideo 1.5's: kernels)
 # (kernel launches) the Triton kernels each patched family must launch
 KERNELS = {"_attn_fwd_kernel", "_adaln_forward_kernel"}
 PATCHED_KERNELS = {"wan_vace": KERNELS | {"_rope_3d_kernel"}, "wan_animate": KERNELS | {"_rope_3d_kernel"},
                    "skyreels_v2": KERNELS | {"_rope_3d_kernel"}, "chronoedit": KERNELS,
-                   "hunyuan_video15": KERNELS | {"_rope_3d_kernel"}}
-PATCH_BACKWARD = ("wan_vace", "skyreels_v2_df", "hunyuan_video15")
+                   "hunyuan_video15": KERNELS | {"_rope_3d_kernel"}, "ltx2": {"_attn_fwd_kernel"}, "cosmos": KERNELS}
+PATCH_BACKWARD = ("wan_vace", "skyreels_v2_df", "hunyuan_video15", "cosmos")
 
 
 class OpCalls:

@@ -20,6 +20,8 @@ DIFFUSERS_MODELS = {
     "SkyReelsV2Transformer3DModel": "wan",
     "ChronoEditTransformer3DModel": "wan",
     "HunyuanVideo15Transformer3DModel": "hunyuan_video15",
+    "LTX2VideoTransformer3DModel": "ltx2",
+    "CosmosTransformer3DModel": "cosmos",
 }
 
 
