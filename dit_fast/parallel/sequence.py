@@ -199,9 +199,12 @@ class SequenceParallel:
     # -- attention -----------------------------------------------------------------------------
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, grid, *, mode: str, window, window_tile, rope,
-                  backend: str) -> Tensor:
-        """Self-attention of this rank's tokens q, k, v (B, chunk, heads, D) over the whole grid."""
+                  backend: str, sparse=None) -> Tensor:
+        """Self-attention of this rank's tokens q, k, v (B, chunk, heads, D) over the whole grid. sparse: a
+        block-sparse layer (DiTVideo(attention="block_sparse")), Ulysses only (sequence_parallel checks)."""
         shard = self.shard(grid)
+        if sparse is not None:
+            return self._ulysses(q, k, v, shard, mode, window, window_tile, rope, backend, sparse)
         if (mode == "spatial" or (window is not None and window[0] == 1)) and shard.by_frames:
             return self._frame_local(q, k, v, shard, mode, window, window_tile, rope, backend)
         if self.mode == "ulysses":
@@ -225,11 +228,16 @@ class SequenceParallel:
         return spacetime_attention(q, k, v, local_grid, mode=mode, window=window, window_tile=window_tile,
                                    backend=backend)
 
-    def _ulysses(self, q, k, v, shard, mode, window, window_tile, rope, backend):
+    def _ulysses(self, q, k, v, shard, mode, window, window_tile, rope, backend, sparse=None):
         qkv = all_to_all_heads(torch.stack([q, k, v]), self.ulysses_group)  # (3, B, N * chunk, heads / N, D)
         q, k, v = qkv[:, :, :shard.num_tokens].unbind(0)  # the whole grid, padding dropped
-        out = spacetime_attention(q, k, v, shard.grid, mode=mode, window=window, window_tile=window_tile,
-                                  rope=rope, backend=backend)  # (B, S, heads / N, D)
+        if sparse is not None:  # this rank's heads of the per-head blocks
+            first = comm.group_rank(self.ulysses_group) * q.shape[2]
+            out = sparse(q, k, v, shard.grid, rope=rope, backend=backend, group=self.ulysses_group,
+                         heads=(first, q.shape[2] * self.ulysses_size))
+        else:
+            out = spacetime_attention(q, k, v, shard.grid, mode=mode, window=window, window_tile=window_tile,
+                                      rope=rope, backend=backend)  # (B, S, heads / N, D)
         out = F.pad(out, (0, 0, 0, 0, 0, shard.chunk * shard.degree - shard.num_tokens))
         return comm.all_to_all(out, scatter_dim=1, gather_dim=2, group=self.ulysses_group)  # (B, chunk, heads, D)
 
@@ -281,7 +289,7 @@ class SequenceParallelAttention(nn.Module):
         super().__init__()
         self.dim, self.num_heads, self.head_dim = attn.dim, attn.num_heads, attn.head_dim
         self.mode, self.window, self.window_tile = attn.mode, attn.window, attn.window_tile
-        self.rope, self.backend = attn.rope, attn.backend
+        self.rope, self.backend, self.sparse = attn.rope, attn.backend, attn.sparse
         self.qkv, self.q_norm, self.k_norm, self.proj = attn.qkv, attn.q_norm, attn.k_norm, attn.proj
         self.plan = plan
 
@@ -290,7 +298,7 @@ class SequenceParallelAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).unbind(2)  # (B, L, heads, D)
         q, k = self.q_norm(q), self.k_norm(k)
         x = self.plan.attention(q, k, v, grid, mode=self.mode, window=self.window, window_tile=self.window_tile,
-                                rope=self.rope, backend=self.backend)  # (B, L, heads, D)
+                                rope=self.rope, backend=self.backend, sparse=self.sparse)  # (B, L, heads, D)
         return self.proj(x.reshape(B, L, C))
 
     def extra_repr(self):
@@ -325,6 +333,10 @@ def sequence_parallel(model: nn.Module, mesh, mode: str = "ulysses", gather_outp
         if type(block.attn) is not SpacetimeAttention:
             raise ValueError(f"blocks[{i}].attn is a {type(block.attn).__name__}: sequence_parallel splits only "
                              "dit_fast.nn.SpacetimeAttention layers (full, spatial, temporal, windows, RoPE)")
+    if model.sparse is not None and plan.mode != "ulysses":
+        raise ValueError(f"DiTVideo(attention='block_sparse') runs sequence parallel with mode='ulysses' only (each "
+                         f"rank whole heads over every token); mode={mode!r} would need the kept blocks of every "
+                         "(query chunk, key chunk) pair")
     for block in model.blocks:
         block.attn = SequenceParallelAttention(block.attn, plan)
     model.sequence_parallel_plan = plan
