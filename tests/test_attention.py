@@ -2,8 +2,11 @@
 
 On CPU the Triton kernels run in the interpreter (tests/conftest.py: one 16 x 16 tile configuration),
 so the shapes are tiny and odd: a (2, 3, 5) grid (a full and a partial tile, frames of 15 tokens,
-columns of 2), head dims 40 to 256 (72 = 64 + 16 with 8 masked, 80, 96, 40: two chunks of the head
-dim), Sq != Sk, padding masks with NaN behind them. Each mode runs in a couple of head dims and
+columns of 2), head dims 1 to 256 (72 = 64 + 16 with 8 masked, 80, 96, 40: two chunks of the head
+dim; 1, 3, 8, 10, 12, 20 inside one 16-column chunk; 36, 100, 200 not multiples of 8), Sq != Sk,
+padding masks with NaN behind them. Every kernel run is counted (tests/launches.py): the forward,
+the backward's preprocess, dk/dv and dq kernels, or the one-pass backward's convert kernel, each
+launched once, or the test fails. Each mode runs in a couple of head dims and
 dtypes, each head dim in one mode and dtype (not the full cross product: the interpreter is slow),
 and every mode runs both backwards: the deterministic two-kernel one and the one-pass one with dq by
 atomic adds. The GPU tests at the end add large shapes, every head dim and offsets past 2^31 elements.
@@ -19,6 +22,7 @@ from dit_fast import ops
 from dit_fast.ops.flash_attention import spacetime_attention_reference
 from dit_fast.ops.rope import RoPE3D
 from tests.conftest import HAS_GPU, kernel_devices
+from tests.launches import count_launches
 from tests.utils import ATOL_FLOOR, assert_close_to_reference
 
 DEVICE = kernel_devices()
@@ -38,13 +42,33 @@ def _run(fn, inputs, dout, backend):
     return [out, lse, *grads]
 
 
-def _check_against_reference(fn, inputs, dtype, factor=2.0):
-    """Kernel in `dtype` vs the reference in fp64, with the reference in `dtype` as PyTorch's own error."""
+def attention_kernels(deterministic=None):
+    """{kernel: launches} of one forward and one backward on the Triton kernels: the forward, the
+    preprocess (delta), dk/dv, and dq (two-kernel backward) or the fp32 dq's convert kernel (one-pass)."""
+    from dit_fast.triton_kernels.attention import deterministic_backward
+
+    last = "_attn_bwd_dq_kernel" if deterministic_backward(deterministic) else "_attn_bwd_dq_convert_kernel"
+    return {"_attn_fwd_kernel": 1, "_attn_bwd_preprocess_kernel": 1, "_attn_bwd_dkdv_kernel": 1, last: 1}
+
+
+def attention_launches(launches):
+    """The attention kernels among counted launches (others, e.g. a RoPE pass, left out)."""
+    return {name: n for name, n in launches.items() if name.startswith("_attn")}
+
+
+def _check_against_reference(fn, inputs, dtype, factor=2.0, deterministic=None):
+    """Kernel in `dtype` vs the reference in fp64, with the reference in `dtype` as PyTorch's own error.
+    The kernel run must launch exactly the forward and the backward that `deterministic` names."""
     inputs = [t.to(dtype) for t in inputs]
     dout = torch.randn_like(inputs[0], dtype=torch.float32)
     ref64 = _run(fn, [t.double() for t in inputs], dout.double(), "torch")
     ref_dtype = _run(fn, inputs, dout, "torch")
-    got = _run(fn, inputs, dout, "triton")
+    with count_launches() as launches:
+        got = _run(fn, inputs, dout, "triton")
+    if not HAS_GPU:  # on a GPU a cold autotuner also launches every configuration it times
+        assert attention_launches(launches) == attention_kernels(deterministic), dict(launches)
+    else:
+        assert all(launches[name] >= 1 for name in attention_kernels(deterministic)), dict(launches)
     for name, g, r64, rd in zip(("out", "lse", "dq", "dk", "dv"), got, ref64, ref_dtype):
         if name == "lse":
             # rows with no visible key: -inf in both; the rest compared as fp32 values
@@ -117,6 +141,12 @@ CASES = [
     ("rope_temporal_in_kernel", 72, BF16, False), ("rope_window_in_kernel", 64, F16, True),
     ("rope_tile_in_kernel", 72, F32, True),
     ("cross", 72, BF16, True), ("cross", 40, F32, False), ("cross", 96, F16, True), ("cross", 256, BF16, False),
+    # any head dim 1..256: below 16 inside one 16-column chunk, and not multiples of 8 (rows not 16-byte
+    # aligned in 16-bit dtypes: no ALIGNED hint); every dtype at D = 10, both backwards, every mode
+    ("full", 1, F32, True), ("full", 3, F16, False), ("spatial", 8, BF16, False), ("temporal", 10, F16, True),
+    ("window", 10, BF16, False), ("window_tile", 12, F16, True), ("rope_in_kernel", 10, F32, False),
+    ("cross", 10, BF16, True), ("cross", 3, F32, False), ("full", 20, BF16, False), ("spatial", 36, F16, False),
+    ("temporal", 100, BF16, True), ("full", 200, F16, False),
 ]
 
 
@@ -140,7 +170,7 @@ def test_attention_matches_reference(case):
             return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend,
                                  deterministic=deterministic)
 
-        out, lse, dq, dk, dv = _check_against_reference(fn, (q, k, v), dtype)
+        out, lse, dq, dk, dv = _check_against_reference(fn, (q, k, v), dtype, deterministic=deterministic)
         assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
         assert (dk[~mask] == 0).all() and (dv[~mask] == 0).all()
         assert torch.isneginf(lse[1]).all()
@@ -153,7 +183,7 @@ def test_attention_matches_reference(case):
         return ops.spacetime_attention(q, k, v, grid, return_lse=True, backend=backend, deterministic=deterministic,
                                        **kwargs)
 
-    _check_against_reference(fn, _qkv(1, S, S, heads, D, torch.float32), dtype)
+    _check_against_reference(fn, _qkv(1, S, S, heads, D, torch.float32), dtype, deterministic=deterministic)
 
 
 def test_cross_attention_without_mask_and_custom_scale():
@@ -190,7 +220,7 @@ def test_per_head_key_padding_mask_matches_reference(D, dtype, deterministic):
         return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend,
                              deterministic=deterministic)
 
-    out, lse, dq, dk, dv = _check_against_reference(fn, (q, k, v), dtype)
+    out, lse, dq, dk, dv = _check_against_reference(fn, (q, k, v), dtype, deterministic=deterministic)
     assert (out[0, :, 1] == 0).all() and (dq[0, :, 1] == 0).all() and torch.isneginf(lse[0, 1]).all()
     assert (dk[hidden] == 0).all() and (dv[hidden] == 0).all()
     assert lse[0, 0].isfinite().all() and lse[0, 2].isfinite().all()
@@ -233,7 +263,7 @@ def test_backward_choice_from_the_environment(monkeypatch):
 # The TMA forward (Triton's interpreter emulates the descriptors): every mode it takes, the tiles loaded
 # through descriptors (counted), the warp-specialized loop without a padding mask, the other with one.
 TMA_CASES = [("full", 72, BF16), ("spatial", 40, F16), ("temporal", 128, BF16), ("cross", 72, F16),
-             ("cross_per_head", 64, BF16)]
+             ("cross_per_head", 64, BF16), ("full", 8, BF16), ("cross", 24, F16)]
 
 
 @pytest.mark.skipif(HAS_GPU, reason="counts the interpreter's calls of the TMA load helper; on a GPU "
@@ -257,7 +287,9 @@ def test_tma_forward_matches_reference(monkeypatch, mode, D, dtype):
         def fn(q, k, v, backend, tma):
             return ops.spacetime_attention(q, k, v, grid, return_lse=True, backend=backend, tma=tma, **kwargs)
 
-    out, lse = fn(q, k, v, "triton", True)
+    with count_launches() as launches:
+        out, lse = fn(q, k, v, "triton", True)
+    assert launches["_attn_fwd_kernel"] == 1, dict(launches)
     assert counters["_load_chunks_tma"].calls > 0, "the TMA path did not run"
     ref64, lse64 = fn(q.double(), k.double(), v.double(), "torch", None)
     ref, _ = fn(q, k, v, "torch", None)
@@ -266,6 +298,21 @@ def test_tma_forward_matches_reference(monkeypatch, mode, D, dtype):
     calls = counters["_load_chunks_tma"].calls
     fn(q, k, v, "triton", False)  # and the pointer path when not asked for
     assert counters["_load_chunks_tma"].calls == calls
+
+
+@pytest.mark.skipif(HAS_GPU, reason="counts the interpreter's calls of the TMA load helper")
+@pytest.mark.parametrize("D,dtype", [(12, BF16), (36, F16), (10, F32)], ids=lambda x: str(x).split(".")[-1])
+def test_tma_forward_keeps_the_pointer_path_for_unaligned_rows(monkeypatch, D, dtype):
+    """TMA descriptors need 16-byte aligned rows: D = 12 or 36 in 16-bit dtypes (24, 72 bytes) and fp32
+    (which TMA does not take here) run the pointer forward when tma=True asks for TMA, with its result."""
+    counters = _count_calls(monkeypatch, ("_load_chunks_tma",))
+    q, k, v = _qkv(1, 30, 30, 2, D, dtype)
+    with count_launches() as launches:
+        out = ops.spacetime_attention(q, k, v, GRID, mode="spatial", backend="triton", tma=True)
+    assert launches["_attn_fwd_kernel"] == 1 and counters["_load_chunks_tma"].calls == 0
+    ref64 = ops.spacetime_attention(q.double(), k.double(), v.double(), GRID, mode="spatial", backend="torch")
+    ref = ops.spacetime_attention(q, k, v, GRID, mode="spatial", backend="torch")
+    assert_close_to_reference("out", out, ref64, ref, dtype=dtype)
 
 
 def test_tma_choice_from_the_environment(monkeypatch):
@@ -284,15 +331,16 @@ def test_head_dim_chunks():
     """The head dim as at most two power-of-two chunks, never wider than padding to one power of two."""
     from dit_fast.triton_kernels.attention import head_chunks
 
-    want = {16: (16, 0), 24: (32, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32),
+    want = {1: (16, 0), 3: (16, 0), 10: (16, 0), 12: (16, 0), 16: (16, 0), 20: (32, 0), 24: (32, 0), 36: (32, 16),
+            100: (128, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32),
             112: (128, 0), 128: (128, 0), 136: (128, 16), 160: (128, 32), 192: (128, 64), 200: (256, 0),
             256: (256, 0)}
     for D, chunks in want.items():
         assert head_chunks(D) == chunks, D
-    for D in range(16, 257, 8):
+    for D in range(1, 257):  # every head dim the kernels take: 1..16 is one 16-column chunk
         d0, d1 = head_chunks(D)
-        assert d0 + d1 >= D and d0 + d1 <= max(16, 1 << (D - 1).bit_length())
-        assert d0 & (d0 - 1) == 0 and d1 & (d1 - 1) == 0 and d0 >= 16 and (d1 == 0 or d1 >= 16)
+        assert d0 + d1 >= D and d0 + d1 <= max(16, 1 << (D - 1).bit_length()), D
+        assert d0 & (d0 - 1) == 0 and d1 & (d1 - 1) == 0 and d0 >= 16 and (d1 == 0 or d1 >= 16), D
 
 
 def test_spatial_and_temporal_read_strided_views_in_place():
@@ -319,7 +367,7 @@ def test_int64_offset_variant(monkeypatch, deterministic):
         return ops.spacetime_attention(q, k, v, (5, 2, 2), mode="temporal", rope="3d", rope_in_kernel=True,
                                        return_lse=True, backend=backend, deterministic=deterministic)
 
-    _check_against_reference(fn, inputs, torch.float32)
+    _check_against_reference(fn, inputs, torch.float32, deterministic=deterministic)
 
 
 # ---- modules ------------------------------------------------------------------------------------
@@ -460,9 +508,14 @@ def test_bad_input_raises_clear_errors():
     _bad(TypeError, "must be float32, float16 or bfloat16", lambda: ops.attention(q.int(), k, v))
     _bad(ValueError, r"must be \(B, S, heads, D\)", lambda: ops.attention(q[0], k, v))
     _bad(ValueError, "scale must be a positive", lambda: ops.attention(q, k, v, scale=-1.0))
-    for D in (12, 264):
+    for D in (0, 257, 264):
         qd, kd, vd = _qkv(1, 8, 8, 1, D, torch.float32)
-        _bad(ValueError, f"head dim D = {D} .* is not supported", lambda: ops.attention(qd, kd, vd))
+        _bad(ValueError, rf"head dim D = {D} .* is not supported: D must be in \[1, 256\]",
+             lambda: ops.attention(qd, kd, vd))
+    qd, kd, vd = _qkv(1, 105, 105, 1, 9, torch.float32)  # RoPE rotates pairs: an odd head dim cannot take it
+    _bad(ValueError, "the head dim must be even, got D = 9", lambda: st(qd, kd, vd, grid, rope="3d"))
+    _bad(ValueError, "the head dim must be even, got D = 9",
+         lambda: st(qd, kd, vd, grid, rope="3d", rope_in_kernel=True, backend="triton"))
     mask = torch.ones(1, 105, dtype=torch.bool, device=DEVICE)
     _bad(ValueError, r"key_padding_mask must be \(B, Sk\) = \(1, 105\)",
          lambda: ops.attention(q, k, v, key_padding_mask=mask[:, :50]))
@@ -519,7 +572,7 @@ def test_gpu_large_shapes(case, D, variant):
     def fn(q, k, v, backend):
         return ops.spacetime_attention(q, k, v, grid, return_lse=True, backend=backend, **options, **kwargs)
 
-    _check_against_reference(fn, inputs, torch.bfloat16)
+    _check_against_reference(fn, inputs, torch.bfloat16, deterministic=options.get("deterministic"))
 
 
 @gpu
@@ -533,7 +586,7 @@ def test_gpu_cross_attention_text_lengths(dtype, deterministic):
         return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend,
                              deterministic=deterministic)
 
-    _check_against_reference(fn, inputs, dtype)
+    _check_against_reference(fn, inputs, dtype, deterministic=deterministic)
 
 
 @gpu
@@ -564,5 +617,11 @@ def test_aligned_hint_only_when_every_pointer_and_stride_is_16_byte_aligned():
     assert _aligned_16([qkv(72, torch.float32)], 72)
     assert not _aligned_16([qkv(72), qkv(72, offset=1)], 72)  # one pointer 2 bytes off
     assert not _aligned_16([qkv(36)], 36)  # 72-byte head stride
+    assert _aligned_16([qkv(8)], 8) and _aligned_16([qkv(4, torch.float32)], 4)  # 16-byte rows below 16 columns
+    assert not _aligned_16([qkv(10)], 10) and not _aligned_16([qkv(10, torch.float32)], 10)  # 20, 40 bytes
+    assert not _aligned_16([qkv(12)], 12) and _aligned_16([qkv(12, torch.float32)], 12)  # 24, 48 bytes
+    # the one-pass backward's fp32 dq sums beside bf16 dq: each tensor's rows in its own dtype
+    assert _aligned_16([qkv(8), qkv(8, torch.float32)], 8)
+    assert not _aligned_16([qkv(12, torch.float32), qkv(12)], 12)
     packed = torch.randn(2, 5, 3, 3, 72, dtype=torch.bfloat16)[:, :, 1]  # a slice of a packed qkv
     assert _aligned_16([packed], 72)

@@ -1,17 +1,21 @@
 """Masked keys never leak into the kernels' results, and tile windows never cost more than needed.
 
 NaN and inf planted in keys and values that a mask hides (key padding, per-head key padding, another
-frame, another column, outside a window or a tile window) must change nothing that cannot see them: outputs, lse and every
-gradient equal the clean run's bit for bit, on the Triton kernels (the CPU interpreter here) and on the
-reference. Queries that can see a poisoned key do not return a finite row. Tiny fp32 shapes with partial 16-token tiles.
+frame, another column, outside a window or a tile window) must change nothing that cannot see them: outputs,
+lse and every gradient equal the clean run's bit for bit, on the Triton kernels (the CPU interpreter here,
+launches counted), on the reference (autograd) and on the reference backward spelled out from (out, lse)
+(attention_backward_reference: ring attention's). Queries that can see a poisoned key return a NaN row and
+a NaN lse, and pass no gradient to the keys hidden from them. Tiny fp32 shapes with partial 16-token tiles.
 """
 
 import pytest
 import torch
 
 from dit_fast import ops
-from dit_fast.ops.flash_attention import spacetime_mask
+from dit_fast.ops.flash_attention import attention_backward_reference, spacetime_mask
 from tests.conftest import HAS_GPU, kernel_devices
+from tests.launches import count_launches
+from tests.test_attention import attention_kernels, attention_launches
 
 DEVICE = kernel_devices()
 
@@ -22,7 +26,14 @@ LEAK_CASES = {
     "temporal": ((3, 2, 3), dict(mode="temporal")),
     "window": ((2, 4, 6), dict(window=(1, 3, 3))),
     "window_tile": ((2, 5, 6), dict(window=(1, 4, 4), window_tile=(1, 4, 4))),
+    # frames of 48 columns, windows of 32: a query tile whose columns share one window sees key tiles
+    # inside it (no window test there), and shares edge tiles with keys hidden from it
+    "window_interior": ((1, 2, 48), dict(window=(1, 2, 32))),
 }
+# the poisoned keys of batch 0 and batch 1 where the defaults (two keys near the ends, the middle key)
+# would miss the case: key 32 sits in a tile inside the window of the query tile 32..47, whose queries
+# meet keys 0..7 (hidden from them, seen by no query that sees key 32) in an edge tile of the backward
+POISONED = {"window_interior": ([32, 80], [32])}
 
 
 def _leak_setup(case, deterministic=None):
@@ -50,35 +61,48 @@ def _leak_setup(case, deterministic=None):
         visible = spacetime_mask(grid, mode, kwargs.get("window"), DEVICE, kwargs.get("window_tile"))
         visible = visible[None].expand(2, Sq, Sk)
     q, k, v = (torch.randn(2, S, 2, 16, device=DEVICE) for S in (Sq, Sk, Sk))
+    fn.deterministic = deterministic  # the backward whose kernels _run expects
     return fn, q, k, v, visible
 
 
-def _run(fn, q, k, v, dout, backend):
+def _run(fn, q, k, v, dout, backend, visible=None):
+    """(out, lse, dq, dk, dv). backend "triton" (launches counted), "torch" (autograd through the
+    reference) or "torch-flash": the reference forward, then attention_backward_reference from its
+    (out, lse) with the (B, Sq, Sk) mask `visible`."""
+    if backend == "torch-flash":
+        with torch.no_grad():
+            out, lse = fn(q, k, v, "torch")
+        return (out, lse, *attention_backward_reference(q, k, v, out, lse, dout, mask=visible[:, None]))
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out, lse = fn(*leaves, backend)
-    return (out, lse, *torch.autograd.grad(out, leaves, dout))
+    with count_launches() as launches:
+        out, lse = fn(*leaves, backend)
+        grads = torch.autograd.grad(out, leaves, dout)
+    if backend == "triton" and not HAS_GPU:
+        want = attention_kernels(getattr(fn, "deterministic", None))
+        assert attention_launches(launches) == want, dict(launches)
+    return (out, lse, *grads)
 
 
-@pytest.mark.parametrize("backend", ["triton", "triton-atomic", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "triton-atomic", "torch", "torch-flash"])
 @pytest.mark.parametrize("case", list(LEAK_CASES))
 def test_masked_keys_never_leak(case, backend):
-    """Both backwards of the kernels (the one-pass one meets every key of a tile pair in dq's share) and
-    the reference."""
+    """Both backwards of the kernels (the one-pass one meets every key of a tile pair in dq's share), the
+    reference's autograd and the reference backward from (out, lse)."""
     fn, q, k, v, visible = _leak_setup(case, deterministic=False if backend == "triton-atomic" else None)
-    backend = backend.split("-")[0]
+    backend = backend.replace("triton-atomic", "triton")
     Sk = k.shape[1]
     # poison: in batch 0, two keys (NaN in k, +inf in v); in batch 1, every key no query of it sees
     # (padding) or one key (other modes)
-    poisoned = [torch.tensor([1, Sk - 3], device=DEVICE),
-                (~visible[1].any(0)).nonzero().flatten() if case == "padding" else torch.tensor([Sk // 2])]
+    default = ([1, Sk - 3], (~visible[1].any(0)).nonzero().flatten().tolist() if case == "padding" else [Sk // 2])
+    poisoned = [torch.tensor(keys, device=DEVICE) for keys in POISONED.get(case, default)]
     k_bad, v_bad = k.clone(), v.clone()
     for b, keys in enumerate(poisoned):
         k_bad[b, keys, 0] = float("nan")
         v_bad[b, keys, 1, 3] = float("inf")
         v_bad[b, keys[:1], 0] = -float("inf")
     dout = torch.randn_like(q)
-    clean = _run(fn, q, k, v, dout, backend)
-    dirty = _run(fn, q, k_bad, v_bad, dout, backend)
+    clean = _run(fn, q, k, v, dout, backend, visible)
+    dirty = _run(fn, q, k_bad, v_bad, dout, backend, visible)
     for b, keys in enumerate(poisoned):
         sees = visible[b][:, keys].any(1)  # queries that can see a poisoned key
         unseen = ~visible[b][sees].any(0)  # keys that no such query sees: their gradients stay clean
@@ -92,6 +116,8 @@ def test_masked_keys_never_leak(case, backend):
             assert torch.equal(c, d), f"{case} {backend} batch {b}: {name} differs where nothing sees the poison"
         seen = dirty[0][b][sees].flatten(1)  # (queries, heads * D)
         assert (~seen.isfinite()).any(1).all(), "a query that sees a non-finite key must not return a finite row"
+        # heads 0 and 1 both see poison (k NaN, v inf): the whole row NaN, and the lse, in both
+        assert dirty[0][b][sees].isnan().all() and dirty[1][b][:, sees].isnan().all()
     # gradients of keys no query sees at all (padding) are zero, whatever their values
     hidden = ~visible.any(1)  # (B, Sk)
     assert (dirty[3][hidden] == 0).all() and (dirty[4][hidden] == 0).all()
@@ -120,6 +146,7 @@ def test_per_head_masked_keys_never_leak(backend):
         return ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend=backend,
                              deterministic=deterministic)
 
+    fn.deterministic = deterministic
     dout = torch.randn_like(q)
     clean = _run(fn, q, k, v, dout, backend.split("-")[0])
     dirty = _run(fn, q, k_bad, v_bad, dout, backend.split("-")[0])

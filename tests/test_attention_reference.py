@@ -43,6 +43,32 @@ def test_backward_reference_matches_autograd(masked):
         assert all((g[1] == 0).all() for g in got)
 
 
+@pytest.mark.parametrize("masked", ["padding", "spatial", "window"])
+def test_backward_reference_blocks_rows_that_saw_garbage(masked):
+    """NaN and inf in some keys and values, some queries seeing them: attention_backward_reference from
+    attention_reference's (out, lse) is autograd through attention_reference. The rows that saw garbage
+    (NaN out and lse) pass no gradient; no NaN reaches the keys hidden from them (issue 17: 0 * (dP - NaN)
+    on their masked pairs did, in ring attention's backward), and every gradient is finite."""
+    B, heads, D, grid = 2, 2, 12, (2, 3, 4)
+    S = 24
+    mask = {"padding": torch.rand(B, 1, 1, S) > 0.3, "spatial": spacetime_mask(grid, "spatial"),
+            "window": spacetime_mask(grid, "full", (1, 2, 3))}[masked]
+    q, k, v = (torch.randn(B, S, heads, D, dtype=torch.float64) for _ in range(3))
+    k[0, 5, 0, 2] = float("nan")
+    v[0, 17, 1] = float("inf")
+    v[1, 9, 0, 3] = -float("inf")
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = attention_reference(*leaves, mask=mask, return_lse=True)
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad(out, leaves, dout)
+    lse = torch.where(lse.isnan(), lse.double(), _lse64(q, k, 1 / D ** 0.5, mask))  # float64 where finite
+    got = attention_backward_reference(q, k, v, out.detach(), lse, dout, mask=mask)
+    assert out.isnan().any() and lse.isnan().any()  # some queries see the garbage
+    for name, g, w in zip("qkv", got, want):
+        assert g.isfinite().all(), f"d{name}"
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"d{name}")
+
+
 def test_per_head_key_padding_mask_is_each_head_on_its_own():
     """ops.attention(backend="torch") with a per-head mask (B, heads, Sk) equals each head run alone with
     its own (B, Sk) mask: outputs, lse and gradients (float64)."""

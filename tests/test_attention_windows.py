@@ -51,7 +51,7 @@ def test_window_interior_tiles_match_reference(deterministic):
         return ops.spacetime_attention(q, k, v, grid, window=(2, 3, 8), return_lse=True, backend=backend,
                                        deterministic=deterministic)
 
-    _check_against_reference(fn, inputs, torch.bfloat16)
+    _check_against_reference(fn, inputs, torch.bfloat16, deterministic=deterministic)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="counts Python calls of the kernels' helpers, which only the CPU interpreter "

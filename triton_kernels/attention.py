@@ -375,8 +375,10 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, wi
     atomic = not deterministic_backward(deterministic)
     # the one-pass backward's fp32 dq sums, (B, Sq, heads, D) like q (its group and tile layout)
     dqa = torch.zeros((B, Sq, heads, D) if atomic else (0, 0, 0, 0), device=q.device, dtype=torch.float32)
+    # ALIGNED promises 16-byte rows of every tensor the kernels address with it (the fp32 dq sums included)
     kpm, rope_table, mask_strides, scalars, (programs, lq, lk), flags = _common_args(
-        q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, (q, k, v, dout))
+        q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split,
+        (q, k, v, dout, dqa) if atomic else (q, k, v, dout))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     tail = (*mask_strides, *scalars, float(scale), _bucket(lq), _bucket(lk))
@@ -398,5 +400,5 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, grid, mode, wi
     _attn_bwd_dq_convert_kernel[(B * heads * triton.cdiv(Sq, block_m),)](
         dqa, dq, rope_table, heads, Sq, T, H, W, dt2, dth2, float(scale), D, BLOCK_M=block_m,
         BLOCK_D0=flags["BLOCK_D0"], BLOCK_D1=flags["BLOCK_D1"], HAS_ROPE=flags["HAS_ROPE"],
-        OFFS_64=Sq * heads * D >= 2**31, num_warps=4)
+        OFFS_64=Sq * heads * D >= 2**31, ALIGNED=aligned_16((dq, dqa), D), num_warps=4)
     return dq, dk, dv

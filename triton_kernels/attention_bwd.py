@@ -55,11 +55,16 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _seen_delta(delta, lse):
-    """delta of the query rows, 0 for a row that saw a non-finite key (lse NaN). Such a row's p is NaN on
-    every key it sees, and delta only matters through p; but on the keys hidden from it, p = 0 by a
-    select, and 0 * (dp - NaN) would carry the NaN to those keys' dk and to dq."""
-    return tl.where(lse != lse, 0.0, delta)
+def _backward_rows(lse, delta):
+    """(lse in log2 units, delta) of query rows as the products use them: p = exp2(s * scale - lse) and
+    ds = p * (dp - delta). Two kinds of rows pass no gradient, as in the reference's autograd: a row
+    with no visible key (lse = -inf) and a row that met a non-finite key or value (lse = NaN: the
+    forward returned it as NaN, _finish_rows). For both, lse = +inf makes p exactly 0 on every finite
+    score and delta = 0 keeps the keys hidden from the row clean: there p = 0 by a select, and
+    0 * (dp - NaN) would carry the row's NaN to their dk (dq: the row's own). Per row, not per score."""
+    lse = lse * 1.4426950408889634
+    blocked = (lse == float("-inf")) | (lse != lse)
+    return tl.where(blocked, float("inf"), lse), tl.where(blocked, 0.0, delta)
 
 
 @triton.jit
@@ -102,12 +107,8 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, tok_k, kpm_k, start_m, end_m,
         start_m, end_m, q_base, do_base, ROPE_ptr, stride_qs, stride_dos, g_off, TOKEN_STRIDE, GRID_T, GRID_H, GRID_W,
         TILE_T, TILE_H, TILE_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_M, BLOCK_D0, BLOCK_D1, HAS_ROPE, TILED, EVEN, OFFS_64,
         ALIGNED)
-    lse = tl.load(lse_base + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
-    # rows without any visible key (lse = -inf) get p = 0, not exp2(-inf + inf) = NaN
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(delta_base + tok_q, mask=valid_m, other=0.0)
-    if HAS_MASK or WINDOW:
-        delta = _seen_delta(delta, lse)
+    lse, delta = _backward_rows(tl.load(lse_base + tok_q, mask=valid_m, other=0.0),
+                                tl.load(delta_base + tok_q, mask=valid_m, other=0.0))
     s_t = _dot_head(k0, k1, q0, q1, BLOCK_D1, DOT_PRECISION)  # (BLOCK_N, BLOCK_M), unscaled
     p_t = tl.math.exp2(tl.fma(s_t, qk_scale, -lse[None, :]))  # one FMA per score, whatever Triton's fusion default
     p_t = _mask_scores(p_t, 0.0, tok_q[None, :], tok_k[:, None], valid_m[None, :], kpm_k[:, None], window_mask,
@@ -334,11 +335,8 @@ def _attn_bwd_dq_kernel(
                                              g_off, TOKEN_STRIDE, GRID_T, GRID_H, GRID_W, TILE_T, TILE_H, TILE_W,
                                              ROPE_DT2, ROPE_DTH2, D, BLOCK_M, BLOCK_D0, BLOCK_D1, HAS_ROPE, TILED,
                                              False, OFFS_64, ALIGNED)
-    lse = tl.load(LSE_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0) * 1.4426950408889634
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0)
-    if HAS_MASK or WINDOW:
-        delta = _seen_delta(delta, lse)
+    lse, delta = _backward_rows(tl.load(LSE_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0),
+                                tl.load(DELTA_ptr + (b * HEADS + h) * SQ + tok_q, mask=valid_m, other=0.0))
     k_base = K_ptr + b * stride_kb + h * stride_kh + g_off64 * stride_ks
     v_base = V_ptr + b * stride_vb + h * stride_vh + g_off64 * stride_vs
     kpm_base = KPM_ptr + b * stride_mb + h * stride_mh
@@ -413,6 +411,7 @@ def _attn_bwd_dq_convert_kernel(
     BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     OFFS_64: tl.constexpr,  # int64 offsets inside a batch entry (S * heads * D can pass 2^31)
+    ALIGNED: tl.constexpr,  # rows of both buffers 16-byte aligned (D * 4 and D * itemsize multiples of 16)
 ):
     """dq = scale * dqa, rotated back with RoPE (dq = R^T dq_rot), cast: one read, one write per element."""
     pid = tl.program_id(0)
@@ -422,11 +421,11 @@ def _attn_bwd_dq_convert_kernel(
     valid = tok < S
     base = (bh // HEADS) * S * HEADS * D + (bh % HEADS) * D  # both buffers contiguous (B, S, heads, D)
     stride_s = HEADS * D
-    x0, x1 = _load_chunks(DQA_ptr + base, tok, valid, 1, stride_s, D, BLOCK_D0, BLOCK_D1, False, OFFS_64, True)
+    x0, x1 = _load_chunks(DQA_ptr + base, tok, valid, 1, stride_s, D, BLOCK_D0, BLOCK_D1, False, OFFS_64, ALIGNED)
     x0 = x0 * sm_scale
     if BLOCK_D1 > 0:
         x1 = x1 * sm_scale
     if HAS_ROPE:
         x0, x1 = _rotate_chunks(x0, x1, tok, ROPE_ptr, GRID_T, GRID_H, GRID_W, ROPE_DT2, ROPE_DTH2, D, BLOCK_D0,
                                 BLOCK_D1, True)
-    _store_chunks(DQ_ptr + base, tok, valid, 1, stride_s, x0, x1, D, BLOCK_D0, BLOCK_D1, OFFS_64, True)
+    _store_chunks(DQ_ptr + base, tok, valid, 1, stride_s, x0, x1, D, BLOCK_D0, BLOCK_D1, OFFS_64, ALIGNED)

@@ -45,16 +45,30 @@ Masking modes, all served by the same three kernels:
             from a small per-position table instead of computed per tile). Tiles are rotated
             after loading; the backward rotates dq and dk back with the inverse rotation.
 
-HEAD DIM  up to 256, a compile-time constant D, computed as a sum of two power-of-two chunks instead of
-            one padded to a power of two: columns [0, BLOCK_D0) and [BLOCK_D0, BLOCK_D0 + BLOCK_D1), the
-            columns past D masked on load and store (72 = 64 + 16 with the last 8 masked, 80 = 64 + 16,
-            96 = 64 + 32, 40 = 32 + 16; 64 and 128 are one chunk, BLOCK_D1 = 0). Every product over the
-            head dim is one tl.dot per chunk into one accumulator (_dot_head), and every product into
-            it is one per chunk (_mma_chunks): at D = 72 the matrix units do 80/128 of the D = 128
-            work instead of all of it (head_chunks in attention.py picks the chunks).
+HEAD DIM  any integer 1..256, a compile-time constant D, computed as a sum of two power-of-two chunks
+            instead of one padded to a power of two: columns [0, BLOCK_D0) and [BLOCK_D0, BLOCK_D0 +
+            BLOCK_D1), the columns past D masked on load and store (72 = 64 + 16 with the last 8 masked,
+            80 = 64 + 16, 96 = 64 + 32, 40 = 32 + 16; 64 and 128 are one chunk, BLOCK_D1 = 0; 1..16 one
+            16-column chunk, the matrix units' K step). Every product over the head dim is one tl.dot
+            per chunk into one accumulator (_dot_head), and every product into it is one per chunk
+            (_mma_chunks): at D = 72 the matrix units do 80/128 of the D = 128 work instead of all of it
+            (head_chunks in attention.py picks the chunks). Rows of D elements are 16-byte aligned only
+            when D * itemsize is a multiple of 16 (D = 8 in bf16, not 10 or 12): the launcher then gives
+            the ALIGNED hint (16-byte vectors) and may take TMA; otherwise the loads are as wide as
+            Triton can prove from D and the strides (D = 10 bf16: 4 bytes; D = 12: 8 bytes), the inputs
+            never copied into padded tensors. RoPE in the kernels rotates pairs: D even.
 MASKED    a masked key influences nothing, whatever its values: a score is masked by a select (a NaN
             score is dropped), and where a product still meets a masked key's row (p v, dO v^T, ds k)
-            that row is zeroed first (_hidden_keys); a query that sees a NaN or inf key gets NaN.
+            that row is zeroed first (_hidden_keys). A query that meets a non-finite key or value it may
+            see returns a NaN row and a NaN lse (_finish_rows, after the key loop, whichever tile brought
+            it: window edge tiles mark it through _mask_scores' poison, other tiles through the NaN or
+            inf that reaches its accumulator), and its row passes no gradient back (_backward_rows:
+            lse = +inf, delta = 0), so no 0 * NaN reaches the keys hidden from it. One exception, IEEE's:
+            an infinite key element can make q.k = -inf, a probability of exactly 0, and then nothing
+            non-finite reaches that query (SDPA gives the same; checking every key row of every tile
+            for it would cost the loop a compare per element: the reference, which checks, returns NaN).
+            The references: attention_reference (NaN rows) and attention_backward_reference (the same
+            blocked rows).
 TMA       (forward, opt-in) q, k, v through device-side tensor descriptors and, without a padding
             mask, a warp-specialized key loop (_head_descriptors; attention_fwd.py).
 The readable PyTorch reference is attention_reference in dit_fast/ops/flash_attention.py.

@@ -6,7 +6,7 @@ import triton.language as tl
 from dit_fast.triton_kernels.attention_common import (_cast_chunks, _dot_head, _head_descriptors, _hidden_keys,
                                                       _key_span, _key_tiles, _keys_kept, _load_chunks,
                                                       _load_chunks_tma, _load_tile_pair, _mask_scores, _mma_chunks,
-                                                      _program_coords, _rotate_chunks, _store_chunks,
+                                                      _nonfinite_rows, _program_coords, _rotate_chunks, _store_chunks,
                                                       _tile_inside_windows, _tile_order_tokens, _zero_rows)
 
 
@@ -58,6 +58,28 @@ def _fwd_tile(acc0, acc1, m_i, l_i, q0, q1, tok_q, start_n, end_n, window_mask, 
         acc1 = acc1 * alpha[:, None]
     acc0, acc1 = _mma_chunks(acc0, acc1, p.to(v0.dtype), v0, v1, BLOCK_D1, DOT_PRECISION)
     return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def _finish_rows(acc0, acc1, m_i, l_i, BLOCK_D1: tl.constexpr):
+    """(out0, out1, lse): the output rows acc / l and the natural-log logsumexp, from the loop's state.
+
+    A fully masked row has l = 0 and acc = 0: it returns zeros, and lse = -inf. A row that met a
+    non-finite key or value it may see (a NaN or inf reached acc or l: keys hidden from it never do, see
+    MASKED) returns NaN in every column and lse = NaN, whichever tile brought it (the reference's
+    contract); the backward then passes no gradient through it (_backward_rows, attention_bwd.py).
+    Once per query tile, after the key loop: nothing is added to the loop itself."""
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    out0 = acc0 * inv_l[:, None]
+    out1 = acc1
+    if BLOCK_D1 > 0:
+        out1 = acc1 * inv_l[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    bad = _nonfinite_rows(out0, out1, BLOCK_D1)
+    out0 = tl.where(bad[:, None], float("nan"), out0)
+    if BLOCK_D1 > 0:
+        out1 = tl.where(bad[:, None], float("nan"), out1)
+    return out0, out1, tl.where(bad, float("nan"), lse)
 
 
 @triton.jit
@@ -190,14 +212,8 @@ def _attn_fwd_kernel(
                 HAS_ROPE, HAS_MASK, WINDOW, TILED, DOT_PRECISION, False, OFFS_64, ALIGNED, TMA, k_desc0, k_desc1,
                 v_desc0, v_desc1)
 
-    # a fully masked row has l = 0 and acc = 0: it returns zeros, and lse = -inf
-    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-    out0 = acc0 * inv_l[:, None]
-    out1 = acc1
-    if BLOCK_D1 > 0:
-        out1 = acc1 * inv_l[:, None]
+    out0, out1, lse = _finish_rows(acc0, acc1, m_i, l_i, BLOCK_D1)
     o_base = O_ptr + b * stride_ob + h * stride_oh + g_off64 * stride_os
     _store_chunks(o_base, offs_m, valid_m, TOKEN_STRIDE, stride_os, out0, out1, D, BLOCK_D0, BLOCK_D1, OFFS_64,
                   ALIGNED)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE_ptr + (b * HEADS + h) * SQ + tok_q, lse, mask=valid_m)

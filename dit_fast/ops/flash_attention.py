@@ -144,6 +144,10 @@ def attention_backward_reference(q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
     Computed in float32 (float64 inputs: float64); returns (dq, dk, dv) in the dtypes and layout of
     q, k, v. Masked keys get zero gradients and pass nothing on, whatever their values (_hide_masked).
+    Rows that pass no gradient at all, as in attention_reference's autograd and the kernels: a query
+    without a visible key (lse = -inf) and one that saw a non-finite key or value (lse NaN, or a
+    non-finite out row): P = 0 and rowsum(dO * O) = 0 there, so that 0 * (dP - NaN) never carries the
+    row's NaN to the keys hidden from it.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if mask is not None:
@@ -151,13 +155,15 @@ def attention_backward_reference(q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     compute = torch.promote_types(q.dtype, torch.float32)
     qh, kh, vh, oh, doh = (t.transpose(1, 2).to(compute) for t in (q, k, v, out, dout))  # (B, heads, S, D)
     lse = lse.to(compute)[..., None]  # (B, heads, Sq, 1)
-    lse = torch.where(lse == float("-inf"), float("inf"), lse)  # no visible key: P = 0, not exp(-inf + inf)
-    p = torch.exp(scale * (qh @ kh.transpose(-1, -2)) - lse)  # (B, heads, Sq, Sk)
+    blocked = ~lse.isfinite() | ~oh.isfinite().all(-1, keepdim=True)  # (B, heads, Sq, 1)
+    zero = torch.zeros((), dtype=compute, device=q.device)
+    p = torch.exp(scale * (qh @ kh.transpose(-1, -2)) - torch.where(blocked, zero, lse))  # (B, heads, Sq, Sk)
+    p = torch.where(blocked, zero, p)
     if mask is not None:
-        p = torch.where(mask, p, torch.zeros((), dtype=compute, device=p.device))
+        p = torch.where(mask, p, zero)
     dv = p.transpose(-1, -2) @ doh  # (B, heads, Sk, D)
     dp = doh @ vh.transpose(-1, -2)  # (B, heads, Sq, Sk)
-    ds = p * (dp - (doh * oh).sum(-1, keepdim=True))
+    ds = p * (dp - torch.where(blocked, zero, (doh * oh).sum(-1, keepdim=True)))
     dq = scale * (ds @ kh)
     dk = scale * (ds.transpose(-1, -2) @ qh)
     return tuple(g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
@@ -269,7 +275,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
               tma: Optional[bool] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Dense attention ``softmax(scale * q k^T) v``, self or cross (Sq != Sk), in flash-attn's layout.
 
-    q: (B, Sq, heads, D); k, v: (B, Sk, heads, D); D a multiple of 8 up to 256; scale defaults to
+    q: (B, Sq, heads, D); k, v: (B, Sk, heads, D); any head dim D from 1 to 256; scale defaults to
     1 / sqrt(D). key_padding_mask: optional bool, True = attend: (B, Sk) for every head, or per head
     (B, heads, Sk) (the same kernels: the mask's head stride is 0 for the first); a query whose keys
     are all masked (in its head) returns zeros. With return_lse, also returns the (non-differentiable)

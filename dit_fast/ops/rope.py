@@ -56,6 +56,8 @@ def _split_ints(split) -> Tuple[int, int, int]:
 
 def rope_split(head_dim: int, split: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
     """The (d_t, d_h, d_w) split of ``head_dim``; validates a user-given one."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE rotates pairs of head-dim columns: the head dim must be even, got D = {head_dim}")
     if split is None:
         d_hw = 2 * (head_dim // 6)
         split = (head_dim - 2 * d_hw, d_hw, d_hw)
