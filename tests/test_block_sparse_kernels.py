@@ -23,16 +23,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in lo
 
 # (layout, batch, heads, head dim, blocks' (B, heads), padding mask, density, dtype, order)
 CASES = {
-    # partial tiles on every axis, 5 text tokens in a partial tile, blocks per batch, a (B, S) mask
-    "fp32-text-per-batch": (TileLayout((3, 5, 7), (2, 4, 4), extra=5), 2, 1, 16, (2, 1), "batch", 0.5,
+    # partial tiles on every axis (blocks of 16 divide the 32-token tiles: only the partial ones are masked),
+    # 5 text tokens in a partial tile, blocks per batch, no padding mask (nothing else masks the tile ends)
+    "fp32-text-per-batch": (TileLayout((3, 5, 7), (2, 4, 4), extra=5), 2, 1, 16, (2, 1), None, 0.5,
                             torch.float32, "raster"),
     # tiles of 15 tokens (no block divides them: every block masked at the tile's end), per head, a
     # per-head mask, tile order, D = 40 in two chunks (32 + 16)
     "bf16-per-head-tiles": (TileLayout((2, 5, 7), (1, 3, 5), extra=0), 1, 2, 40, (1, 2), "head", 0.3,
                             torch.bfloat16, "tiles"),
     # whole tiles of two blocks each (EVEN: no bounds masks), one text tile, shared blocks, every tile kept
-    # (dense attention as blocks), no mask
-    "fp16-whole-tiles-dense": (TileLayout((2, 4, 12), (2, 4, 4), extra=32), 1, 2, 16, (1, 1), None, 1.0,
+    # (dense attention as blocks), a (B, S) padding mask
+    "fp16-whole-tiles-dense": (TileLayout((2, 4, 12), (2, 4, 4), extra=32), 1, 2, 16, (1, 1), "batch", 1.0,
                                torch.float16, "raster"),
 }
 
@@ -108,7 +109,8 @@ def test_visited_block_pairs_are_the_index_lists(layout):
     attention_sparse.block_sparse_backward(dout, q, k, v, out, lse, blocks.kv_count, blocks.kv_index, q_count,
                                            q_index, None, layout, 0.25, visits=visits[1:])
     for name, got in zip(("forward", "dk/dv", "dq"), visits):
-        assert torch.equal(got, want), f"{name}: visited {got.sum()} block pairs, expected {want.sum()}"
+        assert torch.equal(got, want), (f"{name}: {int((got != want).sum())} (head, query tile, key tile) entries "
+                                        f"differ; visited {int(got.sum())} block pairs, expected {int(want.sum())}")
 
 
 def test_masked_keys_never_reach_the_kernels_outputs():
