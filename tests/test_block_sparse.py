@@ -131,3 +131,15 @@ def test_bad_index_lists_are_refused():
                           (SparseBlocks(LAYOUT, dense.kv_count, descending), "strictly ascending")):
         with pytest.raises(ValueError, match=match):
             block_sparse_attention(q, k, v, blocks, backend="torch")
+
+
+def test_auto_on_cpu_is_the_reference():
+    """backend="auto" on CPU runs the reference (no kernel launch) and equals backend="torch"."""
+    from tests.launches import count_launches
+
+    blocks, _ = random_blocks(LAYOUT, 1, 1, density=0.5)
+    q, k, v = qkv(LAYOUT, batch=1, heads=1)
+    with count_launches() as launches:
+        out = block_sparse_attention(q, k, v, blocks)
+    assert launches.total() == 0
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, blocks, backend="torch"), rtol=0, atol=0)
