@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -137,7 +137,6 @@ def provider_fn(case: Case, provider: str, blocks, backend: str = "triton") -> C
     """fn(q, k, v) -> out, q, k, v in tile order (B, S, heads, D)."""
     from dit_fast.ops import attention, block_sparse_attention
 
-    layout = blocks.layout
     if provider == "ours-sparse":
         return lambda q, k, v: block_sparse_attention(q, k, v, blocks, order="tiles", backend=backend)
     if provider == "ours-sparse-raster":  # the same inputs seen as raster order: a gather each way

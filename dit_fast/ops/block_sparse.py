@@ -67,9 +67,9 @@ def _check_blocks(blocks, q, k) -> SparseBlocks:
     B, S, heads, _ = q.shape
     layout = blocks.layout
     if S != layout.tokens or k.shape[1] != layout.tokens:
-        raise ValueError(f"blocks' layout has S = {layout.tokens} tokens (grid {layout.grid}, extra {layout.extra}) but "
-                         f"q is {tuple(q.shape)} and k {tuple(k.shape)}: block-sparse attention is self-attention over "
-                         "the layout's tokens")
+        raise ValueError(f"blocks' layout has S = {layout.tokens} tokens (grid {layout.grid}, extra {layout.extra}) "
+                         f"but q is {tuple(q.shape)} and k {tuple(k.shape)}: block-sparse attention is self-attention "
+                         "over the layout's tokens")
     b, h = blocks.kv_count.shape[:2]
     if b not in (1, B) or h not in (1, heads):
         raise ValueError(f"blocks.kv_count {tuple(blocks.kv_count.shape)} is for (B, heads) = ({b}, {h}), which cannot "
@@ -114,11 +114,12 @@ def check_block_values(blocks: SparseBlocks) -> None:
         raise ValueError(f"blocks.kv_count must lie in [0, width = {width}] (the index lists' length), got values in "
                          f"[{int(count.min())}, {int(count.max())}]")
     if problems[1]:
-        raise ValueError(f"blocks.kv_index: the first kv_count entries of each list must be key tiles in [0, n_tiles = "
-                         f"{n}); found {int(out_of_range.sum())} outside (e.g. at {out_of_range.nonzero()[0].tolist()})")
+        raise ValueError(f"blocks.kv_index: the first kv_count entries of each list must be key tiles in [0, "
+                         f"n_tiles = {n}); found {int(out_of_range.sum())} outside (e.g. at "
+                         f"{out_of_range.nonzero()[0].tolist()})")
     if problems[2]:
-        raise ValueError("blocks.kv_index: the first kv_count entries of each list must be strictly ascending (distinct "
-                         f"key tiles); not so at {not_ascending.nonzero()[0].tolist()}")
+        raise ValueError("blocks.kv_index: the first kv_count entries of each list must be strictly ascending "
+                         f"(distinct key tiles); not so at {not_ascending.nonzero()[0].tolist()}")
     _checked[blocks] = True
 
 
@@ -266,7 +267,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SparseBlocks
         if mask is not None:
             mask = mask.index_select(-1, layout.perm(mask.device))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    q_count, q_index = backward_lists(blocks) if needs_grad else (blocks.kv_count.new_empty(0), blocks.kv_count.new_empty(0))
+    none = (blocks.kv_count.new_empty(0), blocks.kv_count.new_empty(0))  # inference: no backward lists
+    q_count, q_index = backward_lists(blocks) if needs_grad else none
     out, lse = torch.ops.dit_fast.block_sparse_fwd(q, k, v, blocks.kv_count, blocks.kv_index, q_count, q_index, mask,
                                                    _layout_list(layout), scale, name)
     if order == "raster":
