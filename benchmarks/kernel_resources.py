@@ -15,6 +15,11 @@ a loop counts once. Compare variants of one kernel with it; time them on a GPU.
     python -m benchmarks.kernel_resources --kernels fwd --head-dims 72 --chunks padded   # before the chunks
     python -m benchmarks.kernel_resources --kernels dkdv_atomic     # the one-pass backward (dq by atomics)
     python -m benchmarks.kernel_resources --rows fwd:72:dense:128,64,8,3 dkdv_atomic:128:dense:32,128,8,2
+    python -m benchmarks.kernel_resources --head-dims 8 10 24 --kernels fwd dkdv dq   # small head dims
+
+Each row compiles with the ALIGNED flag the launcher would give that head dim (16-byte rows in bf16:
+D = 8, 24 yes; D = 10 no, so its loads are as wide as Triton proves from D and the strides: the
+"ldg_narrow" / "ldg_total" columns), and the strides a (1, 16384, 16, D) launch marks divisible by 16.
 
 Per row also: HGMMA by shape and their matrix work (sum of M * N * K), WARPGROUP.DEPBAR waits by the
 number of wgmma groups left in flight, TMA loads and reduce-adds (UTMALDG, UTMAREDG), USETMAXREG (warp
@@ -49,6 +54,7 @@ SASS_COUNTS = {
     "hgmma": r"\bHGMMA\b",
     "hmma": r"\bHMMA\b",
     "ldg128": r"\bLDG\.E\.128\b",
+    "ldg64": r"\bLDG\.E\.64\b",
     "ldg_narrow": r"\bLDG\.E\.(U16|S16|U8|S8)\b",  # 1- and 2-byte loads (plain LDG.E is 4 bytes)
     "ldl_stl": r"\b(LDL|STL)\b",
     "mufu": r"\bMUFU\b",
@@ -156,6 +162,20 @@ def attention_signature(fn, dtype: str) -> Dict[str, str]:
     return sig
 
 
+def attention_aligned(kernel: str, head_dim: int) -> bool:
+    """The ALIGNED flag the launchers give a bf16 launch at this head dim: the launchers' own check
+    (triton_kernels/_layout.aligned_16) on fresh (B, S, heads, D) tensors, with the one-pass backward's
+    fp32 dq sums beside them where its kernels address those (D = 8, 24: True; 10, 12: False)."""
+    import torch
+
+    from dit_fast.triton_kernels._layout import aligned_16
+
+    tensors = [torch.empty(1, 2, 16, head_dim, dtype=torch.bfloat16)]
+    if kernel in ("dkdv_atomic", "dq_convert"):
+        tensors.append(torch.empty(1, 2, 16, head_dim, dtype=torch.float32))
+    return aligned_16(tensors, head_dim)
+
+
 def attention_divisible(fn, head_dim: int, heads: int = 16, seq_len: int = 16384) -> List[str]:
     """Arguments a launch at (B, S, heads, D) = (1, seq_len, heads, head_dim) marks divisible by 16."""
     values = {"D": head_dim, "HEADS": heads, "SQ": seq_len, "LQ": seq_len, "LK": seq_len}
@@ -229,13 +249,20 @@ def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str]
                 d0, d1 = (int(x) for x in chunks.split(","))
             for variant in variants:
                 for bm, bn, warps, stages in configs:
-                    flags = dict(TILE_ONE, **VARIANTS[variant], **kernel_flags, BLOCK_M=bm, BLOCK_N=bn, ALIGNED=True,
-                                 BLOCK_D0=d0, BLOCK_D1=d1, DOT_PRECISION="tf32", OFFS_64=False)
+                    aligned = attention_aligned(kernel, d)
+                    flags = dict(TILE_ONE, **VARIANTS[variant], **kernel_flags, BLOCK_M=bm, BLOCK_N=bn,
+                                 ALIGNED=aligned, BLOCK_D0=d0, BLOCK_D1=d1, DOT_PRECISION="tf32", OFFS_64=False)
                     constexprs = {k: v for k, v in flags.items() if k in params}
                     if any(p.name == "D" and p.is_constexpr for p in fn.params):
                         constexprs["D"] = d
                     row = dict(kernel=kernel, head_dim=d, block_d0=d0, block_d1=d1, variant=variant, block_m=bm,
-                               block_n=bn, num_warps=warps, num_stages=stages, triton=triton.__version__)
+                               block_n=bn, num_warps=warps, num_stages=stages, aligned=aligned,
+                               triton=triton.__version__)
+                    if kernel == "fwd_tma" and not aligned:
+                        row["error"] = "rows not 16-byte aligned: the launcher runs the pointer forward (fwd)"
+                        rows.append(row)
+                        print(_format(row), flush=True)
+                        continue
                     try:
                         row.update(resources(fn, attention_signature(fn, "bf16"), constexprs, warps, stages,
                                              attention_divisible(fn, d)))
@@ -246,9 +273,10 @@ def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str]
     return rows
 
 
-COLUMNS = ["kernel", "head_dim", "variant", "block_m", "block_n", "num_warps", "num_stages", "threads", "regs",
+COLUMNS = ["kernel", "head_dim", "variant", "block_m", "block_n", "num_warps", "num_stages", "aligned", "threads",
+           "regs",
            "local_bytes", "shared_bytes", "hgmma", "hgmma_work", "hgmma_shapes", "depbar", "hmma", "utmaldg",
-           "utmaredg", "usetmaxreg", "red", "atom", "ldg128", "ldg_narrow", "ldg_total", "ldl_stl", "mufu", "int_div",
+           "utmaredg", "usetmaxreg", "red", "atom", "ldg128", "ldg64", "ldg_narrow", "ldg_total", "ldl_stl", "mufu", "int_div",
            "fmul", "ffma", "fadd", "sass_lines"]
 
 

@@ -29,7 +29,12 @@ ROWS = [
     "dkdv_atomic:72:dense:32,128,8,2",
     "fwd_tma:128:dense:128,128,4,2",  # the Hopper forward: TMA + warp specialization
 ]
-ROWS_36 = ["dkdv_atomic:128:dense:32,128,8,2", "fwd_tma:128:dense:128,128,4,2", "dq_convert:72:rope:64,64,4,1"]
+# head dims below 16 and not multiples of 8 (one 16-column chunk): 8 and 24 have 16-byte bf16 rows, 10 not
+ROWS_SMALL = ["fwd:8:dense:128,64,8,3", "fwd:24:dense:128,64,8,3", "fwd:10:dense:128,64,8,3",
+              "dkdv:10:dense:32,128,8,2", "dq:10:dense:64,64,4,3", "dkdv_atomic:10:dense:32,128,8,2",
+              "dq_convert:10:rope:64,64,4,1", "fwd_tma:8:dense:128,128,4,2"]
+ROWS_36 = ["dkdv_atomic:128:dense:32,128,8,2", "fwd_tma:128:dense:128,128,4,2", "dq_convert:72:rope:64,64,4,1",
+           "fwd:10:dense:128,64,8,3", "dkdv:24:dense:32,128,8,2", "dq:8:dense:64,64,4,3"]
 
 
 def _key(spec):
@@ -54,7 +59,7 @@ def _triton36_python():
 
 @pytest.fixture(scope="module")
 def compiled():
-    rows = _rows(compile_in_subprocess(["--rows", *ROWS]))
+    rows = _rows(compile_in_subprocess(["--rows", *ROWS, *ROWS_SMALL]))
     for row in rows.values():
         assert "error" not in row, row
     return rows
@@ -138,3 +143,36 @@ def test_triton_36_compiles_the_new_paths(compiled_36):
     assert atomic["red"] > 0 and atomic["hmma"] == 0, atomic
     _no_spills(atomic)
     _assert_warp_specialized_tma(tma)
+
+
+def _assert_small_head_dim(row):
+    """No spills; 16-byte vector loads exactly where the rows are 16-byte aligned (the ALIGNED promise
+    the launcher gives: a wrong one would make the GPU load misaligned vectors, which the interpreter
+    cannot show)."""
+    _no_spills(row)
+    assert row["aligned"] == (row["head_dim"] * 2 % 16 == 0), row
+    if row["aligned"]:
+        assert row["ldg128"] > 0, row
+    else:
+        assert row["ldg128"] == 0, row
+
+
+def test_small_and_unaligned_head_dims_compile_without_spills(compiled):
+    """Issue 17: every head dim 1..256 runs on the kernels. D = 8 and 24 (16- and 48-byte bf16 rows) load
+    16 bytes at a time and D = 8 takes the warp-specialized TMA forward; D = 10 (20-byte rows) gets no
+    ALIGNED hint and loads at the widths Triton proves itself (2 bytes here; the fp32 dq sums 8); no
+    kernel spills, forward, both backwards and the one-pass backward's convert kernel."""
+    for spec in ROWS_SMALL:
+        row = compiled[_key(spec)]
+        if row["kernel"] == "fwd_tma":
+            _assert_warp_specialized_tma(row)
+        else:
+            _assert_small_head_dim(row)
+    assert compiled[_key("fwd:8:dense:128,64,8,3")]["ldg_narrow"] == 0
+    assert compiled[_key("fwd:24:dense:128,64,8,3")]["ldg_narrow"] == 0
+
+
+def test_triton_36_compiles_small_head_dims(compiled_36):
+    """The same on the GPU machines' Triton (3.6), forward and both backward kernels."""
+    for spec in ROWS_36[3:]:
+        _assert_small_head_dim(compiled_36[_key(spec)])
