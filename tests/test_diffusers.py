@@ -360,6 +360,35 @@ def test_set_attention_backend(name, backend, monkeypatch):
         assert_close_to_reference(name, actual, expected64, expected)
 
 
+def test_small_head_dim_model_on_triton_kernels():
+    """Head dim 10, as in diffusers' own tiny test configs (HunyuanVideo's: 2 heads of 10, RoPE axes
+    (2, 4, 4)): on set_attention_backend("dit_fast") every attention call runs our kernels, forward and
+    backward (launches counted, no fallback warning), within the tolerance rule."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    _, inputs = build("hunyuan_video", layers=1)  # the inputs do not depend on the head dim
+    torch.manual_seed(0)
+    model = perturb_(HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)))
+    kwargs = inputs(torch.float32, torch.Generator().manual_seed(3))
+    model64, kwargs64 = _fp64_reference(model, kwargs)
+    ref64, dx64, grads64 = _grads(model64, kwargs64, dtype=torch.float64)
+    ref32, dx32, grads32 = _grads(model, kwargs)
+    ours = copy.deepcopy(model)
+    ours.set_attention_backend("dit_fast")
+    with dit_fast.use_backend("triton"), count_launches() as launches, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, dx, grads = _grads(ours, kwargs, KERNEL_DEVICE)
+    for kernel in ("_attn_fwd_kernel",) + ATTENTION_BACKWARD_KERNELS:  # the double and the single block
+        assert_launched(launches, kernel, 2)
+    assert_close_to_reference("head dim 10", out, ref64, ref32)
+    assert_close_to_reference("head dim 10 d(input)", dx, dx64, dx32)
+    for key in grads64:
+        assert_close_to_reference(f"head dim 10 d({key})", grads[key], grads64[key], grads32[key])
+
+
 def test_attention_backend_context_routes_to_dit_fast(monkeypatch):
     calls = Calls(monkeypatch)
     q, k, v = (torch.randn(2, 9, 3, 16) for _ in range(3))
@@ -588,14 +617,15 @@ def test_backend_falls_back_for_gqa_head_dim_and_float64(monkeypatch):
     with pytest.warns(RuntimeWarning, match="grouped-query"):
         out = dd.dit_fast_attention(q, k, v, enable_gqa=True)
     assert rel_err(out, _sdpa(q, k, v, enable_gqa=True)) <= 1e-6
-    q, k, v = _qkv(d=20)
-    with pytest.warns(RuntimeWarning, match="head dim 20"):
-        dd.dit_fast_attention(q, k, v)
-    with pytest.warns(RuntimeWarning, match="head dim 36"):  # each head dim is its own reason (issue 17)
-        dd.dit_fast_attention(*_qkv(d=36))
+    q, k, v = _qkv(d=264)
+    with pytest.warns(RuntimeWarning, match="head dim 264"):
+        out = dd.dit_fast_attention(q, k, v)
+    assert rel_err(out, _sdpa(q, k, v)) <= 1e-6
+    with pytest.warns(RuntimeWarning, match="head dim 272"):  # each head dim is its own reason (issue 17)
+        dd.dit_fast_attention(*_qkv(d=272))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the same reason: warned already
-        dd.dit_fast_attention(*_qkv(d=20, seed=1))
+        dd.dit_fast_attention(*_qkv(d=264, seed=1))
     q, k, v = _qkv(dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="float64, torch.float64, torch.float64"):
         dd.dit_fast_attention(q, k, v)

@@ -158,9 +158,9 @@ def test_compiled_backend_value_fallbacks_run_native_attention(case):
 def test_compiled_backend_static_fallbacks_warn_while_tracing(monkeypatch):
     """Reasons known from shapes and dtypes: warned once each while tracing, with their numbers."""
     monkeypatch.setattr(dd.backend, "_warned", set())
-    q, k, v = _qkv(d=20)
+    q, k, v = _qkv(d=264)
     mask = MASKS["bool (B, Sk)"]()
-    with pytest.warns(RuntimeWarning, match="head dim 20"):
+    with pytest.warns(RuntimeWarning, match="head dim 264"):
         out, launches, graphs = _compiled_backend(q, k, v, attn_mask=mask)
     assert graphs.conds == 0 and launches.total("_attn") == 0
     torch.testing.assert_close(out, _sdpa(q, k, v, mask[:, None, None, :]), rtol=0, atol=0)

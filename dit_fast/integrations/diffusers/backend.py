@@ -5,7 +5,7 @@ member ``DIT_FAST = "dit_fast"`` to it (idempotent) and registers ``dit_fast_att
 ``supports_context_parallel=True``. Then ``model.set_attention_backend("dit_fast")``, diffusers'
 ``attention_backend("dit_fast")`` context and ``enable_parallelism(...)`` route attention here.
 
-What runs on dit_fast.ops.attention (any head count, head dim a multiple of 8 in [16, 256], short
+What runs on dit_fast.ops.attention (any head count, any head dim from 1 to 256, short
 cross-attention keys, fp32 / fp16 / bf16):
   * no mask, or a mask that is a key-padding mask: bool (True = attend), or float with only 0
     (attend) and <= -9000 (masked: LTX's -10000) entries, constant over queries, the same for every
@@ -137,8 +137,8 @@ def _unsupported(query, key, value, dropout_p, is_causal) -> Optional[str]:
     if key.shape != value.shape or key.shape[0] != query.shape[0] or key.shape[3] != query.shape[3]:
         return f"shapes q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}"
     head_dim = query.shape[3]
-    if head_dim % 8 or not 16 <= head_dim <= MAX_HEAD_DIM:
-        return f"head dim {head_dim} (the kernels take multiples of 8 in [16, {MAX_HEAD_DIM}])"
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        return f"head dim {head_dim} (the kernels take 1 to {MAX_HEAD_DIM})"
     if query.shape[1] == 0 or key.shape[1] == 0:
         return "an empty sequence"
     return None
