@@ -24,16 +24,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in lo
 # (layout, batch, heads, head dim, blocks' (B, heads), padding mask, density, dtype, order)
 CASES = {
     # partial tiles on every axis (blocks of 16 divide the 32-token tiles: only the partial ones are masked),
-    # 5 text tokens in a partial tile, blocks per batch, no padding mask (nothing else masks the tile ends)
-    "fp32-text-per-batch": (TileLayout((3, 5, 7), (2, 4, 4), extra=5), 2, 1, 16, (2, 1), None, 0.5,
+    # 5 text tokens in a partial tile, blocks per batch, no padding mask (nothing else masks the tile ends),
+    # D = 10 (rows of 40 bytes: not 16-byte aligned)
+    "fp32-text-per-batch": (TileLayout((3, 5, 7), (2, 4, 4), extra=5), 2, 1, 10, (2, 1), None, 0.5,
                             torch.float32, "raster"),
     # tiles of 15 tokens (no block divides them: every block masked at the tile's end), per head, a
     # per-head mask, tile order, D = 40 in two chunks (32 + 16)
     "bf16-per-head-tiles": (TileLayout((2, 5, 7), (1, 3, 5), extra=0), 1, 2, 40, (1, 2), "head", 0.3,
                             torch.bfloat16, "tiles"),
     # whole tiles of two blocks each (EVEN: no bounds masks), one text tile, shared blocks, every tile kept
-    # (dense attention as blocks), a (B, S) padding mask
-    "fp16-whole-tiles-dense": (TileLayout((2, 4, 12), (2, 4, 4), extra=32), 1, 2, 16, (1, 1), "batch", 1.0,
+    # (dense attention as blocks), a (B, S) padding mask, D = 8
+    "fp16-whole-tiles-dense": (TileLayout((2, 4, 12), (2, 4, 4), extra=32), 1, 2, 8, (1, 1), "batch", 1.0,
                                torch.float16, "raster"),
 }
 
@@ -146,6 +147,34 @@ def test_masked_keys_never_reach_the_kernels_outputs():
     clean, bad = run(k, v, rows), run(*poisoned(~mask[0, 0, 0].to(DEVICE)[tile_of] | ~padding[0]), rows)
     torch.testing.assert_close(bad[0], clean[0])
     torch.testing.assert_close(bad[1][:, rows], clean[1][:, rows])
+
+
+def test_a_query_that_sees_garbage_returns_nan_and_passes_no_gradient():
+    """One visible key poisoned (inf in its v): the queries whose kept tiles hold it return a NaN row
+    and a NaN lse (the dense kernels' _finish_rows); every other query's out, lse and dq are the clean
+    run's, and so are dK, dV of every key none of the poisoned queries sees (_backward_rows)."""
+    layout = TileLayout((2, 5, 7), (1, 3, 5), extra=5)
+    blocks, mask = _blocks(layout, (1, 1), 0.5, seed=3)
+    q, k, v, dout = (torch.randn(1, layout.tokens, 1, 16, device=DEVICE) for _ in range(4))
+    visible = blocks.token_mask()[0, 0]  # (S, S) raster order
+    key = int(visible.sum(0).argmax())  # a key some query tiles keep and others do not
+    sees = visible[:, key]
+    unseen = ~visible[sees].any(0)
+    assert sees.any() and (~sees).any() and unseen.any()
+
+    def run(k, v):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = block_sparse_attention(*inputs, blocks, return_lse=True, backend="triton")
+        return (out, lse, *torch.autograd.grad(out, inputs, dout))
+
+    v_bad = v.clone()
+    v_bad[0, key, 0, 3] = float("inf")  # k finite: the scores stay finite, only the accumulator meets the inf
+    clean, bad = run(k, v), run(k, v_bad)
+    assert bad[0][0, sees].isnan().all() and bad[1][0, 0, sees].isnan().all()
+    for name, c, b in zip(("out", "lse", "dq", "dk", "dv"), clean, bad):
+        keep = unseen if name in ("dk", "dv") else ~sees
+        c, b = (c[0, 0, keep], b[0, 0, keep]) if name == "lse" else (c[0, keep], b[0, keep])
+        assert torch.equal(c, b), f"{name} differs where no query sees the poison"
 
 
 def test_custom_ops_pass_opcheck():

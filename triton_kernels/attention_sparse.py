@@ -49,9 +49,9 @@ from dit_fast import _backend
 from dit_fast.ops.sparse_layout import SparseBlocks, TileLayout
 from dit_fast.triton_kernels._layout import aligned_16
 from dit_fast.triton_kernels.attention import head_chunks
-from dit_fast.triton_kernels.attention_bwd import _attn_bwd_preprocess_kernel, _dkdv_tile, _dq_tile
+from dit_fast.triton_kernels.attention_bwd import _attn_bwd_preprocess_kernel, _backward_rows, _dkdv_tile, _dq_tile
 from dit_fast.triton_kernels.attention_common import _load_chunks, _store_chunks, _zero_rows
-from dit_fast.triton_kernels.attention_fwd import _fwd_tile
+from dit_fast.triton_kernels.attention_fwd import _finish_rows, _fwd_tile
 
 # ---------------------------------------------------------------------------------------------
 # Program coordinates and the walk over an index list
@@ -159,15 +159,11 @@ def _sparse_fwd_kernel(
             HAS_MASK, False, False, DOT_PRECISION, EVEN, OFFS_64, ALIGNED)
         _record(VISITS_ptr, b, h, HEADS, N_TILES, q_tile, k_tile, start_n, k_end, RECORD)
 
-    # a query tile that keeps nothing (or a fully padded row) has l = 0, acc = 0: zeros, and lse = -inf
-    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-    out0 = acc0 * inv_l[:, None]
-    out1 = acc1
-    if BLOCK_D1 > 0:
-        out1 = acc1 * inv_l[:, None]
+    # a query tile that keeps nothing (or a fully padded row): zeros, lse = -inf; a row that met a non-finite
+    # key or value it may see: NaN, lse = NaN (the dense forward's epilogue)
+    out0, out1, lse = _finish_rows(acc0, acc1, m_i, l_i, BLOCK_D1)
     o_base = O_ptr + b * stride_ob + h * stride_oh
     _store_chunks(o_base, offs_m, valid_m, 1, stride_os, out0, out1, D, BLOCK_D0, BLOCK_D1, OFFS_64, ALIGNED)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE_ptr + (b * HEADS + h) * S + offs_m, lse, mask=valid_m)
 
 
@@ -291,11 +287,9 @@ def _sparse_bwd_dq_kernel(
     do_base = DO_ptr + b * stride_dob + h * stride_doh
     q0, q1 = _load_chunks(q_base, offs_m, valid_m, 1, stride_qs, D, BLOCK_D0, BLOCK_D1, False, OFFS_64, ALIGNED)
     do0, do1 = _load_chunks(do_base, offs_m, valid_m, 1, stride_dos, D, BLOCK_D0, BLOCK_D1, False, OFFS_64, ALIGNED)
-    lse = tl.load(LSE_ptr + (b * HEADS + h) * S + offs_m, mask=valid_m, other=0.0) * 1.4426950408889634
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no visible key: p = 0, not exp2(-inf + inf)
-    delta = tl.load(DELTA_ptr + (b * HEADS + h) * S + offs_m, mask=valid_m, other=0.0)
-    if HAS_MASK:  # a row that saw a non-finite key: 0 * (dp - NaN) must not reach the keys hidden from it
-        delta = tl.where(lse != lse, 0.0, delta)
+    # rows with no visible key, or that met garbage (lse -inf or NaN), pass no gradient (the dense backward's)
+    lse, delta = _backward_rows(tl.load(LSE_ptr + (b * HEADS + h) * S + offs_m, mask=valid_m, other=0.0),
+                                tl.load(DELTA_ptr + (b * HEADS + h) * S + offs_m, mask=valid_m, other=0.0))
     k_base = K_ptr + b * stride_kb + h * stride_kh
     v_base = V_ptr + b * stride_vb + h * stride_vh
     kpm_base = KPM_ptr + b * stride_mb + h * stride_mh
