@@ -378,6 +378,8 @@ def sana_wm_refiner():
 
     model = SanaWMLTX2RefinerTransformer3DModel(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
                                                 num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                                                audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+                                                audio_attention_head_dim=16, audio_cross_attention_dim=32,
                                                 num_layers=1, caption_channels=16, rope_double_precision=False)
     F_, H, W = 2, 3, 4
 
@@ -432,13 +434,25 @@ def easyanimate():
 
 
 def allegro():
+    """Head dim 24: Allegro's RoPE gives each axis a third of it."""
     from diffusers import AllegroTransformer3DModel
 
-    model = AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                                      num_layers=1, cross_attention_dim=32, sample_width=8, sample_height=8,
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    model = AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4,
+                                      num_layers=1, cross_attention_dim=48, sample_width=8, sample_height=8,
                                       sample_frames=8, caption_channels=16)
-    return model, lambda dtype, g: dict(hidden_states=video(g, dtype), encoder_hidden_states=text(g, dtype),
-                                        timestep=T_STEPS, encoder_attention_mask=text_mask(dtype=torch.long))
+    # the pipeline's RoPE: per-axis tables and each token's (t, h, w) position on the 2 x 2 x 3 grid
+    freqs_t, freqs_h, freqs_w, grid_t, grid_h, grid_w = get_3d_rotary_pos_embed_allegro(
+        embed_dim=24, crops_coords=((0, 0), (2, 3)), grid_size=(2, 3), temporal_size=2,
+        interpolation_scale=(2.2, 2.0, 2.0), device=torch.device("cpu"))
+    positions = torch.cartesian_prod(grid_t.long(), grid_h.long(), grid_w.long()).T.reshape(3, 1, -1).contiguous()
+
+    def inputs(dtype, g):
+        return dict(hidden_states=video(g, dtype), encoder_hidden_states=text(g, dtype), timestep=T_STEPS,
+                    encoder_attention_mask=text_mask(dtype=torch.long),
+                    image_rotary_emb=((freqs_t, freqs_h, freqs_w), tuple(positions)))
+    return model, inputs
 
 
 def latte():

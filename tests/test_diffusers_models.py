@@ -283,13 +283,20 @@ PATCHED = {
     "ltx2": {"attention"},  # RMSNorm blocks stay diffusers'; RoPE from the model's tables
     "ltx2_stg": {"attention"},
     "cosmos": ADALN | {"attention"},  # RoPE from the model's tables
+    # processors that call SDPA themselves (their blocks stay, except ConsisID's: CogVideoX's block)
+    "easyanimate": {"attention"},
+    "allegro": {"attention"},
+    "latte": {"attention"},
+    "consisid": {"layernorm_modulate", "gated_residual", "attention"},
 }
 PATCH_FALLBACKS = {"skyreels_v2_df": ("a per-query mask",)}  # the block-causal mask (HunyuanVideo 1.5's: kernels)
 # (kernel launches) the Triton kernels each patched family must launch
 KERNELS = {"_attn_fwd_kernel", "_adaln_forward_kernel"}
 PATCHED_KERNELS = {"wan_vace": KERNELS | {"_rope_3d_kernel"}, "wan_animate": KERNELS | {"_rope_3d_kernel"},
                    "skyreels_v2": KERNELS | {"_rope_3d_kernel"}, "chronoedit": KERNELS,
-                   "hunyuan_video15": KERNELS | {"_rope_3d_kernel"}, "ltx2": {"_attn_fwd_kernel"}, "cosmos": KERNELS}
+                   "hunyuan_video15": KERNELS | {"_rope_3d_kernel"}, "ltx2": {"_attn_fwd_kernel"}, "cosmos": KERNELS,
+                   "easyanimate": {"_attn_fwd_kernel"}, "allegro": {"_attn_fwd_kernel"},
+                   "latte": {"_attn_fwd_kernel"}, "consisid": KERNELS}
 PATCH_BACKWARD = ("wan_vace", "skyreels_v2_df", "hunyuan_video15", "cosmos")
 
 

@@ -22,6 +22,11 @@ DIFFUSERS_MODELS = {
     "HunyuanVideo15Transformer3DModel": "hunyuan_video15",
     "LTX2VideoTransformer3DModel": "ltx2",
     "CosmosTransformer3DModel": "cosmos",
+    # processors that call SDPA themselves: dit_fast.patch is what reaches them
+    "EasyAnimateTransformer3DModel": "easyanimate",
+    "AllegroTransformer3DModel": "allegro",
+    "LatteTransformer3DModel": "latte",
+    "ConsisIDTransformer3DModel": "consisid",
 }
 
 
