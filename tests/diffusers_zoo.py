@@ -210,6 +210,13 @@ def cosmos():
                                         encoder_hidden_states=text(g, dtype), fps=30)
 
 
+def cosmos_per_frame():
+    """One timestep per latent frame (Video2World's conditioning frames): per-token modulation (B, N, C)."""
+    model, inputs = cosmos()
+    return model, lambda dtype, g: dict(inputs(dtype, g), timestep=torch.tensor([10.0, 700.0, 300.0, 900.0]).to(
+        dtype).reshape(B, 1, GRID[0], 1, 1))
+
+
 def _cosmos3(kv_heads):
     from diffusers import Cosmos3OmniTransformer
 

@@ -11,9 +11,12 @@ that error into a warning. ``import dit_fast`` never imports this package.
 
 Layout: backend.py (the registered attention backend, its fallback and context parallelism),
 reach.py (which attention calls the backend reaches; the warning when it reaches none),
-_processor.py (the processor skeleton and adaLN helpers every model module shares), one module per
-model family (wan.py, hunyuan_video.py, ltx.py, cogvideox.py, mochi.py), each with ``patch(model,
-backend)``; the registry from class name to module is ``dit_fast.integrations.DIFFUSERS_MODELS``.
+_processor.py (the processor skeleton and adaLN helpers every model module shares), generic.py
+(diffusers' generic AttnProcessor2_0 on dit_fast's attention), one module per model family (wan.py
+with VACE, Animate, SkyReels-V2 and ChronoEdit; hunyuan_video.py, hunyuan_video15.py, ltx.py, ltx2.py,
+cosmos.py, cogvideox.py, consisid.py, mochi.py, easyanimate.py, allegro.py, latte.py), each with
+``patch(model, backend)``; the registry from class name to module is
+``dit_fast.integrations.DIFFUSERS_MODELS``.
 """
 
 import importlib
