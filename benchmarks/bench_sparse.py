@@ -15,6 +15,7 @@ Variants: fwd and fwd+bwd. FLOPs counted in code: 4 * kept (query, key) token pa
 for the backward (fwd+bwd = 3.5x): TFLOP/s are useful work (masked rows of partial tiles not counted).
 
     python -m benchmarks.bench_sparse [--cases per_tile,speedup] [--variants fwd,fwd+bwd] [--no-write]
+                                      [--quick] [--budget-s S]
     python -m benchmarks.bench_sparse --flops [--tile 3,5,4]   # no GPU: FLOP accounting per pattern and
                                                     # density at the Wan-1.3B and HunyuanVideo-720p shapes,
                                                     # and the speedups it predicts (predictions, not timings)
@@ -344,7 +345,14 @@ def main(argv=None) -> int:
     parser.add_argument("--flops", action="store_true", help="FLOP accounting and predicted speedups (no GPU)")
     parser.add_argument("--tile", default=",".join(map(str, TILE)), help="--flops: the 3D tile, e.g. 3,5,4")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (no GPU needed)")
+    parser.add_argument("--quick", action="store_true",
+                        help="DIT_FAST_ATTENTION_TUNE=quick (unless set): 3 tile configurations per kernel, not 5-6")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no case after this many seconds")
     args = parser.parse_args(argv)
+    if args.quick:  # read when the kernels are defined
+        os.environ.setdefault("DIT_FAST_ATTENTION_TUNE", "quick")
+    if args.budget_s is not None:
+        common.DEADLINE = time.monotonic() + args.budget_s
     if args.cpu_smoke:
         smoke()
         return 0

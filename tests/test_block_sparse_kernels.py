@@ -206,6 +206,10 @@ COMPILE_PAIRS = [
     ("sparse_dq:128:dense:128,64,8,3", "dq:128:dense:128,64,8,3"),
     ("sparse_fwd:128:padding:128,64,8,3", "fwd:128:padding:128,64,8,3"),
     ("sparse_dq:128:padding:128,32,8,2", None),
+    # the tiles for 64-token tiles (4 x 4 x 4, Video Sparse Attention's)
+    ("sparse_fwd:128:dense:64,64,4,3", None),
+    ("sparse_dkdv:128:dense:32,64,4,3", None),
+    ("sparse_dq:128:dense:64,64,4,3", None),
 ]
 COMPILE_ROWS_36 = ["sparse_fwd:128:dense:128,128,8,2", "sparse_dkdv:128:dense:32,128,8,2",
                    "sparse_dq:128:padding:128,32,8,2"]
@@ -230,8 +234,8 @@ def _assert_clean(spec, row):
 
 
 def test_sparse_kernels_compile_for_sm90_like_the_dense_ones():
-    """sm_90a, bf16, D = 128, the tiles the sparse spaces start from (tiles of 4 x 8 x 8 tokens, partial
-    ones at the edges: every block bounds-masked): no spills, 16-byte loads, wgmma only, and the same
+    """sm_90a, bf16, D = 128, the tiles the sparse spaces start from, for long tiles and for 64-token ones
+    (tiles of 4 x 8 x 8 tokens, partial ones at the edges: every block bounds-masked): no spills, 16-byte loads, wgmma only, and the same
     wgmma shapes as the dense kernel at that tile (one tile body in the flat loop: the dense kernel has
     a second for its last partial block, so its counts may be double)."""
     pytest.importorskip("triton.compiler")

@@ -39,6 +39,7 @@ The readable PyTorch reference is block_sparse_attention_reference in dit_fast/o
 """
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -322,24 +323,31 @@ def _sparse_bwd_dq_kernel(
 # Tile configurations: visible lists per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages, spills).
 # From the sm_90a compile reports (benchmarks/kernel_resources.py --kernels sparse_fwd sparse_dkdv
 # sparse_dq): 128 x 128 / 8 warps for the forward, 32 x 128 / 8 for dK / dV (its two fp32 accumulators
-# fit at D = 128), 128 x 64 / 8 for dQ, as the dense kernels; `spills` names where a configuration
-# spills at a head dim over 64 ("mask": with a padding mask; "always"), and _prune drops it there.
+# fit at D = 128), 128 x 64 / 8 for dQ, as the dense kernels, then the best for 64-token tiles (Video
+# Sparse Attention's 4 x 4 x 4); `spills` names where a configuration spills at a head dim over 64
+# ("mask": with a padding mask; "always"), and _prune drops it there.
 # _prune also keeps blocks no longer than a tile and, where it can, blocks that divide the tile's volume
 # (whole blocks need no bounds masks). The interpreter (CPU tests) runs one tiny configuration.
 # ---------------------------------------------------------------------------------------------
 
-FWD_SPACE = [(128, 128, 8, 2, "mask"), (128, 64, 8, 3, None), (64, 64, 4, 3, None), (64, 32, 4, 3, None),
+FWD_SPACE = [(128, 128, 8, 2, "mask"), (64, 64, 4, 3, None), (128, 64, 8, 3, None), (64, 32, 4, 3, None),
              (32, 32, 4, 2, None), (16, 16, 4, 2, None)]
 DKDV_SPACE = [(32, 128, 8, 2, None), (32, 64, 4, 3, None), (64, 64, 4, 3, "always"), (32, 32, 4, 2, None),
               (16, 16, 4, 2, None)]
-DQ_SPACE = [(128, 64, 8, 3, "mask"), (128, 32, 8, 2, None), (64, 64, 4, 3, "mask"), (64, 32, 4, 3, None),
+DQ_SPACE = [(128, 64, 8, 3, "mask"), (64, 64, 4, 3, "mask"), (64, 32, 4, 3, None), (128, 32, 8, 2, None),
             (32, 32, 4, 2, None), (16, 16, 4, 2, None)]
 TUNING_KEY = ["S_BUCKET", "TILE_V", "WHOLE_TILES", "BLOCK_D0", "BLOCK_D1", "HAS_MASK", "DOT_PRECISION"]
 
 
 def _configs(space):
+    """The space as triton.Configs. $DIT_FAST_ATTENTION_TUNE (read at import, as the dense kernels do):
+    "quick" times the first three (each space starts with its best tile for tiles of 128 tokens or
+    more, then for 64-token tiles) and the smallest, "single" runs the first and the smallest untimed
+    (the GPU tests); the smallest serves tiles shorter than the others' blocks."""
     if _backend.triton_interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    tune = os.environ.get("DIT_FAST_ATTENTION_TUNE", "").strip().lower()
+    space = {"quick": space[:3] + space[-1:], "single": space[:1] + space[-1:]}.get(tune, space)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st, _ in space]
 
 
