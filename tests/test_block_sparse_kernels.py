@@ -17,7 +17,6 @@ from tests.launches import count_launches
 from tests.utils import assert_close_to_reference
 
 DEVICE = kernel_devices()
-BLOCK = 16  # the interpreter's BLOCK_M = BLOCK_N (attention_sparse._configs)
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 
@@ -100,8 +99,6 @@ def test_visited_block_pairs_are_the_index_lists(layout):
     the dK / dV kernel (walking the transposed lists) and the dQ kernel."""
     blocks, mask = _blocks(layout, (1, 2), 0.4)  # per head
     sizes = layout.tile_sizes()
-    per_pair = (-(-sizes // BLOCK))[:, None] * (-(-sizes // BLOCK))[None, :]  # (query blocks) x (key blocks)
-    want = (mask.int() * per_pair.int()).to(DEVICE)
     q, k, v, dout = (torch.randn(1, layout.tokens, 2, 16, device=DEVICE) for _ in range(4))
     visits = [torch.zeros(1, 2, layout.n_tiles, layout.n_tiles, dtype=torch.int32, device=DEVICE) for _ in range(3)]
     out, lse = attention_sparse.block_sparse_forward(q, k, v, blocks.kv_count, blocks.kv_index, None, layout, 0.25,
@@ -109,7 +106,11 @@ def test_visited_block_pairs_are_the_index_lists(layout):
     q_count, q_index = backward_lists(blocks)
     attention_sparse.block_sparse_backward(dout, q, k, v, out, lse, blocks.kv_count, blocks.kv_index, q_count,
                                            q_index, None, layout, 0.25, visits=visits[1:])
-    for name, got in zip(("forward", "dk/dv", "dq"), visits):
+    kernels = (attention_sparse._sparse_fwd, attention_sparse._sparse_bwd_dkdv, attention_sparse._sparse_bwd_dq)
+    for name, got, kernel in zip(("forward", "dk/dv", "dq"), visits, kernels):
+        block_m, block_n = kernel.best_config.kwargs["BLOCK_M"], kernel.best_config.kwargs["BLOCK_N"]
+        per_pair = (-(-sizes // block_m))[:, None] * (-(-sizes // block_n))[None, :]  # query x key blocks
+        want = (mask.int() * per_pair.int()).to(DEVICE)
         assert torch.equal(got, want), (f"{name}: {int((got != want).sum())} (head, query tile, key tile) entries "
                                         f"differ; visited {int(got.sum())} block pairs, expected {int(want.sum())}")
 
@@ -235,9 +236,9 @@ def _assert_clean(spec, row):
 
 def test_sparse_kernels_compile_for_sm90_like_the_dense_ones():
     """sm_90a, bf16, D = 128, the tiles the sparse spaces start from, for long tiles and for 64-token ones
-    (tiles of 4 x 8 x 8 tokens, partial ones at the edges: every block bounds-masked): no spills, 16-byte loads, wgmma only, and the same
-    wgmma shapes as the dense kernel at that tile (one tile body in the flat loop: the dense kernel has
-    a second for its last partial block, so its counts may be double)."""
+    (tiles of 4 x 8 x 8 tokens, partial ones at the edges: every block bounds-masked): no spills, 16-byte
+    loads, wgmma only, and the same wgmma shapes as the dense kernel at that tile (one tile body in the
+    flat loop: the dense kernel has a second for its last partial block, so its counts may be double)."""
     pytest.importorskip("triton.compiler")
     rows = _compiled([spec for pair in COMPILE_PAIRS for spec in pair if spec])
     for sparse, dense in COMPILE_PAIRS:
