@@ -91,6 +91,33 @@ def test_kernels_match_the_reference(case):
         assert (grads[1][0, tile_of == 2, 0] == 0).all() and (grads[2][0, tile_of == 2, 0] == 0).all()
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU sizes and tile configurations (the interpreter runs 16 x 16)")
+@pytest.mark.parametrize("tile", [(4, 4, 4), (4, 8, 8)], ids=["tile64", "tile256"])
+@pytest.mark.parametrize("padding_kind", [None, "head"])
+def test_gpu_real_tiles(tile, padding_kind):
+    """On a GPU, the tile configurations the spaces pick (64- and 128-row blocks): a Wan-like grid with
+    partial edge tiles and 77 text tokens, 4 heads of 128, bf16, per-head blocks at ~30%, fwd and every
+    gradient against the fp64 reference (autograd through it), with and without a per-head mask."""
+    layout = TileLayout((7, 15, 26), tile, extra=77)
+    blocks, _ = _blocks(layout, (1, 4), 0.3)
+    q, k, v, dout = (torch.randn(1, layout.tokens, 4, 128, device=DEVICE) for _ in range(4))
+    padding = _padding(padding_kind, 1, 4, layout.tokens)
+
+    def run(dtype, backend):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = block_sparse_attention(*inputs, blocks, key_padding_mask=padding, backend=backend)
+        return out, torch.autograd.grad(out, inputs, dout.to(dtype))
+
+    with count_launches() as launches:
+        out, grads = run(torch.bfloat16, "triton")
+    assert launches["_sparse_fwd_kernel"] >= 1 and launches["_sparse_bwd_dq_kernel"] >= 1, launches
+    want, want_grads = run(torch.float64, "torch")
+    same, same_grads = run(torch.bfloat16, "torch")
+    assert_close_to_reference("out", out, want, same)
+    for name, g, w, s in zip(("dq", "dk", "dv"), grads, want_grads, same_grads):
+        assert_close_to_reference(name, g, w, s)
+
+
 @pytest.mark.parametrize("layout", [TileLayout((3, 5, 7), (2, 4, 4), extra=5), TileLayout((2, 5, 7), (1, 3, 5))],
                          ids=["partial-tiles-text", "tile-of-15"])
 def test_visited_block_pairs_are_the_index_lists(layout):
