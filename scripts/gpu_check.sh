@@ -222,7 +222,8 @@ run_extra_bench() {
       auto) args=(--quick --budget-s $((limit > 80 ? limit - 40 : 40))) ;;
       diffusers) args=() ;;
       parallel) args=(--quick --json "$RESULTS/parallel_plan_bench.json") ;;
-      *) note "extra bench $name: unknown (auto, diffusers, parallel)"; continue ;;
+      sparse) args=(--quick --budget-s $((limit > 80 ? limit - 40 : 40))) ;;  # issue 18: bench_sparse's kernel rows
+      *) note "extra bench $name: unknown (auto, diffusers, parallel, sparse)"; continue ;;
     esac
     note "extra bench: benchmarks.bench_$name"
     DIT_FAST_RESULTS_DIR="$RESULTS" stage bench "$limit" 0 "$PY" -m "benchmarks.bench_$name" ${args[@]+"${args[@]}"}
