@@ -2,6 +2,7 @@
 
     python -m benchmarks.parallel_plan                      # DiT-XL and Wan-14B sizes, 32k-1M tokens, 8-64 GPUs
     python -m benchmarks.parallel_plan --tokens 128k --gpus 16 --galore-rank 512 --json plan.json
+    python -m benchmarks.parallel_plan --gpu H200          # mark the totals past 141 GB instead of 80 GB
 
 The setup it describes: one video (batch 1) of S tokens shared by all N GPUs (sequence parallel,
 N = ulysses x ring: the largest Ulysses degree that divides both N and the heads, the rest ring),
@@ -44,6 +45,9 @@ MODELS = {
                     num_classes=0, learn_sigma=False, text_dim=4096, adaln_single=True, qk_norm=True, pos="rope"),
 }
 TEXT_TOKENS = 512  # Wan's text length
+# what one GPU holds, GiB, as nvidia-smi reports the card (81559 MiB on an H100 80 GB SXM, 143771 MiB on an
+# H200 141 GB); CUDA's context and PyTorch's allocator take some of it, so a row near the line may still not fit
+GPU_MEMORY_GIB = {"H100": 81559 / 1024, "H200": 143771 / 1024}
 TOKENS = (32 * 1024, 128 * 1024, 256 * 1024, 1024 * 1024)
 GPUS = (8, 16, 32, 64)
 GIB = 2 ** 30
@@ -312,19 +316,30 @@ def _tokens_label(n: int) -> str:
     return f"{n // (1024 * 1024)}M" if n % (1024 * 1024) == 0 else f"{n // 1024}k"
 
 
-def print_table(rows: List[PlanRow]) -> None:
+def fits(row: PlanRow, gpu: str) -> Dict[str, bool]:
+    """Whether each total (AdamW, GaLore int8; with checkpointing) fits in one ``gpu``'s memory."""
+    memory = GPU_MEMORY_GIB[gpu]
+    return {"adamw": row.total_adamw_ckpt_gib <= memory, "galore_int8": row.total_galore_int8_ckpt_gib <= memory}
+
+
+def print_table(rows: List[PlanRow], gpu: str = "H100") -> None:
     head = ("model", "tokens", "GPUs", "U x R", "tok/GPU", "params", "grads", "AdamW", "GaLore32", "GaLore8",
             "act", "act+ckpt", "FSDPbuf", "tot AdamW", "tot GaL8", "Ulysses", "ring", "FSDP")
     print("per GPU, GiB; memory: fp32 weights/grads/states in FSDP2 shards, bf16 activations (batch 1); "
           "totals and traffic with checkpointing (the recomputed forward exchanges again); traffic: bytes one GPU "
           "sends per training step")
+    print(f"* after a total: more than one {gpu} holds ({GPU_MEMORY_GIB[gpu]:.1f} GiB, the card's memory as "
+          "nvidia-smi reports it; --gpu H100|H200); totals are predictions without the allocator's slack")
     print("  ".join(f"{h:>9}" for h in head))
     for r in rows:
+        ok = fits(r, gpu)
         cells = (r.model, _tokens_label(r.tokens), r.gpus, f"{r.ulysses}x{r.ring}", r.tokens_per_gpu, r.params_gib,
                  r.grads_gib, r.adamw_gib, r.galore_fp32_gib, r.galore_int8_gib, r.act_gib, r.act_ckpt_gib,
-                 r.fsdp_buffers_gib, r.total_adamw_ckpt_gib, r.total_galore_int8_ckpt_gib, r.ulysses_gib, r.ring_gib,
-                 r.fsdp_gib)
-        print("  ".join(f"{c:>9.2f}" if isinstance(c, float) else f"{c!s:>9}" for c in cells))
+                 r.fsdp_buffers_gib, (r.total_adamw_ckpt_gib, ok["adamw"]),
+                 (r.total_galore_int8_ckpt_gib, ok["galore_int8"]), r.ulysses_gib, r.ring_gib, r.fsdp_gib)
+        print("  ".join(f"{c:>9.2f}" if isinstance(c, float) else
+                        f"{c[0]:>8.2f}{' ' if c[1] else '*'}" if isinstance(c, tuple) else f"{c!s:>9}"
+                        for c in cells))
 
 
 def _parse_tokens(text: str) -> int:
@@ -334,19 +349,22 @@ def _parse_tokens(text: str) -> int:
 
 
 def main(argv=None) -> List[PlanRow]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.parallel_plan", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
     parser.add_argument("--tokens", default="32k,128k,256k,1M")
     parser.add_argument("--gpus", default=",".join(map(str, GPUS)))
     parser.add_argument("--galore-rank", type=int, default=256)
+    parser.add_argument("--gpu", default="H100", choices=sorted(GPU_MEMORY_GIB),
+                        help="mark the totals that do not fit this card's memory (H100: 80 GB, H200: 141 GB)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     args = parser.parse_args(argv)
     rows = [plan(m, _parse_tokens(t), int(g), args.galore_rank) for m in args.models.split(",")
             for t in args.tokens.split(",") for g in args.gpus.split(",")]
-    print_table(rows)
+    print_table(rows, args.gpu)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
+            json.dump([dict(asdict(r), gpu=args.gpu, gpu_memory_gib=GPU_MEMORY_GIB[args.gpu],
+                            **{f"fits_{k}": v for k, v in fits(r, args.gpu).items()}) for r in rows], f, indent=1)
     return rows
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import sys
 import tarfile
@@ -150,7 +151,9 @@ def merge(source: Path, dest: Path) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # `dit-fast bench ARGS` runs this file and names itself in the environment, so its usage says so
+    prog = os.environ.get("DIT_FAST_BENCH_PROG") or "python -m benchmarks.run"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", default=",".join(ALL_OPS), help=f"comma list from {','.join(ALL_OPS)}")
     parser.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
     parser.add_argument("--plot", action="store_true", help="draw ratio bars next to the results (matplotlib)")

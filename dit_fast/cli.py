@@ -274,7 +274,8 @@ def cmd_bench(bench_args: List[str]) -> int:
     if not os.path.exists(runner):
         raise UsageError("bench", "benchmarks/run.py is not installed with the package; run it from a checkout "
                                   "(pip install -e .)")
-    return subprocess.call([sys.executable, runner, *bench_args])
+    env = dict(os.environ, DIT_FAST_BENCH_PROG="dit-fast bench")  # its --help and errors name this command
+    return subprocess.call([sys.executable, runner, *bench_args], env=env)
 
 
 # --------------------------------------------------------------------------------------------

@@ -375,6 +375,13 @@ def test_export_writes_the_same_file_modes_from_single_file_and_sharded_runs(tin
         assert len(modes) == 5 and set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
+def test_bench_help_names_dit_fast_bench(capfd):
+    """`dit-fast bench --help` is benchmarks/run.py's help under the name the user typed."""
+    assert main(["bench", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("usage: dit-fast bench") and "--ops" in out, out[:200]
+
+
 def test_finished_run_says_it_is_done(tiny_run, capsys):
     argv = ["train", "--out-dir", tiny_run, *TINY]
     assert main(argv) == 0

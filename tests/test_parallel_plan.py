@@ -3,6 +3,8 @@
 saves per block (the Triton kernel path, traced with fake tensors). Its traffic formulas are checked
 against dit_fast.parallel.comm.count_traffic in tests/test_parallel_sequence.py."""
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -153,6 +155,24 @@ def test_calculator_prints_the_table(capsys):
     assert plan.sp_split(40, 64) == (8, 8) and plan.sp_split(16, 64) == (16, 4)
     # Wan-14B-size: ~14B parameters, each GPU holds 1/8 of them in fp32
     assert 13e9 < sum(p.numel() for p in plan.build_meta(plan.MODELS["Wan-14B"]).parameters()) < 17e9
+
+
+def test_calculator_marks_rows_past_the_gpu_memory(capsys, tmp_path):
+    """Totals past one GPU's memory (as nvidia-smi reports it: H100 80 GB, H200 141 GB) carry a '*'."""
+    out = tmp_path / "plan.json"
+    args = ["--models", "Wan-14B", "--tokens", "32k,1M", "--gpus", "8"]
+    plan.main(args + ["--json", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert "more than one H100 holds (79.6 GiB" in lines[1]
+    small, big = [line for line in lines if line.strip().startswith("Wan-14B")]
+    assert "*" not in small and big.count("*") == 2, big  # 1M tokens on 8 GPUs: ~150 GiB a GPU
+    rows = json.load(open(out))
+    assert [(r["fits_adamw"], r["gpu"]) for r in rows] == [(True, "H100"), (False, "H100")]
+    for r in rows:
+        assert r["fits_adamw"] == (r["total_adamw_ckpt_gib"] <= r["gpu_memory_gib"])
+    plan.main(args + ["--gpu", "H200"])
+    h200 = capsys.readouterr().out
+    assert "more than one H200 holds (140.4 GiB" in h200
 
 
 def test_layernorm_statistics_are_fp32_on_cuda():
