@@ -54,9 +54,6 @@ def _fresh_dynamo():
 # joint attention in its double and its single block; Mochi's joint attention. Wan and CogVideoX
 # attend without masks.
 MASKED_CALLS = {"wan": 0, "hunyuan_video": 2, "ltx": 1, "cogvideox": 0, "mochi": 1}
-MOCHI_HOST_READ = pytest.mark.xfail(
-    strict=True, reason="dit_fast/integrations/diffusers/mochi.py reads `bool(is_prefix)` of the text mask on the "
-                        "host: a data-dependent guard under fullgraph=True (the processor's owner is told)")
 
 
 def _compiled_equals_eager(model, kwargs, expected_conds):
@@ -68,8 +65,7 @@ def _compiled_equals_eager(model, kwargs, expected_conds):
     assert rel_err(compiled, eager) <= 1e-6
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=MOCHI_HOST_READ) if n == "mochi" else n
-                                  for n in MASKED_CALLS])
+@pytest.mark.parametrize("name", list(MASKED_CALLS))
 def test_patched_model_compiles_with_its_mask(name):
     model, inputs = build(name, layers=1)
     kwargs = inputs(torch.float32, torch.Generator().manual_seed(1))
@@ -205,3 +201,23 @@ def test_compiled_backend_under_inductor():
     assert on_biases.total("_attn") == 0, dict(on_biases)
     assert rel_err(out, _sdpa(q, k, v, padding)) <= 1e-5
     assert rel_err(out_biases, _sdpa(q, k, v, biases)) <= 1e-5
+
+
+def test_patched_mochi_packs_a_text_mask_with_holes_as_mochi_does():
+    """Mochi runs each prompt's valid tokens packed first; the patched processor packs them on the device
+    (no host read), so a mask with holes equals diffusers' output eagerly and compiled. Two layers: the
+    packed text stream of the first is what the second attends to."""
+    model, inputs = build("mochi", layers=2)
+    kwargs = inputs(torch.float32, torch.Generator().manual_seed(1))
+    holes = torch.ones_like(kwargs["encoder_attention_mask"])
+    holes[0, 2] = 0
+    holes[1, [1, 4, 5]] = 0
+    kwargs = dict(kwargs, encoder_attention_mask=holes)
+    with torch.no_grad():
+        expected = run(model, kwargs)
+    patched = patched_copy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with torch.no_grad(), dit_fast.use_backend("torch"):
+            assert rel_err(run(patched, kwargs), expected) <= 1e-5
+        _compiled_equals_eager(patched, kwargs, 2 * MASKED_CALLS["mochi"])

@@ -4,20 +4,16 @@ Attention (MochiAttnProcessor2_0, which loops over the batch and calls SDPA on e
 text tokens): per-head RMSNorm (norm_q / norm_k / norm_added_*), Mochi's RoPE with the model's tables
 (learned per-head frequencies mixing the three axes: not apply_rope_3d's convention), then one
 batched joint attention over [video; text] with the text padding as a key-padding mask on dit_fast's
-kernels. Padded text queries get zeros, as in Mochi when the valid tokens come first (tokenizer
-padding); a mask with holes is run by Mochi's own processor (warned once).
+kernels. The valid text tokens are packed first, as Mochi's processor packs them (a stable sort on the
+device), and padded text queries get zeros, as in Mochi.
 Blocks: Mochi's adaLN is RMSNorm-based (MochiRMSNormZero, MochiModulatedRMSNorm with tanh gates),
 which the LayerNorm adaLN ops do not compute: the blocks stay diffusers' own.
 """
-
-import warnings
 
 import torch
 from diffusers.models.attention_processor import MochiAttention, MochiAttnProcessor2_0
 
 from dit_fast.integrations.diffusers import _processor as P
-
-_warned = []
 
 
 class MochiProcessor(P.DitFastProcessor):
@@ -26,14 +22,13 @@ class MochiProcessor(P.DitFastProcessor):
     def __call__(self, attn: MochiAttention, hidden_states, encoder_hidden_states, attention_mask,
                  image_rotary_emb=None):
         text_mask = attention_mask.bool()  # (B, L), True = a prompt token
-        n_valid = text_mask.sum(dim=1, keepdim=True)  # (B, 1)
-        is_prefix = (text_mask == (torch.arange(text_mask.shape[1], device=text_mask.device) < n_valid)).all()
-        if not bool(is_prefix):  # Mochi packs the valid tokens first: its output layout differs from ours
-            if not _warned:
-                _warned.append(True)
-                warnings.warn("dit_fast Mochi processor: a text mask whose prompt tokens are not a prefix runs "
-                              "Mochi's own processor (warned once)", RuntimeWarning, stacklevel=2)
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        # Mochi runs each prompt's valid tokens packed first (its text rows: the valid tokens in order, then
+        # zeros): a stable sort by validity gives that order on the device, with no host read of the mask
+        # (so torch.compile traces it without a graph break), for a prefix mask and one with holes alike
+        order = torch.sort((~text_mask).to(torch.uint8), dim=1, stable=True).indices  # (B, L)
+        text_mask = torch.gather(text_mask, 1, order)  # now a prefix mask
+        encoder_hidden_states = torch.gather(encoder_hidden_states, 1,
+                                             order[..., None].expand_as(encoder_hidden_states))
 
         query, key, value = P.qkv_heads(attn, hidden_states)  # (B, N, heads, D)
         encoder_query, encoder_key, encoder_value = P.qkv_heads(attn, encoder_hidden_states, "text")
