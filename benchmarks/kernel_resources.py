@@ -274,10 +274,9 @@ def attention_rows(kernels: List[str], head_dims: List[int], variants: List[str]
 
 
 COLUMNS = ["kernel", "head_dim", "variant", "block_m", "block_n", "num_warps", "num_stages", "aligned", "threads",
-           "regs",
-           "local_bytes", "shared_bytes", "hgmma", "hgmma_work", "hgmma_shapes", "depbar", "hmma", "utmaldg",
-           "utmaredg", "usetmaxreg", "red", "atom", "ldg128", "ldg64", "ldg_narrow", "ldg_total", "ldl_stl", "mufu", "int_div",
-           "fmul", "ffma", "fadd", "sass_lines"]
+           "regs", "local_bytes", "shared_bytes", "hgmma", "hgmma_work", "hgmma_shapes", "depbar", "hmma", "utmaldg",
+           "utmaredg", "usetmaxreg", "red", "atom", "ldg128", "ldg64", "ldg_narrow", "ldg_total", "ldl_stl", "mufu",
+           "int_div", "fmul", "ffma", "fadd", "sass_lines"]
 
 
 def _format(row: dict) -> str:

@@ -56,6 +56,18 @@ def attention_launches(launches):
     return {name: n for name, n in launches.items() if name.startswith("_attn")}
 
 
+def assert_kernels_ran(launches, deterministic=None, backward=True, calls=1):
+    """The attention kernels of `calls` forwards (and backwards) ran, each once per call: exactly that
+    in the interpreter; on a GPU at least (a cold autotuner also launches each configuration it times)."""
+    want = attention_kernels(deterministic) if backward else {"_attn_fwd_kernel": 1}
+    want = {name: calls for name in want}
+    got = attention_launches(launches)
+    if HAS_GPU:
+        assert all(got.get(name, 0) >= n for name, n in want.items()), dict(launches)
+    else:
+        assert got == want, dict(launches)
+
+
 def _check_against_reference(fn, inputs, dtype, factor=2.0, deterministic=None):
     """Kernel in `dtype` vs the reference in fp64, with the reference in `dtype` as PyTorch's own error.
     The kernel run must launch exactly the forward and the backward that `deterministic` names."""
@@ -65,10 +77,7 @@ def _check_against_reference(fn, inputs, dtype, factor=2.0, deterministic=None):
     ref_dtype = _run(fn, inputs, dout, "torch")
     with count_launches() as launches:
         got = _run(fn, inputs, dout, "triton")
-    if not HAS_GPU:  # on a GPU a cold autotuner also launches every configuration it times
-        assert attention_launches(launches) == attention_kernels(deterministic), dict(launches)
-    else:
-        assert all(launches[name] >= 1 for name in attention_kernels(deterministic)), dict(launches)
+    assert_kernels_ran(launches, deterministic)
     for name, g, r64, rd in zip(("out", "lse", "dq", "dk", "dv"), got, ref64, ref_dtype):
         if name == "lse":
             # rows with no visible key: -inf in both; the rest compared as fp32 values
@@ -235,8 +244,11 @@ def test_backward_reproducibility(deterministic):
     dout = torch.randn_like(q)
 
     def grads(det):
-        out = ops.spacetime_attention(q, k, v, GRID, mode="spatial", backend="triton", deterministic=det)
-        return torch.autograd.grad(out, (q, k, v), dout)
+        with count_launches() as launches:
+            out = ops.spacetime_attention(q, k, v, GRID, mode="spatial", backend="triton", deterministic=det)
+            result = torch.autograd.grad(out, (q, k, v), dout)
+        assert_kernels_ran(launches, det)
+        return result
 
     first = grads(deterministic)
     again = grads(deterministic) if deterministic else grads(True)
@@ -289,7 +301,7 @@ def test_tma_forward_matches_reference(monkeypatch, mode, D, dtype):
 
     with count_launches() as launches:
         out, lse = fn(q, k, v, "triton", True)
-    assert launches["_attn_fwd_kernel"] == 1, dict(launches)
+    assert_kernels_ran(launches, backward=False)
     assert counters["_load_chunks_tma"].calls > 0, "the TMA path did not run"
     ref64, lse64 = fn(q.double(), k.double(), v.double(), "torch", None)
     ref, _ = fn(q, k, v, "torch", None)
@@ -309,7 +321,8 @@ def test_tma_forward_keeps_the_pointer_path_for_unaligned_rows(monkeypatch, D, d
     q, k, v = _qkv(1, 30, 30, 2, D, dtype)
     with count_launches() as launches:
         out = ops.spacetime_attention(q, k, v, GRID, mode="spatial", backend="triton", tma=True)
-    assert launches["_attn_fwd_kernel"] == 1 and counters["_load_chunks_tma"].calls == 0
+    assert_kernels_ran(launches, backward=False)
+    assert counters["_load_chunks_tma"].calls == 0
     ref64 = ops.spacetime_attention(q.double(), k.double(), v.double(), GRID, mode="spatial", backend="torch")
     ref = ops.spacetime_attention(q, k, v, GRID, mode="spatial", backend="torch")
     assert_close_to_reference("out", out, ref64, ref, dtype=dtype)
@@ -350,7 +363,9 @@ def test_spatial_and_temporal_read_strided_views_in_place():
     q, k, v = qkv.unbind(2)  # each (B, S, heads, D) with token stride 3 * heads * D
     assert not q.is_contiguous()
     for mode in ("spatial", "temporal"):
-        got = ops.spacetime_attention(q, k, v, GRID, mode=mode, backend="triton")
+        with count_launches() as launches:
+            got = ops.spacetime_attention(q, k, v, GRID, mode=mode, backend="triton")
+        assert_kernels_ran(launches, backward=False)
         want = ops.spacetime_attention(q.double(), k.double(), v.double(), GRID, mode=mode, backend="torch")
         assert_close_to_reference(mode, got, want, want.float(), dtype=torch.float32)
 
@@ -377,8 +392,10 @@ def test_spacetime_attention_module_matches_reference_backend():
     torch.manual_seed(1)
     module = dnn.SpacetimeAttention(128, 2, qk_norm=True, mode="spatial", rope="3d", backend="triton").to(DEVICE)
     x = torch.randn(1, 30, 128, device=DEVICE, requires_grad=True)
-    y = module(x, GRID)
-    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    with count_launches() as launches:
+        y = module(x, GRID)
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+    assert_kernels_ran(launches)
     module.backend = "torch"
     x64, m64 = x.detach().double().requires_grad_(True), module.double()
     y64 = m64(x64, GRID)
@@ -418,7 +435,9 @@ def test_spacetime_attention_module_loads_a_timm_style_attention_state_dict():
     want = timm_like["proj"](torch.nn.functional.scaled_dot_product_attention(*qkv).transpose(1, 2).reshape(B, N, C))
     module = dnn.SpacetimeAttention(dim, heads, backend="triton").to(DEVICE)
     module.load_state_dict(timm_like.state_dict())
-    got = module(x.to(DEVICE), (2, 2, 3)).cpu()
+    with count_launches() as launches:
+        got = module(x.to(DEVICE), (2, 2, 3)).cpu()
+    assert_kernels_ran(launches, backward=False)
     assert_close_to_reference("timm attention", got, want.double(), want, dtype=torch.float32)
 
 
@@ -427,7 +446,9 @@ def test_cross_attention_module_with_context_mask():
     x, ctx = torch.randn(2, 21, 128, device=DEVICE), torch.randn(2, 13, 48, device=DEVICE)
     mask = torch.ones(2, 13, dtype=torch.bool, device=DEVICE)
     mask[1, 5:] = False
-    got = module(x, ctx, mask)
+    with count_launches() as launches:
+        got = module(x, ctx, mask)
+    assert_kernels_ran(launches, backward=False)
     module.backend = "torch"
     want = module(x, ctx, mask)
     # the padded context rows must not matter: truncating them gives the same output for sample 1
@@ -440,6 +461,13 @@ def test_cross_attention_module_with_context_mask():
 
 
 def test_opcheck_forward_and_backward():
+    with count_launches() as launches:
+        _opcheck_attention_ops()
+    got = attention_launches(launches)  # opcheck runs each op several times: every kernel at least once
+    assert set(got) == set(attention_kernels(True)) | set(attention_kernels(False)), dict(launches)
+
+
+def _opcheck_attention_ops():
     grid = [2, 2, 3]
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, 12, 12, 1, 16, torch.float32))
     fwd_args = (q, k, v, None, grid, "full", [2, 1, 3], [], 10000.0, [4, 6, 6], 0.25, "triton")
@@ -469,8 +497,10 @@ def test_torch_compile_fullgraph_module():
     module = dnn.SpacetimeAttention(32, 2, mode="temporal", rope="3d", backend="triton").to(DEVICE)
     x = torch.randn(1, 12, 32, device=DEVICE, requires_grad=True)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    y = compiled(x, (3, 2, 2))
-    (gx,) = torch.autograd.grad(y.sum(), x)
+    with count_launches() as launches:
+        y = compiled(x, (3, 2, 2))
+        (gx,) = torch.autograd.grad(y.sum(), x)
+    assert_kernels_ran(launches)  # the compiled graph runs our kernels, not a traced-out fallback
     y_eager = module(x, (3, 2, 2))
     (gx_eager,) = torch.autograd.grad(y_eager.sum(), x)
     torch.testing.assert_close(y, y_eager)
@@ -549,7 +579,11 @@ GPU_CASES = [("full", 40, ""), ("full", 64, ""), ("full", 72, ""), ("full", 80, 
              ("full", 128, "atomic"), ("full", 72, "atomic"), ("spatial", 72, "atomic"), ("temporal", 72, "atomic"),
              ("window", 128, "atomic"), ("tile_window", 72, "atomic"), ("rope_in_kernel", 128, "atomic"),
              ("full", 128, "tma"), ("full", 72, "tma"), ("spatial", 72, "tma"), ("temporal", 72, "tma"),
-             ("window", 128, "tma")]
+             ("window", 128, "tma"),
+             # head dims below 16 and not multiples of 8: 10 and 12 without the ALIGNED hint, 8 and 24 with
+             # it (and TMA); the compiled kernels load no misaligned vector
+             ("full", 10, ""), ("window", 10, ""), ("full", 12, "atomic"), ("temporal", 24, ""),
+             ("spatial", 8, "tma"), ("full", 24, "tma"), ("rope_in_kernel", 10, "atomic"), ("full", 200, "")]
 
 
 @gpu
@@ -595,13 +629,42 @@ def test_gpu_offsets_past_2_31_elements():
     T, H, W, heads, D = 16400, 8, 16, 16, 64  # B * S * heads * D = 2.15e9 > 2^31
     S = T * H * W
     q, k, v = (torch.randn(1, S, heads, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = ops.spacetime_attention(q, k, v, (T, H, W), mode="spatial", backend="triton")
+    with count_launches() as launches:
+        out = ops.spacetime_attention(q, k, v, (T, H, W), mode="spatial", backend="triton")
+    assert_kernels_ran(launches, backward=False)
     tail = slice((T - 3) * H * W, S)  # spatial attention: the last three frames are independent
     want = ops.spacetime_attention(q[:, tail].double(), k[:, tail].double(), v[:, tail].double(), (3, H, W),
                                    mode="spatial", backend="torch")
     got = out[:, tail]
     err = (got.double() - want).abs().max().item()
     assert err <= ATOL_FLOOR[torch.bfloat16] * max(1.0, want.abs().max().item()), f"max err {err}"
+
+
+@pytest.mark.skipif(HAS_GPU, reason="reads the interpreter's launch arguments")
+@pytest.mark.parametrize("D,dtype,aligned", [(8, BF16, True), (12, BF16, False), (12, F32, True), (10, F32, False)],
+                         ids=lambda x: str(x).split(".")[-1])
+def test_launchers_promise_alignment_only_for_aligned_rows(monkeypatch, D, dtype, aligned):
+    """The ALIGNED flag each kernel is launched with, forward and one-pass backward (its convert kernel
+    addresses the bf16 dq and the fp32 dq sums): True exactly when D * itemsize is a multiple of 16 bytes
+    (D = 8 bf16, D = 12 fp32), False for D = 12 bf16 (24-byte rows) and D = 10 fp32 (40 bytes). The
+    interpreter ignores the hint, so only this test sees a wrong promise; a GPU would load misaligned
+    vectors."""
+    from triton.runtime import interpreter
+
+    flags = {}
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):  # observes the launch, decides nothing
+        flags.setdefault(self.fn.__name__, set()).add(kwargs.get("ALIGNED"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 20, 20, 3, D, dtype))
+    out = ops.attention(q, k, v, backend="triton", deterministic=False)
+    torch.autograd.grad(out.float().sum(), (q, k, v))
+    flags.pop("_attn_bwd_preprocess_kernel")  # reads out and dO without the hint
+    assert flags == {name: {aligned} for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+                                                  "_attn_bwd_dq_convert_kernel")}, flags
 
 
 def test_aligned_hint_only_when_every_pointer_and_stride_is_16_byte_aligned():

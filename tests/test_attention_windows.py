@@ -12,7 +12,8 @@ import torch
 from dit_fast import ops
 from dit_fast.ops.flash_attention import spacetime_mask
 from tests.conftest import HAS_GPU
-from tests.test_attention import _bad, _check_against_reference, _count_calls, _qkv
+from tests.launches import count_launches
+from tests.test_attention import _bad, _check_against_reference, _count_calls, _qkv, assert_kernels_ran
 
 GRID = (3, 5, 7)
 
@@ -22,8 +23,10 @@ def _visits(monkeypatch, grid, window):
     counters = _count_calls(monkeypatch, ("_fwd_tile", "_dkdv_tile", "_dq_tile"))
     S = grid[0] * grid[1] * grid[2]
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, S, S, 1, 16, torch.float32))
-    out = ops.spacetime_attention(q, k, v, grid, window=window, backend="triton")
-    torch.autograd.grad(out.sum(), (q, k, v))
+    with count_launches() as launches:
+        out = ops.spacetime_attention(q, k, v, grid, window=window, backend="triton")
+        torch.autograd.grad(out.sum(), (q, k, v))
+    assert_kernels_ran(launches)
     return {name: c.calls for name, c in counters.items()}
 
 
@@ -62,8 +65,10 @@ def test_window_test_skipped_on_interior_tiles(monkeypatch):
     names = ("_fwd_tile", "_dkdv_tile", "_dq_tile", "_window_allowed")
     counters = _count_calls(monkeypatch, names)
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, 192, 192, 1, 16, torch.float32))
-    out = ops.spacetime_attention(q, k, v, (4, 6, 8), window=(2, 3, 8), backend="triton")
-    torch.autograd.grad(out.sum(), (q, k, v))
+    with count_launches() as launches:
+        out = ops.spacetime_attention(q, k, v, (4, 6, 8), window=(2, 3, 8), backend="triton")
+        torch.autograd.grad(out.sum(), (q, k, v))
+    assert_kernels_ran(launches)
     visits = sum(counters[name].calls for name in names[:3])
     tests = counters["_window_allowed"].calls
     assert 0 < tests <= 0.75 * visits, (tests, visits)
@@ -109,8 +114,10 @@ def test_tile_window_visits_only_the_kept_tiles(monkeypatch, grid, window_tile, 
     counters = _count_calls(monkeypatch, names)
     S = grid[0] * grid[1] * grid[2]
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, S, S, 1, 16, torch.float32))
-    out = ops.spacetime_attention(q, k, v, grid, window=window, window_tile=window_tile, backend="triton")
-    torch.autograd.grad(out.sum(), (q, k, v))
+    with count_launches() as launches:
+        out = ops.spacetime_attention(q, k, v, grid, window=window, window_tile=window_tile, backend="triton")
+        torch.autograd.grad(out.sum(), (q, k, v))
+    assert_kernels_ran(launches)
     tiles = [-(-n // t) for n, t in zip(grid, window_tile)]
     kept = [w // t for w, t in zip(window, window_tile)]
     blocks = window_tile[0] * window_tile[1] * window_tile[2] // 16  # 16-token blocks per tile
