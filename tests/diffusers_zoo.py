@@ -11,7 +11,7 @@ tests/test_diffusers.py's builders.
 
 import torch
 
-B, TEXT = 2, 7
+B, TEXT = 2, 7  # TEXT is read when inputs are made: tests/test_diffusers_cp_models.py sets 8 (an even split)
 T_STEPS = torch.tensor([10.0, 700.0])
 GRID = (2, 4, 6)  # (F, H, W) latents; 2 x 2 spatial patches -> a 2 x 2 x 3 grid, 12 tokens
 
@@ -30,9 +30,9 @@ def rand(g, *shape, dtype=torch.float32):
     return torch.randn(*shape, generator=g).to(dtype)
 
 
-def text_mask(length=TEXT, dtype=torch.bool, valid=4):
-    """(B, length): the second prompt is padded after ``valid`` tokens."""
-    mask = torch.ones(B, length, dtype=dtype)
+def text_mask(length=None, dtype=torch.bool, valid=4):
+    """(B, length or TEXT): the second prompt is padded after ``valid`` tokens."""
+    mask = torch.ones(B, TEXT if length is None else length, dtype=dtype)
     mask[1, valid:] = 0
     return mask
 
@@ -41,8 +41,8 @@ def video(g, dtype, channels=4, frames=GRID[0]):
     return rand(g, B, channels, frames, *GRID[1:], dtype=dtype)
 
 
-def text(g, dtype, dim=16, length=TEXT):
-    return rand(g, B, length, dim, dtype=dtype)
+def text(g, dtype, dim=16, length=None):
+    return rand(g, B, TEXT if length is None else length, dim, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,14 +295,14 @@ def helios():
                                      rope_dim=(8, 8, 8))
     F_ = GRID[0]
 
-    def inputs(dtype, g):  # the frames to denoise after short, mid and long (4x) history
+    def inputs(dtype, g):  # the frames to denoise after short, mid (2x) and long (4x) history: 12 + 6 + 2 + 2 tokens
         return dict(hidden_states=video(g, dtype), timestep=T_STEPS, encoder_hidden_states=text(g, dtype),
-                    indices_hidden_states=torch.arange(3, 3 + F_).repeat(B, 1),
-                    indices_latents_history_short=torch.tensor([[2]] * B),
-                    indices_latents_history_mid=torch.tensor([[1]] * B),
-                    indices_latents_history_long=torch.tensor([[0] * 4] * B),
+                    indices_hidden_states=torch.arange(10, 10 + F_).repeat(B, 1),
+                    indices_latents_history_short=torch.tensor([[9]] * B),
+                    indices_latents_history_mid=torch.tensor([[8]] * B),
+                    indices_latents_history_long=torch.arange(8).repeat(B, 1),
                     latents_history_short=video(g, dtype, frames=1), latents_history_mid=video(g, dtype, frames=1),
-                    latents_history_long=video(g, dtype, frames=4))
+                    latents_history_long=video(g, dtype, frames=8))
     return model, inputs
 
 
@@ -313,7 +313,7 @@ def minimax_h3():
                                         num_refiner_layers=1, ffn_dim=32, in_channels=4, audio_in_channels=6,
                                         patch_size=(1, 2, 2), text_dim=8, freq_dim=8, time_embed_hidden_dim=24,
                                         time_embed_dim=16, rope_freq_dim=2)
-    n_text, n_audio, n_video = 4, 5, 12  # one packed sequence: text, audio, a 2 x 2 x 3 video grid
+    n_text, n_audio, n_video = 4, 6, 12  # one packed sequence (22 rows, an even split): text, audio, 2 x 2 x 3 video
     seq = n_text + n_audio + n_video
 
     def inputs(dtype, g):
@@ -500,12 +500,15 @@ BUILDERS = {name: fn for name, fn in dict(globals()).items()
 
 
 def build(case, seed=0):
-    """(perturbed model, inputs(dtype, generator) -> forward kwargs) of one case."""
-    if case in _FIRST_FAMILIES:
-        from tests.test_diffusers import build as build_first
+    """(perturbed model, inputs(dtype, generator) -> forward kwargs) of one case; the same model in every
+    process (diffusers' initialisation draws from the global generator: seeded here, then restored)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if case in _FIRST_FAMILIES:
+            from tests.test_diffusers import build as build_first
 
-        return build_first(case, layers=1, seed=seed)
-    model, inputs = BUILDERS[case]()
+            return build_first(case, layers=1, seed=seed)
+        model, inputs = BUILDERS[case]()
     return perturb_(model, seed), inputs
 
 
