@@ -29,7 +29,9 @@ blocks past its end are empty (masked whole; a V = BLOCK configuration, which _p
 
 Masked keys: a key outside every kept tile of a query is never loaded with it; a padded key (HAS_MASK)
 is masked by a select and its value rows zeroed before the products (attention_common.py: MASKED). A
-query tile that keeps nothing returns zeros and lse = -inf.
+query tile that keeps nothing returns zeros and lse = -inf; a query that meets a non-finite key or value
+in its kept tiles returns a NaN row and lse (_finish_rows) and passes no gradient back (_backward_rows),
+the dense kernels' rules.
 
 RECORD (tests only; compiled out otherwise): every visited (query tile, key tile) block pair adds 1 to
 VISITS[b, h, query tile, key tile], in each of the three kernels, so a test can count what the loops
@@ -433,7 +435,13 @@ def _common(q, tensors, key_padding_mask, layout: TileLayout, visits):
     return kpm, mask_strides, visits, flags, tail
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis (batch * heads here)
+
+
 def _grid(layout: TileLayout, batch_heads: int, block: str):
+    if batch_heads > MAX_GRID_Y:
+        raise ValueError(f"block-sparse attention kernels: batch * heads = {batch_heads} is past the {MAX_GRID_Y} "
+                         "programs a launch grid's second axis holds; split the batch")
     return lambda meta: (layout.n_tiles * triton.cdiv(layout.volume, meta[block]), batch_heads)
 
 
