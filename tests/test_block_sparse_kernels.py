@@ -205,6 +205,20 @@ def test_a_query_that_sees_garbage_returns_nan_and_passes_no_gradient():
         assert torch.equal(c, b), f"{name} differs where no query sees the poison"
 
 
+def test_index_lists_of_any_strides():
+    """Per-head counts and index lists stored head-last (non-contiguous views, as a pattern may build them):
+    the forward reads them as given and equals the reference."""
+    layout = TileLayout((2, 5, 7), (1, 3, 5), extra=5)
+    blocks, _ = _blocks(layout, (1, 2), 0.5)
+    count = blocks.kv_count.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    index = blocks.kv_index.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert not count.is_contiguous() and not index.is_contiguous()
+    strided = SparseBlocks(layout, count, index)
+    q, k, v = (torch.randn(1, layout.tokens, 2, 16, device=DEVICE) for _ in range(3))
+    torch.testing.assert_close(block_sparse_attention(q, k, v, strided, backend="triton"),
+                               block_sparse_attention(q, k, v, blocks, backend="torch"))
+
+
 def test_custom_ops_pass_opcheck():
     """torch.library.opcheck: schemas, fake kernels and the registered autograd of the two custom ops."""
     layout = TileLayout((3, 3, 5), (1, 3, 5))

@@ -411,8 +411,9 @@ def _lastdim_contiguous(t):
 
 
 def _lists(count, index, batch, heads):
-    """Counts and index lists with their broadcast (size-1) batch and head dims as 0 strides."""
-    count = count.expand(batch, heads, -1)
+    """Counts and index lists with their broadcast (size-1) batch and head dims as 0 strides (the kernels
+    read counts and list entries with unit stride)."""
+    count = _lastdim_contiguous(count).expand(batch, heads, -1)
     index = _lastdim_contiguous(index).expand(batch, heads, -1, -1)
     return count, index, (count.stride(0), count.stride(1), index.stride(0), index.stride(1), index.stride(2))
 
