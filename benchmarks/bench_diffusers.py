@@ -14,12 +14,18 @@ Providers, all on the same weights and inputs in one run:
     flex            diffusers' "flex" (with --flex: diffusers calls flex_attention uncompiled)
     ours-backend    set_attention_backend("dit_fast"): diffusers' model, dit_fast's attention
     ours-patch      dit_fast.patch(transformer): dit_fast's RoPE, attention and fused adaLN
+    sparse:SPEC     with --sparse SPEC (repeatable): dit_fast.patch(copy, sparse=SparseAttention.from_spec(SPEC)),
+                    one sparse step timed (the spec's dense_steps are set aside for the timing; a calibration
+                    runs in the untimed first call); the row also holds the kept fraction and, from the
+                    measured step times, the derived time of a generation of --gen-steps steps whose first
+                    dense_steps run as ours-patch: native * steps / (dense * ours-patch + rest * sparse)
 
 Each row: the median step time, the peak memory above the loaded weights (activations), and the
 largest relative difference of the step's output from native's (bf16: ~1e-2 is rounding). Targets
 (issue 13): ours-patch >= 1.2x native per step; its peak memory <= native's.
 
     python -m benchmarks.bench_diffusers [--model wan|hunyuan|all] [--flex] [--no-write]
+        [--sparse sliding_tile:density=0.25,dense_steps=10 ...] [--gen-steps 50]
     python -m benchmarks.bench_diffusers --cpu-smoke     # tiny configs on CPU in fp32 (tests run it)
 
 The GPU machine needs diffusers (pure Python): `pip install --no-deps diffusers==0.42.1`, from a wheel
@@ -31,10 +37,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -129,25 +136,43 @@ def _use(transformer, provider: str):
         transformer.set_attention_backend(PROVIDERS[provider])
 
 
+def _sparse_copy(transformer, spec: str):
+    """(a patched copy with sparse attention, the spec's dense_steps): the copy's steps are all sparse."""
+    import dit_fast
+    from dit_fast.sparse import SparseAttention
+
+    sparse = SparseAttention.from_spec(spec)
+    dense_steps, sparse.dense_steps = sparse.dense_steps, 0
+    other = copy.deepcopy(transformer)
+    other.reset_attention_backend()
+    return dit_fast.patch(other, sparse=sparse), dense_steps
+
+
 def _release():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def bench_model(model: str, device, providers, *, smoke: bool = False) -> List[dict]:
+def bench_model(model: str, device, providers, *, smoke: bool = False, sparse: Sequence[str] = ()) -> List[dict]:
     dtype = torch.float32 if smoke else torch.bfloat16
     transformer, kwargs, shape = build(model, device, dtype, smoke)
     rows: List[dict] = []
     reference: Optional[torch.Tensor] = None
-    order = [p for p in providers if p != "ours-patch"] + (["ours-patch"] if "ours-patch" in providers else [])
-    for provider in order:  # the patch is in place and irreversible: last
+    order = ([p for p in providers if p != "ours-patch"] + [f"sparse:{spec}" for spec in sparse]
+             + (["ours-patch"] if "ours-patch" in providers else []))
+    for provider in order:  # the patch is in place and irreversible: last (sparse ones patch a copy)
         if common.out_of_time():
             break
-        step = _step(transformer, kwargs)
+        extra = {}
         try:
-            _use(transformer, provider)
-            out = step()  # compile, autotune and allocate outside the timing
+            if provider.startswith("sparse:"):
+                runner, extra["dense_steps"] = _sparse_copy(transformer, provider[len("sparse:"):])
+            else:
+                runner = transformer
+                _use(transformer, provider)
+            step = _step(runner, kwargs)
+            out = step()  # compile, autotune, calibrate and allocate outside the timing
         except Exception as exc:  # noqa: BLE001  (a backend missing here: flash-attn, cuDNN, masks)
             print(f"{shape['model']:16s} {provider:13s} skipped: {type(exc).__name__}: {str(exc)[:150]}")
             continue
@@ -158,11 +183,17 @@ def bench_model(model: str, device, providers, *, smoke: bool = False) -> List[d
         peak = common.peak_memory(step, device)
         timing = common.time_fn(step, device, warmup_ms=0 if smoke else 500, rep_ms=0 if smoke else 3000,
                                 min_reps=1 if smoke else 5, flush_l2=False)
+        if provider.startswith("sparse:"):
+            kept = runner._dit_fast_sparse.kept_fractions()
+            extra["kept_fraction"] = sum(kept.values()) / len(kept)
         rows.append(common.make_row(OP, "step", provider, shape, dtype, timing, device=device, peak_mem_bytes=peak,
-                                    max_rel_err_vs_native=err))
+                                    max_rel_err_vs_native=err, **extra))
         mem = "-" if peak is None else f"{peak / 2**30:6.2f} GiB"
+        kept = f"  kept {extra['kept_fraction']:.3f}" if "kept_fraction" in extra else ""
         print(f"{shape['model']:16s} {provider:13s} {timing.median_ms:10.1f} ms  peak {mem}  "
-              f"max rel err vs {order[0]} {err:.2e}", flush=True)
+              f"max rel err vs {order[0]} {err:.2e}{kept}", flush=True)
+        if runner is not transformer:
+            del runner
         _release()
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
     _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
@@ -171,10 +202,20 @@ def bench_model(model: str, device, providers, *, smoke: bool = False) -> List[d
     return rows
 
 
-def _print_targets(rows: List[dict]) -> None:
+def _print_targets(rows: List[dict], gen_steps: int = 50) -> None:
     by: Dict[tuple, dict] = {(r["shape"]["model"], r["provider"]): r for r in rows}
     for model in sorted({r["shape"]["model"] for r in rows}):
         native, ours = by.get((model, "native")), by.get((model, "ours-patch"))
+        for (m, provider), r in by.items():  # sparse steps (issue 18): >= 2x native per Wan step with the schedule
+            if m != model or not provider.startswith("sparse:") or native is None:
+                continue
+            step = native["median_ms"] / r["median_ms"]
+            dense = min(r.get("dense_steps", 0), gen_steps)
+            dense_ms = ours["median_ms"] if ours else native["median_ms"]
+            gen = native["median_ms"] * gen_steps / (dense * dense_ms + (gen_steps - dense) * r["median_ms"])
+            print(f"{'PASS' if gen >= 2.0 else 'MISS'}  {model}: {provider} (kept {r.get('kept_fraction', 1):.3f}) "
+                  f"vs native: sparse step {step:.2f}x; {gen_steps} steps with {dense} dense (derived) {gen:.2f}x "
+                  "(target >= 2x)")
         if not (native and ours):
             continue
         speedup = native["median_ms"] / ours["median_ms"]
@@ -184,30 +225,39 @@ def _print_targets(rows: List[dict]) -> None:
             print(f"{'PASS' if ratio <= 1.0 else 'MISS'}  {model}: ours-patch peak <= native's: {ratio:.2f}x")
 
 
-def run(device="cuda", models=("wan", "hunyuan"), flex: bool = False, write: bool = True) -> List[dict]:
+def run(device="cuda", models=("wan", "hunyuan"), flex: bool = False, write: bool = True,
+        sparse: Sequence[str] = (), gen_steps: int = 50) -> List[dict]:
     if not common.require_cuda(device):
-        return cpu_smoke()
+        return cpu_smoke(sparse=sparse)
     providers = [p for p in list(PROVIDERS) + ["ours-patch"] if flex or p != "flex"]
     rows: List[dict] = []
     for model in models:
-        rows += bench_model(model, device, providers)
+        rows += bench_model(model, device, providers, sparse=sparse)
     if write and rows:
         print(f"rows appended to {common.write_rows(rows, OP)}")
     common.print_ratio_table(rows, metric="tflops")
-    _print_targets(rows)
+    _print_targets(rows, gen_steps)
     return rows
 
 
-def cpu_smoke() -> List[dict]:
-    """Tiny Wan and HunyuanVideo on CPU (fp32): every provider that runs here, output checked against native."""
+def cpu_smoke(models: Sequence[str] = tuple(SMOKE), providers: Sequence[str] = ("native", "sdpa-flash", "ours-backend",
+                                                                                "ours-patch"),
+              sparse: Sequence[str] = ()) -> List[dict]:
+    """Tiny Wan and HunyuanVideo on CPU (fp32): every provider that runs here, output checked against native
+    (sparse specs: each must run; with density 1 it must equal native too)."""
     rows: List[dict] = []
     with _quiet():
-        for model in SMOKE:
-            rows += bench_model(model, "cpu", ["native", "sdpa-flash", "ours-backend", "ours-patch"], smoke=True)
-    providers = {(r["shape"]["model"], r["provider"]) for r in rows}
-    for model in ("wan2.1-t2v-1.3b", "hunyuan-video-4"):
-        for provider in ("native", "ours-backend", "ours-patch"):
-            assert (model, provider) in providers, f"{model} {provider} did not run"
+        for model in models:
+            rows += bench_model(model, "cpu", list(providers), smoke=True, sparse=sparse)
+    ran = {(r["shape"]["model"], r["provider"]) for r in rows}
+    names = {"wan": "wan2.1-t2v-1.3b", "hunyuan": "hunyuan-video-4"}
+    for model in (names[m] for m in models):
+        for provider in [p for p in ("native", "ours-backend", "ours-patch") if p in providers] + \
+                [f"sparse:{spec}" for spec in sparse]:
+            assert (model, provider) in ran, f"{model} {provider} did not run"
+    dense_sparse = [r for r in rows if r["provider"].startswith("sparse:") and r.get("kept_fraction") == 1.0]
+    bad = [r for r in dense_sparse if not r["max_rel_err_vs_native"] <= 1e-5]
+    assert not bad, f"sparse at density 1 differs from native: {[(r['shape']['model'], r['provider']) for r in bad]}"
     bad = [r for r in rows if r["provider"].startswith("ours-") and not r["max_rel_err_vs_native"] <= 1e-5]
     assert not bad, f"outputs differ from native: {[(r['shape']['model'], r['provider']) for r in bad]}"
     print(f"[diffusers] cpu smoke: {len(rows)} provider runs of tiny Wan / HunyuanVideo; dit_fast's equal native "
@@ -235,13 +285,17 @@ def main(argv=None) -> int:
     parser.add_argument("--flex", action="store_true", help="also diffusers' flex backend (uncompiled: slow)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny configs on CPU, fp32; checks, no timing claims")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append result rows")
+    parser.add_argument("--sparse", action="append", default=[],
+                        help="also time dit_fast.patch(..., sparse=SparseAttention.from_spec(SPEC)) (repeatable)")
+    parser.add_argument("--gen-steps", type=int, default=50,
+                        help="denoising steps of the derived generation time (a sparse spec's dense_steps of them dense)")
     args = parser.parse_args(argv)
-    if args.cpu_smoke:
-        cpu_smoke()
-        return 0
     models = ("wan", "hunyuan") if args.model == "all" else (args.model,)
+    if args.cpu_smoke:
+        cpu_smoke(models=models, sparse=args.sparse) if args.sparse else cpu_smoke()
+        return 0
     with _quiet():
-        run(args.device, models, flex=args.flex, write=not args.no_write)
+        run(args.device, models, flex=args.flex, write=not args.no_write, sparse=args.sparse, gen_steps=args.gen_steps)
     return 0
 
 

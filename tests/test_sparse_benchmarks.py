@@ -2,8 +2,10 @@
 benchmarks/sparse_quality.py (dense vs sparse generations) on tiny inputs."""
 
 import json
+import math
 
 import pytest
+import torch
 
 from benchmarks import sparse_flops
 
@@ -32,3 +34,88 @@ def test_sparse_flops_rejects_bad_arguments(capsys):
         with pytest.raises(SystemExit) as exc:
             sparse_flops.main(argv)
         assert exc.value.code == 2
+
+
+def test_psnr_and_ssim():
+    from benchmarks.sparse_quality import psnr, ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 20, generator=g)
+    assert psnr(x, x, 1.0) == float("inf") and ssim(x, x) == pytest.approx(1.0)
+    assert psnr(x + 0.1, x, 1.0) == pytest.approx(20.0)  # MSE 0.01
+    noisy = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert 0 < ssim(noisy, x) < ssim((x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1), x) < 1
+
+
+def test_sparse_quality_on_a_tiny_wan_pipeline():
+    """Dense (diffusers' own transformer) vs sparse (patched with sparse=) on a tiny random WanPipeline: per-step
+    attention errors of the sparse steps only (the schedule's dense step 0 not listed), the kept fraction,
+    latent and frame PSNR / SSIM (a dense first step keeps the latents closer)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from benchmarks.sparse_quality import run_pipeline, summary
+    from tests.test_diffusers_pipeline import CALL, NEGATIVE, PROMPT, pipeline, tiny_transformer
+
+    parts = _tiny_parts()
+    pipe = pipeline(parts, tiny_transformer())
+    call = {**CALL, "num_inference_steps": 2}
+    specs = ["sliding_tile:density=0.3,tile=1x2x2", "sliding_tile:density=0.3,tile=1x2x2,dense_steps=1"]
+    sparse, scheduled = run_pipeline(pipe, specs, [PROMPT], [0], call, negative_prompt=NEGATIVE)
+    # 2 layers x 2 calls per step (WanPipeline's guidance calls the transformer twice per step: the same step)
+    assert set(sparse["attention_error"]) == {"0", "1"} and set(scheduled["attention_error"]) == {"1"}
+    assert all(s["layers"] == 4 and s["max"] > 0.05 for r in (sparse, scheduled) for s in r["attention_error"].values())
+    assert 0 < sparse["kept_fraction"] < 1 and 0 < sparse["frame_ssim"] < 0.99
+    assert sparse["latent_psnr"] < scheduled["latent_psnr"] < math.inf  # measured: 38 and 104 dB
+    rows = [sparse, scheduled]
+    assert pipe.transformer is not None and not hasattr(pipe.transformer, "_dit_fast_sparse")  # the pipe is restored
+    assert [s["sparse"] for s in summary(rows)] == [r["sparse"] for r in rows]
+
+
+def _tiny_parts():
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from tests.test_diffusers_pipeline import WORDS, tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = UMT5Config(vocab_size=len(WORDS) + 3, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                           latents_std=[1.5, 2.0, 0.8, 1.2])
+    return dict(tokenizer=tiny_tokenizer(), text_encoder=UMT5EncoderModel(config).eval(), vae=vae.eval())
+
+
+def test_sparse_quality_on_the_bundled_model(tmp_path):
+    from benchmarks import sparse_quality
+
+    out = tmp_path / "q.json"
+    assert sparse_quality.main(["--sparse", "sliding_tile:density=0.25,tile=2x2x2", "--prompts",
+                                "a red circle moving left", "--seeds", "0", "--steps", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert data["model"].startswith("bundled") and "--steps 2" in data["command"]
+    assert set(row["attention_error"]) == {"0", "1"} and row["sparse_calls"] == 2 * 4  # 2 steps x 4 blocks
+    assert 0.2 < row["kept_fraction"] < 0.35 and row["frame_ssim"] < 1
+
+
+def test_bench_diffusers_sparse_mode_cpu_smoke(capsys):
+    """bench_diffusers --sparse: the sparse providers run on the tiny Wan (a patched copy each, before the
+    in-place ours-patch); at density 1 the output equals native; the row holds the kept fraction."""
+    pytest.importorskip("diffusers")
+    from diffusers.models import attention_dispatch
+
+    from benchmarks import bench_diffusers
+
+    registry = attention_dispatch._AttentionBackendRegistry
+    active = registry._active_backend
+    dense, sparse = "sliding_tile:density=1,tile=1x2x2", "sliding_tile:density=0.3,tile=1x2x2,dense_steps=5"
+    try:
+        rows = bench_diffusers.cpu_smoke(models=("wan",), providers=("native", "ours-patch"), sparse=(dense, sparse))
+    finally:
+        registry.set_active_backend(active)
+    by = {r["provider"]: r for r in rows}
+    assert list(by) == ["native", f"sparse:{dense}", f"sparse:{sparse}", "ours-patch"]
+    assert by[f"sparse:{dense}"]["kept_fraction"] == 1.0 and by[f"sparse:{dense}"]["max_rel_err_vs_native"] <= 1e-5
+    assert by[f"sparse:{sparse}"]["kept_fraction"] < 1 and by[f"sparse:{sparse}"]["dense_steps"] == 5
+    assert by[f"sparse:{sparse}"]["max_rel_err_vs_native"] > 1e-3  # the timed step was sparse despite dense_steps

@@ -74,6 +74,9 @@ class SparseRuntime:
         self.last_blocks: Dict[int, Optional[SparseBlocks]] = {}  # layer -> blocks of its last call (None: dense)
         self.calibration_errors: Dict[Tuple[str, int], List[float]] = {}  # (grid, layer) -> chosen error per head
         self.order = "raster"  # the token order of the model's current call (DiTVideo: "tiles" where it can)
+        # a list to measure into (benchmarks/sparse_quality.py): each sparse call appends {"step", "layer",
+        # "error": ||o_sparse - o_dense|| / ||o_dense|| (a dense attention run for it), "kept": kept fraction}
+        self.error_log: Optional[List[dict]] = None
 
     def __getstate__(self):  # a pickled / deep-copied model keeps the configuration, not the caches
         return {**self.__dict__, "_blocks": {}, "last_blocks": {}}
@@ -116,8 +119,14 @@ class SparseRuntime:
             return None
         blocks = self.blocks(local, layout, q, k, order)
         self.last_blocks[layer] = blocks
-        return block_sparse_attention(q, k, v, blocks, order=order, key_padding_mask=key_padding_mask, scale=scale,
-                                      backend=backend)
+        out = block_sparse_attention(q, k, v, blocks, order=order, key_padding_mask=key_padding_mask, scale=scale,
+                                     backend=backend)
+        if self.error_log is not None:
+            with torch.no_grad():
+                dense = attention(q, k, v, key_padding_mask=key_padding_mask, scale=scale, backend=backend)
+                error = float((out.double() - dense.double()).norm() / dense.double().norm().clamp_min(1e-300))
+            self.error_log.append({"step": self.step, "layer": layer, "error": error, "kept": blocks.kept_fraction()})
+        return out
 
     def blocks(self, choices: Sequence[Choice], layout: TileLayout, q: Tensor, k: Tensor, order: str) -> SparseBlocks:
         """The SparseBlocks of per-head choices (one choice: shared by every head); static ones cached (the
