@@ -212,6 +212,64 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
+# ---- the CPU path: the references' math a block of rows at a time ----
+
+
+# (B, N, C, G, block rows): blocks smaller than a group (sub-ranges of one), holding several whole groups,
+# one block for everything, a prime width
+CPU_BLOCKS = [(2, 60, 13, 4, 4), (2, 60, 13, 12, 11), (1, 37, 24, 1, 64), (3, 35, 7, 7, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,N,C,G,rows", CPU_BLOCKS)
+def test_cpu_path_is_the_reference(dtype, B, N, C, G, rows):
+    """What backend "auto" runs on CPU (ops.adaln's *_cpu functions) equals the whole-tensor reference: the
+    outputs bitwise (the same fp32 operations per element, one rounding), the gradients to summation order
+    (the modulations' sums run block by block)."""
+    g = torch.Generator().manual_seed(7)
+
+    def make(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(dtype)
+
+    x, y = make(B, N, C), make(B, N, C)
+    gate, shift, scale = (make(B, G, C, scale=0.5) for _ in range(3))
+    weight, bias = 1 + make(C, scale=0.1), make(C, scale=0.1)
+    block = 4 * C * rows
+    cases = {
+        "layernorm_modulate": (lambda *t: A.layernorm_modulate_cpu(*t, block_bytes=block),
+                               A.layernorm_modulate_reference, (x, shift, scale, weight, bias)),
+        "gated_residual": (lambda *t: A.gated_residual_cpu(*t, block_bytes=block), A.gated_residual_reference,
+                           (x, gate, y)),
+        "residual_layernorm_modulate": (lambda *t: A.residual_layernorm_modulate_cpu(*t, block_bytes=block),
+                                        A.residual_layernorm_modulate_reference, (x, gate, y, shift, scale)),
+    }
+    for name, (cpu, ref, inputs) in cases.items():
+        with torch.no_grad():
+            got, want = cpu(*inputs), ref(*inputs)
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.dtype == dtype and a.shape == b.shape
+            if name == "gated_residual" and dtype == torch.float32:  # torch.addcmul: one fused rounding
+                torch.testing.assert_close(a, b, rtol=2e-7, atol=2e-7, msg=f"{name} output {i}")
+            else:
+                assert torch.equal(a, b), f"{name} output {i}: max diff {(a.float() - b.float()).abs().max()}"
+        # with autograd: the outputs bitwise; every gradient against the reference in float64, within twice
+        # the error of the reference in this dtype (tests/utils.py)
+        runs = []
+        for fn, cast in ((cpu, dtype), (ref, dtype), (ref, torch.float64)):
+            leaves = [t.detach().to(cast).requires_grad_(True) for t in inputs]
+            outs = fn(*leaves)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3)).to(cast) for o in outs]
+            runs.append((outs, torch.autograd.grad(outs, leaves, weights)))
+        (got, grads), (want, grads_dtype), (_, grads_64) = runs
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"{name} output {i} (autograd): max diff {(a.float() - b.float()).abs().max()}"
+        for i, (a, b, c) in enumerate(zip(grads, grads_64, grads_dtype)):
+            assert a.dtype == dtype
+            assert_close_to_reference(f"{name} grad {i}", a, b, c)
+
+
 # ---- backend selection ----
 
 

@@ -152,6 +152,22 @@ def test_torch_backend_and_auto_on_cpu_are_the_reference():
     torch.testing.assert_close(ops.apply_rope_3d(x, GRID), ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_path_is_the_reference(dtype):
+    """What "auto" runs on CPU (cached tables, blocks of 3 tokens here: the last one partial) equals the
+    reference bitwise, forward and with autograd; its gradient is the reference's."""
+    grid, D = (2, 3, 5), 24
+    x = torch.randn(2, math.prod(grid), 3, D, generator=torch.Generator().manual_seed(4)).to(dtype)
+    block = 4 * 3 * D * 3
+    with torch.no_grad():
+        assert torch.equal(R.apply_rope_3d_cpu(x, grid, block_bytes=block), R.apply_rope_3d_reference(x, grid))
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, ref = R.apply_rope_3d_cpu(a, grid, theta=500.0, block_bytes=block), R.apply_rope_3d_reference(b, grid, 500.0)
+    assert torch.equal(out, ref)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    assert torch.equal(torch.autograd.grad(out, a, w)[0], torch.autograd.grad(ref, b, w)[0])
+
+
 # ---- bad input: clear errors naming the argument and the shapes ----
 
 

@@ -117,6 +117,62 @@ def apply_rope_3d_reference(x: Tensor, grid: Sequence[int], theta: float = 10000
     return rotated.reshape(B, S, heads, D).to(x.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# The CPU path: the reference's math with cached tables, a block of tokens at a time.
+# ---------------------------------------------------------------------------------------------
+# On CPU, backend "auto" (and "torch") runs this. Per element it does what apply_rope_3d_reference does
+# (the same fp32 cos / sin of the same fp32 angles, the same products and sums, one rounding: bitwise
+# the same, tests/test_rope.py), but the cos / sin tables are built once per (grid, D, theta, split)
+# instead of on every call, and the fp32 temporaries hold one block of tokens, not the whole tensor (an
+# fp32 copy of a large bf16 q is twice its size, and allocations that large come from fresh pages on
+# every call). Models run RoPE eagerly the same way: tables built once (Wan, CogVideoX).
+
+CPU_BLOCK_BYTES = 1 << 20  # fp32 bytes of one block of x
+_CPU_TABLES: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+_CPU_TABLES_MAX = 8  # the grids of one model (training size, sampling sizes); the oldest goes first
+
+
+def _cpu_tables(grid, head_dim, theta, split, device) -> Tuple[Tensor, Tensor]:
+    """(cos, sin), each (S, D / 2) fp32, of rope_3d_angles: cached."""
+    key = (tuple(grid), head_dim, float(theta), tuple(split) if split is not None else None, torch.device(device))
+    tables = _CPU_TABLES.get(key)
+    if tables is None:
+        angles = rope_3d_angles(grid, head_dim, theta, split, device, dtype=torch.float32)
+        tables = _CPU_TABLES[key] = (angles.cos(), angles.sin())
+        while len(_CPU_TABLES) > _CPU_TABLES_MAX:
+            _CPU_TABLES.pop(next(iter(_CPU_TABLES)))
+    return tables
+
+
+def apply_rope_3d_cpu(x: Tensor, grid: Sequence[int], theta: float = 10000.0, split: Optional[Sequence[int]] = None,
+                      block_bytes: int = CPU_BLOCK_BYTES) -> Tensor:
+    """apply_rope_3d_reference (fp32 / fp16 / bf16 x), with cached tables, a block of tokens at a time."""
+    B, S, heads, D = x.shape
+    cos, sin = _cpu_tables(grid, D, theta, split, x.device)
+    tokens = max(1, block_bytes // (4 * heads * D))
+    grad = torch.is_grad_enabled() and x.requires_grad
+
+    spans = [(lo, min(lo + tokens, S)) for _ in range(B) for lo in range(0, S, tokens)]
+    sizes = [hi - lo for lo, hi in spans]
+
+    def split(t):  # (B, S, heads, D) -> one (tokens, heads, D) view per block; split's backward joins once
+        return t.reshape(B * S, heads, D).split(sizes)
+
+    def block(part, lo, hi):
+        pairs = part.float().reshape(hi - lo, heads, D // 2, 2)
+        even, odd = pairs[..., 0], pairs[..., 1]
+        c, s = cos[lo:hi, None], sin[lo:hi, None]  # (tokens, 1, D / 2)
+        return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).reshape(hi - lo, heads, D)
+
+    if grad:
+        return torch.cat([block(part, lo, hi).to(x.dtype) for part, (lo, hi) in zip(split(x), spans)]
+                         ).view(B, S, heads, D)
+    out = torch.empty(B, S, heads, D, dtype=x.dtype, device=x.device)
+    for target, part, (lo, hi) in zip(split(out), split(x), spans):
+        target.copy_(block(part, lo, hi))
+    return out
+
+
 def rope_inv_freq_reference(head_dim: int, theta: float = 10000.0,
                             split: Optional[Sequence[int]] = None, device=None) -> Tensor:
     """(D / 2,) fp32 frequency of each pair, the axes' parts concatenated (t, h, w): the kernels' table.
@@ -244,6 +300,8 @@ def apply_rope_3d(x: Tensor, grid: Sequence[int], *, theta: float = 10000.0,
     grid, split = _check_rope_inputs(x, grid, theta, split)
     name = _backend.resolve_backend(backend, x.device, OP, implemented=("triton", "cuda"))
     if name == "torch":
+        if x.device.type == "cpu":
+            return apply_rope_3d_cpu(x, grid, theta, split)
         return apply_rope_3d_reference(x, grid, theta, split)
     if x.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"x has head dim D = {x.shape[-1]}; the {name} kernels support D <= {MAX_HEAD_DIM} "
