@@ -13,7 +13,8 @@ if command -v nvcc >/dev/null 2>&1 && [ -z "${DIT_FAST_CUDA_ARCHS:-}" ] && [ "${
 fi
 bash scripts/install.sh test
 # galore-torch, for the trajectory comparison: pure Python; --no-deps because it declares
-# transformers and bitsandbytes, which the comparison does not use
-python -m pip install -q --no-deps galore-torch
+# transformers and bitsandbytes, which the comparison does not use; once (pip's own start costs seconds)
+python -c "import importlib.metadata as m; m.version('galore-torch')" 2>/dev/null \
+    || python -m pip install -q --no-deps galore-torch
 workers=${DIT_FAST_TEST_WORKERS:-$(python -c "import os; print(min(4, len(os.sched_getaffinity(0))))")}
 python -m pytest tests -q -n "$workers" --timeout 900 "$@"
