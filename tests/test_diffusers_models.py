@@ -377,3 +377,15 @@ def test_patched_backward_equals_native_torch_path(case):
     floor = 1e-3 * max(ref.abs().max().item() for ref in grads_ref.values())
     for key, ref in grads_ref.items():
         assert (grads[key] - ref).abs().max().item() <= 1e-5 * max(ref.abs().max().item(), floor), key
+
+
+@pytest.mark.parametrize("case, applies", [("kandinsky5", r"model.set_attention_backend\('dit_fast'\) applies: its "
+                                                          r"processors Kandinsky5AttnProcessor"),
+                                           ("kandinsky6_sr", "nothing in dit_fast applies to it "
+                                                             r"\(Kandinsky6SRAttnProcessor pins the flex backend\)")])
+def test_patch_on_a_class_without_a_plan_says_what_applies(case, applies):
+    model, _ = zoo.build(case)
+    with pytest.raises(ValueError, match=f"no plan for the diffusers model {type(model).__name__}; {applies}") as info:
+        dit_fast.patch(model)
+    assert "\n" not in str(info.value)
+    assert not hasattr(model, "_dit_fast_patched")
