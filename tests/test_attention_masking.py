@@ -26,14 +26,15 @@ LEAK_CASES = {
     "temporal": ((3, 2, 3), dict(mode="temporal")),
     "window": ((2, 4, 6), dict(window=(1, 3, 3))),
     "window_tile": ((2, 5, 6), dict(window=(1, 4, 4), window_tile=(1, 4, 4))),
-    # frames of 48 columns, windows of 32: a query tile whose columns share one window sees key tiles
-    # inside it (no window test there), and shares edge tiles with keys hidden from it
-    "window_interior": ((1, 2, 48), dict(window=(1, 2, 32))),
+    # 48 columns, windows of 32: the forward visits a key tile inside every window of its query tile (no
+    # window test there), and the backward meets keys hidden from those queries in edge tiles
+    "window_interior": ((1, 1, 48), dict(window=(1, 1, 32))),
 }
 # the poisoned keys of batch 0 and batch 1 where the defaults (two keys near the ends, the middle key)
-# would miss the case: key 32 sits in a tile inside the window of the query tile 32..47, whose queries
-# meet keys 0..7 (hidden from them, seen by no query that sees key 32) in an edge tile of the backward
-POISONED = {"window_interior": ([32, 80], [32])}
+# would miss the case: key 32 lies in the key tile 17..32, inside the window of every query 16..31
+# (windows from 1..16 to 32..47), and query 16 (window 1..32) meets key 0 (hidden from it, seen only by
+# queries 0..15, whose windows end at 31) in the edge tile 0..15 of the dk / dv kernel
+POISONED = {"window_interior": ([32, 40], [32])}
 
 
 def _leak_setup(case, deterministic=None):
