@@ -148,9 +148,19 @@ class KernelCalls:
         monkeypatch.setattr(dd_backend, "attention", counting)
 
 
+def _to(x, device):
+    """Tensors, in lists, tuples and dicts too, on ``device``."""
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
 def _run(model, inputs, dtype=torch.float32, device="cpu"):
-    kwargs = inputs(dtype, torch.Generator().manual_seed(1))
-    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    kwargs = _to(inputs(dtype, torch.Generator().manual_seed(1)), device)
     with torch.no_grad():
         return [t.cpu() for t in zoo.tensors(model.to(device)(**kwargs, return_dict=False))]
 
