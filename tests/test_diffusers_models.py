@@ -399,3 +399,20 @@ def test_patch_on_a_class_without_a_plan_says_what_applies(case, applies):
         dit_fast.patch(model)
     assert "\n" not in str(info.value)
     assert not hasattr(model, "_dit_fast_patched")
+
+
+@pytest.mark.parametrize("case", ["wan_vace", "wan_animate", "skyreels_v2", "chronoedit", "hunyuan_video15", "ltx2",
+                                  "cosmos", "easyanimate", "allegro", "latte", "consisid"])
+def test_patched_model_survives_torch_save_and_load(case):
+    """The new families' processors and forwards are module-level (tests/test_diffusers_modules.py's rule)."""
+    import io
+
+    model, inputs = zoo.build(case)
+    dit_fast.patch(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded._dit_fast_patched == model._dit_fast_patched
+    with dit_fast.use_backend("torch"):
+        assert all(torch.equal(a, b) for a, b in zip(_run(loaded, inputs), _run(model, inputs)))
