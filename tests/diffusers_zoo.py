@@ -114,7 +114,8 @@ def skyreels_v2_df():
     model = SkyReelsV2Transformer3DModel(**_wan_config(num_frame_per_block=2))
     return model, lambda dtype, g: dict(
         hidden_states=rand(g, B, 4, 4, *GRID[1:], dtype=dtype), encoder_hidden_states=text(g, dtype),
-        timestep=torch.tensor([[10.0, 10.0, 700.0, 700.0], [300.0, 300.0, 900.0, 900.0]]), enable_diffusion_forcing=True)
+        timestep=torch.tensor([[10.0, 10.0, 700.0, 700.0], [300.0, 300.0, 900.0, 900.0]]),
+        enable_diffusion_forcing=True)
 
 
 def chronoedit():
@@ -259,8 +260,8 @@ def kandinsky5():
                                          patch_size=(1, 2, 2), model_dim=32, ff_dim=48, num_text_blocks=1,
                                          num_visual_blocks=1, axes_dims=(4, 6, 6))
     return model, lambda dtype, g: dict(
-        hidden_states=rand(g, B, *GRID, 4, dtype=dtype), encoder_hidden_states=text(g, dtype), timestep=T_STEPS.to(dtype),
-        pooled_projections=rand(g, B, 8, dtype=dtype), visual_rope_pos=[torch.arange(n) for n in (2, 2, 3)],
+        hidden_states=rand(g, B, *GRID, 4, dtype=dtype), encoder_hidden_states=text(g, dtype),
+        timestep=T_STEPS.to(dtype), pooled_projections=rand(g, B, 8, dtype=dtype), visual_rope_pos=[torch.arange(n) for n in (2, 2, 3)],
         text_rope_pos=torch.arange(TEXT))
 
 
@@ -274,7 +275,8 @@ def kandinsky6():
                                          axes_dims_a=(16,))
     return model, lambda dtype, g: dict(
         hidden_states=rand(g, B, *GRID, 4, dtype=dtype), encoder_hidden_states=text(g, dtype),
-        pooled_projections=rand(g, B, 8, dtype=dtype), timestep=T_STEPS, audio_hidden_states=rand(g, B, 5, 4, dtype=dtype),
+        pooled_projections=rand(g, B, 8, dtype=dtype), timestep=T_STEPS,
+        audio_hidden_states=rand(g, B, 5, 4, dtype=dtype),
         encoder_attention_mask=text_mask())
 
 
@@ -487,7 +489,8 @@ def consisid():
         LFE_num_id_token=1, LFE_num_querie=1, LFE_output_dim=21, LFE_ff_mult=1, LFE_num_scale=1)
     return model, lambda dtype, g: dict(hidden_states=rand(g, B, 2, 4, 4, 6, dtype=dtype),
                                         encoder_hidden_states=text(g, dtype), timestep=T_STEPS,
-                                        id_vit_hidden=[rand(g, B, 2, 2, dtype=dtype)], id_cond=rand(g, B, 2, dtype=dtype))
+                                        id_vit_hidden=[rand(g, B, 2, 2, dtype=dtype)],
+                                        id_cond=rand(g, B, 2, dtype=dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -389,10 +389,13 @@ def test_patched_backward_equals_native_torch_path(case):
         assert (grads[key] - ref).abs().max().item() <= 1e-5 * max(ref.abs().max().item(), floor), key
 
 
-@pytest.mark.parametrize("case, applies", [("kandinsky5", r"model.set_attention_backend\('dit_fast'\) applies: its "
-                                                          r"processors Kandinsky5AttnProcessor"),
-                                           ("kandinsky6_sr", "nothing in dit_fast applies to it "
-                                                             r"\(Kandinsky6SRAttnProcessor pins the flex backend\)")])
+WHAT_APPLIES = {
+    "kandinsky5": r"model.set_attention_backend\('dit_fast'\) applies: its processors Kandinsky5AttnProcessor",
+    "kandinsky6_sr": r"nothing in dit_fast applies to it \(Kandinsky6SRAttnProcessor pins the flex backend\)",
+}
+
+
+@pytest.mark.parametrize("case, applies", list(WHAT_APPLIES.items()))
 def test_patch_on_a_class_without_a_plan_says_what_applies(case, applies):
     model, _ = zoo.build(case)
     with pytest.raises(ValueError, match=f"no plan for the diffusers model {type(model).__name__}; {applies}") as info:
