@@ -261,8 +261,8 @@ def kandinsky5():
                                          num_visual_blocks=1, axes_dims=(4, 6, 6))
     return model, lambda dtype, g: dict(
         hidden_states=rand(g, B, *GRID, 4, dtype=dtype), encoder_hidden_states=text(g, dtype),
-        timestep=T_STEPS.to(dtype), pooled_projections=rand(g, B, 8, dtype=dtype), visual_rope_pos=[torch.arange(n) for n in (2, 2, 3)],
-        text_rope_pos=torch.arange(TEXT))
+        timestep=T_STEPS.to(dtype), pooled_projections=rand(g, B, 8, dtype=dtype),
+        visual_rope_pos=[torch.arange(n) for n in (2, 2, 3)], text_rope_pos=torch.arange(TEXT))
 
 
 def kandinsky6():
