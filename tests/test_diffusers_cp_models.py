@@ -2,14 +2,15 @@
 
 ChronoEdit, LTX-2 (audio + video), Helios and MiniMax-H3 (tests/test_diffusers_parallel.py covers Wan
 and LTX): Ulysses 2 and ring 2 on 2 gloo CPU processes through diffusers' ``enable_parallelism``, on
-dit_fast's torch path, forward and backward (Helios: forward, see FORWARD_ONLY) equal to one
-process running diffusers' own model (relative error <= 1e-5); ChronoEdit and LTX-2 also patched by
-``dit_fast.patch``, and ChronoEdit's Ulysses on the Triton kernels (the interpreter on CPU), within
-the tolerance rule against a float64 one-process run. One process group serves every case; the text
-is 8 tokens (diffusers' equal split of LTX-2's prompt). Outputs that diffusers gathers count once; LTX-2's audio stream is not split (its
-plan shards the video and the prompt): each rank holds all of it and weighs its loss by 1 / world, so
-the gradients summed over the ranks are the whole gradient. LTX-2 runs with isolate_modalities=True
-(see EXTRA: diffusers' plan does not shard the audio <-> video cross-attention's RoPE).
+dit_fast's torch path, forward and backward (Helios: forward, see FORWARD_ONLY) equal to one process
+running diffusers' own model (relative error <= 1e-5); ChronoEdit and LTX-2 also patched by
+``dit_fast.patch``, and ChronoEdit's Ulysses on the Triton kernels (the interpreter on CPU), within the
+tolerance rule against a float64 one-process run. One process group serves every case; the text is 8
+tokens (diffusers' equal split of LTX-2's prompt). Outputs that diffusers gathers count once; LTX-2's
+audio stream is not split (its plan shards the video and the prompt): each rank holds all of it and
+weighs its loss by 1 / world, so the gradients summed over the ranks are the whole gradient. LTX-2 runs
+with isolate_modalities=True (see EXTRA: diffusers' plan does not shard the audio <-> video cross-
+attention's RoPE).
 
 The workers shim CPU as tests/test_diffusers_parallel.py does (accelerator count 1, Logger.warning_once).
 """
