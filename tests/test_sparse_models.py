@@ -22,6 +22,7 @@ from dit_fast.sparse.patterns import sliding_tile  # noqa: E402
 from tests.launches import count_launches  # noqa: E402
 from tests.test_diffusers import assert_close_to_reference, build, rel_err, run  # noqa: E402
 
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels: Triton's interpreter on CPU
 FAMILIES = {"wan": "WanTransformer3DModel", "hunyuan_video": "HunyuanVideoTransformer3DModel"}
 GRID, TILE = (3, 3, 5), (1, 2, 2)  # 3 x 2 x 3 tiles, partial along h and w
 
@@ -157,7 +158,7 @@ def test_sparse_wan_on_the_kernels():
     sparse = SparseAttention(pattern="sliding_tile", density=0.3, tile=TILE)
     patched = sparse_copy(model, sparse, backend="triton")
     with torch.no_grad(), count_launches() as launches:
-        actual = run(patched, kwargs)
+        actual = run(patched, kwargs, KERNEL_DEVICE).cpu()
     assert launches.total("_sparse_fwd") == 1, launches
     blocks = sliding_tile(sparse.layout(GRID), sparse.choices_for(GRID, 0)[0]["window"])
     reference = masked_reference(model, "wan", blocks)
@@ -215,8 +216,8 @@ def dit_inputs(per_frame=False, seed=7):
 def _forward_backward(model, x, t, y):
     model.train()
     model.zero_grad()
-    out = model(x, t, y, force_drop_ids=torch.zeros(2, dtype=torch.bool))
-    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(9))).sum().backward()
+    out = model(x, t, y, force_drop_ids=torch.zeros(2, dtype=torch.bool, device=x.device))
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.device)).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -299,13 +300,14 @@ def test_dit_video_sparse_on_the_kernels():
     """One DiTVideo block with topk blocks on the Triton kernels (interpreter), forward and backward: the
     block-sparse kernels launch (forward, dK/dV, dQ) and output and gradients equal the torch path's (fp32)."""
     sparse = SparseAttention(pattern="topk", density=0.3, tile=(2, 2, 2))
-    model = tiny_dit(sparse, backend="triton", depth=1)
-    x, t, y = dit_inputs()
+    model = tiny_dit(sparse, backend="triton", depth=1).to(KERNEL_DEVICE)
+    x, t, y = (tensor.to(KERNEL_DEVICE) for tensor in dit_inputs())
     with count_launches() as launches:
         out, grads = _forward_backward(model, x, t, y)
+    out, grads, x, t, y = out.cpu(), {n: g.cpu() for n, g in grads.items()}, x.cpu(), t.cpu(), y.cpu()
     assert launches.total("_sparse_fwd") == 1 and launches.total("_sparse") >= 3, launches
     reference = tiny_dit(SparseAttention(pattern="topk", density=0.3, tile=(2, 2, 2)), backend="torch", depth=1)
-    reference.load_state_dict(model.state_dict())
+    reference.load_state_dict({n: p.cpu() for n, p in model.state_dict().items()})
     out_ref, grads_ref = _forward_backward(reference, x, t, y)
     assert rel_err(out, out_ref) <= 1e-4
     for name in ("blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "x_embedder.proj.weight"):

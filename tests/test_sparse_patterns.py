@@ -16,6 +16,8 @@ from dit_fast.ops.sparse_layout import TileLayout
 from dit_fast.sparse import patterns as P
 from tests.launches import count_launches
 
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU
+
 LAYOUTS = [TileLayout((5, 7, 6), (2, 3, 4), extra=5),  # partial tiles on every axis, 5 text tokens (a partial tile)
            TileLayout((3, 5, 7), (1, 2, 2))]  # one frame per tile, no text
 
@@ -155,14 +157,14 @@ def test_sliding_tile_on_the_kernels():
     and equal the reference on the same blocks."""
     layout = TileLayout((2, 3, 5), (1, 2, 4), extra=3)  # 33 tokens, 8 tiles, partial ones
     blocks = P.sliding_tile(layout, (1, 2, 1))
-    q, k, v = (torch.randn(1, layout.tokens, 1, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, layout.tokens, 1, 16, device=KERNEL_DEVICE, requires_grad=True) for _ in range(3))
     with count_launches() as launches:
-        out = block_sparse_attention(q, k, v, blocks, backend="triton")
+        out = block_sparse_attention(q, k, v, blocks.to(KERNEL_DEVICE), backend="triton")
         out.backward(torch.ones_like(out))
-    assert launches.total() >= 2, launches
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    assert launches.total("_sparse_fwd") == 1 and launches.total("_sparse") >= 3, launches
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
     ref = block_sparse_attention_reference(*leaves, blocks)
     ref.backward(torch.ones_like(ref))
-    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-4)
     for got, want in zip((q, k, v), leaves):
-        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.grad.cpu().double(), want.grad, rtol=1e-4, atol=1e-4)
