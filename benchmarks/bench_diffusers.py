@@ -288,7 +288,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sparse", action="append", default=[],
                         help="also time dit_fast.patch(..., sparse=SparseAttention.from_spec(SPEC)) (repeatable)")
     parser.add_argument("--gen-steps", type=int, default=50,
-                        help="denoising steps of the derived generation time (a sparse spec's dense_steps of them dense)")
+                        help="denoising steps of the derived generation time (a sparse spec's dense_steps dense)")
     args = parser.parse_args(argv)
     models = ("wan", "hunyuan") if args.model == "all" else (args.model,)
     if args.cpu_smoke:

@@ -111,8 +111,9 @@ def account(name: str, densities: List[float], steps: int, dense_steps: int) -> 
 
 def print_rows(rows: List[dict]) -> None:
     gen_key = next((k for k in rows[-1]["prediction"] if k.startswith("generation")), None)
-    print(f"\n{rows[0]['model']}: S = {SHAPES[rows[0]['model']]['grid']} + {SHAPES[rows[0]['model']]['text_in_attention']}"
-          f" text, self-attention {rows[0]['attention_share']:.0%} of the dense step's {rows[0]['step_tflop']:.0f} TFLOP")
+    first, shape = rows[0], SHAPES[rows[0]["model"]]
+    print(f"\n{first['model']}: S = {shape['grid']} + {shape['text_in_attention']} text, self-attention "
+          f"{first['attention_share']:.0%} of the dense step's {first['step_tflop']:.0f} TFLOP")
     print(f"{'pattern':<13} {'asked':>6} {'kept':>7} {'attn TFLOP':>11} {'PRED attn x':>13} {'PRED step x':>13} "
           f"{'PRED gen x':>12}  params")
     for r in rows:
@@ -150,9 +151,9 @@ def main(argv=None) -> int:
         rows += model_rows
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        command = " ".join(["python -m benchmarks.sparse_flops", *(sys.argv[1:] if argv is None else argv)])
         with open(args.json, "w") as f:
-            json.dump({"note": "FLOP counts; every speedup is a PREDICTION (no GPU run)",
-                       "command": "python -m benchmarks.sparse_flops " + " ".join(argv if argv is not None else sys.argv[1:]),
+            json.dump({"note": "FLOP counts; every speedup is a PREDICTION (no GPU run)", "command": command,
                        "tile": TILE, "rows": rows}, f, indent=1)
     return 0
 

@@ -56,7 +56,8 @@ def psnr(actual: torch.Tensor, expected: torch.Tensor, peak: float) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
 
 
-def ssim(actual: torch.Tensor, expected: torch.Tensor, peak: float = 1.0, window: int = 11, sigma: float = 1.5) -> float:
+def ssim(actual: torch.Tensor, expected: torch.Tensor, peak: float = 1.0, window: int = 11,
+         sigma: float = 1.5) -> float:
     """Mean SSIM of images (N, C, H, W) in [0, peak]: Gaussian-weighted local means, variances and covariance
     (window clipped to the image, odd), C1 = (0.01 peak)^2, C2 = (0.03 peak)^2, valid positions only."""
     x, y = actual.double(), expected.double()
@@ -174,7 +175,8 @@ def run_pipeline(pipe, specs: Sequence[str], prompts: Sequence[str], seeds: Sequ
                         runtime.error_log = []
                         sparse_latent, sparse_frames = run(prompt, seed)
                     rows.append({"sparse": spec, "prompt": prompt, "seed": seed,
-                                 **compare(dense_latent, sparse_latent, dense_frames, sparse_frames, runtime.error_log)})
+                                 **compare(dense_latent, sparse_latent, dense_frames, sparse_frames,
+                                           runtime.error_log)})
                     runtime.error_log = None
     finally:
         pipe.transformer = dense_transformer
@@ -250,8 +252,10 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"command": "python -m benchmarks.sparse_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "model": model, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            command = " ".join(["python -m benchmarks.sparse_quality", *(sys.argv[1:] if argv is None else argv)])
+            json.dump({"command": command,
+                       "model": model, "device": device,
                        "torch": torch.__version__, "wall_s": round(time.time() - start, 1),
                        "summary": summaries, "rows": rows}, f, indent=1)
     return 0

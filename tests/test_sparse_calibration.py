@@ -128,7 +128,8 @@ def test_bad_calibration_file_names_file_and_key(tmp_path, edit, key):
     data = json.loads(open(config.save(tmp_path / "c.json")).read())
     edit(data)
     (tmp_path / "bad.json").write_text(json.dumps(data))
-    with pytest.raises(SparseCalibrationError, match=rf"bad.json'?, key '{key}'".replace("[", r"\[").replace("]", r"\]")):
+    pattern = rf"bad.json'?, key '{key}'".replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(SparseCalibrationError, match=pattern):
         SparseAttention.load(tmp_path / "bad.json")
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(SparseCalibrationError, match="junk.json.*not readable JSON"):

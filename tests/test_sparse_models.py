@@ -95,7 +95,8 @@ def test_density_one_equals_dense(name, pattern):
 
 
 def test_schedule_dense_steps_then_sparse_wan():
-    """Step 0 (twice, as CFG's two calls) dense, step 1 sparse, a new generation dense again; dense_layers stay dense."""
+    """Step 0 (twice, as CFG's two calls) dense, step 1 sparse, a new generation dense again; dense_layers stay
+    dense."""
     model, kwargs = _inputs("wan", seed=3)
     sparse = SparseAttention(pattern="sliding_tile", density=0.3, tile=TILE, dense_steps=1, dense_layers=[1])
     patched = sparse_copy(model, sparse)

@@ -94,9 +94,11 @@ class SparseAttention:
     def __init__(self, pattern: Union[str, Sequence[str]] = "sliding_tile", density: float = 0.25,
                  dense_steps: int = 0, dense_layers: Iterable[int] = (), tolerance: Optional[float] = None,
                  tile: Sequence[int] = DEFAULT_TILE, local: Sequence[int] = (1, 1, 1)):
-        names = (pattern,) if isinstance(pattern, str) else tuple(pattern) if isinstance(pattern, (list, tuple)) else None
+        names = ((pattern,) if isinstance(pattern, str) else tuple(pattern) if isinstance(pattern, (list, tuple))
+                 else None)
         if not names or any(n not in SPARSE_PATTERNS for n in names) or len(set(names)) != len(names):
-            raise ValueError(f"pattern must be one of {SPARSE_PATTERNS} or a sequence of distinct ones, got {pattern!r}")
+            raise ValueError(f"pattern must be one of {SPARSE_PATTERNS} or a sequence of distinct ones, "
+                             f"got {pattern!r}")
         self.patterns: Tuple[str, ...] = names
         self.density = check_number("density", density, 0, 1, low_open=True)
         self.dense_steps = check_int("dense_steps", dense_steps, low=0)
@@ -264,14 +266,16 @@ class SparseAttention:
                 elif key in ("tile", "local"):
                     kwargs[key] = tuple(int(n) for n in value.split("x"))
                 else:
-                    raise ValueError(f"unknown key {key!r} (density, tolerance, dense_steps, dense_layers, tile, local)")
+                    raise ValueError(f"unknown key {key!r} (density, tolerance, dense_steps, dense_layers, tile, "
+                                     "local)")
             except ValueError as exc:
                 raise ValueError(f"sparse spec {spec!r}: {exc}") from None
         return cls(**kwargs)
 
     def spec(self) -> str:
         """The spec string of this configuration (from_spec(spec()) equals it, calibration aside)."""
-        parts = [f"density={self.density!r}", f"dense_steps={self.dense_steps}", "tile=" + "x".join(map(str, self.tile))]
+        parts = [f"density={self.density!r}", f"dense_steps={self.dense_steps}",
+                 "tile=" + "x".join(map(str, self.tile))]
         if self.dense_layers:
             parts.append("dense_layers=" + "/".join(map(str, self.dense_layers)))
         if self.tolerance is not None:

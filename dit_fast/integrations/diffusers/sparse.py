@@ -73,8 +73,8 @@ class SparseLayer:
         cp = config.context_parallel_config if parallel and config is not None else None
         if cp is not None and cp.ring_degree > 1:
             raise ValueError(f"sparse attention (dit_fast.patch(..., sparse=...)) does not run under ring context "
-                             f"parallelism (ring_degree = {cp.ring_degree}): use ulysses_degree (each rank whole heads), "
-                             "or patch without sparse=")
+                             f"parallelism (ring_degree = {cp.ring_degree}): use ulysses_degree (each rank whole "
+                             "heads), or patch without sparse=")
         B, S, heads, _ = query.shape
         group, first, total = None, 0, heads
         if cp is not None and cp.ulysses_degree > 1:
