@@ -722,3 +722,25 @@ def test_patch_rejects_unknown_models_and_second_patches():
     pipeline = type("WanPipeline", (), {"transformer": model})()
     with pytest.raises(TypeError, match="patch pipe.transformer"):
         dit_fast.patch(pipeline)
+
+
+def test_backend_runs_a_flex_block_mask_on_diffusers_flex_attention():
+    """Kandinsky 5's NABLA sparse attention hands the backend a FlexAttention BlockMask: it runs diffusers'
+    flex backend, warned once, with flex's own result; a mask that is neither a tensor nor a BlockMask is a
+    TypeError naming its type."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
+    block_mask = create_block_mask(lambda b, h, qi, ki: (qi // 8) >= (ki // 8), None, None, 40, 40, device="cpu")
+    dd_backend._warned.discard("a FlexAttention BlockMask as attn_mask (a block-sparse pattern only FlexAttention "
+                               "computes)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = dd_backend.dit_fast_attention(q, k, v, attn_mask=block_mask)
+        dd_backend.dit_fast_attention(q, k, v, attn_mask=block_mask)
+    ours = [w for w in caught if "BlockMask" in str(w.message)]
+    assert len(ours) == 1 and "flex attention" in str(ours[0].message)
+    expected = attention_dispatch._native_flex_attention(q, k, v, attn_mask=block_mask)
+    assert torch.equal(out, expected)
+    with pytest.raises(TypeError, match="attn_mask must be a tensor or a FlexAttention BlockMask, got list"):
+        dd_backend.dit_fast_attention(q, k, v, attn_mask=[1, 2])

@@ -37,6 +37,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.attention.flex_attention  # noqa: F401  (BlockMask, for masks that are no tensor)
 from torch import Tensor
 
 from diffusers.models import attention_dispatch as _dispatch
@@ -303,6 +304,9 @@ def dit_fast_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opt
     "auto" (so ``dit_fast.use_backend`` and $DIT_FAST_BACKEND choose it). Under torch.compile a mask is
     checked on the device (``_device_checked``): no graph break, the eager result.
     """
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        return _block_mask_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, return_lse,
+                                     _parallel_config)
     reason = _unsupported(query, key, value, dropout_p, is_causal)
     parallel = _parallel_config is not None and _parallel_config.context_parallel_config is not None
     if reason is None and attn_mask is not None and not parallel and torch.compiler.is_compiling():
@@ -322,6 +326,23 @@ def dit_fast_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opt
         out, lse = result
         return out, lse.transpose(1, 2)  # (B, Sq, heads): diffusers' layout
     return result
+
+
+def _block_mask_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, return_lse, parallel_config):
+    """A mask that is no tensor: FlexAttention's BlockMask (Kandinsky 5's NABLA sparse attention passes one)
+    runs diffusers' flex backend, warned once; anything else is a TypeError naming it."""
+    block_mask_type = getattr(getattr(torch.nn.attention, "flex_attention", None), "BlockMask", None)
+    if block_mask_type is None or not isinstance(attn_mask, block_mask_type):
+        raise TypeError(f"dit_fast attention backend: attn_mask must be a tensor or a FlexAttention BlockMask, got "
+                        f"{type(attn_mask).__name__}")
+    reason = "a FlexAttention BlockMask as attn_mask (a block-sparse pattern only FlexAttention computes)"
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"dit_fast attention backend: {reason}; such calls run diffusers' flex attention (this "
+                      "warning is shown once per reason)", RuntimeWarning, stacklevel=3)
+    return _dispatch._native_flex_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                            enable_gqa=enable_gqa, return_lse=return_lse,
+                                            _parallel_config=parallel_config)
 
 
 # ---------------------------------------------------------------------------------------------
