@@ -168,7 +168,7 @@ BAD_CONSTRUCTORS = [
     ("SpacetimeAttention(64, -2)", lambda: SpacetimeAttention(64, -2), ValueError, "num_heads"),
     ("SpacetimeAttention(0, 2)", lambda: SpacetimeAttention(0, 2), ValueError, "dim must be"),
     ("SpacetimeAttention(64.0, 2)", lambda: SpacetimeAttention(64.0, 2), TypeError, "dim must be an int"),
-    ("SpacetimeAttention(60, 3)", lambda: SpacetimeAttention(60, 3), ValueError, "head dim"),
+    ("SpacetimeAttention(600, 2)", lambda: SpacetimeAttention(600, 2), ValueError, "head dim"),
     ("SpacetimeAttention mode", lambda: SpacetimeAttention(64, 2, mode="local"), ValueError, "mode must be one of"),
     ("SpacetimeAttention window", lambda: SpacetimeAttention(64, 2, window=(3, 0, 3)), ValueError, "window"),
     ("SpacetimeAttention window_tile", lambda: SpacetimeAttention(64, 2, window_tile=(1.5, 2, 2)), TypeError,

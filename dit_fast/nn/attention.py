@@ -21,9 +21,9 @@ def check_heads(dim: int, num_heads: int, name: str = "dim") -> int:
     if dim % num_heads != 0:
         raise ValueError(f"{name} = {dim} must be divisible by num_heads = {num_heads}")
     head_dim = dim // num_heads
-    if head_dim % 8 or not 16 <= head_dim <= MAX_HEAD_DIM:
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"{name} / num_heads = {dim} / {num_heads} = {head_dim} is not a supported head dim: "
-                         f"a multiple of 8 in [16, {MAX_HEAD_DIM}] (e.g. 64, 72, 96, 128)")
+                         f"the attention kernels take 1 to {MAX_HEAD_DIM}")
     return head_dim
 
 

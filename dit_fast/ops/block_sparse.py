@@ -231,7 +231,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SparseBlocks
                            return_lse: bool = False, backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Attention in which each query tile sees every token of its kept key tiles, and nothing else.
 
-    q, k, v: (B, S, heads, D), S = blocks.layout.tokens, D a multiple of 8 up to 256, in ``order``:
+    q, k, v: (B, S, heads, D), S = blocks.layout.tokens, D from 1 to 256, in ``order``:
     "raster" (the model's order; the op gathers into tile order and back, a copy each way) or "tiles"
     (tile-major already, ``blocks.layout.to_tiles``: no copy). blocks: a ``SparseBlocks`` (counts and
     ascending index lists of the kept key tiles per (batch, head, query tile); size-1 batch or head dims
