@@ -66,123 +66,6 @@ def residual_layernorm_modulate_reference(x, gate, y, shift, scale, eps=1e-6):
 
 
 # ---------------------------------------------------------------------------------------------
-# The CPU path: the references' math, one block of rows at a time.
-# ---------------------------------------------------------------------------------------------
-# On CPU, backend "auto" (and "torch") runs these. Per element they do what the references above do
-# (the same fp32 operations in the same order, one rounding to x.dtype: tests/test_adaln.py checks that
-# they are bitwise equal), but their fp32 temporaries hold one block of rows, not the whole tensor. A
-# bf16 (B, N, C) upcast whole is twice its size, and allocations past glibc's 32 MB mmap ceiling come
-# from fresh pages on every call: that is what made the whole-tensor reference 0.05-0.37x of eager
-# bf16 PyTorch on CPU (benchmarks/NOTES.md has the measurements and the command).
-
-CPU_BLOCK_BYTES = 1 << 20  # fp32 bytes of one block of x: stays in L2, reused by the allocator
-
-
-def _row_blocks(N: int, G: int, C: int, block_bytes: int):
-    """(lo, k, r): rows [lo, lo + k r) of a sample as k groups of r rows that share one modulation row each
-    (whole groups when a group fits in a block, else r rows of one group), about ``block_bytes`` fp32."""
-    group, rows = N // G, max(1, block_bytes // (4 * C))
-    if group <= rows:
-        k = rows // group
-        for g0 in range(0, G, k):
-            yield g0 * group, min(k, G - g0), group
-    else:
-        for g in range(G):
-            for lo in range(g * group, (g + 1) * group, rows):
-                yield lo, 1, min(rows, (g + 1) * group - lo)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _blockwise(tensors, mods, outputs: int, block, grad: bool, block_bytes: int) -> Tuple[Tensor, ...]:
-    """Runs ``block(rows, mod_rows)`` over every block of rows of every sample: ``rows`` holds the block of
-    each (B, N, C) tensor of ``tensors`` as (k, r, C), ``mod_rows`` its row of each modulation as (k, 1, C)
-    fp32; it returns ``outputs`` fp32 (k, r, C) tensors, each rounded once to the dtype of tensors[0] and
-    assembled as (B, N, C): written in place, or (``grad``) concatenated, which autograd differentiates.
-    The blocks are cut with split / unbind, whose backward joins the blocks' gradients once (a slice's
-    would allocate a whole zero tensor per block)."""
-    x = tensors[0]
-    B, N, C = x.shape
-    G = mods[0].shape[1] if mods[0].dim() == 3 else 1
-    group = N // G
-    blocks = [(b, lo, k, r) for b in range(B) for lo, k, r in _row_blocks(N, G, C, block_bytes)]
-    sizes = [k * r for _, _, k, r in blocks]
-
-    def split(t):  # (B, N, C) -> one (k, r, C) view per block
-        return [part.view(k, r, C) for part, (_, _, k, r) in zip(t.reshape(B * N, C).split(sizes), blocks)]
-
-    # the modulations as (B G, C) fp32, upcast once: their gradients add up over the blocks in fp32
-    mods = [_upcast(m.reshape(B * G, C)) for m in mods]
-    if sizes[0] >= group:  # whole groups per block: the groups split as the rows do
-        mod_rows = [[part.unsqueeze(1) for part in m.split([k for _, _, k, _ in blocks])] for m in mods]
-    else:  # blocks within one group share its row
-        mod_rows = [[rows[b * G + lo // group].view(1, 1, C) for b, lo, _, _ in blocks]
-                    for rows in (m.unbind(0) for m in mods)]
-    inputs = [split(t) for t in tensors]
-    if not grad:
-        results = [torch.empty(B, N, C, dtype=x.dtype, device=x.device) for _ in range(outputs)]
-        views = [split(out) for out in results]
-        for i in range(len(blocks)):
-            for view, part in zip(views, block([t[i] for t in inputs], [m[i] for m in mod_rows])):
-                view[i].copy_(part)
-        return tuple(results)
-    parts = [[] for _ in range(outputs)]
-    for i in range(len(blocks)):
-        for acc, part in zip(parts, block([t[i] for t in inputs], [m[i] for m in mod_rows])):
-            acc.append(part.reshape(-1, C).to(x.dtype))
-    return tuple(torch.cat(acc).view(B, N, C) for acc in parts)
-
-
-def _modulate(normed: Tensor, shift: Tensor, scale: Tensor, grad: bool) -> Tensor:
-    """normed * (1 + scale) + shift, in place on normed (an fp32 block of ours) when no graph needs it."""
-    return normed * (1 + scale) + shift if grad else normed.mul_(1 + scale).add_(shift)
-
-
-def layernorm_modulate_cpu(x, shift, scale, weight=None, bias=None, eps=1e-6, block_bytes=CPU_BLOCK_BYTES):
-    """layernorm_modulate_reference, a block of rows at a time (bitwise the same)."""
-    C, grad = x.shape[-1], _needs_grad(x, shift, scale, weight, bias)
-    weight, bias = _upcast(weight), _upcast(bias)
-
-    def block(rows, mods):
-        (x_,), (shift_, scale_) = rows, mods
-        return (_modulate(F.layer_norm(_upcast(x_), (C,), weight, bias, eps), shift_, scale_, grad),)
-
-    return _blockwise([x], [shift, scale], 1, block, grad, block_bytes)[0]
-
-
-def gated_residual_cpu(x, gate, y, block_bytes=CPU_BLOCK_BYTES):
-    """gated_residual_reference, a block of rows at a time (bitwise the same); without autograd, one
-    torch.addcmul in x.dtype, which computes in fp32 and rounds once on CPU (bitwise the same for fp16 and
-    bf16; for fp32 a fused multiply-add, within one rounding of the reference)."""
-    if not _needs_grad(x, gate, y):
-        B, N, C = x.shape
-        G = gate.shape[1] if gate.dim() == 3 else 1
-        return torch.addcmul(x.reshape(B, G, N // G, C), gate.reshape(B, G, 1, C), y.reshape(B, G, N // G, C)
-                             ).view(B, N, C)
-
-    def block(rows, mods):
-        (x_, y_), (gate_,) = rows, mods
-        return (_upcast(x_) + gate_ * _upcast(y_),)
-
-    return _blockwise([x, y], [gate], 1, block, True, block_bytes)[0]
-
-
-def residual_layernorm_modulate_cpu(x, gate, y, shift, scale, eps=1e-6, block_bytes=CPU_BLOCK_BYTES):
-    """residual_layernorm_modulate_reference, a block of rows at a time (bitwise the same): h is rounded
-    to x.dtype before its LayerNorm, as there."""
-    C, grad = x.shape[-1], _needs_grad(x, gate, y, shift, scale)
-
-    def block(rows, mods):
-        (x_, y_), (gate_, shift_, scale_) = rows, mods
-        h = (_upcast(x_) + gate_ * _upcast(y_)).to(x.dtype)
-        return h, _modulate(F.layer_norm(_upcast(h), (C,), None, None, eps), shift_, scale_, grad)
-
-    return _blockwise([x, y], [gate, shift, scale], 2, block, grad, block_bytes)
-
-
-# ---------------------------------------------------------------------------------------------
 # Input checks: clear ValueError / TypeError naming the argument and the shapes.
 # ---------------------------------------------------------------------------------------------
 
@@ -238,6 +121,12 @@ def _check_eps(eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not FP32_TINY <= eps <= FP32_MAX:
         raise ValueError(f"eps must be a positive number within float32's normal range [{FP32_TINY:.3g}, "
                          f"{FP32_MAX:.3g}] (the statistics are float32), got {eps!r}")
+
+
+def _cpu_path(x) -> bool:
+    """backend "torch" on CPU, eagerly: dit_fast/ops/adaln_cpu.py (the references' math, a block of rows at a
+    time); under torch.compile the references themselves, which the compiler fuses."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _resolve(backend, x):
@@ -384,7 +273,8 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, weight: Optio
     _check_eps(eps)
     name = _resolve(backend, x)
     if name == "torch":
-        if x.device.type == "cpu":
+        if _cpu_path(x):
+            from dit_fast.ops.adaln_cpu import layernorm_modulate_cpu
             return layernorm_modulate_cpu(x, shift, scale, weight, bias, eps)
         return layernorm_modulate_reference(x, shift, scale, weight, bias, eps)
     return torch.ops.dit_fast.adaln_fwd(x, None, None, _to_groups(shift), _to_groups(scale), weight, bias,
@@ -400,7 +290,10 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor, *, backend: str = "auto")
     _check_modulation("gate", gate, x)
     name = _resolve(backend, x)
     if name == "torch":
-        return gated_residual_cpu(x, gate, y) if x.device.type == "cpu" else gated_residual_reference(x, gate, y)
+        if _cpu_path(x):
+            from dit_fast.ops.adaln_cpu import gated_residual_cpu
+            return gated_residual_cpu(x, gate, y)
+        return gated_residual_reference(x, gate, y)
     return torch.ops.dit_fast.adaln_fwd(x, _to_groups(gate), y, None, None, None, None, 1e-6, name)[0]
 
 
@@ -422,7 +315,8 @@ def residual_layernorm_modulate(x: Tensor, gate: Tensor, y: Tensor, shift: Tenso
     _check_eps(eps)
     name = _resolve(backend, x)
     if name == "torch":
-        if x.device.type == "cpu":
+        if _cpu_path(x):
+            from dit_fast.ops.adaln_cpu import residual_layernorm_modulate_cpu
             return residual_layernorm_modulate_cpu(x, gate, y, shift, scale, eps)
         return residual_layernorm_modulate_reference(x, gate, y, shift, scale, eps)
     h, out, _, _ = torch.ops.dit_fast.adaln_fwd(x, _to_groups(gate), y, _to_groups(shift), _to_groups(scale),

@@ -300,7 +300,7 @@ def apply_rope_3d(x: Tensor, grid: Sequence[int], *, theta: float = 10000.0,
     grid, split = _check_rope_inputs(x, grid, theta, split)
     name = _backend.resolve_backend(backend, x.device, OP, implemented=("triton", "cuda"))
     if name == "torch":
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled: the reference, fused
             return apply_rope_3d_cpu(x, grid, theta, split)
         return apply_rope_3d_reference(x, grid, theta, split)
     if x.shape[-1] > MAX_HEAD_DIM:
