@@ -300,7 +300,13 @@ def _fsdp_worker(rank, world):
         (scale * (out * _loss_weights(out.shape)).sum()).backward()
         guards[name] = _guard_message(model)
         reduce_gradients(model)  # manual: the sum; auto: nothing left to sum
-        grads[name] = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        grads[name] = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters() if p.grad is not None}
+        if name == "dp_dim_ulysses":  # a second backward onto FSDP's summed gradients cannot be kept apart
+            try:
+                model(x, t, force_drop_ids=torch.tensor([False, True]), **extra).sum().backward()
+                guards["accumulate"] = "no error"
+            except RuntimeError as exc:
+                guards["accumulate"] = str(exc)
     return dict(grads=grads, guards=guards, dims=(dims.dp, dims.ring, dims.ulysses, dims.sp_mode),
                 mesh=list(mesh.mesh_dim_names))
 
@@ -317,6 +323,8 @@ def _check_fsdp(fsdp, world):
         guards = fsdp[r]["guards"]
         assert guards["same_ranks_ring"] == "" and guards["dp_dim_ulysses"] == "", guards
         assert "were not summed over the sequence-parallel ranks" in guards["dp_dim_ulysses_manual"], guards
+        assert "after it was summed over the sequence-parallel ranks" in guards["accumulate"] \
+            and "set_requires_gradient_sync(False)" in guards["accumulate"], guards["accumulate"]
         for how, grads in fsdp[r]["grads"].items():
             assert set(grads) == set(want), how
             for pname, g in grads.items():

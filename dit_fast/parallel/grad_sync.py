@@ -23,8 +23,10 @@ back in place (the optimizer keeps the same tensor). "auto" runs that sum in a c
 backward (``queue_callback``, as FSDP2 does); "manual" runs it in ``reduce_gradients``. Calling
 ``reduce_gradients`` when nothing is pending does nothing, so it never sums twice.
 
-FSDP2 (dit_fast.parallel.apply_fsdp) replaces the parameters with row-sharded DTensors; the hooks are
-installed on whatever parameters the model holds when it runs forward. For each sequence-parallel process
+FSDP2 (dit_fast.parallel.apply_fsdp) replaces the parameters with row-sharded DTensors: the hooks are
+installed by sequence_parallel, again by apply_fsdp once it has sharded, and on new DTensor parameters
+before each forward (inside a forward FSDP2 shows its unsharded parameters, which it sums itself; a
+gradient taken away before the sum, by a bare fully_shard on an enclosing module, raises). For each sequence-parallel process
 group: if FSDP's mesh holds all of its ranks, FSDP's reduce-scatter already sums over them (it divides by
 its world size: multiply the loss by the sequence-parallel degree), and nothing more is done; if it holds
 none of them but this rank (FSDP over the "dp" dimension), the local shards are summed over the group
