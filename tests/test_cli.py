@@ -407,10 +407,11 @@ def test_bench_hands_every_argument_to_the_benchmarks(monkeypatch):
 
     from dit_fast.cli import bench_runner
 
-    calls = []
-    monkeypatch.setattr(sp, "call", lambda cmd: calls.append(cmd) or 0)
+    calls, progs = [], []
+    monkeypatch.setattr(sp, "call", lambda cmd, env=None: calls.append(cmd) or progs.append(env["DIT_FAST_BENCH_PROG"]) or 0)
     assert main(["bench", "--help"]) == 0 and main(["bench", "--quick", "--ops", "rope"]) == 0
     assert calls == [[sys.executable, bench_runner(), "--help"], [sys.executable, bench_runner(), "--quick", "--ops", "rope"]]
+    assert progs == ["dit-fast bench"] * 2
     assert os.path.exists(bench_runner())
 
 
