@@ -45,8 +45,9 @@ class _Blocks:
         B, N, C = x.shape
         G = mod.shape[1] if mod.dim() == 3 else 1
         group, rows = N // G, max(1, block_bytes // (4 * C))
-        spans = []
-        if group <= rows:
+        if B * N == 0:  # nothing to compute: no blocks
+            spans = []
+        elif group <= rows:
             k = rows // group
             spans = [(g0 * group, min(k, G - g0), group) for g0 in range(0, G, k)]
         else:
@@ -57,6 +58,8 @@ class _Blocks:
     def rows(self, t: Tensor) -> List[Tensor]:
         """(B, N, C) -> one (k, r, C) view per block (a copy first if t's rows are not one stride apart)."""
         B, N, C = self.shape
+        if not self.items:
+            return []
         parts = t.reshape(B * N, C).split([k * r for k, r, _ in self.items])
         return [p.view(k, r, C) for p, (k, r, _) in zip(parts, self.items)]
 

@@ -148,6 +148,8 @@ def apply_rope_3d_cpu(x: Tensor, grid: Sequence[int], theta: float = 10000.0, sp
                       block_bytes: int = CPU_BLOCK_BYTES) -> Tensor:
     """apply_rope_3d_reference (fp32 / fp16 / bf16 x), with cached tables, a block of tokens at a time."""
     B, S, heads, D = x.shape
+    if x.numel() == 0:  # empty batch, heads or head dim: nothing to rotate
+        return apply_rope_3d_reference(x, grid, theta, split)
     cos, sin = _cpu_tables(grid, D, theta, split, x.device)
     tokens = max(1, block_bytes // (4 * heads * D))
     grad = torch.is_grad_enabled() and x.requires_grad
