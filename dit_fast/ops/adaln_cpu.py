@@ -29,7 +29,12 @@ from torch.autograd.function import once_differentiable
 
 from dit_fast.ops.adaln import _upcast
 
-CPU_BLOCK_BYTES = 1 << 20  # fp32 bytes of one block of x: stays in L2, reused by the allocator
+CPU_BLOCK_BYTES = 1 << 20  # fp32 bytes of one block of x per intra-op thread: in L2, reused by the allocator
+
+
+def _block_bytes(block_bytes: Optional[int]) -> int:
+    """The default: CPU_BLOCK_BYTES per intra-op thread, so each op of a block still splits over the threads."""
+    return block_bytes if block_bytes is not None else CPU_BLOCK_BYTES * max(1, torch.get_num_threads())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,9 +139,9 @@ class _LayerNormModulate(torch.autograd.Function):
         return dx, _grad(dshift, shift), _grad(dscale, scale), _grad(dw, weight), _grad(db, bias), None, None
 
 
-def layernorm_modulate_cpu(x, shift, scale, weight=None, bias=None, eps=1e-6, block_bytes=CPU_BLOCK_BYTES):
+def layernorm_modulate_cpu(x, shift, scale, weight=None, bias=None, eps=1e-6, block_bytes=None):
     """layernorm_modulate_reference, a block of rows at a time (bitwise the same output)."""
-    return _LayerNormModulate.apply(x, shift, scale, weight, bias, eps, block_bytes)
+    return _LayerNormModulate.apply(x, shift, scale, weight, bias, eps, _block_bytes(block_bytes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +178,9 @@ class _GatedResidual(torch.autograd.Function):
         return dout, _grad(dgate, gate), dy, None
 
 
-def gated_residual_cpu(x, gate, y, block_bytes=CPU_BLOCK_BYTES):
+def gated_residual_cpu(x, gate, y, block_bytes=None):
     """gated_residual_reference: x + gate * y in fp32, rounded once (see _GatedResidual.forward)."""
-    return _GatedResidual.apply(x, gate, y, block_bytes)
+    return _GatedResidual.apply(x, gate, y, _block_bytes(block_bytes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,9 +231,9 @@ class _ResidualLayerNormModulate(torch.autograd.Function):
         return dx, _grad(dgate, gate), dy, _grad(dshift, shift), _grad(dscale, scale), None, None
 
 
-def residual_layernorm_modulate_cpu(x, gate, y, shift, scale, eps=1e-6, block_bytes=CPU_BLOCK_BYTES):
+def residual_layernorm_modulate_cpu(x, gate, y, shift, scale, eps=1e-6, block_bytes=None):
     """residual_layernorm_modulate_reference, a block of rows at a time (bitwise the same outputs)."""
-    return _ResidualLayerNormModulate.apply(x, gate, y, shift, scale, eps, block_bytes)
+    return _ResidualLayerNormModulate.apply(x, gate, y, shift, scale, eps, _block_bytes(block_bytes))
 
 
 __all__ = ["layernorm_modulate_cpu", "gated_residual_cpu", "residual_layernorm_modulate_cpu", "CPU_BLOCK_BYTES"]
