@@ -2,7 +2,7 @@
 
 Forward: per element what dit_fast/ops/adaln.py's references do (the same fp32 operations in the same
 order, one rounding to x.dtype: bitwise the same outputs, tests/test_adaln.py), but one block of rows
-(~1 MB of fp32) at a time, written in place. The whole-tensor reference makes fp32 temporaries of the
+(~4 MB of fp32) at a time, written in place. The whole-tensor reference makes fp32 temporaries of the
 whole input (twice a bf16 input), and allocations past glibc's 32 MB mmap ceiling come from fresh pages
 on every call: that made it 0.13-0.38x of eager bf16 PyTorch on CPU (benchmarks/NOTES.md).
 
@@ -29,12 +29,14 @@ from torch.autograd.function import once_differentiable
 
 from dit_fast.ops.adaln import _upcast
 
-CPU_BLOCK_BYTES = 1 << 20  # fp32 bytes of one block of x per intra-op thread: in L2, reused by the allocator
+# fp32 bytes of one block of x: below glibc's 32 MB mmap ceiling, so the allocator reuses the blocks' memory,
+# and few blocks, so few parallel regions (each costs a wake-up of the intra-op threads; on a busy machine a
+# descheduled thread stalls every one). 1-16 MB measured alike on one thread; 4 MB the best on two.
+CPU_BLOCK_BYTES = 4 << 20
 
 
 def _block_bytes(block_bytes: Optional[int]) -> int:
-    """The default: CPU_BLOCK_BYTES per intra-op thread, so each op of a block still splits over the threads."""
-    return block_bytes if block_bytes is not None else CPU_BLOCK_BYTES * max(1, torch.get_num_threads())
+    return CPU_BLOCK_BYTES if block_bytes is None else block_bytes
 
 
 # ---------------------------------------------------------------------------------------------
