@@ -8,7 +8,9 @@
 Models: a dit_fast checkpoint (default: the bundled text-to-video model, dit_fast/assets; sampled by
 dit_fast.generate, its DiT rebuilt with ``attention="block_sparse"`` and the same weights), or a
 diffusers video pipeline (``--pipeline``: DiffusionPipeline.from_pretrained; its transformer patched
-with ``dit_fast.patch(transformer, sparse=...)``, the dense run being diffusers' own transformer).
+with ``dit_fast.patch(transformer, sparse=...)``, the dense run being diffusers' own transformer). A
+model fine-tuned into sparsity (``dit-fast train --sparse SPEC --init-from MODEL``) is measured against
+the model it started from: ``--checkpoint RUN --dense-checkpoint MODEL`` (its own spec by default).
 
 Per (sparse spec, prompt, seed), one row:
     attention_error    per denoising step, each sparse layer's ||o_sparse - o_dense|| / ||o_dense|| on that
@@ -102,7 +104,7 @@ def compare(dense_latent, sparse_latent, dense_frames, sparse_frames, log: List[
 
 
 def sparse_twin(model, cfg, spec: str):
-    """The checkpoint's TextToVideo rebuilt with --sparse ``spec`` and the same weights (eval)."""
+    """The checkpoint's TextToVideo rebuilt with --sparse ``spec`` ("" = dense) and the same weights (eval)."""
     from dit_fast.train import build_model
 
     twin = build_model(dataclasses.replace(cfg, sparse=spec), vocabulary=model.vocabulary)
@@ -111,22 +113,35 @@ def sparse_twin(model, cfg, spec: str):
 
 
 def run_checkpoint(checkpoint: Optional[str], specs: Sequence[str], prompts: Sequence[str], seeds: Sequence[int],
-                   steps: Optional[int] = None, cfg_scale: Optional[float] = None) -> List[dict]:
+                   steps: Optional[int] = None, cfg_scale: Optional[float] = None,
+                   dense_checkpoint: Optional[str] = None) -> List[dict]:
+    """specs: sparse configurations of ``checkpoint``'s weights ("" = the checkpoint's own --sparse, a model
+    fine-tuned sparse). The dense run: ``dense_checkpoint``'s model (e.g. the model before a sparse
+    fine-tune), else the checkpoint's own weights with dense attention."""
     from dit_fast.generate import BUNDLED_JSON, DEFAULT_CFG, DEFAULT_STEPS, generate, load_model
 
     model, cfg = load_model(checkpoint)
+    if dense_checkpoint is not None:
+        model_dense, cfg_dense = load_model(dense_checkpoint)
+        if cfg_dense.sparse:
+            raise ValueError(f"--dense-checkpoint {dense_checkpoint} was trained with --sparse {cfg_dense.sparse}")
+    else:
+        model_dense, cfg_dense = sparse_twin(model, cfg, ""), dataclasses.replace(cfg, sparse="")
     defaults = json.load(open(BUNDLED_JSON)) if checkpoint is None else {}  # the bundled model's own settings
     steps = steps or defaults.get("default_steps", DEFAULT_STEPS)
     cfg_scale = defaults.get("default_cfg", DEFAULT_CFG) if cfg_scale is None else cfg_scale
     rows, dense_runs = [], {}
     for spec in specs:
+        if not (spec or cfg.sparse):
+            raise ValueError(f"checkpoint {checkpoint} has no --sparse of its own: give a spec")
+        spec = spec or cfg.sparse
         twin = sparse_twin(model, cfg, spec)
         runtime = twin.dit.sparse
         for prompt in prompts:
             for seed in seeds:
                 with torch.no_grad():
                     if (prompt, seed) not in dense_runs:
-                        dense_runs[prompt, seed] = generate(model, cfg, [prompt], seed=seed, steps=steps,
+                        dense_runs[prompt, seed] = generate(model_dense, cfg_dense, [prompt], seed=seed, steps=steps,
                                                             cfg_scale=cfg_scale, progress_bar=False)
                     dense = dense_runs[prompt, seed]
                     runtime.error_log = []
@@ -215,8 +230,12 @@ def print_summary(summaries: List[dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sparse", action="append", required=True, help="a SparseAttention spec (repeat to compare)")
+    p.add_argument("--sparse", action="append", default=None,
+                   help="a SparseAttention spec (repeat to compare); default: the checkpoint's own --sparse")
     p.add_argument("--checkpoint", default=None, help="a dit_fast checkpoint (default: the bundled model)")
+    p.add_argument("--dense-checkpoint", default=None,
+                   help="the dense reference (default: --checkpoint's weights, dense); e.g. the model a sparse "
+                        "fine-tune started from")
     p.add_argument("--pipeline", default=None, help="a diffusers pipeline (DiffusionPipeline.from_pretrained)")
     p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))
     p.add_argument("--seeds", default="0,1", help="comma-separated noise seeds")
@@ -227,8 +246,11 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--json", default=None, help="write the rows and the summary here")
     args = p.parse_args(argv)
+    if args.sparse is None and args.pipeline:
+        p.error("--pipeline needs --sparse SPEC")
+    args.sparse = args.sparse or [""]
     try:
-        for spec in args.sparse:
+        for spec in filter(None, args.sparse):
             SparseAttention.from_spec(spec)
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError as exc:
@@ -245,8 +267,11 @@ def main(argv=None) -> int:
             call["guidance_scale"] = args.cfg
         rows, model = run_pipeline(pipe, args.sparse, args.prompts, seeds, call), args.pipeline
     else:
-        rows = run_checkpoint(args.checkpoint, args.sparse, args.prompts, seeds, args.steps, args.cfg)
+        rows = run_checkpoint(args.checkpoint, args.sparse, args.prompts, seeds, args.steps, args.cfg,
+                              args.dense_checkpoint)
         model = args.checkpoint or "bundled: dit_fast/assets/shapes_t2v.safetensors"
+        if args.dense_checkpoint:
+            model += f" vs dense {args.dense_checkpoint}"
     summaries = summary(rows)
     print_summary(summaries)
     if args.json:
