@@ -136,6 +136,12 @@ def install(model: nn.Module, name: str, sparse: SparseAttention) -> int:
     if any(i >= len(modules) for i in sparse.dense_layers):
         raise ValueError(f"sparse.dense_layers {sparse.dense_layers} names layers past the model's {len(modules)} "
                          "self-attention layers (0-based)")
+    from dit_fast.integrations.diffusers._processor import DitFastProcessor
+
+    unpatched = [i for i, m in enumerate(modules) if not isinstance(m.processor, DitFastProcessor)]
+    if unpatched:  # a processor dit_fast did not install would ignore the sparse layer: never silently dense
+        raise ValueError(f"sparse attention: self-attention layers {unpatched} of this {name} do not run dit_fast's "
+                         "processor (a variant dit_fast.patch leaves as it is)")
     runtime = SparseRuntime(sparse, name)
     for layer, module in enumerate(modules):
         module.processor.sparse = SparseLayer(runtime, layer)
