@@ -589,3 +589,50 @@ def test_ring_attention_blocks_run_our_kernel_under_auto(on_a_gpu):
     want, want_lse = A.attention_reference(q, k, v, return_lse=True)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-sparse calls: the plan reports the kept fraction (issue 18); nothing is timed
+# ---------------------------------------------------------------------------------------------
+
+
+def _sparse_case(heads=3):
+    from dit_fast.ops.sparse_layout import SparseBlocks, TileLayout, with_extra_dense
+
+    layout = TileLayout((3, 5, 4), (2, 4, 4), extra=6)  # partial edge tiles, text tokens
+    g = torch.Generator().manual_seed(3)
+    tiles = torch.rand(2, heads, layout.n_tiles, layout.n_tiles, generator=g) < 0.4
+    blocks = SparseBlocks.from_tile_mask(layout, with_extra_dense(layout, tiles))
+    q, k, v = qkv(B=2, S=layout.tokens, heads=heads)
+    return blocks, q, k, v
+
+
+def test_block_sparse_plan_reports_the_kept_fraction_of_the_call():
+    blocks, q, k, v = _sparse_case()
+    plan = ops.attention_plan(q, k, v, blocks=blocks)
+    # the fraction counted independently, token by token, from the reference's own mask
+    kept = blocks.token_mask().expand(2, 3, -1, -1).double().mean().item()
+    assert plan.impl == "reference" and "block-sparse on cpu" in plan.reason
+    assert plan.kept_fraction == pytest.approx(kept, rel=1e-12)
+    assert f"kept {kept:.1%} of the token pairs" in plan.reason and plan.times_ms is None
+
+
+def test_block_sparse_plan_on_a_gpu_is_our_kernel_untimed(on_a_gpu):
+    timer = on_a_gpu()
+    blocks, q, k, v = _sparse_case()
+    plan = ops.attention_plan(q, k, v, blocks=blocks)
+    assert plan.impl == "triton" and "untimed" in plan.reason and timer.calls == [] and P.cached_plans() == {}
+    assert plan.kept_fraction == pytest.approx(blocks.kept_fraction())
+    assert ops.attention_plan(q, k, v, blocks=blocks, backend="torch").impl == "reference"
+
+
+def test_block_sparse_plan_rejects_what_the_call_would():
+    blocks, q, k, v = _sparse_case()
+    with pytest.raises(ValueError, match="grid is a spacetime_attention argument"):
+        ops.attention_plan(q, k, v, (3, 5, 4), blocks=blocks)
+    with pytest.raises(ValueError, match=r"cannot serve q \(2, 65, 3, 16\)"):
+        ops.attention_plan(q[:, :65], k[:, :65], v[:, :65], blocks=blocks)
+    with pytest.raises(ValueError, match=r"blocks for \(B, heads\) = \(2, 3\)"):
+        ops.attention_plan(q[:, :, :2], k[:, :, :2], v[:, :, :2], blocks=blocks)
+    with pytest.raises(TypeError, match="blocks must be a dit_fast.ops.sparse_layout.SparseBlocks, got Tensor"):
+        ops.attention_plan(q, k, v, blocks=torch.ones(3))

@@ -92,10 +92,13 @@ class Call(NamedTuple):
 @dataclass(frozen=True)
 class AttentionPlan:
     """What an attention call runs. impl: one of IMPLS; reason: why, in words; times_ms: the
-    measured candidates (fwd, or fwd+bwd when gradients are needed), None when nothing was timed."""
+    measured candidates (fwd, or fwd+bwd when gradients are needed), None when nothing was timed;
+    kept_fraction: for a block-sparse call, the kept (query, key) token pairs over all S * S (the work
+    left), None for a dense one."""
     impl: str
     reason: str
     times_ms: Optional[Dict[str, float]] = None
+    kept_fraction: Optional[float] = None
 
     def __str__(self) -> str:
         return f"{self.impl} ({self.reason})"
@@ -540,15 +543,22 @@ def auto(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], call: Call) ->
 def attention_plan(q: Tensor, k: Tensor, v: Tensor, grid: Optional[Sequence[int]] = None, *, mode: str = "full",
                    window: Optional[Sequence[int]] = None, window_tile: Optional[Sequence[int]] = None,
                    rope=None, rope_in_kernel: bool = False, key_padding_mask: Optional[Tensor] = None,
-                   scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto") -> AttentionPlan:
+                   scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto",
+                   blocks=None) -> AttentionPlan:
     """Which implementation ``attention(q, k, v, ...)`` (grid None) or ``spacetime_attention(q, k, v, grid,
     ...)`` with the same arguments would run here, and why. On a GPU with backend "auto" this measures
     the candidates if the call's class was not measured yet, exactly as the call would (and caches
     the result, so the call then runs the winner without timing again). Gradients are taken to be
-    needed when q, k or v requires grad and grad mode is on, as for the call."""
+    needed when q, k or v requires grad and grad mode is on, as for the call.
+
+    blocks: a ``SparseBlocks``: the plan of ``block_sparse_attention(q, k, v, blocks, ...)`` instead, with
+    the kept fraction of the call (``plan.kept_fraction`` and the reason); nothing is timed (sparse
+    attention is opt-in: our kernel on a GPU, the reference on CPU)."""
     from dit_fast.ops.rope import as_rope
 
     checks._check_qkv(q, k, v)
+    if blocks is not None:
+        return _block_sparse_plan(q, k, blocks, grid, mode, window, window_tile, rope, backend)
     if grid is None:
         for name, value in (("mode", mode != "full"), ("window", window), ("window_tile", window_tile),
                             ("rope", rope), ("rope_in_kernel", rope_in_kernel)):
@@ -579,3 +589,32 @@ def attention_plan(q: Tensor, k: Tensor, v: Tensor, grid: Optional[Sequence[int]
     if name != "auto":
         return AttentionPlan(name, f"backend {name!r} requested (call, use_backend or DIT_FAST_BACKEND)")
     return plan_for(q, k, v, mask, call)
+
+
+def _block_sparse_plan(q: Tensor, k: Tensor, blocks, grid, mode, window, window_tile, rope, backend) -> AttentionPlan:
+    """attention_plan(..., blocks=...): what block_sparse_attention would run, and the work it keeps."""
+    from dit_fast.ops.sparse_layout import SparseBlocks
+
+    if not isinstance(blocks, SparseBlocks):
+        raise TypeError(f"blocks must be a dit_fast.ops.sparse_layout.SparseBlocks, got {type(blocks).__name__}")
+    for name, value in (("grid", grid), ("mode", mode != "full"), ("window", window), ("window_tile", window_tile),
+                        ("rope", rope)):
+        if value not in (None, False):
+            raise ValueError(f"{name} is a spacetime_attention argument; with blocks= the layout is the blocks' own "
+                             f"({blocks.layout})")
+    layout = blocks.layout
+    B, S, heads, _ = q.shape
+    b, h = blocks.kv_count.shape[:2]
+    if S != layout.tokens or k.shape[1] != layout.tokens or b not in (1, B) or h not in (1, heads):
+        raise ValueError(f"blocks for (B, heads) = ({b}, {h}) over S = {layout.tokens} tokens cannot serve q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    kept = blocks.kept_fraction()
+    tiles = int(blocks.tile_mask().sum())
+    work = (f"kept {kept:.1%} of the token pairs ({tiles} of {b * h * layout.n_tiles ** 2} tile pairs over "
+            f"{b} x {h} (batch, head) lists; grid {layout.grid}, tile {layout.tile}, {layout.extra} extra tokens)")
+    name = _backend.resolve_backend(backend, q.device, "block_sparse_attention", implemented=("triton",))
+    if name == "torch" or q.dtype not in checks.FLOAT_DTYPES:
+        return AttentionPlan("reference", f"block-sparse on {q.device.type}, the PyTorch reference with the blocks' "
+                                          f"token mask: {work}", kept_fraction=kept)
+    return AttentionPlan("triton", f"block-sparse kernels (opt-in, untimed: no torch candidate does the same work): "
+                                   f"{work}", kept_fraction=kept)
