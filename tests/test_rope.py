@@ -168,6 +168,18 @@ def test_cpu_path_is_the_reference(dtype):
     assert torch.equal(torch.autograd.grad(out, a, w)[0], torch.autograd.grad(ref, b, w)[0])
 
 
+def test_cpu_path_tables_follow_every_argument():
+    """The CPU path's cached cos / sin tables are keyed by grid, head dim, theta and split: the same grid and
+    head dim with another theta or split (called back to back, so a stale table would be reused) is still
+    the reference's rotation."""
+    grid, D = (2, 3, 4), 24
+    x = torch.randn(1, math.prod(grid), 2, D, generator=torch.Generator().manual_seed(6))
+    for theta, split in ((10000.0, None), (10000.0, (12, 6, 6)), (10000.0, (4, 10, 10)), (50.0, (4, 10, 10)),
+                         (50.0, None)):
+        got = ops.apply_rope_3d(x, grid, theta=theta, split=split)
+        assert torch.equal(got, R.apply_rope_3d_reference(x, grid, theta, split)), (theta, split)
+
+
 # ---- bad input: clear errors naming the argument and the shapes ----
 
 
