@@ -16,7 +16,11 @@
 #   DRY_RUN=1            print the build and test commands instead of running them; env, bench
 #                        (on a CPU machine: "GPU numbers need a CUDA GPU" + smoke) and packing run
 #   SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1
-#   BENCH_OPS=adaln,...  ops for benchmarks.run (default: all; adaln first)
+#   BENCH_OPS=adaln,...  ops for benchmarks.run (default: all; adaln first; "none": no benchmarks.run, the
+#                        EXTRA_BENCH benches still run)
+#   PLAN=next            the prepared call 1 of benchmarks/NOTES.md's "Next GPU session" (TEST_PATHS,
+#                        TEST_TIMEOUT, BENCH_OPS=none, EXTRA_BENCH='auto:170 sparse:150' unless given)
+#   DIFFUSERS_ARGS="..." arguments of bench_diffusers in EXTRA_BENCH (--model wan --sparse SPEC --gen-steps 50)
 #   BENCH_FULL=1         all cases instead of --quick
 #   BENCH_FIRST=1        benchmarks before tests (tests then get what is left of TEST_TIMEOUT)
 #   EXTRA_FIRST=1        the EXTRA_BENCH benches right after the build, before the tests and benchmarks.run
@@ -44,6 +48,20 @@
 #                        registry): installed first with --no-index --no-deps into /tmp/site (diffusers)
 set -u
 cd "$(dirname "$0")/.."
+
+if [[ ${PLAN:-} == next ]]; then
+  # benchmarks/NOTES.md's "Next GPU session", call 1 (issues 17-19): the changed kernels' GPU correctness
+  # (head dims 1..256 incl. unaligned rows, the NaN contract, the block-sparse kernels at real tile sizes,
+  # the diffusers backend on a head dim of 10), then the auto rows and the sparse rows
+  gpu_case="tests/test_attention.py::test_gpu_large_shapes"
+  : "${TEST_PATHS:=$(printf "$gpu_case[%s] " full-10- window-10- full-12-atomic temporal-24- spatial-8-tma full-24-tma \
+    rope_in_kernel-10-atomic full-200- full-128- full-128-atomic full-128-tma tile_window-72-) \
+    tests/test_attention_masking.py tests/test_block_sparse_kernels.py \
+    tests/test_diffusers.py::test_small_head_dim_model_on_triton_kernels}"
+  : "${TEST_TIMEOUT:=170}"
+  : "${BENCH_OPS:=none}"
+  : "${EXTRA_BENCH:=auto:170 sparse:150}"
+fi
 
 if [[ ${ATTENTION_PLAN:-0} == 1 ]]; then
   gpu_case="tests/test_attention.py::test_gpu_large_shapes"
@@ -220,7 +238,7 @@ run_extra_bench() {
     local args=()
     case $name in
       auto) args=(--quick --budget-s $((limit > 80 ? limit - 40 : 40))) ;;
-      diffusers) args=() ;;
+      diffusers) read -r -a args <<<"${DIFFUSERS_ARGS:-}" ;;  # e.g. "--model wan --sparse SPEC --gen-steps 50"
       parallel) args=(--quick --json "$RESULTS/parallel_plan_bench.json") ;;
       sparse) args=(--quick --budget-s $((limit > 80 ? limit - 40 : 40))) ;;  # issue 18: bench_sparse's kernel rows
       *) note "extra bench $name: unknown (auto, diffusers, parallel, sparse)"; continue ;;
@@ -232,7 +250,7 @@ run_extra_bench() {
 }
 
 run_bench() {
-  [[ ${SKIP_BENCH:-0} == 1 ]] && return 0
+  [[ ${SKIP_BENCH:-0} == 1 || ${BENCH_OPS:-} == none ]] && return 0
   local reserve=$((25 + $(extra_reserve)))
   [[ ${BENCH_FIRST:-0} == 1 && ${SKIP_TESTS:-0} != 1 ]] && reserve=$((reserve + ${TEST_TIMEOUT:-300}))
   BENCH_LIMIT=$(($(left) - reserve))
