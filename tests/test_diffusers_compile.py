@@ -21,7 +21,7 @@ pytest.importorskip("diffusers", reason="diffusers is a test extra (pip install 
 import dit_fast  # noqa: E402
 import dit_fast.integrations.diffusers as dd  # noqa: E402
 from tests.launches import count_launches  # noqa: E402
-from tests.test_diffusers import (FALLBACKS, KERNEL_DEVICE, MASKS, _grads, _qkv, _sdpa,  # noqa: E402,F401
+from tests.test_diffusers import (FALLBACKS, KERNEL_DEVICE, MASKS, _grads, _padding, _qkv, _sdpa,  # noqa: E402,F401
                                   _restore_active_backend, assert_launched, build, patched_copy, rel_err, run)
 
 
@@ -182,6 +182,43 @@ def test_compiled_backend_return_lse_with_a_mask_is_a_clear_error():
     fn = torch.compile(dd.dit_fast_attention, fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="return_lse with a mask under torch.compile"):
         fn(q, k, v, attn_mask=MASKS["bool (B, Sk)"](), return_lse=True)
+
+
+# masks no path can run (SDPA, diffusers' native attention, refuses them too), with fp32 q (B 2, Sq 37, heads 3,
+# Sk 19): one error naming the mask, eagerly and compiled, whatever its values (before, a 1-D or fp64 key padding
+# mask ran our kernel eagerly but failed to trace torch.cond's native branch, and additive ones failed in SDPA)
+BAD_MASKS = {
+    "1-D (Sk,)": (ValueError, "shape \\(19,\\)", lambda: _padding()[0]),
+    "(B, 1, Sk)": (ValueError, "shape \\(2, 1, 19\\)", lambda: _padding()[:, None, :]),
+    "float64": (TypeError, "float32 or the query's dtype", lambda: ((1 - _padding().double()) * -10000.0)),
+    "int32": (TypeError, "bool .* or float", lambda: _padding().int()),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MASKS))
+def test_backend_refuses_a_mask_no_path_takes_eagerly_and_compiled(case):
+    error, match, make = BAD_MASKS[case]
+    q, k, v = _qkv()
+    with dit_fast.use_backend("torch"):
+        with pytest.raises(error, match=match):
+            dd.dit_fast_attention(q, k, v, attn_mask=make())
+        with pytest.raises(Exception, match=match):  # Dynamo's error quotes ours
+            torch.compile(dd.dit_fast_attention, fullgraph=True, backend="eager")(q, k, v, attn_mask=make())
+
+
+def test_backend_fp32_mask_with_bf16_queries_eagerly_and_compiled():
+    """A float32 mask with bf16 q, k, v (SDPA takes it): the same result eagerly and compiled, for a padding mask
+    (our kernel) and for additive biases (native attention)."""
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv())
+    padding = (1 - _padding().float()) * -10000.0
+    biases = torch.randn(2, 1, 37, 19, generator=torch.Generator().manual_seed(5))
+    with dit_fast.use_backend("torch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the biases' fallback
+        for mask in (padding, biases):
+            eager = dd.dit_fast_attention(q, k, v, attn_mask=mask)
+            torch._dynamo.reset()
+            compiled = torch.compile(dd.dit_fast_attention, fullgraph=True, backend="eager")(q, k, v, attn_mask=mask)
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
 def test_compiled_backend_under_inductor():

@@ -22,8 +22,10 @@ cross-attention keys, fp32 / fp16 / bf16):
     over the mesh (one all-reduce), so every rank takes the same path.
 Everything else (dropout, causal, grouped-query heads, float biases, masks that differ between
 queries, rows with no visible key, float64, other head dims) runs diffusers' native attention, with
-one RuntimeWarning per distinct reason (each head dim, dtype combination, mask shape: the numbers are
-kept): never a silently different result.
+one RuntimeWarning per distinct reason (each head dim, dtype combination: the numbers are kept): never a
+silently different result. A mask that neither could run (SDPA refuses it too: an integer dtype, a float
+dtype other than float32 or the query's, a shape that does not broadcast to (B, heads, Sq, Sk), 1-D) is a
+TypeError / ValueError naming it, eagerly and compiled alike.
 
 Under torch.compile (fullgraph=True included) nothing is read on the host while tracing: flags,
 shapes and dtypes decide what they can (a static fallback is warned while tracing), and a mask's
@@ -154,19 +156,33 @@ _EVERY_KEY_MASKED = ("a query with every key masked (the native result there is 
                      "dit_fast's zeros)")
 
 
-def _mask_4d(attn_mask: Tensor, batch: int, heads: int, seq_q: int, seq_k: int):
-    """(attn_mask as (B | 1, heads | 1, Sq | 1, Sk), None), or (None, why the kernels cannot take it)."""
+def _check_mask(attn_mask: Tensor, query_dtype: torch.dtype) -> None:
+    """A mask neither path could run (diffusers' native attention, SDPA, refuses it too): a TypeError
+    or ValueError naming it, the same eagerly and while tracing (static facts only). Shapes are
+    checked by ``_mask_4d``."""
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"dit_fast attention backend: attn_mask must be bool (True = attend) or float (added to "
+                        f"the scores), got dtype {attn_mask.dtype}")
+    if attn_mask.is_floating_point() and attn_mask.dtype not in (torch.float32, query_dtype):
+        raise TypeError(f"dit_fast attention backend: a float attn_mask must be float32 or the query's dtype "
+                        f"{query_dtype} (as SDPA takes it), got {attn_mask.dtype}")
+
+
+def _mask_4d(attn_mask: Tensor, batch: int, heads: int, seq_q: int, seq_k: int) -> Tensor:
+    """attn_mask as (B | 1, heads | 1, Sq | 1, Sk), broadcast as SDPA reads it (a (B, Sk) mask as a key
+    padding mask, as diffusers' native backend reads it); a ValueError naming the shapes for a mask that
+    does not broadcast to (B, heads, Sq, Sk) (SDPA refuses it too; so does a 1-D mask)."""
     m = attn_mask
     if m.dim() == 2 and tuple(m.shape) == (batch, seq_k):
         m = m[:, None, None, :]
-    while m.dim() < 4:
+    while 2 <= m.dim() < 4:
         m = m.unsqueeze(0)
     if m.dim() != 4 or m.shape[-1] != seq_k or any(
-            s not in (1, full) for s, full in zip(m.shape[:3], (batch, heads, seq_q))):
-        return None, f"a mask of shape {tuple(attn_mask.shape)} for q ({batch}, {seq_q}, {heads}, D), {seq_k} keys"
-    if m.dtype != torch.bool and not m.is_floating_point():
-        return None, f"a mask of dtype {m.dtype}"
-    return m, None
+            s not in (1, full) for s, full in zip(m.shape[:3], (batch, heads, seq_q), strict=True)):
+        raise ValueError(f"dit_fast attention backend: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                         f"broadcast to (B, heads, Sq, Sk) = ({batch}, {heads}, {seq_q}, {seq_k}) (q is (B, Sq, "
+                         f"heads, D); a 2-D mask is (B, Sk) or (Sq, Sk))")
+    return m
 
 
 def _visible(m: Tensor) -> Tensor:
@@ -209,9 +225,7 @@ def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q:
     """
     if attn_mask is None:
         return None, None
-    m, reason = _mask_4d(attn_mask, batch, heads, seq_q, seq_k)
-    if reason is not None:
-        return None, reason
+    m = _mask_4d(attn_mask, batch, heads, seq_q, seq_k)
     checks, has_key = _mask_checks(m, batch, heads, seq_k)
     visible = _visible(m)
     same_heads = (visible == visible[:, :1]).all() if visible.shape[1] > 1 else visible.new_ones((), dtype=torch.bool)
@@ -222,7 +236,7 @@ def key_padding_mask(attn_mask: Optional[Tensor], batch: int, heads: int, seq_q:
     if group is not None:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
     passed = flags.tolist()  # one host sync for every check
-    for (reason, _), ok in zip(checks, passed):
+    for (reason, _), ok in zip(checks, passed[:len(checks)], strict=True):
         if not ok:
             return None, reason
     if not all(f == -1 for f in passed[len(checks) + 1:]):
@@ -260,19 +274,17 @@ def _unaliased(tensors):
 def _device_checked(query, key, value, attn_mask, scale, enable_gqa, return_lse):
     """A masked call under torch.compile: the path decided without reading the mask on the host.
 
-    From static facts: a mask shape or dtype the kernels cannot take runs native attention (warned
-    while tracing); the mask's head dim picks its layout (1: (B, Sk) to the kernels, heads: per head,
-    (B, heads, Sk); the same result). The value checks of ``key_padding_mask`` (float entries 0 or
-    <= -9000, the same for every query, a visible key in every row) become one 0-dim bool on the
-    device, and ``torch.cond`` runs our kernel when it holds, else diffusers' native attention on the
-    mask as given: the eager result either way, one branch run (one runtime sync, as eager's host
-    read), no graph break. What is lost: the warning of a fallback that the values decide.
+    A mask of a shape or dtype that no path takes was refused before. The mask's head dim (static) picks
+    its layout (1: (B, Sk) to the kernels, heads: per head, (B, heads, Sk); the same result). The value
+    checks of ``key_padding_mask`` (float entries 0 or <= -9000, the same for every query, a visible key
+    in every row) become one 0-dim bool on the device, and ``torch.cond`` runs our kernel when it holds,
+    else diffusers' native attention on the mask as given: the eager result either way, one branch run
+    (one runtime sync, as eager's host read), no graph break. What is lost: the warning of a fallback
+    that the values decide.
     """
     batch, seq_q, heads, _ = query.shape
     seq_k = key.shape[1]
-    m, reason = _mask_4d(attn_mask, batch, heads, seq_q, seq_k)
-    if reason is not None:
-        return _native(query, key, value, attn_mask, 0.0, False, scale, enable_gqa, return_lse, None, reason)
+    m = _mask_4d(attn_mask, batch, heads, seq_q, seq_k)
     if return_lse:
         raise ValueError("dit_fast attention backend: return_lse with a mask under torch.compile: the mask's values "
                          "choose between dit_fast's kernels and diffusers' native attention, which has no return_lse")
@@ -281,7 +293,7 @@ def _device_checked(query, key, value, attn_mask, scale, enable_gqa, return_lse)
     per_head = m.shape[1] > 1
 
     def ours(q, k, v, mask):
-        kpm = _as_key_padding(_mask_4d(mask, batch, heads, seq_q, seq_k)[0], batch, heads, seq_k, per_head)
+        kpm = _as_key_padding(_mask_4d(mask, batch, heads, seq_q, seq_k), batch, heads, seq_k, per_head)
         return attention(q, k, v, scale=scale, key_padding_mask=kpm)
 
     def theirs(q, k, v, mask):
@@ -307,6 +319,9 @@ def dit_fast_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opt
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
         return _block_mask_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa, return_lse,
                                      _parallel_config)
+    if attn_mask is not None and all(isinstance(t, Tensor) and t.dim() == 4 for t in (query, key)):
+        _check_mask(attn_mask, query.dtype)  # what no path runs: an error, eagerly and compiled alike
+        _mask_4d(attn_mask, query.shape[0], query.shape[2], query.shape[1], key.shape[1])
     reason = _unsupported(query, key, value, dropout_p, is_causal)
     parallel = _parallel_config is not None and _parallel_config.context_parallel_config is not None
     if reason is None and attn_mask is not None and not parallel and torch.compiler.is_compiling():
