@@ -497,6 +497,8 @@ FALLBACKS = {  # case -> (reason in the warning, call)
     "every key masked": ("every key masked",
                          lambda q, k, v: dict(attn_mask=torch.zeros(2, 1, 1, k.shape[1], dtype=torch.bool))),
     "every key masked in one head": ("every key masked", _no_key_in_one_head),
+    "a padding mask that requires grad": ("requires grad", lambda q, k, v: dict(
+        attn_mask=((1 - _padding(k.shape[1]).float()) * -10000.0)[:, None, None, :].requires_grad_())),
 }
 
 

@@ -20,9 +20,9 @@ cross-attention keys, fp32 / fp16 / bf16):
     assumes as many keys as queries, its ring merge turns a fully masked first block into a NaN LSE,
     and its Ulysses hands each rank some of the heads but all of a mask. Mask checks are combined
     over the mesh (one all-reduce), so every rank takes the same path.
-Everything else (dropout, causal, grouped-query heads, float biases, masks that differ between
-queries, rows with no visible key, float64, other head dims) runs diffusers' native attention, with
-one RuntimeWarning per distinct reason (each head dim, dtype combination: the numbers are kept): never a
+Everything else (dropout, causal, grouped-query heads, float biases, a mask that requires grad, masks
+that differ between queries, rows with no visible key, float64, other head dims) runs diffusers' native
+attention, with one RuntimeWarning per distinct reason (each head dim, dtype combination: the numbers are kept): never a
 silently different result. A mask that neither could run (SDPA refuses it too: an integer dtype, a float
 dtype other than float32 or the query's, a shape that does not broadcast to (B, heads, Sq, Sk), 1-D) is a
 TypeError / ValueError naming it, eagerly and compiled alike.
@@ -323,6 +323,8 @@ def dit_fast_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opt
         _check_mask(attn_mask, query.dtype)  # what no path runs: an error, eagerly and compiled alike
         _mask_4d(attn_mask, query.shape[0], query.shape[2], query.shape[1], key.shape[1])
     reason = _unsupported(query, key, value, dropout_p, is_causal)
+    if reason is None and attn_mask is not None and attn_mask.requires_grad:
+        reason = "a float mask that requires grad (the kernels would give it no gradient)"
     parallel = _parallel_config is not None and _parallel_config.context_parallel_config is not None
     if reason is None and attn_mask is not None and not parallel and torch.compiler.is_compiling():
         return _device_checked(query, key, value, attn_mask, scale, enable_gqa, return_lse)
