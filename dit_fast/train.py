@@ -216,7 +216,7 @@ def make_flow(cfg: TrainConfig):
 
 def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
     if cfg.optimizer == "galore":
         from dit_fast.optim import GaLoreAdamW, galore_param_groups

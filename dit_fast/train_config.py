@@ -193,7 +193,7 @@ class TrainConfig:
         _check_int("ring", self.ring, 1)
         if not isinstance(self.fsdp, bool):
             raise ConfigError("fsdp", f"expected True or False, got {self.fsdp!r}")
-        grid = tuple(n // p for n, p in zip((self.num_frames, self.size, self.size), self.patch))
+        grid = tuple(n // p for n, p in zip((self.num_frames, self.size, self.size), self.patch, strict=True))
         return sequence_parallel_degrees(self.sp, self.sp_mode, self.ring, self.num_heads, grid, world_size)
 
 

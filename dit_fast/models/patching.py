@@ -92,7 +92,7 @@ def _is_final_layer(m):
 
 
 def _is_attention(m):
-    return all(hasattr(m, a) for a in ("qkv", "proj", "num_heads")) and isinstance(getattr(m, "qkv"), nn.Linear)
+    return all(hasattr(m, a) for a in ("qkv", "proj", "num_heads")) and isinstance(m.qkv, nn.Linear)
 
 
 def _affine(norm):

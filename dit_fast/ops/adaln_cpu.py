@@ -58,7 +58,8 @@ class _Blocks:
             k = rows // group
             spans = [(g0 * group, min(k, G - g0), group) for g0 in range(0, G, k)]
         else:
-            spans = [(lo, 1, min(rows, (g + 1) * group - lo)) for g in range(G) for lo in range(g * group, (g + 1) * group, rows)]
+            spans = [(lo, 1, min(rows, (g + 1) * group - lo))
+                     for g in range(G) for lo in range(g * group, (g + 1) * group, rows)]
         self.shape, self.G = (B, N, C), G
         self.items = [(k, r, b * G + lo // group) for b in range(B) for lo, k, r in spans]  # (k, r, first mod row)
 
@@ -68,7 +69,7 @@ class _Blocks:
         if not self.items:
             return []
         parts = t.reshape(B * N, C).split([k * r for k, r, _ in self.items])
-        return [p.view(k, r, C) for p, (k, r, _) in zip(parts, self.items)]
+        return [p.view(k, r, C) for p, (k, r, _) in zip(parts, self.items, strict=True)]
 
     def mods(self, mod: Tensor) -> Tuple[Tensor, List[Tensor]]:
         """(B, C) or (B, G, C) -> (its fp32 copy (B G, C), one (k, 1, C) view of it per block)."""
@@ -109,7 +110,7 @@ class _LayerNormModulate(torch.autograd.Function):
         out = _empty_like(x)
         _, shifts = blocks.mods(shift)
         _, scales = blocks.mods(scale)
-        for xb, ob, sh, sc in zip(blocks.rows(x), blocks.rows(out), shifts, scales):
+        for xb, ob, sh, sc in zip(blocks.rows(x), blocks.rows(out), shifts, scales, strict=True):
             ob.copy_(F.layer_norm(_upcast(xb), (C,), w, b, eps).mul_(1 + sc).add_(sh))
         ctx.save_for_backward(x, shift, scale, weight, bias)
         ctx.eps, ctx.block_bytes = eps, block_bytes
@@ -126,7 +127,8 @@ class _LayerNormModulate(torch.autograd.Function):
         dshift, dscale = (x.new_zeros(blocks.G * x.shape[0], C, dtype=torch.float32) for _ in range(2))
         dw = x.new_zeros(C, dtype=torch.float32) if weight is not None else None
         db = x.new_zeros(C, dtype=torch.float32) if bias is not None else None
-        for i, (xb, gb, dxb, sc) in enumerate(zip(blocks.rows(x), blocks.rows(dout), blocks.rows(dx), scales)):
+        for i, (xb, gb, dxb, sc) in enumerate(zip(blocks.rows(x), blocks.rows(dout), blocks.rows(dx), scales,
+                                                  strict=True)):
             x32, g = _upcast(xb), _upcast(gb)
             n, mean, rstd = torch.ops.aten.native_layer_norm(x32, [C], w, b, ctx.eps)
             blocks.add_rows(dshift, _sum_rows(g), i)
@@ -173,7 +175,8 @@ class _GatedResidual(torch.autograd.Function):
         _, gates = blocks.mods(gate)
         dy = _empty_like(y)
         dgate = dout.new_zeros(blocks.G * dout.shape[0], dout.shape[-1], dtype=torch.float32)
-        for i, (gb, yb, dyb, ga) in enumerate(zip(blocks.rows(dout), blocks.rows(y), blocks.rows(dy), gates)):
+        for i, (gb, yb, dyb, ga) in enumerate(zip(blocks.rows(dout), blocks.rows(y), blocks.rows(dy), gates,
+                                                  strict=True)):
             g = _upcast(gb)
             blocks.add_rows(dgate, _sum_rows(g * _upcast(yb)), i)
             dyb.copy_(g * ga)
@@ -197,7 +200,7 @@ class _ResidualLayerNormModulate(torch.autograd.Function):
         h, out = _empty_like(x), _empty_like(x)
         (_, gates), (_, shifts), (_, scales) = blocks.mods(gate), blocks.mods(shift), blocks.mods(scale)
         for xb, yb, hb, ob, ga, sh, sc in zip(blocks.rows(x), blocks.rows(y), blocks.rows(h), blocks.rows(out),
-                                              gates, shifts, scales):
+                                              gates, shifts, scales, strict=True):
             hb.copy_(_upcast(xb) + ga * _upcast(yb))  # h rounded to x.dtype before its LayerNorm, as the reference
             ob.copy_(F.layer_norm(_upcast(hb), (C,), None, None, eps).mul_(1 + sc).add_(sh))
         ctx.save_for_backward(gate, y, shift, scale, h)
@@ -216,7 +219,8 @@ class _ResidualLayerNormModulate(torch.autograd.Function):
         dhs = blocks.rows(dh) if dh is not None else [None] * len(blocks.items)
         douts = blocks.rows(dout) if dout is not None else [None] * len(blocks.items)
         for i, (hb, yb, dhb, gb, dxb, dyb, ga, sc) in enumerate(zip(blocks.rows(h), blocks.rows(y), dhs, douts,
-                                                                   blocks.rows(dx), blocks.rows(dy), gates, scales)):
+                                                                   blocks.rows(dx), blocks.rows(dy), gates, scales,
+                                                                   strict=True)):
             total = _upcast(dhb).clone() if dhb is not None else None  # dL/dh in fp32: h's own use, then its LN's
             if gb is not None:
                 h32, g = _upcast(hb), _upcast(gb)

@@ -127,7 +127,7 @@ def apply_rope_3d_reference(x: Tensor, grid: Sequence[int], theta: float = 10000
 # fp32 copy of a large bf16 q is twice its size, and allocations that large come from fresh pages on
 # every call). Models run RoPE eagerly the same way: tables built once (Wan, CogVideoX).
 
-CPU_BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of x (as dit_fast/ops/adaln_cpu.py: below the mmap ceiling, few blocks)
+CPU_BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of x (as adaln_cpu.py: below the mmap ceiling, few blocks)
 _CPU_TABLES: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 _CPU_TABLES_MAX = 8  # the grids of one model (training size, sampling sizes); the oldest goes first
 
@@ -167,10 +167,10 @@ def apply_rope_3d_cpu(x: Tensor, grid: Sequence[int], theta: float = 10000.0, sp
         return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).reshape(hi - lo, heads, D)
 
     if grad:
-        return torch.cat([block(part, lo, hi).to(x.dtype) for part, (lo, hi) in zip(split(x), spans)]
+        return torch.cat([block(part, lo, hi).to(x.dtype) for part, (lo, hi) in zip(split(x), spans, strict=True)]
                          ).view(B, S, heads, D)
     out = torch.empty(B, S, heads, D, dtype=x.dtype, device=x.device)
-    for target, part, (lo, hi) in zip(split(out), split(x), spans):
+    for target, part, (lo, hi) in zip(split(out), split(x), spans, strict=True):
         target.copy_(block(part, lo, hi))
     return out
 

@@ -174,7 +174,7 @@ def _decode(tensor: torch.Tensor, like):
         return int(tensor)
     if isinstance(like, float):
         return float(tensor)
-    return type(like)(type(a)(b) for a, b in zip(like, tensor.tolist()))
+    return type(like)(type(a)(b) for a, b in zip(like, tensor.tolist(), strict=True))
 
 
 class OptimizerState:
@@ -433,7 +433,8 @@ def load_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.O
     _check_against_metadata(flat, md, os.fspath(ckpt_dir))
     if absent:
         warnings.warn(f"checkpoint {os.fspath(ckpt_dir)!r} has no RNG state for rank {_rank()} (saved on fewer "
-                      "ranks, or without RNG): this rank keeps its current random streams", RuntimeWarning)
+                      "ranks, or without RNG): this rank keeps its current random streams", RuntimeWarning,
+                      stacklevel=2)
     try:
         with _quiet_single_process():
             dcp.load(state, storage_reader=SafeFileSystemReader(ckpt_dir), planner=TensorOnlyLoadPlanner(),
