@@ -128,8 +128,11 @@ def test_bad_index_lists_are_refused():
     dense = SparseBlocks.from_tile_mask(LAYOUT, full)
     descending = dense.kv_index.clone()
     descending[0, 0, 3, :2] = descending[0, 0, 3, :2].flip(0)
+    repeated = dense.kv_index.clone()  # a tile listed twice (ascending, not strictly): the kernels would count it twice
+    repeated[0, 0, 4, 1] = repeated[0, 0, 4, 0]
     for blocks, match in ((_bad(index=index), r"in \[0, n_tiles"), (_bad(count=count), r"kv_count must lie"),
-                          (SparseBlocks(LAYOUT, dense.kv_count, descending), "strictly ascending")):
+                          (SparseBlocks(LAYOUT, dense.kv_count, descending), "strictly ascending"),
+                          (SparseBlocks(LAYOUT, dense.kv_count, repeated), "strictly ascending")):
         with pytest.raises(ValueError, match=match):
             block_sparse_attention(q, k, v, blocks, backend="torch")
 

@@ -163,6 +163,16 @@ def test_config_errors_name_the_field(kwargs, error, match):
         SparseAttention(**kwargs)
 
 
+def test_candidates_climb_by_sqrt2_from_the_density_to_dense():
+    """The calibration's ladder: density, density * sqrt(2), ... below 1, then dense (topk on 100 video tiles of
+    one token: its kept fraction is exactly (keep + local) / 100)."""
+    layout = TileLayout((4, 5, 5), (1, 1, 1))
+    candidates = SparseAttention(pattern="topk", density=0.1, tolerance=0.1).candidates(layout)
+    assert candidates[-1] == {"pattern": "dense"}
+    fractions = [(c["keep"] + 1) / layout.n_video_tiles for c in candidates[:-1]]
+    assert fractions == pytest.approx([0.1 * 2 ** (i / 2) for i in range(7)], abs=0.01)  # 0.1 ... 0.8
+
+
 @pytest.mark.parametrize("pattern", ["sliding_tile", "radial", "topk"])
 def test_density_one_keeps_every_tile(pattern):
     config = SparseAttention(pattern=pattern, density=1.0)

@@ -61,6 +61,19 @@ def test_radial_is_dense_near_the_diagonal_and_shrinks_with_distance():
     assert kept[5, 13] == 3 * 3  # d = 8 (band 3): area 8 -> ceil(8 / sqrt(8)) = 3 per axis
 
 
+def test_radial_without_a_dense_band():
+    """dense_radius = 0: only the query's own slab is whole; band g = bit_length(d) covers distances
+    [2^(g-1), 2^g), each keeping an area of 64 / 2^g tiles (a window of ceil(8 / sqrt(2^g)) per axis)."""
+    layout = TileLayout((16, 8, 8), (1, 1, 1))
+    video = P.radial_video_mask(layout, decay=1.0, dense_radius=0, sink=False).view(16, 64, 16, 64)
+    kept = video.sum(-1).float().mean(1)  # (query frame, key frame): key tiles kept per query tile
+    assert kept[5, 5] == 64  # d = 0: the whole slab
+    assert kept[5, 6] == kept[5, 4] == 6 * 6  # d = 1 (band 1): area 32 -> ceil(8 / sqrt(2)) = 6 per axis
+    assert kept[5, 7] == kept[5, 8] == 4 * 4  # d = 2, 3 (band 2): area 16 -> 4 x 4
+    assert kept[5, 9] == kept[5, 12] == 3 * 3  # d = 4, 7 (band 3): area 8 -> ceil(8 / sqrt(8)) = 3
+    assert kept[5, 13] == 2 * 2  # d = 8 (band 4): area 4 -> 2 x 2
+
+
 def test_radial_kept_pairs_grow_as_s_log_s():
     """Kept key tiles per query tile grow by about a constant per doubling of the frames (O(S log S) in
     all), unlike dense (doubling)."""
