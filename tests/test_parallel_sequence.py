@@ -257,7 +257,38 @@ def _grad_sync_worker(rank, world):
     _step(model, cfg)  # accumulates onto the summed gradients: only the new shares are summed next
     reduce_gradients(model)
     got["manual_2"] = _grads(model)
+    got["reentrant"] = _reentrant_checkpoint_grads(rank, world)
     return got
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 1))
+
+
+def _mlp_loss(model, x, reentrant):
+    """The middle layers under activation checkpointing: reentrant (their backward is an inner backward, a graph
+    task of its own, in the middle of the outer one), or none."""
+    h = model[0](x)
+    h = model[1:4](h) if reentrant is None else torch.utils.checkpoint.checkpoint(model[1:4], h, use_reentrant=True)
+    return model[4](h).pow(2).sum()
+
+
+def _mlp_data(rank, step):
+    return torch.randn(3, 4, generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+def _reentrant_checkpoint_grads(rank, world):
+    """GradSync "auto" on a small MLP, each rank its own data, three backwards accumulated (no zero_grad), the
+    middle layers under reentrant checkpointing: the sums at the end of the inner backwards and of the outer ones
+    must add up to the single process's gradient of every rank's loss, each share summed once."""
+    from dit_fast.parallel.grad_sync import GradSync
+    model = _mlp()
+    GradSync([dist.group.WORLD], "auto").track(model)
+    for step in range(3):
+        _mlp_loss(model, _mlp_data(rank, step).requires_grad_(), reentrant=True).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def _check_grad_sync(got, world):
@@ -276,6 +307,13 @@ def _check_grad_sync(got, world):
         _close(f"manual local shares of {pname} sum to the gradient", sum(got[r]["manual_local"][pname]
                                                                          for r in range(world)), w)
     assert any(not torch.allclose(got[0]["manual_local"][n], w) for n, w in want.items())
+    model = _mlp()  # reentrant checkpointing + accumulation: every rank's three losses, in one process
+    for step in range(3):
+        for r in range(world):
+            _mlp_loss(model, _mlp_data(r, step), reentrant=None).backward()
+    for r in range(world):
+        for n, p in model.named_parameters():
+            _close(f"reentrant checkpointing, 3 backwards: grad {n} (rank {r})", got[r]["reentrant"][n], p.grad)
 
 
 def _fsdp_worker(rank, world):
