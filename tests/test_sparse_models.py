@@ -116,6 +116,33 @@ def test_schedule_dense_steps_then_sparse_wan():
     assert outputs["s1-kept"][1] == 1.0 and outputs["s1-kept"][0] < 1.0
 
 
+def test_schedule_reads_a_positional_timestep():
+    """The transformer called positionally (hidden_states, timestep, encoder_hidden_states): the pre-hook reads the
+    step from the second argument, so dense_steps=1 runs step 0 dense and step 1 sparse."""
+    model, kwargs = _inputs("wan", seed=3)
+    patched = sparse_copy(model, SparseAttention(pattern="sliding_tile", density=0.3, tile=TILE, dense_steps=1))
+    kept = []
+    with torch.no_grad(), dit_fast.use_backend("torch"):
+        for t in (800.0, 600.0):
+            patched(kwargs["hidden_states"], torch.full((2,), t), kwargs["encoder_hidden_states"], return_dict=False)
+            kept.append(patched._dit_fast_sparse.kept_fractions())
+    assert kept[0] == {0: 1.0, 1: 1.0} and max(kept[1].values()) < 1, kept
+
+
+def test_sparse_install_refuses_a_layer_on_another_processor():
+    """A self-attention layer whose processor is not dit_fast's would ignore its sparse layer (silently dense):
+    install refuses the model, naming the layer, and leaves no runtime on it."""
+    from dit_fast.integrations.diffusers.sparse import install
+
+    model, _ = build("wan")
+    dit_fast.patch(model)
+    attn = model.blocks[1].attn1
+    attn.set_processor(attn.processor.original)  # diffusers' own processor back on layer 1
+    with pytest.raises(ValueError, match=r"self-attention layers \[1\] of this WanTransformer3DModel do not run"):
+        install(model, "WanTransformer3DModel", SparseAttention())
+    assert not hasattr(model, "_dit_fast_sparse") and model.blocks[0].attn1.processor.sparse is None
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_calibration_reproducible_from_json(name, tmp_path):
     model, kwargs = _inputs(name, seed=4)
@@ -348,7 +375,7 @@ def test_train_with_sparse_then_resume_and_generate(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("spec,match", [("magic", "pattern must be one of"), ("sliding_tile:density=2", "density"),
-                                        ("sliding_tile:dense_layers=5", "past depth")])
+                                        ("sliding_tile:dense_layers=2", "past depth")])
 def test_train_sparse_mistakes_are_one_line(tmp_path, capsys, spec, match):
     from dit_fast.cli import main
 
