@@ -389,19 +389,34 @@ def test_patched_backward_equals_native_torch_path(case):
         assert (grads[key] - ref).abs().max().item() <= 1e-5 * max(ref.abs().max().item(), floor), key
 
 
-WHAT_APPLIES = {
-    "kandinsky5": r"model.set_attention_backend\('dit_fast'\) applies: its processors Kandinsky5AttnProcessor",
-    "kandinsky6_sr": r"nothing in dit_fast applies to it \(Kandinsky6SRAttnProcessor pins the flex backend\)",
-}
+def _what_applies(name):
+    """What the one line of dit_fast.patch on a class without a plan must say, from the table: the processors
+    set_attention_backend reaches (and one that refuses the backend), or nothing."""
+    processors = CLASSES[name].processors
+    reached = [p for p, r in processors.items() if r in reach.REACHED]
+    refusing = [p for p, r in processors.items() if r == "refuses"]
+    if not reached:
+        return r"nothing in dit_fast applies to it \(" + ".*".join(processors) + r".*\)"
+    line = r"model.set_attention_backend\('dit_fast'\) applies: its processors " + ", ".join(reached)
+    if refusing:
+        return line + f".*but {refusing[0]} accepts only the flex backend"
+    return line + r" call diffusers' dispatcher;"
 
 
-@pytest.mark.parametrize("case, applies", list(WHAT_APPLIES.items()))
-def test_patch_on_a_class_without_a_plan_says_what_applies(case, applies):
-    model, _ = zoo.build(case)
-    with pytest.raises(ValueError, match=f"no plan for the diffusers model {type(model).__name__}; {applies}") as info:
+NO_PLAN = [name for name in CLASSES if name not in dit_fast.integrations.DIFFUSERS_MODELS]
+
+
+@pytest.mark.parametrize("name", NO_PLAN)
+def test_patch_on_a_class_without_a_plan_says_what_applies(name):
+    """Every class of the table dit_fast.patch has no plan for: one line, the table's answer, the model untouched."""
+    model, _ = zoo.build(CLASSES[name].cases[0])
+    processors = {n: type(m.processor) for n, m in model.named_modules() if getattr(m, "processor", None) is not None}
+    with pytest.raises(ValueError, match=f"no plan for the diffusers model {name}; {_what_applies(name)}") as info:
         dit_fast.patch(model)
     assert "\n" not in str(info.value)
     assert not hasattr(model, "_dit_fast_patched")
+    assert processors == {n: type(m.processor) for n, m in model.named_modules()
+                          if getattr(m, "processor", None) is not None}
 
 
 @pytest.mark.parametrize("case", ["wan_vace", "wan_animate", "skyreels_v2", "chronoedit", "hunyuan_video15", "ltx2",

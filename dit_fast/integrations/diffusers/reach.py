@@ -90,8 +90,11 @@ def what_applies(model: nn.Module) -> str:
     processors = attention_processors(model)
     if reaches(model):
         reached = [name for name, reach in processors.items() if reach in REACHED]
+        refusing = {name: reach for name, reach in processors.items() if reach == "refuses"}
+        caveat = (f", but {describe(refusing)} (its forward raises ValueError unless that processor's backend is "
+                  "flex)") if refusing else ""
         return (f"model.set_attention_backend({BACKEND_NAME!r}) applies: its processors {', '.join(reached)} call "
-                "diffusers' dispatcher")
+                f"diffusers' dispatcher{caveat}")
     return f"nothing in dit_fast applies to it ({describe(processors)})"
 
 
