@@ -118,6 +118,8 @@ def test_save_load_reproduces_the_choices_and_outputs(tmp_path):
     (lambda d: d.update(format="x"), "format"),
     (lambda d: d.update(version=2), "version"),
     (lambda d: d["config"].update(density=3), "config"),
+    (lambda d: d.update(config=["sliding_tile"]), "config"),
+    (lambda d: d["config"].update(pattern=5), "config"),
     (lambda d: d["calibrations"][0].update(grid=[4, 6]), "calibrations[0].grid"),
     (lambda d: d["calibrations"][0]["layers"]["0"][0].update(window=[1, 1]), "calibrations[0].layers.0"),
     (lambda d: d["calibrations"][0]["layers"]["0"].append({"pattern": "magic"}), "calibrations[0].layers.0"),

@@ -179,6 +179,8 @@ class SparseBlocks:
     kv_index: Tensor  # (B | 1, heads | 1, n_tiles, width) int32, the first kv_count entries ascending
 
     def __post_init__(self):
+        if not isinstance(self.layout, TileLayout):
+            raise TypeError(f"layout must be a TileLayout, got {type(self.layout).__name__}")
         n = self.layout.n_tiles
         c, i = self.kv_count, self.kv_index
         if not isinstance(c, Tensor) or not isinstance(i, Tensor):
@@ -196,14 +198,23 @@ class SparseBlocks:
     @staticmethod
     def from_tile_mask(layout: TileLayout, tile_mask: Tensor, width: Optional[int] = None) -> "SparseBlocks":
         """From a bool (B | 1, heads | 1, n_tiles, n_tiles) tile mask (True = the query tile keeps the key
-        tile). width: the index lists' length (default: the largest count, one host sync)."""
+        tile). width: the index lists' length, at least the largest count (default: the largest count, one host
+        sync; a given width is not checked against the counts here: the op checks them, once per blocks object)."""
+        if not isinstance(layout, TileLayout):
+            raise TypeError(f"layout must be a TileLayout, got {type(layout).__name__}")
         n = layout.n_tiles
+        if not isinstance(tile_mask, Tensor):
+            raise TypeError(f"tile_mask must be a bool tensor (B | 1, heads | 1, {n}, {n}), got "
+                            f"{type(tile_mask).__name__}")
         if tile_mask.dtype != torch.bool or tile_mask.dim() != 4 or tuple(tile_mask.shape[-2:]) != (n, n):
             raise ValueError(f"tile_mask must be bool (B | 1, heads | 1, {n}, {n}), got {tile_mask.dtype} "
                              f"{tuple(tile_mask.shape)}")
         count = tile_mask.sum(-1, dtype=torch.int32)  # (..., n)
         if width is None:
-            width = max(int(count.max()), 1)
+            width = max(int(count.max()), 1) if count.numel() else 1  # an empty batch: lists of one entry
+        elif isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n:
+            raise ValueError(f"width must be an int in [1, n_tiles = {n}] (the index lists' length, at least the "
+                             f"largest count), got {width!r}")
         # kept tiles first, in ascending order: sort the key (not kept -> n + j) and keep the first `width`
         j = torch.arange(n, device=tile_mask.device, dtype=torch.int32)
         order = torch.where(tile_mask, j, j + n).sort(dim=-1).values[..., :width]

@@ -179,7 +179,11 @@ class SparseAttention:
 
     @classmethod
     def from_dict(cls, config: dict) -> "SparseAttention":
-        return cls(**{**config, "pattern": tuple(config.get("pattern", ("sliding_tile",)))})
+        """The inverse of to_dict (a pattern may also be one name)."""
+        if not isinstance(config, dict):
+            raise TypeError(f"a SparseAttention configuration is a dict of its fields, got {type(config).__name__}")
+        pattern = config.get("pattern", ("sliding_tile",))
+        return cls(**{**config, "pattern": tuple(pattern) if isinstance(pattern, list) else pattern})
 
     def save(self, path: Union[str, os.PathLike]) -> str:
         """Writes the configuration and every calibrated choice as JSON (atomically: a temporary file renamed)."""
