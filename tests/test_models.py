@@ -200,6 +200,19 @@ def test_patch_rejects_other_models():
         dit_fast.patch("DiT")
 
 
+def test_patch_refuses_before_changing_anything():
+    """A model with timm attention modules but no DiT block, and a DiT with a misspelled backend: a ValueError,
+    and the model is left as it was (no forward replaced)."""
+    vit = torch.nn.Sequential(R.Attention(16, num_heads=2))  # timm's Attention
+    with pytest.raises(ValueError, match="no DiT block"):
+        dit_fast.patch(vit)
+    assert "forward" not in vars(vit[0]) and not hasattr(vit, "_dit_fast_patched")
+    dit = random_dit()
+    with pytest.raises(ValueError, match="unknown backend 'trition'"):
+        dit_fast.patch(dit, backend="trition")
+    assert not any("forward" in vars(m) for m in dit.modules()) and not hasattr(dit, "_dit_fast_patched")
+
+
 # ---------------------------------------------------------------------------------------------
 # Fused (Triton) vs torch backend
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Callable
 
 from torch import nn
 
-from dit_fast import ops
+from dit_fast import _backend, ops
 from dit_fast.integrations import DIFFUSERS_MODELS, is_diffusers_model
 from dit_fast.ops.flash_attention import attention
 
@@ -167,29 +167,28 @@ def patch(model: nn.Module, backend: str = "auto", sparse=None) -> nn.Module:
         hint = "; for a diffusers pipeline, patch pipe.transformer" if hasattr(model, "transformer") else ""
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}{hint}")
     _check_not_patched(model)
+    _backend._check_name(backend, "dit_fast.patch")  # here, not at the first forward
     if is_diffusers_model(model):  # imported only for diffusers models: `import dit_fast` never imports diffusers
         from dit_fast.integrations import diffusers as diffusers_integration
         return diffusers_integration.patch(model, backend=backend, sparse=sparse)
     if sparse is not None:
         raise ValueError(f"dit_fast.patch(..., sparse=...) patches diffusers' Wan and HunyuanVideo transformers, not a "
                          f"{type(model).__name__}; a DiTVideo takes DiTVideo(attention='block_sparse', sparse=...)")
-    counts = {"blocks": 0, "final_layers": 0, "attention": 0}
+    plan = []  # (module, kind, forward): decided for the whole model before any module changes
     for module in model.modules():
         if _is_dit_block(module):
-            patch_method(module, "forward", _block_forward)
-            counts["blocks"] += 1
+            plan.append((module, "blocks", _block_forward))
         elif _is_final_layer(module):
-            patch_method(module, "forward", _final_layer_forward)
-            counts["final_layers"] += 1
+            plan.append((module, "final_layers", _final_layer_forward))
         elif _is_attention(module):
-            patch_method(module, "forward", _attention_forward)
-            counts["attention"] += 1
-        else:
-            continue
-        module._dit_fast_backend = backend
-    if counts["blocks"] == 0:
+            plan.append((module, "attention", _attention_forward))
+    counts = {kind: sum(k == kind for _, k, _ in plan) for kind in ("blocks", "final_layers", "attention")}
+    if counts["blocks"] == 0:  # raised with the model untouched (a ViT's attention modules stay its own)
         raise ValueError(f"dit_fast.patch found no DiT block (a module with norm1, attn, norm2, mlp and "
                          f"adaLN_modulation) in {type(model).__name__}; it patches facebookresearch/DiT-style "
                          f"models and diffusers' {', '.join(DIFFUSERS_MODELS)}")
+    for module, _, forward in plan:
+        patch_method(module, "forward", forward)
+        module._dit_fast_backend = backend
     model._dit_fast_patched = counts
     return model
