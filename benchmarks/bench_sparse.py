@@ -11,14 +11,16 @@ them after permuting once at its input):
              >= 2.5x forward + backward at 25%), at wan480 (32,760 tokens) and wan720 (21, 45, 80) =
              75,600 tokens (Wan 720p, 81 frames), 12 heads; also ours-sparse-raster (tokens in raster
              order: the op's gathers each way) and ours-dense.
-Variants: fwd and fwd+bwd. FLOPs counted in code: 4 * kept (query, key) token pairs * D forward, 2.5x that
-for the backward (fwd+bwd = 3.5x): TFLOP/s are useful work (masked rows of partial tiles not counted).
+Variants: fwd and fwd+bwd. FLOPs and pairs from benchmarks/sparse_flops.py (the one FLOP accounting):
+4 * kept (query, key) token pairs * D forward, 2.5x that for the backward (fwd+bwd = 3.5x): TFLOP/s are
+useful work (masked rows of partial tiles not counted; the issued fraction says what the kernels compute).
 
     python -m benchmarks.bench_sparse [--cases per_tile,speedup] [--variants fwd,fwd+bwd] [--no-write]
                                       [--quick] [--budget-s S]
-    python -m benchmarks.bench_sparse --flops [--tile 3,5,4]   # no GPU: FLOP accounting per pattern and
-                                                    # density at the Wan-1.3B and HunyuanVideo-720p shapes,
-                                                    # and the speedups it predicts (predictions, not timings)
+    python -m benchmarks.bench_sparse --flops [--tile 3,5,4]   # no GPU: sparse_flops' kept and issued pairs
+                                                    # per pattern and density at the Wan-1.3B and HunyuanVideo-
+                                                    # 720p shapes, and the kernel speedups over cuDNN dense
+                                                    # they predict (predictions, not timings)
     python -m benchmarks.bench_sparse --cpu-smoke   # tiny CPU shapes, our kernels in Triton's interpreter,
                                                     # every provider checked against the reference
 
@@ -34,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,9 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
+from benchmarks.sparse_flops import SHAPES, VARIANTS, attention_flops, choice_pairs, pair_counts, parse_tile
 
 OP = "attention_sparse"
-VARIANTS = ("fwd", "fwd+bwd")
 TILE = (4, 4, 4)  # Video Sparse Attention's cubes: 64 tokens, one 64 x 64 block pair per kept tile pair
 TARGETS = {("per_tile", "fwd"): 0.85, ("per_tile", "fwd+bwd"): 0.85, ("speedup", "fwd", 0.25): 3.0,
            ("speedup", "fwd", 0.10): 6.0, ("speedup", "fwd+bwd", 0.25): 2.5}
@@ -82,7 +84,7 @@ SMOKE_CASE = Case("speedup", (2, 3, 5), 0.5, heads=1, D=16, tile=(1, 2, 3), extr
 
 
 # ---------------------------------------------------------------------------------------------
-# Blocks and FLOPs
+# Blocks (their pairs and FLOPs: benchmarks/sparse_flops.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -99,26 +101,6 @@ def pattern_blocks(layout, pattern: str, density: float, q=None, k=None):
 
     params = PATTERNS[pattern].for_density(layout, density)
     return blocks_from_video_mask(layout, video_mask({"pattern": pattern, **params}, layout, q, k)), params
-
-
-def pair_counts(blocks, block: Optional[int] = None) -> Tuple[int, int]:
-    """(kept (query, key) token pairs, pairs the kernel issues) summed over the blocks' batch and heads.
-    Issued: each kept tile pair costs whole BLOCK x BLOCK blocks (rows past a partial tile's end are
-    computed and masked), the work a GPU spends; block defaults to the tile's volume rounded up to a power
-    of two in [16, 64] (what the tile spaces pick for 4 x 4 x 4 tiles: 64)."""
-    volume = blocks.layout.volume
-    block = block or max(16, min(64, 1 << (volume - 1).bit_length()))
-    sizes = blocks.layout.tile_sizes().to(blocks.kv_count.device)
-    padded = (-(-sizes // block)) * block
-    tiles = blocks.tile_mask().to(torch.int64)
-    kept = int((sizes[:, None] * tiles * sizes[None, :]).sum())
-    issued = int((padded[:, None] * tiles * padded[None, :]).sum())
-    return kept, issued
-
-
-def flops(pairs: int, D: int, variant: str) -> float:
-    """4 * pairs * D forward (two matrix products of 2 * D FLOPs per pair), 2.5x that backward."""
-    return 4.0 * pairs * D * (3.5 if variant == "fwd+bwd" else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +179,7 @@ def run_case(case: Case, variant: str, device, timer, providers, backend: str = 
         times[provider] = timing.median_ms
         pairs = kept if provider.startswith("ours-sparse") else dense_pairs
         rows.append(common.make_row(OP, variant, provider, shape, case.dtype, timing, device=device,
-                                    flops=flops(pairs, case.D, variant), kept_fraction=kept / dense_pairs,
+                                    flops=attention_flops(pairs, case.D, variant), kept_fraction=kept / dense_pairs,
                                     issued_fraction=issued / dense_pairs))
     tflops = {r["provider"]: r["tflops"] for r in rows}
     if case.kind == "per_tile":
@@ -252,39 +234,28 @@ def run(device="cuda", cases=tuple(CASES), variants=VARIANTS, write: bool = True
 # FLOP accounting and predictions (no GPU)
 # ---------------------------------------------------------------------------------------------
 
-SHAPES = {  # (grid, extra text tokens, heads): the models' self-attention at D = 128
-    "Wan2.1-1.3B 480p (81 frames)": ((21, 30, 52), 0, 12),
-    "HunyuanVideo 720p (129 frames)": ((33, 45, 80), 256, 24),
-}
-
-
 def flop_table(patterns=("sliding_tile", "radial", "topk"), densities=(0.25, 0.10), efficiency: float = 0.85,
-               tile=TILE):
-    """Per shape, pattern and density: kept and issued fractions, forward TFLOP (kept pairs, one layer, all
-    heads) against dense, and the speedups over cuDNN dense they predict: (dense pairs / issued pairs) x
-    `efficiency` (our sparse kernel's TFLOP/s over our dense kernel's per issued pair: VSA's 0.85 bar, an
-    assumption until a GPU run) x our dense kernel over cuDNN (OURS_DENSE_OVER_CUDNN, measured). topk
-    scores random q, k (its kept count per query tile is fixed by `keep`, not by the scores)."""
+               tile=TILE, shapes=tuple(SHAPES)):
+    """Per shape (sparse_flops.SHAPES), pattern and density: kept and issued fractions (sparse_flops.choice_pairs:
+    the blocks the pattern builds, topk's expectation), forward TFLOP (kept pairs, one layer, all heads) against
+    dense, and the speedups over cuDNN dense they predict: (dense pairs / issued pairs) x `efficiency` (our sparse
+    kernel's TFLOP/s over our dense kernel's per issued pair: VSA's 0.85 bar, an assumption until a GPU run) x
+    our dense kernel over cuDNN (OURS_DENSE_OVER_CUDNN, measured)."""
     from dit_fast.ops.sparse_layout import TileLayout
+    from dit_fast.sparse.patterns import PATTERNS
 
     out = []
-    for name, (grid, extra, heads) in SHAPES.items():
-        layout = TileLayout(grid, tuple(tile), extra)
-        S = layout.tokens
-        dense = flops(heads * S * S, 128, "fwd")
+    for shape in (SHAPES[name] for name in shapes):
+        layout = TileLayout(shape["grid"], tuple(tile), shape["text_in_attention"])
+        S, heads, D = layout.tokens, shape["heads"], shape["head_dim"]
         for pattern in patterns:
-            q = k = None
-            if pattern == "topk":
-                gen = torch.Generator().manual_seed(0)
-                q, k = (torch.randn(1, S, 1, 128, generator=gen) for _ in range(2))
             for density in densities:
-                blocks, params = pattern_blocks(layout, pattern, density, q, k)
-                kept, issued = pair_counts(blocks)
-                kept_f, issued_f = kept / S ** 2, issued / S ** 2
-                predicted = {v: efficiency * OURS_DENSE_OVER_CUDNN[v] / issued_f for v in VARIANTS}
-                out.append(dict(shape=name, S=S, pattern=pattern, density=density, params=params, kept=kept_f,
-                                issued=issued_f, fwd_tflop=flops(heads * kept, 128, "fwd") / 1e12,
-                                dense_tflop=dense / 1e12, predicted_fwd=predicted["fwd"],
+                params = PATTERNS[pattern].for_density(layout, density)
+                kept, issued = (pairs / S ** 2 for pairs in choice_pairs(layout, {"pattern": pattern, **params}))
+                predicted = {v: efficiency * OURS_DENSE_OVER_CUDNN[v] / issued for v in VARIANTS}
+                out.append(dict(shape=shape["label"], S=S, pattern=pattern, density=density, params=params, kept=kept,
+                                issued=issued, fwd_tflop=attention_flops(heads * kept * S ** 2, D) / 1e12,
+                                dense_tflop=attention_flops(heads * S * S, D) / 1e12, predicted_fwd=predicted["fwd"],
                                 predicted_fwd_bwd=predicted["fwd+bwd"]))
     return out
 
@@ -365,7 +336,7 @@ def main(argv=None) -> int:
         smoke()
         return 0
     if args.flops:
-        tile = tuple(int(x) for x in args.tile.split(","))
+        tile = parse_tile(parser, args.tile)
         print_flop_table(flop_table(tile=tile), tile)
         return 0
     if torch.device(args.device).type != "cuda" or not torch.cuda.is_available():

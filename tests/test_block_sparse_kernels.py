@@ -327,19 +327,19 @@ def test_tile_spaces_drop_what_spills_and_prefer_whole_blocks():
 
 
 def test_bench_sparse_counts_pairs_and_its_cpu_smoke_runs():
-    """benchmarks/bench_sparse.py: the kept pairs its FLOPs count are the token mask's True entries; the
-    issued pairs are the whole blocks the kernels run (kept ones when every tile is one whole block); and
-    its --cpu-smoke mode runs the GPU code path on a tiny case (every provider checked against the
-    reference, both variants), so it cannot rot."""
-    from benchmarks import bench_sparse
+    """The pairs benchmarks/bench_sparse.py's FLOPs count (benchmarks/sparse_flops.pair_counts): kept ones are
+    the token mask's True entries; issued ones the whole blocks the kernels run (kept ones when every tile is
+    one whole block); and its --cpu-smoke mode runs the GPU code path on a tiny case (every provider checked
+    against the reference, both variants), so it cannot rot."""
+    from benchmarks import bench_sparse, sparse_flops
 
     layout = TileLayout((3, 5, 7), (2, 4, 4), extra=5)
     blocks, _ = _blocks(layout, (1, 2), 0.4)
-    kept, issued = bench_sparse.pair_counts(blocks, block=16)
+    kept, issued = sparse_flops.pair_counts(blocks, block=16)
     assert kept == int(blocks.token_mask().sum()) and issued > kept
     whole = TileLayout((2, 4, 8), (1, 4, 4))  # 16-token tiles, all whole
     blocks, _ = _blocks(whole, (1, 1), 0.5)
-    assert bench_sparse.pair_counts(blocks, block=16) == (int(blocks.token_mask().sum()),) * 2
+    assert sparse_flops.pair_counts(blocks, block=16) == (int(blocks.token_mask().sum()),) * 2
     summaries = bench_sparse.smoke()
     assert [s["variant"] for s in summaries] == ["fwd", "fwd+bwd"]
 
@@ -352,7 +352,7 @@ def test_compiles_fullgraph_with_the_kernels_opaque():
     blocks, _ = _blocks(layout, (1, 1), 0.5)
     q, k, v = (torch.randn(1, layout.tokens, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     for order in ("raster", "tiles"):
-        def fn(q, k, v):
+        def fn(q, k, v, order=order):
             return block_sparse_attention(q, k, v, blocks, order=order, backend="triton")
 
         with count_launches() as launches:

@@ -30,10 +30,44 @@ def test_sparse_flops_counts_and_predictions(tmp_path, capsys):
 
 
 def test_sparse_flops_rejects_bad_arguments(capsys):
-    for argv in (["--models", "sd3"], ["--densities", "1.5"], ["--dense-steps", "60", "--steps", "50"]):
+    from benchmarks import bench_sparse
+
+    for main, argv in ((sparse_flops.main, ["--models", "sd3"]), (sparse_flops.main, ["--densities", "1.5"]),
+                       (sparse_flops.main, ["--dense-steps", "60", "--steps", "50"]),
+                       (sparse_flops.main, ["--tile", "4,4"]), (bench_sparse.main, ["--flops", "--tile", "4,x,4"])):
         with pytest.raises(SystemExit) as exc:
-            sparse_flops.main(argv)
-        assert exc.value.code == 2
+            main(argv)
+        assert exc.value.code == 2, argv
+
+
+def test_one_flop_accounting_for_both_command_lines():
+    """bench_sparse --flops and sparse_flops count through the same functions (sparse_flops): the same kept and
+    issued fractions per shape, pattern and density; 4 * D FLOPs per kept pair forward, 3.5x with the backward;
+    a static pattern's pairs are its blocks'; topk's expected count is exact on whole tiles, for any q and k."""
+    from benchmarks import bench_sparse
+    from dit_fast.ops.sparse_layout import TileLayout
+    from dit_fast.sparse import patterns
+
+    table = {r["pattern"]: r for r in bench_sparse.flop_table(densities=(0.25,), shapes=("wan2.1-1.3b",))}
+    rows = {r["pattern"]: r for r in sparse_flops.account("wan2.1-1.3b", [0.25], steps=50, dense_steps=10)}
+    S, heads = 21 * 30 * 52, 12
+    for name in ("sliding_tile", "radial", "topk"):
+        assert table[name]["params"] == rows[name]["params"]
+        row = rows[name]
+        assert (table[name]["kept"], table[name]["issued"]) == (row["kept_fraction"], row["issued_fraction"])
+        assert table[name]["fwd_tflop"] == pytest.approx(4 * 128 * heads * S ** 2 * table[name]["kept"] / 1e12)
+    assert sparse_flops.attention_flops(10, 64, "fwd+bwd") == 3.5 * sparse_flops.attention_flops(10, 64) == 3.5 * 2560
+
+    layout = TileLayout((4, 8, 12), (2, 4, 4), extra=10)  # 24 whole 32-token video tiles, one partial text tile
+    choice = {"pattern": "sliding_tile", "window": [1, 2, 1]}
+    blocks = patterns.sliding_tile(layout, (1, 2, 1))
+    assert sparse_flops.choice_pairs(layout, choice) == sparse_flops.pair_counts(blocks)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, layout.tokens, 2, 8, generator=g).unbind(0)
+    blocks = patterns.topk(q, k, layout, keep=5)
+    kept, issued = sparse_flops.pair_counts(blocks)  # both heads
+    expected = sparse_flops.choice_pairs(layout, {"pattern": "topk", "keep": 5, "local": [1, 1, 1]})
+    assert (kept, issued) == tuple(round(2 * pairs) for pairs in expected)
 
 
 def test_psnr_and_ssim():
