@@ -563,8 +563,10 @@ def test_per_head_mask_under_context_parallelism(monkeypatch):
     """Under context parallelism (2 ranks, threads here) a per-head mask gathers the keys: each rank attends
     with its own queries to every key, on the kernels' path, forward and backward equal to one process.
     Rank 0's shard of the mask is the same in every head, rank 1's is not: the ranks agree (one
-    all-reduce) on the per-head mask."""
-    world, sq, sk = 2, 10, 22
+    all-reduce) on the per-head mask. Self-attention (as many keys as queries on each rank): the per-head
+    mask alone is what sends the call to the gathered keys (diffusers' Ulysses template would hand each
+    rank some of the heads but all of the mask; here, with no real mesh, it fails)."""
+    world, sq, sk = 2, 10, 20
     (q, k, v), mask = _qkv(sq=world * sq, sk=sk), _per_head(sk)
     mask[:, 1:, :sk // 2] = mask[:, :1, :sk // 2]
     assert not torch.equal(mask[:, 1], mask[:, 0])
