@@ -8,6 +8,7 @@ enable_parallelism: Ulysses equals one process, ring is a clear ValueError.
 """
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -103,6 +104,25 @@ def _worker(rank, world):
     with torch.no_grad(), dit_fast.use_backend("torch"):
         results["wan_ulysses"] = {"out": model(**kwargs, return_dict=False)[0],
                                   "kept": model._dit_fast_sparse.kept_fractions()}
+    # a mask that is no key padding mask (additive biases on this rank's keys): dense on the exchanged tokens, with
+    # the whole mask, on this rank's heads, then back
+    processor = model.blocks[0].attn1.processor
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 60, 2, 24, generator=g) for _ in range(3))
+    bias = -3 * torch.rand(2, 1, 1, 60, generator=g)
+    rows = slice(rank * 60 // world, (rank + 1) * 60 // world)
+    with torch.no_grad(), dit_fast.use_backend("torch"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = processor.sparse.attend(processor, q[:, rows], k[:, rows], v[:, rows], bias[..., rows], parallel=True)
+    results["wan_bias"] = {"out": out, "warned": [str(w.message) for w in caught]}
+
+    sparse = SparseAttention(**CALIBRATED)  # per-head choices: each rank calibrates and runs its own head's
+    model, kwargs = _wan(sparse)
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    with torch.no_grad(), dit_fast.use_backend("torch"):
+        model(**kwargs, return_dict=False)  # calibrates
+        results["wan_calibrated"] = {"out": model(**kwargs, return_dict=False)[0],
+                                     "choices": [[str(c) for c in sparse.choices_for((4, 3, 5), i)] for i in range(2)]}
     model, kwargs = _wan(SparseAttention(**SPARSE))
     model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
     try:
@@ -154,6 +174,38 @@ def test_ring_refused_with_a_clear_error(parallel_results):
     for rank in range(WORLD):
         assert "mode='ulysses' only" in parallel_results[rank]["ring"]
         assert "does not run under ring context parallelism" in parallel_results[rank]["wan_ring"]
+
+
+def test_diffusers_wan_ulysses_calibration_equals_one_process(parallel_results):
+    """Per-head calibrated choices under diffusers' Ulysses: each rank runs the choices of the heads it holds."""
+    import dit_fast
+
+    sparse = SparseAttention(**CALIBRATED)
+    model, kwargs = _wan(sparse)
+    with torch.no_grad(), dit_fast.use_backend("torch"):
+        model(**kwargs, return_dict=False)
+        expected = model(**kwargs, return_dict=False)[0]
+    choices = [[str(c) for c in sparse.choices_for((4, 3, 5), i)] for i in range(2)]
+    assert any(layer[0] != layer[1] for layer in choices), choices  # the heads' choices differ somewhere
+    for rank in range(WORLD):
+        got = parallel_results[rank]["wan_calibrated"]
+        assert got["choices"] == choices
+        assert rel_err(got["out"], expected) <= 1e-5
+
+
+def test_diffusers_ulysses_mask_that_is_no_key_padding_mask(parallel_results):
+    """Additive biases as the self-attention mask under Ulysses: warned, then dense attention with the whole mask
+    (each rank's query rows of SDPA on every token), not the unmasked attention."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 60, 2, 24, generator=g) for _ in range(3))
+    bias = -3 * torch.rand(2, 1, 1, 60, generator=g)
+    expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=bias).transpose(1, 2)
+    for rank in range(WORLD):
+        got = parallel_results[rank]["wan_bias"]
+        assert any("runs dense (a float mask" in w for w in got["warned"]), got["warned"]
+        assert rel_err(got["out"], expected[:, rank * 30:(rank + 1) * 30]) <= 1e-5
 
 
 def test_diffusers_wan_ulysses_equals_one_process(parallel_results):

@@ -81,12 +81,13 @@ class SparseLayer:
             from dit_fast.parallel import comm
 
             group = cp._ulysses_mesh.get_group()
-            rank, size = comm.group_rank(group), comm.group_size(group)
+            rank = comm.group_rank(group)
+            local_keys = key.shape[1]
             query, key, value = (comm.all_to_all(t, scatter_dim=2, gather_dim=1, group=group)
                                  for t in (query, key, value))  # (B, S, heads / N, D): every token
-            if attn_mask is not None:
-                attn_mask = _gather_mask(attn_mask, group)
-            S, first, total = query.shape[1], rank * query.shape[2], heads * size
+            if attn_mask is not None and attn_mask.shape[-1] == local_keys:  # sharded with the keys: gathered,
+                attn_mask = _gather_mask(attn_mask, group)  # as diffusers' Ulysses does
+            S, first, total = query.shape[1], rank * query.shape[2], heads  # this rank's heads of all the heads
             heads = query.shape[2]
         extra = S - math.prod(grid)
         if extra < 0:
@@ -94,8 +95,12 @@ class SparseLayer:
                              f"the attention sees {S}: a sequence shard without Ulysses context parallelism")
         kpm, reason = key_padding_mask(attn_mask, B, heads, S, S)
         if reason is not None:
-            warnings.warn(f"dit_fast sparse attention: layer {self.layer} runs dense ({reason})", RuntimeWarning)
-            return None if group is None else _exchange_back(attention(query, key, value), group)
+            warnings.warn(f"dit_fast sparse attention: layer {self.layer} runs dense ({reason})", RuntimeWarning,
+                          stacklevel=2)
+            if group is None:
+                return None  # the processor's own path, with the mask
+            # q, k, v hold every token already: diffusers' attention on them with the whole mask, then back
+            return _exchange_back(_dense_with_mask(processor, query, key, value, attn_mask), group)
         layout = self.runtime.config.layout(grid, extra)
         with processor.ops_backend():
             out = self.runtime.attend(self.layer, query, key, value, layout, key_padding_mask=kpm,
@@ -105,6 +110,18 @@ class SparseLayer:
             if out is None:  # every local head chose dense: the exchange is done, so run it here
                 out = attention(query, key, value, key_padding_mask=kpm, backend=processor.backend)
         return _exchange_back(out, group)
+
+
+def _dense_with_mask(processor, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor) -> Tensor:
+    """Dense attention of exchanged q, k, v (B, S, heads / N, D) with a mask that is no key padding mask, through
+    diffusers' dispatcher on this processor's backend (what diffusers' Ulysses runs after its exchange)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    from dit_fast.integrations.diffusers.backend import backend_member
+
+    with processor.ops_backend():
+        return dispatch_attention_fn(query, key, value, attn_mask=attn_mask,
+                                     backend=processor._attention_backend or backend_member())
 
 
 def _exchange_back(out: Tensor, group) -> Tensor:
