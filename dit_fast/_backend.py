@@ -180,6 +180,11 @@ class StatedFacts(DeviceFacts):
     are (on CPU, Triton's interpreter runs the kernels), only the decision sees a GPU."""
 
     def __init__(self, gpu: bool = True, runnable: Sequence[str] = ("triton",)):
+        if not isinstance(gpu, bool):
+            raise TypeError(f"StatedFacts: gpu must be True or False, got {gpu!r}")
+        if isinstance(runnable, str) or not isinstance(runnable, (tuple, list)):
+            raise TypeError(f"StatedFacts: runnable must be a tuple of backend names such as ('triton',), got "
+                            f"{runnable!r}")
         for name in runnable:
             _check_name(name, "StatedFacts")
         self.gpu = bool(gpu)

@@ -153,6 +153,10 @@ def test_this_machines_facts_and_bad_facts(stated):
         _backend.set_device_facts("gpu")
     with pytest.raises(ValueError, match="StatedFacts: unknown backend 'gpu'"):
         _backend.StatedFacts(True, ("gpu",))
+    with pytest.raises(TypeError, match="runnable must be a tuple of backend names"):
+        _backend.StatedFacts(True, "triton")  # not the characters of "triton"
+    with pytest.raises(TypeError, match="gpu must be True or False"):
+        _backend.StatedFacts("cuda")
     stated(gpu=True)
     assert _backend.set_device_facts(None) is not facts  # returns the stated ones; None restores this machine's
     assert type(_backend.device_facts()) is _backend.DeviceFacts
