@@ -32,8 +32,8 @@ MAX_HEAD_DIM = 256
 # ---------------------------------------------------------------------------------------------
 
 # TILED adds the tile's shape: a configuration's blocks must divide its volume (see _prune)
-TUNING_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D0", "BLOCK_D1", "HAS_ROPE", "HAS_MASK", "WINDOW", "TILED", "TILE_T", "TILE_H",
-              "TILE_W", "DOT_PRECISION"]
+TUNING_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D0", "BLOCK_D1", "HAS_ROPE", "HAS_MASK", "WINDOW", "TILED", "TILE_T",
+              "TILE_H", "TILE_W", "DOT_PRECISION"]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the query tile, BLOCK_N the key tile, in
@@ -243,7 +243,7 @@ def _bucket(n: int) -> int:
 def tile_order_length(grid, window_tile) -> int:
     """Positions of the 3D-tile order (TILED): tiles x tokens per tile, the holes of partial edge tiles
     included."""
-    tiles = [triton.cdiv(n, t) for n, t in zip(grid, window_tile)]
+    tiles = [triton.cdiv(n, t) for n, t in zip(grid, window_tile, strict=True)]
     return tiles[0] * tiles[1] * tiles[2] * window_tile[0] * window_tile[1] * window_tile[2]
 
 
@@ -282,16 +282,16 @@ def effective_window(grid, window, window_tile):
         return [], []
     if len(window_tile) != 3:
         return ([], []) if list(window) == list(grid) else (list(window), [])
-    tiles = [-(-n // t) for n, t in zip(grid, window_tile)]
-    in_tiles = [w // t for w, t in zip(window, window_tile)]
+    tiles = [-(-n // t) for n, t in zip(grid, window_tile, strict=True)]
+    in_tiles = [w // t for w, t in zip(window, window_tile, strict=True)]
     # per axis: the token window the tile rule amounts to, or None where it is no token rule
     as_tokens = [w if t == 1 else n if (k == 1 or kept == k) else None
-                 for n, t, w, k, kept in zip(grid, window_tile, window, tiles, in_tiles)]
+                 for n, t, w, k, kept in zip(grid, window_tile, window, tiles, in_tiles, strict=True)]
     if None not in as_tokens:
         return effective_window(grid, as_tokens, [])
     # an axis shorter than its tile may take any tile length from the axis' to the tile's: one tile either way
-    tile = _divisible_tile([min(n, t) for n, t in zip(grid, window_tile)], window_tile)
-    return [w * t for w, t in zip(in_tiles, tile)], list(tile)
+    tile = _divisible_tile([min(n, t) for n, t in zip(grid, window_tile, strict=True)], window_tile)
+    return [w * t for w, t in zip(in_tiles, tile, strict=True)], list(tile)
 
 
 def _common_args(q, k, key_padding_mask, grid, mode, window, window_tile, rope_theta, rope_split, tensors):

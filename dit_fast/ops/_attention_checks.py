@@ -100,7 +100,7 @@ def _check_mode_window(mode, window, grid, window_tile=None):
     if mode != "full":
         raise ValueError(f"window needs mode='full' (got mode={mode!r}); a spatial window is window=(1, wh, ww), "
                          f"a temporal one window=(wt, 1, 1)")
-    if window_tile is None and any(w > n for w, n in zip(window, grid)):
+    if window_tile is None and any(w > n for w, n in zip(window, grid, strict=True)):
         raise ValueError(f"window {tuple(window)} is larger than the grid {tuple(grid)} along some axis")
     return [int(w) for w in window]
 
@@ -115,12 +115,12 @@ def _check_window_tile(window_tile, window, grid):
     if window is None:
         raise ValueError(f"window_tile {tuple(window_tile)} needs a window (wt, wh, ww) in tokens, a multiple of "
                          "the tile along each axis")
-    if any(w % t for w, t in zip(window, window_tile)):
+    if any(w % t for w, t in zip(window, window_tile, strict=True)):
         raise ValueError(f"window {tuple(window)} must be a multiple of window_tile {tuple(window_tile)} along "
                          "each axis")
-    tiles = tuple(-(-n // t) for n, t in zip(grid, window_tile))
-    in_tiles = tuple(w // t for w, t in zip(window, window_tile))
-    if any(w > n for w, n in zip(in_tiles, tiles)):
+    tiles = tuple(-(-n // t) for n, t in zip(grid, window_tile, strict=True))
+    in_tiles = tuple(w // t for w, t in zip(window, window_tile, strict=True))
+    if any(w > n for w, n in zip(in_tiles, tiles, strict=True)):
         raise ValueError(f"window {tuple(window)} is {in_tiles} tiles of {tuple(window_tile)}, larger than the grid "
                          f"{tuple(grid)} in tiles {tiles} along some axis")
     volume = window_tile[0] * window_tile[1] * window_tile[2]

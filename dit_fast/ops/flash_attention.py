@@ -69,9 +69,9 @@ def spacetime_mask(grid: Sequence[int], mode: str = "full", window: Optional[Seq
         if window_tile is not None:  # the same window rule, on tile coordinates and in tiles
             tile = torch.tensor(window_tile, device=pos.device)
             q, k = q // tile, k // tile
-            window = [w // t for w, t in zip(window, window_tile)]
-            lengths = [-(-n // t) for n, t in zip(grid, window_tile)]  # tiles per axis, edge tiles partial
-        for axis, (size, length) in enumerate(zip(window, lengths)):
+            window = [w // t for w, t in zip(window, window_tile, strict=True)]
+            lengths = [-(-n // t) for n, t in zip(grid, window_tile, strict=True)]  # tiles per axis, edge tiles partial
+        for axis, (size, length) in enumerate(zip(window, lengths, strict=True)):
             start = window_span(q[..., axis], size, length)  # (S, 1)
             mask = mask & (k[..., axis] >= start) & (k[..., axis] < start + size)
     return mask

@@ -67,7 +67,7 @@ class TileLayout:
 
     @property
     def tiles_per_axis(self) -> Tuple[int, int, int]:
-        return tuple(-(-n // t) for n, t in zip(self.grid, self.tile))
+        return tuple(-(-n // t) for n, t in zip(self.grid, self.tile, strict=True))
 
     @property
     def video_tokens(self) -> int:
@@ -93,7 +93,7 @@ class TileLayout:
     def tile_sizes(self) -> Tensor:
         """(n_tiles,) int64: tokens in each tile (edge and last extra tiles partial)."""
         per_axis = []
-        for n, t, count in zip(self.grid, self.tile, self.tiles_per_axis):
+        for n, t, count in zip(self.grid, self.tile, self.tiles_per_axis, strict=True):
             sizes = torch.full((count,), t, dtype=torch.int64)
             sizes[-1] = n - t * (count - 1)
             per_axis.append(sizes)

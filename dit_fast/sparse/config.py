@@ -126,7 +126,10 @@ class SparseAttention:
 
     def layout(self, grid: Sequence[int], extra: int = 0) -> TileLayout:
         """The tiles of a (T, H, W) token grid (tiles clipped to the grid) plus ``extra`` text tokens."""
-        return TileLayout(tuple(int(n) for n in grid), tuple(min(t, n) for t, n in zip(self.tile, grid)), int(extra))
+        grid = tuple(int(n) for n in grid)
+        if len(grid) != 3:
+            raise ValueError(f"grid must be the (T, H, W) token grid, got {grid}")
+        return TileLayout(grid, tuple(min(t, n) for t, n in zip(self.tile, grid, strict=True)), int(extra))
 
     def density_choice(self, layout: TileLayout, name: Optional[str] = None, density: Optional[float] = None) -> Choice:
         """Pattern ``name`` (default: the first) at ``density`` (default: the configured one)."""

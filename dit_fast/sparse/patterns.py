@@ -98,7 +98,7 @@ def _check_layout(layout) -> TileLayout:
 def _check_window(name: str, window, layout: TileLayout) -> Triple:
     window = check_int_triple(name, window)
     tiles = layout.tiles_per_axis
-    if any(w > n for w, n in zip(window, tiles)):
+    if any(w > n for w, n in zip(window, tiles, strict=True)):
         raise ValueError(f"{name} {window} (in tiles) is larger than the tile grid {tiles} (grid {layout.grid} in "
                          f"tiles of {layout.tile}); at most the whole grid")
     return window
@@ -146,7 +146,7 @@ def _outer(t: Tensor, h: Tensor, w: Tensor) -> Tensor:
 
 def sliding_tile_video_mask(layout: TileLayout, window: Triple) -> Tensor:
     """(nv, nv) bool: the window rule on each axis of the tile grid."""
-    return _outer(*(axis_window_mask(w, n) for w, n in zip(window, layout.tiles_per_axis)))
+    return _outer(*(axis_window_mask(w, n) for w, n in zip(window, layout.tiles_per_axis, strict=True)))
 
 
 def sliding_tile(layout: TileLayout, window: Union[Sequence[int], Sequence[Sequence[int]]]) -> SparseBlocks:
@@ -181,7 +181,7 @@ def sliding_tile_token_mask(layout: TileLayout, window: Triple) -> Tensor:
     equal: spacetime_attention's window_tile rule (dit_fast/ops/flash_attention.py), text dense."""
     from dit_fast.ops.flash_attention import spacetime_mask
 
-    video = spacetime_mask(layout.grid, "full", [w * t for w, t in zip(window, layout.tile)],
+    video = spacetime_mask(layout.grid, "full", [w * t for w, t in zip(window, layout.tile, strict=True)],
                            window_tile=layout.tile)
     mask = torch.zeros(layout.tokens, layout.tokens, dtype=torch.bool)
     mask[:layout.video_tokens, :layout.video_tokens] = video
@@ -408,7 +408,8 @@ def _radial_for_density(layout, density, dense_radius=None, sink=None):
     for r, s in options:
         fractions = [radial_fraction(layout, decay, r, s) for decay in RADIAL_DECAYS]
         if fractions[0] <= density + 1e-12:  # kept fraction grows with decay: the first that reaches density
-            decay = next((d for d, f in zip(RADIAL_DECAYS, fractions) if f >= density - 1e-12), RADIAL_DECAYS[-1])
+            decay = next((d for d, f in zip(RADIAL_DECAYS, fractions, strict=True) if f >= density - 1e-12),
+                         RADIAL_DECAYS[-1])
             return {"decay": decay, "dense_radius": r, "sink": s}
     return {"decay": RADIAL_DECAYS[0], "dense_radius": options[-1][0], "sink": options[-1][1]}
 
@@ -420,7 +421,7 @@ def _topk_mask(layout, q, k, order, keep, local=(1, 1, 1)):
 
 
 def _topk_for_density(layout, density, local=(1, 1, 1)):
-    local = [min(w, n) for w, n in zip(local, layout.tiles_per_axis)]
+    local = [min(w, n) for w, n in zip(local, layout.tiles_per_axis, strict=True)]
     nv, local_tiles = layout.n_video_tiles, math.prod(local)
     return {"keep": max(0, min(nv - local_tiles, math.ceil(density * nv - 1e-9) - local_tiles)), "local": local}
 
