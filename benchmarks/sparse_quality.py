@@ -209,7 +209,7 @@ def summary(rows: List[dict]) -> List[dict]:
     for spec in dict.fromkeys(r["sparse"] for r in rows):
         group = [r for r in rows if r["sparse"] == spec]
 
-        def mean(key):
+        def mean(key, group=group):
             values = [r[key] for r in group if math.isfinite(r[key])]
             return sum(values) / len(values) if values else math.inf
 

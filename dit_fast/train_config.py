@@ -169,7 +169,8 @@ class TrainConfig:
     def sparse_attention(self):
         """The DiT's SparseAttention from ``sparse`` (None when ""); ConfigError naming the field if it cannot run."""
         if not isinstance(self.sparse, str):
-            raise ConfigError("sparse", f"expected a spec such as 'sliding_tile:density=0.25' or '', got {self.sparse!r}")
+            raise ConfigError("sparse", f"expected a spec such as 'sliding_tile:density=0.25' or '', got "
+                                        f"{self.sparse!r}")
         if not self.sparse:
             return None
         from dit_fast.sparse.config import SparseAttention

@@ -177,9 +177,9 @@ class DiTVideo(nn.Module):
             raise ValueError(f"input_size {self.input_size} must be divisible by patch_size {self.patch_size}")
         check_choice("attention", attention, ATTENTION_LAYOUTS)
         if (attention == "block_sparse") != (sparse is not None):
-            raise ValueError("attention='block_sparse' takes sparse=dit_fast.SparseAttention(...) (the pattern, density, "
-                             f"schedule), and sparse= needs attention='block_sparse'; got attention={attention!r}, "
-                             f"sparse={sparse!r}")
+            raise ValueError("attention='block_sparse' takes sparse=dit_fast.SparseAttention(...) (the pattern, "
+                             "density, schedule), and sparse= needs attention='block_sparse'; got "
+                             f"attention={attention!r}, sparse={sparse!r}")
         if sparse is not None and not isinstance(sparse, SparseAttention):
             raise TypeError(f"sparse must be a dit_fast.SparseAttention, got {type(sparse).__name__}")
         if sparse is not None and any(i >= depth for i in sparse.dense_layers):
