@@ -129,6 +129,29 @@ def test_schedule_reads_a_positional_timestep():
     assert kept[0] == {0: 1.0, 1: 1.0} and max(kept[1].values()) < 1, kept
 
 
+def test_training_has_no_schedule():
+    """A model training with gradients has no denoising schedule (dense_steps do not apply: every layer outside
+    dense_layers is sparse), both dit_fast's DiTVideo and a patched diffusers Wan; the same model sampling
+    (eval, no grad) at the same timesteps runs its dense first step."""
+    sparse = SparseAttention(pattern="sliding_tile", density=0.3, tile=(2, 2, 2), dense_steps=5)
+    dit = tiny_dit(sparse, backend="torch")
+    x, t, y = dit_inputs()
+    dit.train()(x, t, y).sum().backward()
+    assert max(dit.sparse.kept_fractions().values()) < 1, dit.sparse.kept_fractions()
+    with torch.no_grad():
+        dit.eval()(x, t, y)
+    assert set(dit.sparse.kept_fractions().values()) == {1.0}
+
+    model, kwargs = _inputs("wan", seed=3)
+    wan = sparse_copy(model, SparseAttention(pattern="sliding_tile", density=0.3, tile=TILE, dense_steps=5))
+    with dit_fast.use_backend("torch"):
+        run(wan.train(), kwargs).sum().backward()
+        assert max(wan._dit_fast_sparse.kept_fractions().values()) < 1, wan._dit_fast_sparse.kept_fractions()
+        with torch.no_grad():
+            run(wan.eval(), kwargs)
+    assert set(wan._dit_fast_sparse.kept_fractions().values()) == {1.0}
+
+
 def test_sparse_install_refuses_a_layer_on_another_processor():
     """A self-attention layer whose processor is not dit_fast's would ignore its sparse layer (silently dense):
     install refuses the model, naming the layer, and leaves no runtime on it."""
