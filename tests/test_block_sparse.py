@@ -93,6 +93,23 @@ def test_backward_lists_are_the_transpose():
     assert torch.equal(transposed, tiles.transpose(-1, -2))
 
 
+def test_lists_written_in_place_are_checked_and_transposed_again():
+    """The checks and the backward's transposed lists are cached per blocks object and the version counters of its
+    tensors: lists written in place after a call are transposed again, and checked again (an out-of-range tile is
+    a ValueError, never an index the kernels would read)."""
+    q, k, v = qkv(LAYOUT, batch=1, heads=1)
+    blocks, tiles = random_blocks(LAYOUT, 1, 1, density=0.5, empty_row=False)
+    block_sparse_attention(q, k, v, blocks, backend="torch")
+    assert torch.equal(SparseBlocks(LAYOUT, *backward_lists(blocks)).tile_mask(), tiles.transpose(-1, -2))
+    row = int(blocks.kv_count[0, 0].argmax())
+    blocks.kv_count[0, 0, row] -= 1  # drops the row's last kept tile
+    tiles[0, 0, row, blocks.kv_index[0, 0, row, blocks.kv_count[0, 0, row]]] = False
+    assert torch.equal(SparseBlocks(LAYOUT, *backward_lists(blocks)).tile_mask(), tiles.transpose(-1, -2))
+    blocks.kv_index[0, 0, row, 0] = LAYOUT.n_tiles
+    with pytest.raises(ValueError, match=r"in \[0, n_tiles"):
+        block_sparse_attention(q, k, v, blocks, backend="torch")
+
+
 def _bad(layout=LAYOUT, **override):
     blocks, _ = random_blocks(layout, 1, 1, density=0.5, empty_row=False)
     return SparseBlocks(layout, override.get("count", blocks.kv_count), override.get("index", blocks.kv_index))

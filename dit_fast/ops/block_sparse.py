@@ -91,17 +91,23 @@ def _check_return_lse(return_lse):
 
 
 # Blocks whose index lists were checked, and their transposed lists: once per SparseBlocks object (the
-# same blocks serve every layer of a step). Keyed weakly by the object: a new pattern is a new object.
-_checked: "weakref.WeakKeyDictionary[SparseBlocks, bool]" = weakref.WeakKeyDictionary()
-_transposed: "weakref.WeakKeyDictionary[SparseBlocks, Tuple[Tensor, Tensor]]" = weakref.WeakKeyDictionary()
+# same blocks serve every layer of a step). Keyed weakly by the object (a new pattern is a new object), and
+# by the version counters of its two tensors: lists written in place since are checked (and transposed) again.
+_checked: "weakref.WeakKeyDictionary[SparseBlocks, tuple]" = weakref.WeakKeyDictionary()
+_transposed: "weakref.WeakKeyDictionary[SparseBlocks, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _versions(blocks: SparseBlocks) -> tuple:
+    """The in-place write counters of kv_count and kv_index (inference tensors have none: their identity)."""
+    return tuple(None if t.is_inference() else t._version for t in (blocks.kv_count, blocks.kv_index))
 
 
 def check_block_values(blocks: SparseBlocks) -> None:
     """The index lists as the kernels read them: every count in [0, width], the first count entries of
     each list in [0, n_tiles) and strictly ascending (so distinct: a tile listed twice would be counted
-    twice by the kernels and once by the reference). One host sync, once per blocks object; skipped while
-    torch.compile traces (it cannot sync)."""
-    if torch.compiler.is_compiling() or blocks in _checked:
+    twice by the kernels and once by the reference). One host sync, once per blocks object and again after its
+    lists are written in place; skipped while torch.compile traces (it cannot sync)."""
+    if torch.compiler.is_compiling() or _checked.get(blocks) == _versions(blocks):
         return
     n, width = blocks.layout.n_tiles, blocks.kv_index.shape[-1]
     count, index = blocks.kv_count, blocks.kv_index
@@ -120,20 +126,21 @@ def check_block_values(blocks: SparseBlocks) -> None:
     if problems[2]:
         raise ValueError("blocks.kv_index: the first kv_count entries of each list must be strictly ascending "
                          f"(distinct key tiles); not so at {not_ascending.nonzero()[0].tolist()}")
-    _checked[blocks] = True
+    _checked[blocks] = _versions(blocks)
 
 
 def backward_lists(blocks: SparseBlocks) -> Tuple[Tensor, Tensor]:
     """(q_count (B | 1, heads | 1, n_tiles), q_index (..., n_tiles, width)) int32: for each key tile, the
     query tiles that keep it (``blocks.transposed()``, cut to the longest list), the dK / dV kernel's walk.
-    Cached per blocks object outside torch.compile."""
+    Cached per blocks object (until its lists are written in place) outside torch.compile."""
     if torch.compiler.is_compiling():
         return blocks.transposed()
-    if blocks not in _transposed:
+    versions = _versions(blocks)
+    if blocks not in _transposed or _transposed[blocks][0] != versions:
         count, index = blocks.transposed()
-        width = max(int(count.max()), 1)
-        _transposed[blocks] = (count, index[..., :width].contiguous())
-    return _transposed[blocks]
+        width = max(int(count.max()), 1) if count.numel() else 1
+        _transposed[blocks] = (versions, count, index[..., :width].contiguous())
+    return _transposed[blocks][1:]
 
 
 def _resolve(backend, q):
