@@ -116,7 +116,7 @@ _warned = set()
 
 @assume_constant_result  # torch.compile runs it once while tracing (Dynamo cannot trace warnings.warn)
 def _warn_once(reason: str) -> bool:
-    """One RuntimeWarning per distinct reason, its numbers kept: head dims 10 and 8 are two reasons."""
+    """One RuntimeWarning per distinct reason, its numbers kept: head dims 264 and 300 are two reasons."""
     if reason in _warned:
         return False
     _warned.add(reason)
