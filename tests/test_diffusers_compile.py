@@ -258,3 +258,20 @@ def test_patched_mochi_packs_a_text_mask_with_holes_as_mochi_does():
         with torch.no_grad(), dit_fast.use_backend("torch"):
             assert rel_err(run(patched, kwargs), expected) <= 1e-5
         _compiled_equals_eager(patched, kwargs, 2 * MASKED_CALLS["mochi"])
+
+
+def test_compiled_backend_runs_a_flex_block_mask(monkeypatch):
+    """Kandinsky 5's NABLA BlockMask under torch.compile(fullgraph=True): diffusers' flex attention, warned while
+    tracing (a warnings.warn in the traced code was a graph break, so fullgraph failed), flex's own result."""
+    from diffusers.models import attention_dispatch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    monkeypatch.setattr(dd.backend, "_warned", set())
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    block_mask = create_block_mask(lambda b, h, qi, ki: (qi // 8) >= (ki // 8), None, None, 40, 40, device="cpu")
+    with pytest.warns(RuntimeWarning, match="BlockMask as attn_mask .* run diffusers' flex attention"):
+        out = torch.compile(dd.dit_fast_attention, fullgraph=True, backend="eager")(q, k, v, attn_mask=block_mask)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        expected = attention_dispatch._native_flex_attention(q, k, v, attn_mask=block_mask)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -115,13 +115,13 @@ _warned = set()
 
 
 @assume_constant_result  # torch.compile runs it once while tracing (Dynamo cannot trace warnings.warn)
-def _warn_once(reason: str) -> bool:
+def _warn_once(reason: str, runs: str = "diffusers' native attention") -> bool:
     """One RuntimeWarning per distinct reason, its numbers kept: head dims 264 and 300 are two reasons."""
     if reason in _warned:
         return False
     _warned.add(reason)
-    warnings.warn(f"dit_fast attention backend: {reason}; such calls run diffusers' native attention "
-                  "(this warning is shown once per reason)", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"dit_fast attention backend: {reason}; such calls run {runs} (this warning is shown once per "
+                  "reason)", RuntimeWarning, stacklevel=4)
     return True
 
 
@@ -352,11 +352,8 @@ def _block_mask_attention(query, key, value, attn_mask, is_causal, scale, enable
     if block_mask_type is None or not isinstance(attn_mask, block_mask_type):
         raise TypeError(f"dit_fast attention backend: attn_mask must be a tensor or a FlexAttention BlockMask, got "
                         f"{type(attn_mask).__name__}")
-    reason = "a FlexAttention BlockMask as attn_mask (a block-sparse pattern only FlexAttention computes)"
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"dit_fast attention backend: {reason}; such calls run diffusers' flex attention (this "
-                      "warning is shown once per reason)", RuntimeWarning, stacklevel=3)
+    _warn_once("a FlexAttention BlockMask as attn_mask (a block-sparse pattern only FlexAttention computes)",
+               "diffusers' flex attention")
     return _dispatch._native_flex_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                             enable_gqa=enable_gqa, return_lse=return_lse,
                                             _parallel_config=parallel_config)
