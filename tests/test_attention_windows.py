@@ -172,7 +172,7 @@ def test_tile_window_bad_input_raises_clear_errors():
     _bad(ValueError, r"window_tile \(1, 4, 4\) needs a window", lambda: st(q, k, v, GRID, window_tile=(1, 4, 4)))
     for bad in ((1, 4), (1, 0, 4), (1, 4.0, 4), "144"):
         _bad(ValueError, "window_tile must be three positive ints",
-             lambda: st(q, k, v, GRID, window=(1, 4, 8), window_tile=bad))
+             lambda bad=bad: st(q, k, v, GRID, window=(1, 4, 8), window_tile=bad))
     _bad(ValueError, r"window \(1, 4, 6\) must be a multiple of window_tile \(1, 4, 4\)",
          lambda: st(q, k, v, GRID, window=(1, 4, 6), window_tile=(1, 4, 4)))
     _bad(ValueError, r"window \(1, 4, 12\) is \(1, 1, 3\) tiles of \(1, 4, 4\), larger than the grid \(3, 5, 7\) "

@@ -68,7 +68,10 @@ MASKED    a masked key influences nothing, whatever its values: a score is maske
             non-finite reaches that query (SDPA gives the same; checking every key row of every tile
             for it would cost the loop a compare per element: the reference, which checks, returns NaN).
             The references: attention_reference (NaN rows) and attention_backward_reference (the same
-            blocked rows).
+            blocked rows). A limit of finite inputs: a row whose largest score reaches ~2^31 in log2 units
+            (|q.k| * scale >~ 1.5e9) gets NaN, not the reference's finite row: exp2's argument, an exact FMA
+            of the score and the max rounded to fp32, is off by up to |max| * 2^-24 and overflows (measured
+            in the interpreter: finite up to 3.4e9, NaN rows from 1.1e10).
 TMA       (forward, opt-in) q, k, v through device-side tensor descriptors and, without a padding
             mask, a warp-specialized key loop (_head_descriptors; attention_fwd.py).
 The readable PyTorch reference is attention_reference in dit_fast/ops/flash_attention.py.
