@@ -331,6 +331,20 @@ def test_every_mistake_is_one_line_and_exit_2(name, bad_files, tiny_run, capsys,
     assert (_tree(bad_files), _tree(tiny_run)) == before  # nothing created, nothing left behind
 
 
+def test_integer_options_say_what_is_wrong():
+    """Text that is no integer is said to be that, not out of a range (train's --size parses as any int64 first,
+    its bound checked later: '1.5' got 'expected an integer in [-9223372036854775808, ...]')."""
+    import argparse
+
+    from dit_fast.cli import int_range
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^expected an integer, got '1.5'$"):
+        int_range(-2**63, 2**63 - 1)("1.5")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^expected an integer >= 1, got '0'$"):
+        int_range(1)("0")
+    assert int_range(0, 3)("3") == 3
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux's /proc: a directory nobody can create in")
 @pytest.mark.parametrize("where", ["/proc/dit_fast_run", "{d}/a_file", "{d}/a_file/run"])
 def test_train_out_dir_checked_before_any_model(where, bad_files, capsys, monkeypatch):
