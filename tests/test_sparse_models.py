@@ -405,3 +405,17 @@ def test_train_sparse_mistakes_are_one_line(tmp_path, capsys, spec, match):
     assert main(["train", "--out-dir", str(tmp_path / "r"), *TINY_TRAIN, "--steps", "1", "--sparse", spec]) == 2
     err = capsys.readouterr().err
     assert "argument --sparse" in err and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_sparse_under_ring_is_one_line(tmp_path, capsys, monkeypatch):
+    """--sparse with --sp-mode ring (rank 0 of a 2-rank torchrun, stated by the environment): refused by the
+    argument checks before any process group, one line naming --sparse and the mode."""
+    from dit_fast.cli import main
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    argv = ["train", "--out-dir", str(tmp_path / "r"), *TINY_TRAIN, "--steps", "1", "--sp", "2", "--sp-mode", "ring",
+            "--sparse", "sliding_tile"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "argument --sparse" in err and "--sp-mode ulysses" in err and len(err.strip().splitlines()) == 1
