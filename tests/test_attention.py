@@ -79,7 +79,7 @@ def _check_against_reference(fn, inputs, dtype, factor=2.0, deterministic=None):
     with count_launches() as launches:
         got = _run(fn, inputs, dout, "triton")
     assert_kernels_ran(launches, deterministic)
-    for name, g, r64, rd in zip(("out", "lse", "dq", "dk", "dv"), got, ref64, ref_dtype):
+    for name, g, r64, rd in zip(("out", "lse", "dq", "dk", "dv"), got, ref64, ref_dtype, strict=True):
         if name == "lse":
             # rows with no visible key: -inf in both; the rest compared as fp32 values
             empty = r64.isinf()
@@ -253,7 +253,7 @@ def test_backward_reproducibility(deterministic):
 
     first = grads(deterministic)
     again = grads(deterministic) if deterministic else grads(True)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         if deterministic:
             assert torch.equal(a, b)
         else:

@@ -110,7 +110,7 @@ def test_masked_keys_never_leak(case, backend):
             assert not sees.any()
         else:
             assert sees.any() and (~sees).any() and unseen.any()
-        for name, c, d in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty):
+        for name, c, d in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty, strict=True):
             rows = unseen if name in ("dk", "dv") else ~sees
             c, d = (c[b][:, rows], d[b][:, rows]) if name == "lse" else (c[b][rows], d[b][rows])
             assert torch.equal(c, d), f"{case} {backend} batch {b}: {name} differs where nothing sees the poison"
@@ -154,7 +154,7 @@ def test_per_head_masked_keys_never_leak(backend):
         for h in range(heads):
             if (b, h) == (0, 1):
                 continue
-            for name, c, d in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty):
+            for name, c, d in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty, strict=True):
                 c, d = (c[b, h], d[b, h]) if name == "lse" else (c[b, :, h], d[b, :, h])
                 assert torch.equal(c, d), f"{backend}: sample {b} head {h}: {name} differs from the clean run"
     assert (~dirty[0][0, :, 1].isfinite()).any(-1).all(), "head 1 sees a poisoned value: no finite row"

@@ -1,6 +1,8 @@
 """dit_fast.parallel.attention_parts: attention over key blocks merged by log-sum-exp equals dit_fast.ops.attention
 over all the keys, forward and every gradient, on the reference and on the Triton custom ops."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -31,20 +33,20 @@ def _inputs(dtype, masked, B=2, Sq=13, heads=2, D=72):
 
 def _blocks(t, mask):
     edges = torch.tensor((0,) + BLOCKS).cumsum(0).tolist()
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         yield t[:, lo:hi], None if mask is None else mask[..., lo:hi]
 
 
 def _by_blocks(q, k, v, mask, dout, backend, scale=None):
     """Forward block by block and merge; backward block by block from the merged (out, lse)."""
     out = lse = None
-    for (kb, mb), (vb, _) in zip(_blocks(k, mask), _blocks(v, mask)):
+    for (kb, mb), (vb, _) in zip(_blocks(k, mask), _blocks(v, mask), strict=True):
         o, s = attention_block_forward(q, kb, vb, key_padding_mask=mb, scale=scale, backend=backend)
         assert o.shape == q.shape and s.shape == (q.shape[0], q.shape[2], q.shape[1]) and s.dtype == torch.float32
         out, lse = (o, s) if out is None else merge_partials(out, lse, o, s)
     dq = 0
     dks, dvs = [], []
-    for (kb, mb), (vb, _) in zip(_blocks(k, mask), _blocks(v, mask)):
+    for (kb, mb), (vb, _) in zip(_blocks(k, mask), _blocks(v, mask), strict=True):
         g = attention_block_backward(q, kb, vb, out, lse, dout, key_padding_mask=mb, scale=scale, backend=backend)
         dq = dq + g[0].double()
         dks.append(g[1])
@@ -66,7 +68,7 @@ def test_blocks_merged_equal_whole_attention(backend, dtype, masked):
     got = _by_blocks(q.to(dtype), k.to(dtype), v.to(dtype), mask, dout.to(dtype), backend)
     want64 = _whole(q, k, v, mask, dout, torch.float64)
     want_dtype = _whole(q, k, v, mask, dout, dtype)
-    for name, g, w64, wd in zip(("out", "lse", "dq", "dk", "dv"), got, want64, want_dtype):
+    for name, g, w64, wd in zip(("out", "lse", "dq", "dk", "dv"), got, want64, want_dtype, strict=True):
         if name == "dq":
             g = g.to(dtype)
         assert g.dtype == (torch.float32 if name == "lse" else dtype), name
@@ -78,7 +80,7 @@ def test_blocks_merged_equal_whole_attention(backend, dtype, masked):
         floor = torch.float32 if dtype == torch.float64 else dtype
         assert_close_to_reference(f"{backend} {name}", g, w64, wd, factor=4.0, dtype=floor)
     if masked:  # sample 1: no visible key anywhere
-        for name, g in zip(("out", "dq", "dk", "dv"), (got[0], got[2], got[3], got[4])):
+        for name, g in zip(("out", "dq", "dk", "dv"), (got[0], got[2], got[3], got[4]), strict=True):
             assert torch.equal(g[1], torch.zeros_like(g[1])), name
         assert (got[1][1] == float("-inf")).all()
 
@@ -95,7 +97,7 @@ def test_masked_keys_never_leak(backend, dtype, poison):
     v_bad[:, :, 1][hidden] = poison
     clean = _by_blocks(q, k, v, mask, dout, backend)
     dirty = _by_blocks(q, k_bad, v_bad, mask, dout, backend)
-    for name, c, d in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty):
+    for name, c, d in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty, strict=True):
         assert not d.isnan().any(), name
         assert torch.equal(c, d), name
     assert (dirty[3][hidden] == 0).all() and (dirty[4][hidden] == 0).all()
@@ -105,7 +107,7 @@ def test_custom_scale_on_the_kernels():
     q, k, v, mask, dout = (t if t is None or t.dtype == torch.bool else t.float() for t in _inputs(None, True, D=24))
     got = _by_blocks(q, k, v, mask, dout, "triton", scale=0.37)
     want = _by_blocks(q, k, v, mask, dout, "torch", scale=0.37)
-    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-5, msg=name)
 
 

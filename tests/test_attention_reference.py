@@ -36,7 +36,7 @@ def test_backward_reference_matches_autograd(masked):
     lse = _lse64(q.detach(), k.detach(), scale, mask)
     got = attention_backward_reference(q.detach(), k.detach(), v.detach(), out.detach(), lse, dout, scale=scale,
                                        mask=mask)
-    for name, g, w in zip("qkv", got, want):
+    for name, g, w in zip("qkv", got, want, strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"d{name}")
     if masked == "padding":
@@ -64,7 +64,7 @@ def test_backward_reference_blocks_rows_that_saw_garbage(masked):
     lse = torch.where(lse.isnan(), lse.double(), _lse64(q, k, 1 / D ** 0.5, mask))  # float64 where finite
     got = attention_backward_reference(q, k, v, out.detach(), lse, dout, mask=mask)
     assert out.isnan().any() and lse.isnan().any()  # some queries see the garbage
-    for name, g, w in zip("qkv", got, want):
+    for name, g, w in zip("qkv", got, want, strict=True):
         assert g.isfinite().all(), f"d{name}"
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"d{name}")
 
@@ -87,7 +87,7 @@ def test_per_head_key_padding_mask_is_each_head_on_its_own():
         o, s = ops.attention(*one, key_padding_mask=mask[:, h], return_lse=True, backend="torch")
         torch.testing.assert_close(out[:, :, h:h + 1], o)
         torch.testing.assert_close(lse[:, h:h + 1], s)
-        for g, w in zip(grads, torch.autograd.grad(o, one, dout[:, :, h:h + 1])):
+        for g, w in zip(grads, torch.autograd.grad(o, one, dout[:, :, h:h + 1]), strict=True):
             torch.testing.assert_close(g[:, :, h:h + 1], w)
     assert (out[1, :, 1] == 0).all() and torch.isneginf(lse[1, 1]).all()
 
@@ -127,7 +127,7 @@ def test_reference_masked_keys_never_leak(poison):
         return (out, lse, *torch.autograd.grad(out[:, frame0], leaves, dout[:, frame0]))
 
     clean, dirty = run(k, v), run(k_bad, v_bad)
-    for name, c, d in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty):
+    for name, c, d in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty, strict=True):
         part = (slice(None), slice(None), frame0) if name == "lse" else (slice(None), frame0)
         assert torch.equal(c[part], d[part]), name
     assert torch.equal(dirty[3][:, frame1], torch.zeros_like(dirty[3][:, frame1]))  # dk of hidden keys

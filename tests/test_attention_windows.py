@@ -118,8 +118,8 @@ def test_tile_window_visits_only_the_kept_tiles(monkeypatch, grid, window_tile, 
         out = ops.spacetime_attention(q, k, v, grid, window=window, window_tile=window_tile, backend="triton")
         torch.autograd.grad(out.sum(), (q, k, v))
     assert_kernels_ran(launches)
-    tiles = [-(-n // t) for n, t in zip(grid, window_tile)]
-    kept = [w // t for w, t in zip(window, window_tile)]
+    tiles = [-(-n // t) for n, t in zip(grid, window_tile, strict=True)]
+    kept = [w // t for w, t in zip(window, window_tile, strict=True)]
     blocks = window_tile[0] * window_tile[1] * window_tile[2] // 16  # 16-token blocks per tile
     pairs = tiles[0] * tiles[1] * tiles[2] * kept[0] * kept[1] * kept[2]
     want = pairs * blocks * blocks

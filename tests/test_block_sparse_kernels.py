@@ -81,7 +81,7 @@ def test_kernels_match_the_reference(case):
     assert torch.equal(lse.isfinite(), finite) and (lse[~finite] == float("-inf")).all()
     torch.testing.assert_close(lse[finite], want_lse[finite].float(), atol=2e-2 if dtype != torch.float32 else 1e-5,
                                rtol=0)
-    for name, g, w, s in zip(("dq", "dk", "dv"), grads, want_grads, same_grads):
+    for name, g, w, s in zip(("dq", "dk", "dv"), grads, want_grads, same_grads, strict=True):
         assert_close_to_reference(name, g, w, s)
     if density < 1:  # the empty query tile (tile 1) returns zeros; the unkept key tile (2) gets no gradient
         tile_of = layout.token_tile(DEVICE)
@@ -114,7 +114,7 @@ def test_gpu_real_tiles(tile, padding_kind):
     want, want_grads = run(torch.float64, "torch")
     same, same_grads = run(torch.bfloat16, "torch")
     assert_close_to_reference("out", out, want, same)
-    for name, g, w, s in zip(("dq", "dk", "dv"), grads, want_grads, same_grads):
+    for name, g, w, s in zip(("dq", "dk", "dv"), grads, want_grads, same_grads, strict=True):
         assert_close_to_reference(name, g, w, s)
 
 
@@ -134,7 +134,7 @@ def test_visited_block_pairs_are_the_index_lists(layout):
     attention_sparse.block_sparse_backward(dout, q, k, v, out, lse, blocks.kv_count, blocks.kv_index, q_count,
                                            q_index, None, layout, 0.25, visits=visits[1:])
     kernels = (attention_sparse._sparse_fwd, attention_sparse._sparse_bwd_dkdv, attention_sparse._sparse_bwd_dq)
-    for name, got, kernel in zip(("forward", "dk/dv", "dq"), visits, kernels):
+    for name, got, kernel in zip(("forward", "dk/dv", "dq"), visits, kernels, strict=True):
         block_m, block_n = kernel.best_config.kwargs["BLOCK_M"], kernel.best_config.kwargs["BLOCK_N"]
         per_pair = (-(-sizes // block_m))[:, None] * (-(-sizes // block_n))[None, :]  # query x key blocks
         want = (mask.int() * per_pair.int()).to(DEVICE)
@@ -167,7 +167,7 @@ def test_masked_keys_never_reach_the_kernels_outputs():
 
     hidden = (tile_of == 2) | ~padding[0]  # key tile 2 is kept by no query tile (_blocks)
     clean, bad = run(k, v), run(*poisoned(hidden))
-    for name, c, b in zip(("out", "dq", "dk", "dv"), clean, bad):
+    for name, c, b in zip(("out", "dq", "dk", "dv"), clean, bad, strict=True):
         torch.testing.assert_close(b, c, msg=name)
     assert (bad[2][0, hidden] == 0).all() and (bad[3][0, hidden] == 0).all()
 
@@ -199,7 +199,7 @@ def test_a_query_that_sees_garbage_returns_nan_and_passes_no_gradient():
     v_bad[0, key, 0, 3] = float("inf")  # k finite: the scores stay finite, only the accumulator meets the inf
     clean, bad = run(k, v), run(k, v_bad)
     assert bad[0][0, sees].isnan().all() and bad[1][0, 0, sees].isnan().all()
-    for name, c, b in zip(("out", "lse", "dq", "dk", "dv"), clean, bad):
+    for name, c, b in zip(("out", "lse", "dq", "dk", "dv"), clean, bad, strict=True):
         keep = unseen if name in ("dk", "dv") else ~sees
         c, b = (c[0, 0, keep], b[0, 0, keep]) if name == "lse" else (c[0, keep], b[0, keep])
         assert torch.equal(c, b), f"{name} differs where no query sees the poison"
@@ -361,5 +361,5 @@ def test_compiles_fullgraph_with_the_kernels_opaque():
         assert launches["_sparse_fwd_kernel"] == 1 and launches["_sparse_bwd_dq_kernel"] == 1, launches
         want = fn(q, k, v)
         torch.testing.assert_close(out, want)
-        for g, w in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))):
+        for g, w in zip(grads, torch.autograd.grad(want.sum(), (q, k, v)), strict=True):
             torch.testing.assert_close(g, w)

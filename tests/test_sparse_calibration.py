@@ -108,7 +108,7 @@ def test_save_load_reproduces_the_choices_and_outputs(tmp_path):
     again.observe(999)
     outs_again = [again.attend(layer, q, k, v, LAYOUT, backend="torch") for layer in range(2)]
     assert not again.calibration_errors  # nothing calibrated: the file's choices ran
-    for a, b in zip(outs, outs_again):
+    for a, b in zip(outs, outs_again, strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="calibration for Test, not Other"):
         SparseRuntime(loaded, "Other")

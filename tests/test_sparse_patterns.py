@@ -5,6 +5,7 @@ dense both ways) and per-head windows; the densities the configuration asks for;
 growth; clear errors for bad input. The kernels run one pattern through the interpreter (launch counts).
 """
 
+import itertools
 import math
 
 import pytest
@@ -25,7 +26,7 @@ LAYOUTS = [TileLayout((5, 7, 6), (2, 3, 4), extra=5),  # partial tiles on every 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 @pytest.mark.parametrize("window", [(1, 1, 1), (2, 2, 1), (3, 2, 2)])
 def test_sliding_tile_equals_its_predicate(layout, window):
-    window = tuple(min(w, n) for w, n in zip(window, layout.tiles_per_axis))
+    window = tuple(min(w, n) for w, n in zip(window, layout.tiles_per_axis, strict=True))
     blocks = P.sliding_tile(layout, window)
     assert blocks.kv_count.shape == (1, 1, layout.n_tiles)
     assert torch.equal(blocks.token_mask()[0, 0], P.sliding_tile_token_mask(layout, window))
@@ -82,7 +83,7 @@ def test_radial_kept_pairs_grow_as_s_log_s():
         layout = TileLayout((frames, 8, 8), (1, 2, 2))  # 16 spatial tiles per frame
         video = P.radial_video_mask(layout, decay=1.0, dense_radius=1, sink=True)
         per_query.append(video.sum(-1).float().mean().item())
-    steps = [b - a for a, b in zip(per_query, per_query[1:])]  # measured: 86.5, 125.3, 168.6, 206.6
+    steps = [b - a for a, b in itertools.pairwise(per_query)]  # measured: 86.5, 125.3, 168.6, 206.6
     assert 0 < min(steps) and max(steps) <= 1.3 * min(steps), (per_query, steps)  # a constant per doubling
     assert per_query[-1] < 3 * per_query[0]  # 8x the frames: dense would keep 8x the tiles
 
@@ -93,7 +94,7 @@ def test_topk_equals_its_predicate(layout, keep, local):
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, layout.tokens, 2, 16, generator=g)
     k = torch.randn(2, layout.tokens, 2, 16, generator=g)
-    local = tuple(min(w, n) for w, n in zip(local, layout.tiles_per_axis))
+    local = tuple(min(w, n) for w, n in zip(local, layout.tiles_per_axis, strict=True))
     blocks = P.topk(q, k, layout, keep=keep, local=local)
     assert blocks.kv_count.shape == (2, 2, layout.n_tiles)
     assert torch.equal(blocks.token_mask(), P.topk_token_mask(q, k, layout, keep, local))
@@ -179,5 +180,5 @@ def test_sliding_tile_on_the_kernels():
     ref = block_sparse_attention_reference(*leaves, blocks)
     ref.backward(torch.ones_like(ref))
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-4)
-    for got, want in zip((q, k, v), leaves):
+    for got, want in zip((q, k, v), leaves, strict=True):
         torch.testing.assert_close(got.grad.cpu().double(), want.grad, rtol=1e-4, atol=1e-4)
