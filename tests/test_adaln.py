@@ -15,6 +15,7 @@ from dit_fast import ops
 from dit_fast._backend import BackendUnavailableError, unavailable_reason
 from dit_fast.ops import adaln as A
 from tests.conftest import HAS_GPU
+from tests.launches import count_launches
 from tests.utils import assert_close_to_reference
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -406,7 +407,9 @@ def test_module_triton_backend_matches_torch():
         module.weight.normal_()
         module.bias.normal_()
     x, shift, scale = rand(2, 3, C, dtype=torch.float32), rand(2, C, dtype=torch.float32), rand(2, C, dtype=torch.float32)
-    out = module(x, shift, scale)
+    with count_launches() as launches:
+        out = module(x, shift, scale)
+    assert launches["_adaln_forward_kernel"] >= 1, dict(launches)  # the kernel ran (>=: a GPU's autotuner)
     module.backend = "torch"
     torch.testing.assert_close(out, module(x, shift, scale), rtol=1e-5, atol=1e-5)
 
