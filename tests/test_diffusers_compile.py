@@ -21,7 +21,8 @@ pytest.importorskip("diffusers", reason="diffusers is a test extra (pip install 
 import dit_fast  # noqa: E402
 import dit_fast.integrations.diffusers as dd  # noqa: E402
 from tests.launches import count_launches  # noqa: E402
-from tests.test_diffusers import (FALLBACKS, KERNEL_DEVICE, MASKS, _grads, _padding, _qkv, _sdpa,  # noqa: E402,F401
+from tests.test_diffusers_backend import FALLBACKS, MASKS, _padding, _qkv, _sdpa  # noqa: E402
+from tests.test_diffusers import (KERNEL_DEVICE, _grads,  # noqa: E402,F401
                                   _restore_active_backend, assert_launched, build, patched_copy, rel_err, run)
 
 
