@@ -158,8 +158,9 @@ def patch(model: nn.Module, backend: str = "auto", sparse=None) -> nn.Module:
     floating-point rounding. A diffusers video transformer (the classes of
     ``dit_fast.integrations.DIFFUSERS_MODELS``: the Wan family, HunyuanVideo 1 and 1.5, LTX-Video 1 and 2,
     Cosmos, CogVideoX, ConsisID, Mochi, EasyAnimate, Allegro, Latte; README "Supported diffusers models") is
-    patched by ``dit_fast.integrations.diffusers`` (imported only then). Raises ValueError
-    when no DiT block is found, for an unsupported diffusers model, a model patched before, or a DiTVideo.
+    patched by ``dit_fast.integrations.diffusers`` (imported only then). Raises ValueError, with the model
+    left as it was, when no DiT block is found, for an unsupported diffusers model, a model patched before, a
+    DiTVideo or an unknown backend name; TypeError when ``model`` is no nn.Module.
     sparse: a ``dit_fast.SparseAttention`` giving Wan's and HunyuanVideo's self-attention block-sparse
     attention with its schedule and calibration (dit_fast/integrations/diffusers/sparse.py).
     """
