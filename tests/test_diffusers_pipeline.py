@@ -67,6 +67,12 @@ def tiny_transformer(layers=2, seed=0):
 @pytest.fixture(scope="module")
 def parts():
     """Tokenizer, text encoder and VAE shared by every pipeline here (none of them is patched or hooked)."""
+    return tiny_wan_parts()
+
+
+def tiny_wan_parts():
+    """A tiny WanPipeline's tokenizer, UMT5 text encoder and VAE, random, from small configs, offline (also
+    tests/test_sparse_benchmarks.py's)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(0)

@@ -106,18 +106,9 @@ def test_sparse_quality_on_a_tiny_wan_pipeline():
 
 
 def _tiny_parts():
-    from diffusers import AutoencoderKLWan
-    from transformers import UMT5Config, UMT5EncoderModel
+    from tests.test_diffusers_pipeline import tiny_wan_parts
 
-    from tests.test_diffusers_pipeline import WORDS, tiny_tokenizer
-
-    torch.manual_seed(0)
-    config = UMT5Config(vocab_size=len(WORDS) + 3, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                        relative_attention_num_buckets=8, relative_attention_max_distance=16)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
-                           latents_std=[1.5, 2.0, 0.8, 1.2])
-    return dict(tokenizer=tiny_tokenizer(), text_encoder=UMT5EncoderModel(config).eval(), vae=vae.eval())
+    return tiny_wan_parts()
 
 
 def test_sparse_quality_on_the_bundled_model(tmp_path):

@@ -155,6 +155,26 @@ def qkv_heads(attn: nn.Module, x: Tensor, stream: str = "video") -> Tuple[Tensor
     return q, k, v
 
 
+def prepared_mask(attn: nn.Module, attention_mask: Optional[Tensor], sequence_length: int,
+                  batch_size: int) -> Optional[Tensor]:
+    """diffusers' attention mask as its processors prepare it for SDPA: (B, heads, 1 or Sq, Sk); None stays None."""
+    if attention_mask is None:
+        return None
+    mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+    return mask.view(batch_size, attn.heads, -1, mask.shape[-1])
+
+
+def joint_outputs(attn: nn.Module, hidden_states: Tensor, n_text: int) -> Tuple[Tensor, Tensor]:
+    """(video, text) of a joint [video; text] attention output (B, N + L, C), each through its stream's
+    output projection where the module has one (to_out, to_add_out)."""
+    hidden_states, encoder_hidden_states = hidden_states[:, :-n_text], hidden_states[:, -n_text:]
+    if getattr(attn, "to_out", None) is not None:
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if getattr(attn, "to_add_out", None) is not None:
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Interleaved-pair rotation with per-pair cos / sin broadcastable to x[..., ::2]; math in fp32.
 

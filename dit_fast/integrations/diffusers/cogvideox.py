@@ -27,9 +27,7 @@ class CogVideoXProcessor(P.DitFastProcessor):
         n_text = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [text; video]
         batch_size, sequence_length, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        attention_mask = P.prepared_mask(attn, attention_mask, sequence_length, batch_size)
         query, key, value = P.qkv_heads(attn, hidden_states)  # (B, S, heads, D)
         if image_rotary_emb is not None:  # the video tokens only
             query = torch.cat([query[:, :n_text], apply_rotary_emb(query[:, n_text:], image_rotary_emb,

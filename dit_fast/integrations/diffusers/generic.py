@@ -30,9 +30,8 @@ class AttnProcessor(P.DitFastProcessor):
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
         batch_size, sequence_length, _ = (hidden_states if encoder_hidden_states is None
                                           else encoder_hidden_states).shape
-        if attention_mask is not None:  # -> (B, heads, 1 or Sq, Sk), as diffusers prepares it for SDPA
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        # -> (B, heads, 1 or Sq, Sk), as diffusers prepares it for SDPA
+        attention_mask = P.prepared_mask(attn, attention_mask, sequence_length, batch_size)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 

@@ -51,12 +51,7 @@ class HunyuanVideo15Processor(P.DitFastProcessor):
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
-            n_text = encoder_hidden_states.shape[1]
-            hidden_states, encoder_hidden_states = hidden_states[:, :-n_text], hidden_states[:, -n_text:]
-            if getattr(attn, "to_out", None) is not None:
-                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-            if getattr(attn, "to_add_out", None) is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+            hidden_states, encoder_hidden_states = P.joint_outputs(attn, hidden_states, encoder_hidden_states.shape[1])
         return hidden_states, encoder_hidden_states
 
 

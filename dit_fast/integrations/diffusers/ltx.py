@@ -22,9 +22,8 @@ class LTXProcessor(P.DitFastProcessor):
                  image_rotary_emb=None):
         batch_size, sequence_length, _ = (hidden_states if encoder_hidden_states is None
                                           else encoder_hidden_states).shape
-        if attention_mask is not None:  # (B, 1, L) additive -> (B, heads, 1, L), as diffusers prepares it
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        # (B, 1, L) additive -> (B, heads, 1, L), as diffusers prepares it
+        attention_mask = P.prepared_mask(attn, attention_mask, sequence_length, batch_size)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         query = attn.norm_q(attn.to_q(hidden_states))

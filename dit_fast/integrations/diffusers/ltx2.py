@@ -28,9 +28,8 @@ class LTX2Processor(P.DitFastProcessor):
                  key_rotary_emb=None, perturbation_mask=None, all_perturbed=None):
         batch_size, sequence_length, _ = (hidden_states if encoder_hidden_states is None
                                           else encoder_hidden_states).shape
-        if attention_mask is not None:  # (B, 1, L) additive -> (B, heads, 1, L), as diffusers prepares it
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        # (B, 1, L) additive -> (B, heads, 1, L), as diffusers prepares it
+        attention_mask = P.prepared_mask(attn, attention_mask, sequence_length, batch_size)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         gate_logits = attn.to_gate_logits(hidden_states) if attn.to_gate_logits is not None else None  # (B, S, heads)
