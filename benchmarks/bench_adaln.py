@@ -262,18 +262,28 @@ def cases(quick: bool, device: torch.device) -> List[Case]:
 # ---------------------------------------------------------------------------------------------
 
 
-def measure(case: Case, provider: str, device, checked: Dict[tuple, float], quick: bool) -> dict:
-    key = (case.op, json_shape(case), provider)
-    if key not in checked:
-        checked[key] = rel_error(case, provider, device)
-    fn, grad_to_none = setup(provider, case, device)
+def measure(case: Case, providers: List[str], device, checked: Dict[tuple, float], quick: bool) -> List[dict]:
+    """One row per provider that runs ``case``; on CPU the providers are timed interleaved (common.time_fns)."""
+    fns, errors = {}, {}
+    for p in providers:
+        try:
+            key = (case.op, json_shape(case), p)
+            if key not in checked:
+                checked[key] = rel_error(case, p, device)
+            errors[p] = checked[key]
+            fns[p] = setup(p, case, device)
+        except Exception as exc:  # one failing provider must not hide the others' numbers
+            print(f"[adaln] {case.op} {case.variant} {case.shape} {p}: FAILED {type(exc).__name__}: {exc}")
     on_gpu = torch.device(device).type == "cuda"
     rep_ms = (60 if quick else 200) if on_gpu else (200 if quick else 1000)
-    timing = common.time_fn(fn, device, rep_ms=rep_ms, min_reps=10 if on_gpu else 3, grad_to_none=grad_to_none)
-    peak = common.peak_memory(fn, device, grad_to_none=grad_to_none)
-    return common.make_row(case.op, case.variant, provider, case.shape, case.dtype, timing,
-                           device=device, nbytes=nbytes(case), peak_mem_bytes=peak, family=OP,
-                           fwd_rel_err_vs_reference=checked[key])
+    timings = common.time_fns(fns, device, rep_ms=rep_ms, min_reps=10 if on_gpu else 5)
+    rows = []
+    for p, (fn, grad_to_none) in fns.items():
+        peak = common.peak_memory(fn, device, grad_to_none=grad_to_none)
+        rows.append(common.make_row(case.op, case.variant, p, case.shape, case.dtype, timings[p], device=device,
+                                    nbytes=nbytes(case), peak_mem_bytes=peak, family=OP,
+                                    fwd_rel_err_vs_reference=errors[p]))
+    return rows
 
 
 def json_shape(case: Case) -> tuple:
@@ -311,20 +321,14 @@ def run(device="cuda", quick: bool = False, providers=None, write: bool = True) 
         if common.out_of_time():
             print("[adaln] time budget spent; stopping before", case)
             break
-        for p in runnable:
-            try:
-                row = measure(case, p, device, checked, quick)
-            except Exception as exc:  # one failing provider must not hide the others' numbers
-                print(f"[adaln] {case.op} {case.variant} {case.shape} {p}: FAILED {type(exc).__name__}: {exc}")
-                continue
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        for row in measure(case, runnable, device, checked, quick):
             rows.append(row)
             if write:
                 common.write_rows([row], OP)
-            print(f"[adaln] {case.op:28s} {case.variant:7s} {common.shape_str(case.shape):28s} {p:12s} "
+            print(f"[adaln] {case.op:28s} {case.variant:7s} {common.shape_str(case.shape):28s} {row['provider']:12s} "
                   f"{row['median_ms']:9.4f} ms  {row['gbps']:8.1f} GB/s  err {row['fwd_rel_err_vs_reference']:.1e}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print()
     common.print_ratio_table(rows, metric="gbps")
     print()

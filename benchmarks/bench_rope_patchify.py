@@ -176,10 +176,11 @@ def cases(families, quick: bool, device: torch.device) -> List[Case]:
     small = device.type != "cuda"
     if "rope" in families:
         # q or k of CogVideoX-5B (13 x 30 x 45 tokens, 48 heads x 64), Wan2.1-14B 480p (21 x 30 x 52,
-        # 40 x 128) and Open-Sora / Latte (16 x 32 x 32, 16 x 72); CPU: a tiny grid
+        # 40 x 128) and Open-Sora / Latte (16 x 32 x 32, 16 x 72); CPU: a tiny grid (per-call overhead) and
+        # CogVideoX's grid with 12 heads (27 MB of bf16 q)
         shapes = [((13, 30, 45), 48, 64), ((21, 30, 52), 40, 128), ((16, 32, 32), 16, 72)]
         if small:
-            shapes = [((3, 8, 8), 4, 72)]
+            shapes = [((3, 8, 8), 4, 72), ((13, 30, 45), 12, 64)]
         elif quick:
             shapes = shapes[:2]
         for grid, heads, D in shapes:
@@ -189,7 +190,7 @@ def cases(families, quick: bool, device: torch.device) -> List[Case]:
         # Wan / CogVideoX / HunyuanVideo latents: 16 channels, patch (1, 2, 2); a (2, 2, 2) patch
         shapes = [((1, 16, 21, 60, 104), (1, 2, 2)), ((1, 16, 22, 60, 90), (2, 2, 2))]
         if small:
-            shapes = [((1, 4, 4, 16, 16), (1, 2, 2))]
+            shapes = [((1, 4, 4, 16, 16), (1, 2, 2)), ((1, 16, 21, 60, 104), (1, 2, 2))]
         elif quick:
             shapes = shapes[:1]
         for shape, patch in shapes:
@@ -233,21 +234,21 @@ def run(device="cuda", quick: bool = False, families=("rope", "patchify"), provi
         if common.out_of_time():
             print("[rope/patchify] time budget spent; stopping before", case)
             break
+        fns, errors = {}, {}
         for p in runnable:
             if p == "eager-table" and case.family != "rope":
                 continue
             try:
-                err = max_abs_error(case, p, device)
-                fn, grad_to_none = setup(p, case, device)
-                timing = common.time_fn(fn, device, rep_ms=(60 if quick else 200) if on_gpu else 200,
-                                        min_reps=10 if on_gpu else 3, grad_to_none=grad_to_none)
-                peak = common.peak_memory(fn, device, grad_to_none=grad_to_none)
+                errors[p] = max_abs_error(case, p, device)
+                fns[p] = setup(p, case, device)
             except Exception as exc:  # one failing provider must not hide the others' numbers
                 print(f"[rope/patchify] {case.op} {case.variant} {case.shape_dict()} {p}: FAILED {type(exc).__name__}: {exc}")
-                continue
-            finally:
-                if on_gpu:
-                    torch.cuda.empty_cache()
+        # on CPU the providers of a case are timed interleaved, call by call (common.time_fns)
+        timings = common.time_fns(fns, device, rep_ms=(60 if quick else 200) if on_gpu else 200,
+                                  min_reps=10 if on_gpu else 5)
+        for p, (fn, grad_to_none) in fns.items():
+            timing, err = timings[p], errors[p]
+            peak = common.peak_memory(fn, device, grad_to_none=grad_to_none)
             row = common.make_row(case.op, case.variant, p, case.shape_dict(), case.dtype, timing, device=device,
                                   nbytes=nbytes(case), peak_mem_bytes=peak, family=case.family,
                                   fwd_max_abs_err_vs_reference=err,
@@ -258,6 +259,8 @@ def run(device="cuda", quick: bool = False, families=("rope", "patchify"), provi
             print(f"[rope/patchify] {case.op:14s} {case.variant:7s} {common.shape_str(case.shape_dict()):50s} {p:12s} "
                   f"{row['median_ms']:9.4f} ms  {row['gbps']:8.1f} GB/s ({100 * row['frac_of_copy_bw']:.0f}% of copy)  "
                   f"err {err:.1e}")
+        if on_gpu:
+            torch.cuda.empty_cache()
     print()
     common.print_ratio_table(rows, metric="gbps")
     return rows

@@ -12,6 +12,8 @@ API (small on purpose; everything else in this file is private):
         CUDA: one pair of CUDA events per repetition, the L2 cache flushed (a 256 MB buffer zeroed)
         before each, grads reset outside the timed region; median and 20/80 % quantiles.
         CPU: the same with time.perf_counter (labelled by the row's device, never mixed with GPU rows).
+    time_fns({name: (fn, grad_to_none)}, device, *, rep_ms=100) -> {name: Timing}
+        several providers of one case; on CPU interleaved call by call (ratios that hold under load).
     peak_memory(fn, device, grad_to_none=()) -> int | None
         bytes allocated during one call above what was allocated before it (outputs + temporaries),
         from torch.cuda.max_memory_allocated; None on CPU.
@@ -51,7 +53,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -176,6 +178,39 @@ def time_fn(fn: Callable[[], object], device, *, warmup_ms: float = 25, rep_ms: 
         ends[i].record()
     torch.cuda.synchronize(device)
     return _summarise([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def time_fns(fns: Dict[str, Tuple[Callable[[], object], Sequence[torch.Tensor]]], device, *,
+             rep_ms: float = 100, min_reps: int = 10) -> Dict[str, Timing]:
+    """``time_fn`` for several providers of one case: {name: (fn, grad_to_none)} -> {name: Timing}.
+
+    CUDA: one provider after the other (the events time the device alone). CPU: interleaved, one call of
+    each provider per round in a rotating order, so a burst of load from another process falls on all of
+    them alike and the ratios between them hold even on a busy machine; ``rep_ms`` per provider.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {name: time_fn(fn, device, rep_ms=rep_ms, min_reps=min_reps, grad_to_none=grads)
+                for name, (fn, grads) in fns.items()}
+    names = list(fns)
+    estimate_ms = {}
+    for name in names:  # warm-up: one call, then one timed call for the estimate
+        fn, grads = fns[name]
+        for _ in range(2):
+            _reset_grads(grads)
+            t0 = time.perf_counter()
+            fn()
+            estimate_ms[name] = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    reps = max(min_reps, min(1000, int(rep_ms / max(estimate_ms.values()))))
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, grads = fns[name]
+            _reset_grads(grads)
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _summarise(ts) for name, ts in times.items()}
 
 
 def _time_cpu(fn, warmup_ms, rep_ms, min_reps, max_reps, grad_to_none) -> Timing:

@@ -124,8 +124,8 @@ def _check_eps(eps):
 
 
 def _cpu_path(x) -> bool:
-    """backend "torch" on CPU, eagerly: dit_fast/ops/adaln_cpu.py (the references' math, a block of rows at a
-    time); under torch.compile the references themselves, which the compiler fuses."""
+    """backend "torch" on CPU, eagerly: dit_fast/ops/adaln_cpu.py (the references' math in fewer passes than
+    eager); under torch.compile the references themselves, which the compiler fuses."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 

@@ -127,7 +127,7 @@ def apply_rope_3d_reference(x: Tensor, grid: Sequence[int], theta: float = 10000
 # fp32 copy of a large bf16 q is twice its size, and allocations that large come from fresh pages on
 # every call). Models run RoPE eagerly the same way: tables built once (Wan, CogVideoX).
 
-CPU_BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of x (as adaln_cpu.py: below the mmap ceiling, few blocks)
+CPU_BLOCK_BYTES = 4 << 20  # fp32 bytes of one block of x: below glibc's 32 MB mmap ceiling, few blocks
 _CPU_TABLES: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 _CPU_TABLES_MAX = 8  # the grids of one model (training size, sampling sizes); the oldest goes first
 
