@@ -36,9 +36,11 @@ OP = "adaln"
 EPS = 1e-6
 OPS = ("layernorm_modulate", "gated_residual", "residual_layernorm_modulate")
 GPU_PROVIDERS = ("ours-triton", "ours-cuda", "eager", "compile")
-# ours-torch is the package's readable reference (fp32 statistics and modulation); on CPU it is
-# what backend="auto" runs, so its CPU time is the one a user gets.
+# ours-torch is backend="torch": on CPU the path "auto" runs (dit_fast/ops/adaln_cpu.py, the reference's
+# fp32 math in fewer passes), so its CPU time is the one a user gets.
 CPU_PROVIDERS = ("ours-torch", "eager", "compile")
+# the CPU path's two forms forced (dit_fast/ops/adaln_cpu.py; ours-torch picks one per shape): by name only
+CPU_FORMS = {"ours-torch-per-group": True, "ours-torch-whole": False}
 
 # ---------------------------------------------------------------------------------------------
 # Baselines: the math as a user writes it in PyTorch, in the input dtype (facebookresearch/DiT's
@@ -86,6 +88,17 @@ EAGER = {
 def ours(op: str, backend: str) -> Callable:
     from dit_fast import ops
 
+    if backend in ("torch-per-group", "torch-whole"):
+        from dit_fast.ops import adaln_cpu as P
+
+        form = CPU_FORMS["ours-" + backend]
+        if op == "layernorm_modulate":
+            return lambda x, gate, y, shift, scale: P.layernorm_modulate_cpu(x, shift, scale, eps=EPS, per_group=form)
+        if op == "gated_residual":
+            return lambda x, gate, y, shift, scale: P.gated_residual_cpu(x, gate, y)
+        return lambda x, gate, y, shift, scale: P.residual_layernorm_modulate_cpu(x, gate, y, shift, scale, eps=EPS,
+                                                                                  per_group=form)
+
     if op == "layernorm_modulate":
         return lambda x, gate, y, shift, scale: ops.layernorm_modulate(x, shift, scale, eps=EPS, backend=backend)
     if op == "gated_residual":
@@ -120,6 +133,8 @@ def implementation(op: str, provider: str) -> Callable:
 
 def provider_unavailable(provider: str, device: torch.device) -> Optional[str]:
     """None if ``provider`` can run on ``device``, else why not."""
+    if provider in CPU_FORMS and device.type != "cpu":
+        return "the CPU path's forms run on CPU only"
     if provider in ("ours-triton", "ours-cuda"):
         from dit_fast import _backend
 
@@ -222,12 +237,24 @@ def setup(provider: str, case: Case, device) -> Tuple[Callable[[], object], List
     return (lambda: torch.autograd.backward(_as_tuple(f(*args)), grads)), leaves
 
 
+def reference(op: str) -> Callable:
+    """The package's readable reference (dit_fast/ops/adaln.py: fp32 math, one rounding), whatever path
+    backend "torch" takes on this device."""
+    from dit_fast.ops import adaln as A
+
+    if op == "layernorm_modulate":
+        return lambda x, gate, y, shift, scale: A.layernorm_modulate_reference(x, shift, scale, eps=EPS)
+    if op == "gated_residual":
+        return lambda x, gate, y, shift, scale: A.gated_residual_reference(x, gate, y)
+    return lambda x, gate, y, shift, scale: A.residual_layernorm_modulate_reference(x, gate, y, shift, scale, eps=EPS)
+
+
 def rel_error(case: Case, provider: str, device) -> float:
-    """||out - ref|| / ||ref|| of the forward against ours-torch's fp32-math reference, all outputs."""
+    """||out - ref|| / ||ref|| of the forward against the package's fp32-math reference, all outputs."""
     inputs = make_inputs(case, device, requires_grad=False, seed=2)
     args = [inputs[k] for k in ("x", "gate", "y", "shift", "scale")]
     got = _as_tuple(implementation(case.op, provider)(*args))
-    ref = _as_tuple(ours(case.op, "torch")(*args))
+    ref = _as_tuple(reference(case.op)(*args))
     num = sum(float((a.double() - b.double()).norm() ** 2) for a, b in zip(got, ref))
     den = sum(float(b.double().norm() ** 2) for b in ref)
     return (num / max(den, 1e-30)) ** 0.5
@@ -385,7 +412,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
     parser.add_argument("--providers", default=None,
-                        help=f"comma list from {GPU_PROVIDERS + CPU_PROVIDERS} (default: all that run here)")
+                        help=f"comma list from {GPU_PROVIDERS + CPU_PROVIDERS + tuple(CPU_FORMS)} (default: all "
+                             "that run here)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append result rows")
     args = parser.parse_args(argv)
     if not common.require_cuda(args.device):

@@ -36,10 +36,13 @@ def test_bench_adaln_cpu_rows_per_provider():
     """One case through measure(): a row for ours-torch and for eager, both from the same interleaved run,
     the forward error against the reference recorded (eager's bf16 math differs; ours is the reference)."""
     case = bench_adaln.Case("residual_layernorm_modulate", "fwd+bwd", 2, 24, 40, 3)
-    rows = bench_adaln.measure(case, ["ours-torch", "eager"], torch.device("cpu"), {}, quick=True)
-    assert [r["provider"] for r in rows] == ["ours-torch", "eager"]
+    providers = ["ours-torch", "eager", "ours-torch-per-group", "ours-torch-whole"]
+    rows = bench_adaln.measure(case, providers, torch.device("cpu"), {}, quick=True)
+    assert [r["provider"] for r in rows] == providers
     assert all(r["median_ms"] > 0 and r["variant"] == "fwd+bwd" for r in rows)
-    assert rows[0]["fwd_rel_err_vs_reference"] < 1e-2 and rows[1]["fwd_rel_err_vs_reference"] < 5e-2
+    errors = {r["provider"]: r["fwd_rel_err_vs_reference"] for r in rows}
+    assert errors["eager"] < 5e-2 and all(errors[p] < 1e-2 for p in providers if p != "eager")
+    assert bench_adaln.provider_unavailable("ours-torch-whole", torch.device("cuda")) is not None
 
 
 def test_bench_rope_patchify_cpu_run_writes_nothing_with_no_write(tmp_path, monkeypatch):

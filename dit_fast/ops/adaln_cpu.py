@@ -1,8 +1,8 @@
 """The CPU path of the adaLN ops: what backend "auto" (and "torch") runs on CPU, eagerly.
 
 On a CPU the ops are memory-bound, so the path is chosen by the passes it makes over (B, N, C) tensors.
-Plain eager PyTorch, DiT's ``modulate(norm(x), shift, scale)``, makes four (LayerNorm, multiply, add,
-and the residual's multiply and add before it), each writing a new tensor.
+Plain eager PyTorch, DiT's ``modulate(norm(x), shift, scale)``, runs LayerNorm, a multiply and an add
+(and the residual's multiply and add before it), each writing a new tensor.
 
 layernorm_modulate: one pass of ATen's LayerNorm kernel per modulation group. The modulation folds
 into the LayerNorm's affine parameters, one fp32 row per group:
@@ -43,8 +43,8 @@ from torch.autograd.function import once_differentiable
 
 # A call per (sample, group) while those calls are few, or each large (elements of x). Each call is a parallel
 # region of the intra-op threads; many small ones cost more than the pass they save, the more so on a busy
-# machine where a descheduled thread stalls every region (benchmarks/NOTES.md: at B = 2, N = 4095, C = 1152
-# with one group per frame (G = 13) the whole-tensor form measured 1.35x eager, the per-group one 1.06x).
+# machine where a descheduled thread stalls every region. Both forms side by side: benchmarks/NOTES.md
+# ("CPU path under auto"), bench_adaln's ours-torch-per-group / ours-torch-whole providers.
 MAX_SMALL_GROUPS = 4
 MIN_GROUP_ELEMENTS = 1 << 20
 
