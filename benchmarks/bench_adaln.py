@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -85,26 +86,36 @@ EAGER = {
 }
 
 
+def _by_op(op: str, layernorm_modulate, gated_residual, residual_layernorm_modulate) -> Callable:
+    """One of the three functions, called with the benchmark's argument list (x, gate, y, shift, scale)."""
+    if op == "layernorm_modulate":
+        return lambda x, gate, y, shift, scale: layernorm_modulate(x, shift, scale)
+    if op == "gated_residual":
+        return lambda x, gate, y, shift, scale: gated_residual(x, gate, y)
+    return lambda x, gate, y, shift, scale: residual_layernorm_modulate(x, gate, y, shift, scale)
+
+
 def ours(op: str, backend: str) -> Callable:
     from dit_fast import ops
 
-    if backend in ("torch-per-group", "torch-whole"):
+    if "ours-" + backend in CPU_FORMS:
         from dit_fast.ops import adaln_cpu as P
 
         form = CPU_FORMS["ours-" + backend]
-        if op == "layernorm_modulate":
-            return lambda x, gate, y, shift, scale: P.layernorm_modulate_cpu(x, shift, scale, eps=EPS, per_group=form)
-        if op == "gated_residual":
-            return lambda x, gate, y, shift, scale: P.gated_residual_cpu(x, gate, y)
-        return lambda x, gate, y, shift, scale: P.residual_layernorm_modulate_cpu(x, gate, y, shift, scale, eps=EPS,
-                                                                                  per_group=form)
+        return _by_op(op, partial(P.layernorm_modulate_cpu, eps=EPS, per_group=form), P.gated_residual_cpu,
+                      partial(P.residual_layernorm_modulate_cpu, eps=EPS, per_group=form))
+    return _by_op(op, partial(ops.layernorm_modulate, eps=EPS, backend=backend),
+                  partial(ops.gated_residual, backend=backend),
+                  partial(ops.residual_layernorm_modulate, eps=EPS, backend=backend))
 
-    if op == "layernorm_modulate":
-        return lambda x, gate, y, shift, scale: ops.layernorm_modulate(x, shift, scale, eps=EPS, backend=backend)
-    if op == "gated_residual":
-        return lambda x, gate, y, shift, scale: ops.gated_residual(x, gate, y, backend=backend)
-    return lambda x, gate, y, shift, scale: ops.residual_layernorm_modulate(x, gate, y, shift, scale, eps=EPS,
-                                                                            backend=backend)
+
+def reference(op: str) -> Callable:
+    """The package's readable reference (dit_fast/ops/adaln.py: fp32 math, one rounding), whatever path
+    backend "torch" takes on this device."""
+    from dit_fast.ops import adaln as A
+
+    return _by_op(op, partial(A.layernorm_modulate_reference, eps=EPS), A.gated_residual_reference,
+                  partial(A.residual_layernorm_modulate_reference, eps=EPS))
 
 
 _compiled: Dict[str, Callable] = {}
@@ -235,18 +246,6 @@ def setup(provider: str, case: Case, device) -> Tuple[Callable[[], object], List
     if case.variant == "bwd":
         return (lambda: torch.autograd.backward(outs, grads, retain_graph=True)), leaves
     return (lambda: torch.autograd.backward(_as_tuple(f(*args)), grads)), leaves
-
-
-def reference(op: str) -> Callable:
-    """The package's readable reference (dit_fast/ops/adaln.py: fp32 math, one rounding), whatever path
-    backend "torch" takes on this device."""
-    from dit_fast.ops import adaln as A
-
-    if op == "layernorm_modulate":
-        return lambda x, gate, y, shift, scale: A.layernorm_modulate_reference(x, shift, scale, eps=EPS)
-    if op == "gated_residual":
-        return lambda x, gate, y, shift, scale: A.gated_residual_reference(x, gate, y)
-    return lambda x, gate, y, shift, scale: A.residual_layernorm_modulate_reference(x, gate, y, shift, scale, eps=EPS)
 
 
 def rel_error(case: Case, provider: str, device) -> float:
