@@ -369,6 +369,25 @@ def test_auto_on_cpu_is_reference():
     assert dit_fast._backend.resolve_backend("auto", torch.device("cpu"), "adaln") == "torch"
 
 
+def test_default_arguments_on_cpu_run_the_cpu_path():
+    """The public ops with their default backend, as a user calls them on CPU, run dit_fast/ops/adaln_cpu.py:
+    the per-group form for per-sample modulation (its autograd node), the whole-tensor form for one row per
+    token, and gated_residual's addcmul; results within the reference's tolerance."""
+    g = torch.Generator().manual_seed(13)
+    x, y = (torch.randn(2, 64, 32, generator=g, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+    gate, shift, scale = (0.5 * torch.randn(2, 32, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    out = ops.layernorm_modulate(x, shift, scale)
+    assert type(out.grad_fn).__name__ == "_LayerNormModulateBackward"
+    torch.testing.assert_close(out, A.layernorm_modulate_reference(x, shift, scale), rtol=1.6e-2, atol=1.6e-2)
+    per_token = 0.5 * torch.randn(2, 64, 32, generator=g, dtype=torch.bfloat16)
+    out = ops.layernorm_modulate(x, per_token, per_token)
+    assert type(out.grad_fn).__name__ == "ViewBackward0"  # the addcmul of the whole-tensor form, viewed back
+    torch.testing.assert_close(out, A.layernorm_modulate_reference(x, per_token, per_token), rtol=1.6e-2,
+                               atol=1.6e-2)
+    h = ops.gated_residual(x, gate, y)
+    assert torch.equal(h, A.gated_residual_reference(x, gate, y))
+
+
 def test_backend_precedence(monkeypatch):
     from dit_fast._backend import requested_backend
 
