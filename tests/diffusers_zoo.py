@@ -167,14 +167,18 @@ def hunyuan_video_framepack():
     return model, inputs
 
 
-def ltx2():
+def _ltx2_model(**extra):
     from diffusers import LTX2VideoTransformer3DModel
 
-    model = LTX2VideoTransformer3DModel(
+    return LTX2VideoTransformer3DModel(
         in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
         cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
         audio_attention_head_dim=16, audio_cross_attention_dim=32, num_layers=1, caption_channels=16,
-        rope_double_precision=False)
+        rope_double_precision=False, **extra)
+
+
+def ltx2():
+    model = _ltx2_model()
 
     def inputs(dtype, g):  # a 2 x 3 x 4 video grid and 5 audio frames, each with its padded prompt
         return dict(hidden_states=rand(g, B, 24, 4, dtype=dtype), audio_hidden_states=rand(g, B, 5, 4, dtype=dtype),
@@ -186,13 +190,7 @@ def ltx2():
 
 def ltx2_stg():
     """LTX-2.3's per-head output gates and spatio-temporal guidance: the second sample's self-attention skipped."""
-    from diffusers import LTX2VideoTransformer3DModel
-
-    model = LTX2VideoTransformer3DModel(
-        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
-        cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
-        audio_attention_head_dim=16, audio_cross_attention_dim=32, num_layers=1, caption_channels=16,
-        rope_double_precision=False, gated_attn=True, audio_gated_attn=True, perturbed_attn=True)
+    model = _ltx2_model(gated_attn=True, audio_gated_attn=True, perturbed_attn=True)
     inputs = ltx2()[1]
     return model, lambda dtype, g: dict(inputs(dtype, g), spatio_temporal_guidance_blocks=[0],
                                         perturbation_mask=torch.tensor([1.0, 0.0], dtype=dtype))

@@ -32,10 +32,10 @@ from dit_fast.integrations.diffusers import backend as dd_backend  # noqa: E402
 from dit_fast.integrations.diffusers import reach  # noqa: E402
 from tests import diffusers_zoo as zoo  # noqa: E402
 from tests.launches import count_launches  # noqa: E402
+from tests.test_diffusers import _restore_active_backend  # noqa: E402,F401  (autouse fixture)
 from tests.utils import assert_close_to_reference  # noqa: E402
 
 import diffusers  # noqa: E402
-from diffusers.models import attention_dispatch  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 KERNEL_DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -123,15 +123,6 @@ BACKEND_CASES = [case for case, name in CASES.items() if _reached(name) and case
 KERNEL_CASES = [case for case in BACKEND_CASES if case not in ("hunyuan_video15", "cosmos3")]  # (every call falls back)
 UNREACHED_CASES = [row.cases[0] for name, row in CLASSES.items()
                    if not any(r in reach.REACHED for r in row.processors.values())]
-
-
-@pytest.fixture(autouse=True)
-def _restore_active_backend():
-    """set_attention_backend also sets diffusers' process-wide active backend: put it back after each test."""
-    registry = attention_dispatch._AttentionBackendRegistry
-    active = registry._active_backend
-    yield
-    registry.set_active_backend(active)
 
 
 class KernelCalls:

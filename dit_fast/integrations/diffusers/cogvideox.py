@@ -20,6 +20,19 @@ from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBloc
 from dit_fast.integrations.diffusers import _processor as P
 
 
+def rotate_video_tokens(attn, query, key, n_text, image_rotary_emb):
+    """q, k (B, n_text + N, heads, D) of a [text; video] joint attention with the pipeline's RoPE tables
+    applied to the video tokens only (k too unless the module is a cross-attention)."""
+    if image_rotary_emb is None:
+        return query, key
+    query = torch.cat([query[:, :n_text], apply_rotary_emb(query[:, n_text:], image_rotary_emb, sequence_dim=1)],
+                      dim=1)
+    if not attn.is_cross_attention:
+        key = torch.cat([key[:, :n_text], apply_rotary_emb(key[:, n_text:], image_rotary_emb, sequence_dim=1)],
+                        dim=1)
+    return query, key
+
+
 class CogVideoXProcessor(P.DitFastProcessor):
     """CogVideoXAttnProcessor2_0 on dit_fast's attention, in the (B, S, heads, D) layout."""
 
@@ -29,12 +42,7 @@ class CogVideoXProcessor(P.DitFastProcessor):
         batch_size, sequence_length, _ = hidden_states.shape
         attention_mask = P.prepared_mask(attn, attention_mask, sequence_length, batch_size)
         query, key, value = P.qkv_heads(attn, hidden_states)  # (B, S, heads, D)
-        if image_rotary_emb is not None:  # the video tokens only
-            query = torch.cat([query[:, :n_text], apply_rotary_emb(query[:, n_text:], image_rotary_emb,
-                                                                   sequence_dim=1)], dim=1)
-            if not attn.is_cross_attention:
-                key = torch.cat([key[:, :n_text], apply_rotary_emb(key[:, n_text:], image_rotary_emb,
-                                                                   sequence_dim=1)], dim=1)
+        query, key = rotate_video_tokens(attn, query, key, n_text, image_rotary_emb)
         hidden_states = self.attend(query, key, value, attention_mask)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.flatten(2, 3)))
         encoder_hidden_states, hidden_states = hidden_states.split([n_text, hidden_states.size(1) - n_text], dim=1)

@@ -8,10 +8,10 @@ Blocks (EasyAnimateTransformerBlock) stay diffusers' own.
 """
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_easyanimate import EasyAnimateAttnProcessor2_0
 
 from dit_fast.integrations.diffusers import _processor as P
+from dit_fast.integrations.diffusers.cogvideox import rotate_video_tokens
 
 
 class EasyAnimateProcessor(P.DitFastProcessor):
@@ -27,12 +27,7 @@ class EasyAnimateProcessor(P.DitFastProcessor):
             query = torch.cat([encoder_query, query], dim=1)  # [text; video]
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:  # the video tokens only
-            query = torch.cat([query[:, :n_text], apply_rotary_emb(query[:, n_text:], image_rotary_emb,
-                                                                   sequence_dim=1)], dim=1)
-            if not attn.is_cross_attention:
-                key = torch.cat([key[:, :n_text], apply_rotary_emb(key[:, n_text:], image_rotary_emb,
-                                                                   sequence_dim=1)], dim=1)
+        query, key = rotate_video_tokens(attn, query, key, n_text, image_rotary_emb)
 
         hidden_states = self.attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
