@@ -125,6 +125,23 @@ def test_int64_offset_variant(monkeypatch, deterministic):
     _check_against_reference(fn, inputs, torch.float32, deterministic=deterministic)
 
 
+def test_int64_offsets_decided_by_the_group_extent():
+    """The decision under the forced variant above: int64 offsets exactly when a group's largest element offset
+    reaches 2^31, counted with the widest token stride among the tensors (a packed qkv view reads 3x as far).
+    Shapes only (meta tensors): 2^31 elements of q are 4 GB in bf16."""
+    from dit_fast.triton_kernels.attention import _group_extent
+
+    def extent(S, heads=40, D=128, packed=False):
+        q = torch.empty(1, S, heads, D, device="meta")
+        if packed:  # q, k, v as views of one (B, S, 3, heads, D) projection
+            q = torch.empty(1, S, 3, heads, D, device="meta")[:, :, 0]
+        return _group_extent((q, q, q), S, S, 1)
+
+    assert extent(200_000) < 2**31 <= extent(500_000)  # 40 heads x 128: int32 up to ~419k tokens
+    assert extent(200_000, packed=True) >= 2**31 > extent(130_000, packed=True)
+    assert extent(419_000) < 2**31 <= extent(419_500)
+
+
 @pytest.mark.skipif(HAS_GPU, reason="reads the interpreter's launch arguments")
 @pytest.mark.parametrize("D,dtype,aligned", [(8, BF16, True), (12, BF16, False), (12, F32, True), (10, F32, False)],
                          ids=lambda x: str(x).split(".")[-1])
