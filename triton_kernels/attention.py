@@ -212,11 +212,12 @@ def rope_tables(max_pos: int, head_dim: int, theta: float, split, device) -> tor
     key = (max_pos, head_dim, float(theta), tuple(split), str(device))
     table = _rope_table_cache.get(key)
     if table is None:
-        pos = torch.arange(max_pos, dtype=torch.float64)
-        inv_freq = torch.cat([theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-                              for d in _rope_split(head_dim, split)])  # (D / 2,)
-        angles = (pos[:, None] * inv_freq[None, :]).to(torch.float32)  # (max_pos, D / 2)
-        table = torch.stack([angles.cos(), angles.sin()], dim=1).to(device).contiguous()
+        with torch.inference_mode(False):  # a cache: ordinary tensors even if first built under inference_mode
+            pos = torch.arange(max_pos, dtype=torch.float64)
+            inv_freq = torch.cat([theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+                                  for d in _rope_split(head_dim, split)])  # (D / 2,)
+            angles = (pos[:, None] * inv_freq[None, :]).to(torch.float32)  # (max_pos, D / 2)
+            table = torch.stack([angles.cos(), angles.sin()], dim=1).to(device).contiguous()
         _rope_table_cache[key] = table
     return table
 

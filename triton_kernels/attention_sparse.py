@@ -396,7 +396,8 @@ def tile_starts(layout: TileLayout, device) -> torch.Tensor:
     """(n_tiles + 1,) int32 on device: tile i's rows are [starts[i], starts[i + 1]) in tile order. Cached."""
     key = (layout, str(device))
     if key not in _starts_cache:
-        _starts_cache[key] = layout.tile_starts().to(device=device, dtype=torch.int32)
+        with torch.inference_mode(False):  # a cache: ordinary tensors even if first built under inference_mode
+            _starts_cache[key] = layout.tile_starts().to(device=device, dtype=torch.int32)
     return _starts_cache[key]
 
 

@@ -137,8 +137,9 @@ def _cpu_tables(grid, head_dim, theta, split, device) -> Tuple[Tensor, Tensor]:
     key = (tuple(grid), head_dim, float(theta), tuple(split) if split is not None else None, torch.device(device))
     tables = _CPU_TABLES.get(key)
     if tables is None:
-        angles = rope_3d_angles(grid, head_dim, theta, split, device, dtype=torch.float32)
-        tables = _CPU_TABLES[key] = (angles.cos(), angles.sin())
+        with torch.inference_mode(False):  # a cache: ordinary tensors even if first built under inference_mode
+            angles = rope_3d_angles(grid, head_dim, theta, split, device, dtype=torch.float32)
+            tables = _CPU_TABLES[key] = (angles.cos(), angles.sin())
         while len(_CPU_TABLES) > _CPU_TABLES_MAX:
             _CPU_TABLES.pop(next(iter(_CPU_TABLES)))
     return tables
@@ -239,7 +240,8 @@ def rope_inv_freq(head_dim: int, theta: float, split: Sequence[int], device) -> 
     key = (head_dim, float(theta), tuple(split), torch.device(device))
     table = _inv_freq_cache.get(key)
     if table is None:
-        table = _inv_freq_cache[key] = rope_inv_freq_reference(head_dim, theta, split, device)
+        with torch.inference_mode(False):  # a cache: ordinary tensors even if first built under inference_mode
+            table = _inv_freq_cache[key] = rope_inv_freq_reference(head_dim, theta, split, device)
     return table
 
 

@@ -157,11 +157,12 @@ _perm_cache: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 def _perms(layout: TileLayout, device) -> Tuple[Tensor, Tensor]:
     key = (layout, str(torch.device(device) if device is not None else "cpu"))
     if key not in _perm_cache:
-        tile_of = layout.token_tile(device)
-        perm = torch.sort(tile_of, stable=True).indices  # tiles in order, raster order inside each
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        _perm_cache[key] = (perm, inverse)
+        with torch.inference_mode(False):  # a cache: ordinary tensors even if first built under inference_mode
+            tile_of = layout.token_tile(device)
+            perm = torch.sort(tile_of, stable=True).indices  # tiles in order, raster order inside each
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+            _perm_cache[key] = (perm, inverse)
     return _perm_cache[key]
 
 

@@ -135,7 +135,8 @@ class SparseRuntime:
             return blocks_for_heads(choices, layout, q.detach(), k.detach(), order).to(q.device)
         key = (layout, json.dumps(list(choices), sort_keys=True), str(q.device))
         if key not in self._blocks:
-            self._blocks[key] = blocks_for_heads(choices, layout).to(q.device)
+            with torch.inference_mode(False):  # a cache: ordinary tensors even if first built under inference_mode
+                self._blocks[key] = blocks_for_heads(choices, layout).to(q.device)
         return self._blocks[key]
 
     @torch.no_grad()
