@@ -182,3 +182,16 @@ def test_sliding_tile_on_the_kernels():
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-4)
     for got, want in zip((q, k, v), leaves, strict=True):
         torch.testing.assert_close(got.grad.cpu().double(), want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_radial_band_starts_right_after_the_dense_radius():
+    """Past the dense band the window shrinks at once, whatever the radius (band >= 1): with dense_radius 2,
+    distance 3 keeps half the area of a slab, distance 6 a quarter (radius 0 and 1 unchanged)."""
+    from dit_fast.sparse.patterns import radial_slab
+
+    full = (8, 8)
+    assert [radial_slab(d, full, 1.0, 2) for d in range(3)] == [full] * 3
+    assert radial_slab(3, full, 1.0, 2) == (6, 6) and radial_slab(5, full, 1.0, 2) == (6, 6)  # area 32
+    assert radial_slab(6, full, 1.0, 2) == (4, 4)  # area 16
+    assert [radial_slab(d, full, 1.0, 1) for d in (2, 3, 4)] == [(6, 6), (6, 6), (4, 4)]
+    assert [radial_slab(d, full, 1.0, 0) for d in (1, 2, 3)] == [(6, 6), (4, 4), (4, 4)]

@@ -199,7 +199,7 @@ def radial_slab(d: int, spatial_tiles: Tuple[int, int], decay: float, dense_radi
     nh, nw = spatial_tiles
     if d <= dense_radius:
         return nh, nw
-    band = d.bit_length() - dense_radius.bit_length()  # >= 1; doubles of the distance past the dense band
+    band = (d // (dense_radius + 1)).bit_length()  # >= 1; doubles of the distance past the dense band
     area = decay * nh * nw / 2 ** band  # tiles kept in this slab
     if area >= 1:
         scale = math.sqrt(area / (nh * nw))
