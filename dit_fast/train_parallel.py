@@ -192,13 +192,17 @@ def read_run_info(path) -> dict:
 
 def save_sharded(trainer) -> str:
     """Saves ``<out_dir>/dcp/step_<step>`` on every rank (a collective); returns its path."""
-    from dit_fast.parallel.checkpoint import TrainerState, save_checkpoint
+    from dit_fast.parallel.checkpoint import TrainerState, on_rank0, save_checkpoint
 
     cfg = trainer.cfg
     root = os.path.join(cfg.out_dir, SHARDED_DIR)
-    if trainer.dist.is_main:  # before the checkpoint it describes is published
+
+    def describe():  # before the checkpoint it describes is published
         atomic_write_text(json.dumps({"config": json.loads(cfg.to_json()), "vocabulary": trainer.model.vocabulary})
                           + "\n", os.path.join(root, RUN_JSON))
+
+    # rank 0 writes; a failure there reaches every rank as an error (one broadcast), not a peer left waiting
+    on_rank0(describe, trainer.dist.is_main, None, f"writing {os.path.join(root, RUN_JSON)!r}")
     state = TrainerState(ema=trainer.ema, extra={"losses": torch.tensor(trainer.losses, dtype=torch.float64)},
                          rng=False)  # nothing reads the global RNG streams: every draw is per (seed, step, sample)
     final = save_checkpoint(root, trainer.step, model=trainer.model, optimizer=trainer.optimizer, trainer=state,

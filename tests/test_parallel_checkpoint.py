@@ -381,6 +381,43 @@ def test_a_failure_on_rank0_reaches_every_rank(tmp_path):
         assert got["healthy"] == 2
 
 
+def _run_json_fails_worker(rank, world, base):
+    """save_sharded (the trainer's sharded save): rank 0 alone writes run.json first; here it cannot (a
+    directory is in the way). Every rank gets the error, quickly, and the group still works."""
+    import time
+    import types
+
+    from dit_fast.train_parallel import RUN_JSON, SHARDED_DIR, save_sharded
+
+    os.makedirs(os.path.join(base, SHARDED_DIR, RUN_JSON), exist_ok=True)
+    model = make_net()
+    model.vocabulary = ["a", "b"]
+    cfg = types.SimpleNamespace(out_dir=base, keep_checkpoints=None, to_json=lambda: "{}")
+    trainer = types.SimpleNamespace(cfg=cfg, dist=types.SimpleNamespace(is_main=rank == 0), model=model,
+                                    optimizer=None, ema=None, losses=[1.0], step=1)
+    start, out = time.monotonic(), {}
+    try:
+        save_sharded(trainer)
+        out["error"] = "no error"
+    except ckpt.CheckpointSaveError as e:
+        out["error"] = str(e)
+    out["seconds"] = time.monotonic() - start
+    ok = torch.ones(1)
+    torch.distributed.all_reduce(ok)
+    out["healthy"] = int(ok.item())
+    return out
+
+
+def test_a_failed_run_description_on_rank0_reaches_every_rank(tmp_path):
+    base = tmp_path / "shared"
+    base.mkdir()
+    timeout = 30
+    results = run_distributed(_run_json_fails_worker, 2, tmp_path, str(base), timeout_s=timeout)
+    for rank, got in enumerate(results):
+        assert "run.json" in got["error"] and "rank 0 failed: " in got["error"], (rank, got["error"])
+        assert got["seconds"] < timeout / 3 and got["healthy"] == 2, (rank, got)
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))

@@ -296,7 +296,7 @@ def _barrier(group) -> None:
 _OUTCOME_BYTES = 2048
 
 
-def _on_rank0(fn, rank0: bool, group, what: str) -> None:
+def on_rank0(fn, rank0: bool, group, what: str) -> None:
     """Runs ``fn`` on rank 0 only, then tells every rank how it went (one broadcast, also a barrier): an
     exception on rank 0 becomes a CheckpointSaveError on every rank, not a peer stuck in a barrier."""
     error = None
@@ -389,7 +389,7 @@ def save_checkpoint(root, step: int, *, model: nn.Module, optimizer: Optional[to
         if partial.exists():  # left by a save that was killed
             shutil.rmtree(partial)
 
-    _on_rank0(prepare, rank0, process_group, f"preparing {os.fspath(final)!r}: the previous checkpoint and "
+    on_rank0(prepare, rank0, process_group, f"preparing {os.fspath(final)!r}: the previous checkpoint and "
                                                  f"{os.fspath(root / 'latest')!r} are untouched")
     try:
         with _quiet_single_process():
@@ -409,7 +409,7 @@ def save_checkpoint(root, step: int, *, model: nn.Module, optimizer: Optional[to
                 if old_dir != final:
                     shutil.rmtree(old_dir)
 
-    _on_rank0(publish, rank0, process_group, f"publishing {os.fspath(final)!r}: {os.fspath(root / 'latest')!r} "
+    on_rank0(publish, rank0, process_group, f"publishing {os.fspath(final)!r}: {os.fspath(root / 'latest')!r} "
                                                  "names the previous checkpoint or this one, complete")
     return final
 
