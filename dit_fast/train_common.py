@@ -9,32 +9,20 @@ readers (and a resumed run) see the old file or the new one, never half of one.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 from safetensors.torch import save_file
 
+from dit_fast._files import atomic_write
+
 
 def _atomic_write(path: str, write_fn) -> None:
-    """write_fn(tmp_path) then os.replace onto ``path``: readers see the old file or the new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """write_fn(tmp_path) then os.replace onto ``path`` (its directory made first): readers see the old file
+    or the new one (dit_fast/_files.py)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, write_fn)
 
 
 def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[dict] = None) -> None:

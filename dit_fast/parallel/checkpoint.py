@@ -70,10 +70,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from dit_fast._files import atomic_write as _write_atomically
 from dit_fast.models.checkpoint import CheckpointError, CheckpointNotFoundError
 from dit_fast.parallel.checkpoint_files import (_METADATA, SafeFileSystemReader, TensorOnlyLoadPlanner, _complete_steps,
-                                                _fsync_dir, _publish, _recover, _write_atomically, latest_checkpoint,
-                                                read_metadata, step_of)  # noqa: F401  (re-exported)
+                                                _fsync_dir, _publish, _recover, latest_checkpoint, read_metadata,
+                                                step_of)  # noqa: F401  (re-exported)
 
 
 

@@ -6,21 +6,18 @@
     root/.step_N.partial     a save in progress (or killed); root/.step_N.old the copy a same-step save replaces
 
 Here: the layout (``latest_checkpoint``, ``step_of``), the atomic publish of a finished save and the recovery
-of a killed one (``_publish``, ``_recover``), atomic single files with the modes open() gives
-(``_write_atomically``), and the reading of ``.metadata`` without running pickled code (``read_metadata``,
+of a killed one (``_publish``, ``_recover``; single files through dit_fast/_files.py), and the reading of ``.metadata`` without running pickled code (``read_metadata``,
 ``SafeFileSystemReader``, ``TensorOnlyLoadPlanner``). dit_fast/parallel/checkpoint.py decides what is saved
 and loaded and calls these on rank 0 (writes) or every rank (reads).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
+from dit_fast._files import fsync_dir as _fsync_dir
 from dit_fast.models.checkpoint import CheckpointError, CheckpointNotFoundError
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -119,17 +117,6 @@ class TensorOnlyLoadPlanner(DefaultLoadPlanner):
 
 
 # ------------------------------------------------------------------ the layout, atomic publish and recovery
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -230,40 +217,6 @@ def _recover(root: Path) -> None:
     for child in root.iterdir():
         if child.name != at and child.name.startswith(".") and _LATEST_NAME.match(child.name):
             shutil.rmtree(child)
-
-
-# ------------------------------------------------------------------ single files
-
-
-def _umask() -> int:
-    """This process's umask, read without changing it where Linux says it (os.umask is a set-and-restore)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: Path, write) -> None:
-    """write(tmp) beside ``path``, fsync, os.replace: readers see no file or a whole one, which gets the mode
-    open() would give it (0666 & ~umask, as dit_fast.train's single-file writer; safetensors writes 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 __all__ = ["read_metadata", "SafeFileSystemReader", "TensorOnlyLoadPlanner", "latest_checkpoint", "step_of"]

@@ -34,6 +34,7 @@ import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from dit_fast._checks import check_int, check_int_triple, check_number
+from dit_fast._files import atomic_write
 from dit_fast.ops.sparse_layout import TileLayout
 from dit_fast.sparse.patterns import PATTERNS, video_fraction, video_mask
 
@@ -189,16 +190,18 @@ class SparseAttention:
         return cls(**{**config, "pattern": tuple(pattern) if isinstance(pattern, list) else pattern})
 
     def save(self, path: Union[str, os.PathLike]) -> str:
-        """Writes the configuration and every calibrated choice as JSON (atomically: a temporary file renamed)."""
+        """Writes the configuration and every calibrated choice as JSON, atomically (dit_fast/_files.py)."""
         data = {"format": FORMAT, "version": VERSION, "model": self.model, "config": self.to_dict(),
                 "calibrations": [{"grid": [int(n) for n in key.split("x")], "layers": {
                     str(layer): choices for layer, choices in sorted(layers.items())}}
                     for key, layers in sorted(self.choices.items())]}
         path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1)
+
+        atomic_write(path, write)
         return path
 
     @classmethod
