@@ -90,13 +90,16 @@ class TileLayout:
     def n_tiles(self) -> int:
         return self.n_video_tiles + self.n_extra_tiles
 
+    def axis_sizes(self, axis: int) -> Tensor:
+        """(tiles along ``axis``,) int64: tokens of each tile along one axis of the grid (the last partial)."""
+        n, t, count = self.grid[axis], self.tile[axis], self.tiles_per_axis[axis]
+        sizes = torch.full((count,), t, dtype=torch.int64)
+        sizes[-1] = n - t * (count - 1)
+        return sizes
+
     def tile_sizes(self) -> Tensor:
         """(n_tiles,) int64: tokens in each tile (edge and last extra tiles partial)."""
-        per_axis = []
-        for n, t, count in zip(self.grid, self.tile, self.tiles_per_axis, strict=True):
-            sizes = torch.full((count,), t, dtype=torch.int64)
-            sizes[-1] = n - t * (count - 1)
-            per_axis.append(sizes)
+        per_axis = [self.axis_sizes(axis) for axis in range(3)]
         video = (per_axis[0][:, None, None] * per_axis[1][None, :, None] * per_axis[2][None, None, :]).flatten()
         extra = torch.full((self.n_extra_tiles,), self.volume, dtype=torch.int64)
         if self.n_extra_tiles:

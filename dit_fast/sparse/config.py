@@ -50,7 +50,7 @@ class SparseCalibrationError(ValueError):
     """A calibration file that cannot be read or does not fit: the message names the file and the key."""
 
 
-def _grid_key(grid: Sequence[int]) -> str:
+def grid_key(grid: Sequence[int]) -> str:
     return "x".join(str(int(n)) for n in grid)
 
 
@@ -161,10 +161,10 @@ class SparseAttention:
     # ---- the cache of choices ----
 
     def choices_for(self, grid: Sequence[int], layer: int) -> Optional[List[Choice]]:
-        return self.choices.get(_grid_key(grid), {}).get(layer)
+        return self.choices.get(grid_key(grid), {}).get(layer)
 
     def record(self, grid: Sequence[int], layer: int, choices: List[Choice]) -> None:
-        self.choices.setdefault(_grid_key(grid), {})[layer] = [dict(c) for c in choices]
+        self.choices.setdefault(grid_key(grid), {})[layer] = [dict(c) for c in choices]
 
     def bind(self, model_name: str) -> None:
         """Ties the calibration to a model class: a loaded calibration of another class is refused."""

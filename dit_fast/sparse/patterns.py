@@ -122,17 +122,9 @@ def axis_window_mask(size: int, length: int) -> Tensor:
     return window_keeps(x[:, None], x[None, :], size, length)
 
 
-def axis_sizes(layout: TileLayout, axis: int) -> Tensor:
-    """(tiles along axis,) int64: tokens of each tile along one axis (the last partial)."""
-    n, t = layout.tiles_per_axis[axis], layout.tile[axis]
-    sizes = torch.full((n,), t, dtype=torch.int64)
-    sizes[-1] = layout.grid[axis] - t * (n - 1)
-    return sizes
-
-
 def axis_fraction(layout: TileLayout, axis: int, size: int) -> float:
     """The fraction of token pairs along ``axis`` the window rule with ``size`` tiles keeps."""
-    sizes = axis_sizes(layout, axis).double()
+    sizes = layout.axis_sizes(axis).double()
     mask = axis_window_mask(size, layout.tiles_per_axis[axis]).double()
     return float(sizes @ mask @ sizes) / layout.grid[axis] ** 2
 
@@ -231,7 +223,7 @@ def radial_video_mask(layout: TileLayout, decay: float = 1.0, dense_radius: int 
 def radial_fraction(layout: TileLayout, decay: float, dense_radius: int = 1, sink: bool = True) -> float:
     """The fraction of video token pairs radial keeps, counted per slab (no tile mask built)."""
     nt = layout.tiles_per_axis[0]
-    st = axis_sizes(layout, 0).double()
+    st = layout.axis_sizes(0).double()
     slab = torch.tensor([0.0 if w is None else axis_fraction(layout, 1, w[0]) * axis_fraction(layout, 2, w[1])
                          for w in _radial_slabs(layout, decay, dense_radius)], dtype=torch.float64)
     a = torch.arange(nt)

@@ -29,7 +29,7 @@ from dit_fast.ops.block_sparse import block_sparse_attention
 from dit_fast.ops.flash_attention import attention
 from dit_fast.ops.rope import apply_rope_3d, as_rope, rope_3d_angles
 from dit_fast.ops.sparse_layout import SparseBlocks, TileLayout
-from dit_fast.sparse.config import Choice, SparseAttention
+from dit_fast.sparse.config import Choice, SparseAttention, grid_key
 from dit_fast.sparse.patterns import PATTERNS, blocks_for_heads
 
 
@@ -164,7 +164,7 @@ class SparseRuntime:
             torch.distributed.all_gather_object(gathered, (choices, errors), group=group)
             choices = [c for part in gathered for c in part[0]]
             errors = [e for part in gathered for e in part[1]]
-        self.calibration_errors["x".join(map(str, layout.grid)), layer] = errors
+        self.calibration_errors[grid_key(layout.grid), layer] = errors
         return choices
 
     # ---- reporting ----
