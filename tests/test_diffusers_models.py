@@ -410,6 +410,22 @@ def test_patch_on_a_class_without_a_plan_says_what_applies(name):
                           if getattr(m, "processor", None) is not None}
 
 
+def test_what_applies_names_an_unknown_processor():
+    """A processor whose source cannot be read (reach "unknown") counts as reached (it may call the
+    dispatcher): the line names it, not an empty list."""
+    from diffusers.models.attention_processor import Attention
+
+    namespace = {}  # defined without a source file: its reach cannot be read, "unknown"
+    exec("class MyVideoAttnProcessor:\n    def __call__(self, attn, hidden_states, *args, **kwargs):\n"
+         "        return hidden_states\n", namespace)
+    MyVideoAttnProcessor = namespace["MyVideoAttnProcessor"]
+
+    model = torch.nn.Sequential(Attention(16, heads=2, dim_head=8, processor=MyVideoAttnProcessor()))
+    assert reach.attention_processors(model) == {"MyVideoAttnProcessor": "unknown"}
+    assert reach.what_applies(model) == ("model.set_attention_backend('dit_fast') applies: its processors "
+                                         "MyVideoAttnProcessor call diffusers' dispatcher")
+
+
 @pytest.mark.parametrize("case", ["wan_vace", "wan_animate", "skyreels_v2", "chronoedit", "hunyuan_video15", "ltx2",
                                   "cosmos", "easyanimate", "allegro", "latte", "consisid"])
 def test_patched_model_survives_torch_save_and_load(case):

@@ -72,9 +72,15 @@ def attention_processors(model: nn.Module) -> Dict[str, str]:
     return found
 
 
+def _reached(processors: Dict[str, str]):
+    """The processors set_attention_backend may reach: those known to dispatch, and unknown ones (given the
+    benefit of the doubt: a processor class this table does not know may call diffusers' dispatcher)."""
+    return [name for name, reach in processors.items() if reach in REACHED or reach == "unknown"]
+
+
 def reaches(model: nn.Module) -> bool:
     """True when set_attention_backend reaches at least one attention call of ``model``."""
-    return any(reach in REACHED or reach == "unknown" for reach in attention_processors(model).values())
+    return bool(_reached(attention_processors(model)))
 
 
 def describe(processors: Dict[str, str]) -> str:
@@ -88,8 +94,8 @@ def what_applies(model: nn.Module) -> str:
     from dit_fast.integrations.diffusers.backend import BACKEND_NAME
 
     processors = attention_processors(model)
-    if reaches(model):
-        reached = [name for name, reach in processors.items() if reach in REACHED]
+    reached = _reached(processors)
+    if reached:
         refusing = {name: reach for name, reach in processors.items() if reach == "refuses"}
         caveat = (f", but {describe(refusing)} (its forward raises ValueError unless that processor's backend is "
                   "flex)") if refusing else ""
@@ -111,7 +117,7 @@ def warn_if_unreached(model: nn.Module, backend: str) -> None:
         warnings.warn(f"set_attention_backend({BACKEND_NAME!r}) on {type(model).__name__}: {describe(refusing)} and "
                       "raises ValueError in the forward; set that processor's backend to flex", UserWarning,
                       stacklevel=3)
-    if reaches(model):
+    if _reached(processors):
         return
     patchable = diffusers_model_name(model) in DIFFUSERS_MODELS
     hint = ("dit_fast.patch(model) installs processors on dit_fast's attention" if patchable
