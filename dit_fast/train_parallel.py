@@ -125,9 +125,8 @@ def sync_gradients(model, par: Parallel) -> None:
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     all_reduce_sum(grads, None)
-    if par.dp_size > 1:
-        for g in grads:
-            g.div_(par.dp_size)
+    if par.dp_size > 1 and grads:
+        torch._foreach_div_(grads, par.dp_size)  # one call over the list, not one kernel launch per parameter
     if getattr(model.dit, "sequence_parallel_plan", None) is not None:
         from dit_fast.parallel.sequence import gradients_summed_elsewhere
 

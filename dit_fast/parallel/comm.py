@@ -209,10 +209,8 @@ def all_reduce_sum(tensors: Sequence[Tensor], group, bucket_bytes: int = 64 << 2
             flat = torch.cat([t.reshape(-1) for t in bucket])
             _record("all_reduce", 2 * _nbytes(flat) * (group_size(group) - 1) // group_size(group))
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-            offset = 0
-            for t in bucket:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
+            parts = flat.split([t.numel() for t in bucket])
+            torch._foreach_copy_(bucket, [part.view_as(t) for part, t in zip(parts, bucket, strict=True)])
 
 
 __all__ = ["all_to_all", "gather_tokens", "RingExchange", "all_reduce_sum", "count_traffic", "Traffic", "group_size",
