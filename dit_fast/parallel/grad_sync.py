@@ -144,8 +144,8 @@ class GradSync:
         forward, FSDP2 has swapped its sharded parameters for unsharded ones (plain tensors that it sums
         itself): with FSDP on the model (``fsdp``, else any fully_shard module inside it) only DTensor
         parameters are new ones to hook."""
-        if fsdp is None:
-            fsdp = any(isinstance(m, _fsdp_module()) for m in model.modules())
+        if fsdp is None:  # once FSDP is seen it stays: no walk of the modules on every forward after that
+            fsdp = self.fsdp or any(isinstance(m, _fsdp_module()) for m in model.modules())
         self.fsdp = self.fsdp or fsdp
         for name, p in model.named_parameters():
             if p in self._params or not p.requires_grad:
