@@ -32,7 +32,7 @@ from dit_fast.integrations.diffusers import backend as dd_backend  # noqa: E402
 from dit_fast.integrations.diffusers import reach  # noqa: E402
 from tests import diffusers_zoo as zoo  # noqa: E402
 from tests.launches import count_launches  # noqa: E402
-from tests.test_diffusers import _restore_active_backend  # noqa: E402,F401  (autouse fixture)
+from tests.test_diffusers import Calls, _restore_active_backend  # noqa: E402,F401  (autouse fixture)
 from tests.utils import assert_close_to_reference  # noqa: E402
 
 import diffusers  # noqa: E402
@@ -301,23 +301,6 @@ PATCHED_KERNELS = {"wan_vace": KERNELS | {"_rope_3d_kernel"}, "wan_animate": KER
 PATCH_BACKWARD = ("wan_vace", "skyreels_v2_df", "hunyuan_video15", "cosmos")
 
 
-class OpCalls:
-    """Counts the dit_fast ops the patched model reaches (observes; the patch decides nothing from it)."""
-
-    def __init__(self, monkeypatch):
-        from dit_fast import ops
-
-        self.counts = {}
-        for module, name in [(ops, n) for n in ("apply_rope_3d", *sorted(ADALN))] + [(dd_backend, "attention")]:
-            monkeypatch.setattr(module, name, self._counting(name, getattr(module, name)))
-
-    def _counting(self, name, fn):
-        def wrapper(*args, **kwargs):
-            self.counts[name] = self.counts.get(name, 0) + 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-
 def _patched(model, backend="auto"):
     other = copy.deepcopy(model)
     assert dit_fast.patch(other, backend=backend) is other
@@ -329,7 +312,7 @@ def test_patched_equals_native_torch_path(case, monkeypatch):
     model, inputs = zoo.build(case)
     expected = _run(model, inputs)
     patched = _patched(model)
-    calls = OpCalls(monkeypatch)
+    calls = Calls(monkeypatch)  # the dit_fast ops the patched model reaches (observes, decides nothing)
     monkeypatch.setattr(dd_backend, "_warned", set())
     with dit_fast.use_backend("torch"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
